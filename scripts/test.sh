@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The test command: starts what the tests need, then runs every test in the workspace.
+# Works on a fresh machine with only Rust installed (Redis is installed with apt-get if missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ensure_redis() {
+  if command -v redis-cli >/dev/null 2>&1 && redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; then
+    return
+  fi
+  if ! command -v redis-server >/dev/null 2>&1; then
+    echo "test.sh: installing redis-server" >&2
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
+  fi
+  echo "test.sh: starting redis-server on 127.0.0.1:6379" >&2
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+  for _ in $(seq 1 100); do
+    redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG && return
+    sleep 0.1 # polling a readiness probe, bounded to 10 s
+  done
+  echo "test.sh: redis-server did not answer PING" >&2
+  exit 1
+}
+
+ensure_redis
+export VLM_TEST_REDIS_URL="${VLM_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+exec cargo test --workspace --locked "$@"

@@ -1,0 +1,140 @@
+//! `vlm-mesh generate`: the in-process pipeline.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Serialize;
+use vlm_model::{Device, ImageLimits, Pipeline, SamplingParams, StageTimings};
+
+/// The bundled demo checkpoint, found next to the sources this binary was built from.
+pub fn default_model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llava")
+}
+
+/// Sampling flags shared by `generate` and `ask`.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Maximum number of tokens to generate.
+    #[arg(long, env = "VLM_MAX_TOKENS", default_value_t = 64)]
+    pub max_tokens: u32,
+    /// Sampling temperature; 0 means greedy.
+    #[arg(long, env = "VLM_TEMPERATURE", default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling probability mass in (0, 1].
+    #[arg(long, env = "VLM_TOP_P", default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Sample only from the k most likely tokens (0 = no limit).
+    #[arg(long, env = "VLM_TOP_K", default_value_t = 0)]
+    pub top_k: u32,
+    /// Random seed; with a seed, sampled output is reproducible. Drawn at random when omitted.
+    #[arg(long, env = "VLM_SEED")]
+    pub seed: Option<u64>,
+    /// Stop when the text contains this string (repeatable).
+    #[arg(long = "stop", env = "VLM_STOP")]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    /// Resolves the seed (random when not given) and builds the model's parameters.
+    pub fn to_params(&self) -> SamplingParams {
+        SamplingParams {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed.unwrap_or_else(random_seed),
+            stop: self.stop.clone(),
+        }
+    }
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Checkpoint directory in the Hugging Face llava-hf layout.
+    #[arg(long, env = "VLM_MODEL", default_value_os_t = default_model_dir())]
+    pub model: PathBuf,
+    /// Image file (PNG, JPEG or WebP); repeat for several images, one `<image>` each in the prompt.
+    #[arg(long, env = "VLM_IMAGE", required = true)]
+    pub image: Vec<PathBuf>,
+    /// The raw prompt, with `<image>` where each image goes, e.g. "USER: <image>\nWhat is this? ASSISTANT:".
+    #[arg(long, env = "VLM_PROMPT")]
+    pub prompt: String,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Compute dtype: f32, f16 or bf16 (weights are converted on load).
+    #[arg(long, env = "VLM_DTYPE", default_value = "f32")]
+    pub dtype: String,
+    /// Largest image accepted, in pixels (width × height), checked before decoding.
+    #[arg(long, env = "VLM_MAX_IMAGE_PIXELS", default_value_t = ImageLimits::default().max_pixels)]
+    pub max_image_pixels: u64,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long, env = "VLM_JSON")]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct JsonOutput<'a> {
+    text: &'a str,
+    token_ids: &'a [u32],
+    prompt_tokens: usize,
+    finish_reason: &'a str,
+    seed: u64,
+    timings: &'a StageTimings,
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let dtype = vlm_model::parse_dtype(&args.dtype)?;
+    let images = args
+        .image
+        .iter()
+        .map(|p| std::fs::read(p).with_context(|| format!("cannot read image {}", p.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let limits = ImageLimits {
+        max_pixels: args.max_image_pixels,
+    };
+    let pipeline = Pipeline::load(&args.model, dtype, &Device::Cpu, limits)
+        .with_context(|| format!("cannot load model from {}", args.model.display()))?;
+    let params = args.sampling.to_params();
+    let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
+    let stream = !args.json;
+    let mut stdout = std::io::stdout().lock();
+    let out = pipeline.generate(&refs, &args.prompt, &params, |ev| {
+        if stream && !ev.text.is_empty() {
+            let _ = stdout.write_all(ev.text.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    if args.json {
+        let json = JsonOutput {
+            text: &out.text,
+            token_ids: &out.token_ids,
+            prompt_tokens: out.prompt_tokens,
+            finish_reason: out.finish_reason.as_str(),
+            seed: params.seed,
+            timings: &out.timings,
+        };
+        writeln!(stdout, "{}", serde_json::to_string(&json)?)?;
+    } else {
+        writeln!(stdout)?;
+        let t = &out.timings;
+        eprintln!(
+            "[{} prompt tokens, {} generated, finish: {}] preprocess {:.1} ms, encode {:.1} ms, project {:.1} ms, prefill {:.1} ms, decode {:.1} ms",
+            out.prompt_tokens,
+            out.token_ids.len(),
+            out.finish_reason.as_str(),
+            t.preprocess_ms,
+            t.encode_ms,
+            t.project_ms,
+            t.prefill_ms,
+            t.decode_ms
+        );
+    }
+    Ok(())
+}

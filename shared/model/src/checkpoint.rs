@@ -1,0 +1,373 @@
+//! Checkpoint access in the llava-hf layout, split by service seam.
+//!
+//! Each stage opens a [`CheckpointPart`]: a view that memory-maps only the safetensors files holding
+//! that stage's tensors, resolves the naming variants found in the wild (Hub `vision_tower.vision_model.…`,
+//! the prefix-less `vision_tower.…` that transformers 5 writes, `model.language_model.…`) and records
+//! which tensors were actually read, so tests can prove that the encoder never touches decoder weights.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use candle_core::safetensors::{Load, MmapedSafetensors};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+use crate::config::{read_json, LlavaConfig};
+use crate::error::{ModelError, Result};
+
+/// Which stage's tensors a part holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartKind {
+    /// `vision_tower.*`
+    Vision,
+    /// `multi_modal_projector.*`
+    Projector,
+    /// `language_model.*` (and a top-level `lm_head.*`)
+    Decoder,
+}
+
+impl PartKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PartKind::Vision => "vision_tower",
+            PartKind::Projector => "multi_modal_projector",
+            PartKind::Decoder => "language_model",
+        }
+    }
+
+    /// (logical prefix the model code asks for, physical candidates, probe tensor that must exist
+    /// under the candidate, whether the alias is required).
+    fn aliases(self) -> &'static [(&'static str, &'static [&'static str], &'static str, bool)] {
+        match self {
+            PartKind::Vision => &[(
+                "",
+                &[
+                    "vision_tower.vision_model.",
+                    "vision_tower.",
+                    "model.vision_tower.vision_model.",
+                    "model.vision_tower.",
+                ],
+                "embeddings.patch_embedding.weight",
+                true,
+            )],
+            PartKind::Projector => &[(
+                "",
+                &["multi_modal_projector.", "model.multi_modal_projector."],
+                "linear_1.weight",
+                true,
+            )],
+            PartKind::Decoder => &[
+                (
+                    "model.",
+                    &[
+                        "language_model.model.",
+                        "model.language_model.",
+                        "language_model.",
+                    ],
+                    "embed_tokens.weight",
+                    true,
+                ),
+                (
+                    "lm_head.",
+                    &["language_model.lm_head.", "lm_head."],
+                    "weight",
+                    false,
+                ),
+            ],
+        }
+    }
+}
+
+/// A checkpoint directory: config plus the tensor → file map (no tensor data read yet).
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    dir: PathBuf,
+    config: LlavaConfig,
+    /// tensor name → file holding it
+    weight_map: BTreeMap<String, PathBuf>,
+}
+
+impl Checkpoint {
+    /// Opens `dir`: reads `config.json` and the safetensors index (or the single file's header).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        if !dir.is_dir() {
+            return Err(ModelError::checkpoint(&dir, "not a directory"));
+        }
+        let config = LlavaConfig::from_file(&dir.join("config.json"))?;
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let mut weight_map = BTreeMap::new();
+        if index.exists() {
+            let v = read_json(&index)?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::checkpoint(&index, "no weight_map object"))?;
+            for (name, file) in map {
+                let file = file.as_str().ok_or_else(|| {
+                    ModelError::checkpoint(&index, format!("weight_map[{name}] is not a file name"))
+                })?;
+                let path = dir.join(file);
+                if !path.exists() {
+                    return Err(ModelError::checkpoint(
+                        &index,
+                        format!("shard {file} is missing"),
+                    ));
+                }
+                weight_map.insert(name.clone(), path);
+            }
+        } else if single.exists() {
+            // SAFETY: the file is opened read-only; like every mmap-based loader we rely on nobody
+            // truncating the checkpoint while it is served.
+            let st = unsafe { MmapedSafetensors::multi(&[&single]) }
+                .map_err(|e| ModelError::checkpoint(&single, e.to_string()))?;
+            for (name, _) in st.tensors() {
+                weight_map.insert(name, single.clone());
+            }
+        } else {
+            return Err(ModelError::checkpoint(
+                &dir,
+                "no model.safetensors or model.safetensors.index.json",
+            ));
+        }
+        Ok(Checkpoint {
+            dir,
+            config,
+            weight_map,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &LlavaConfig {
+        &self.config
+    }
+
+    /// Every tensor name in the checkpoint.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.weight_map.keys().map(String::as_str)
+    }
+
+    /// Maps only the files that hold `kind`'s tensors and returns a tracking view of them.
+    pub fn part(&self, kind: PartKind, dtype: DType, device: &Device) -> Result<CheckpointPart> {
+        check_compute_dtype(dtype, device)?;
+        let mut aliases = Vec::new();
+        for (logical, candidates, probe, required) in kind.aliases() {
+            let found = candidates
+                .iter()
+                .find(|c| self.weight_map.contains_key(&format!("{c}{probe}")));
+            match found {
+                Some(c) => aliases.push((logical.to_string(), c.to_string())),
+                None if *required => {
+                    return Err(ModelError::checkpoint(
+                        &self.dir,
+                        format!(
+                            "no {} tensors: expected one of {} (is this a llava-hf checkpoint?)",
+                            kind.name(),
+                            candidates
+                                .iter()
+                                .map(|c| format!("{c}{probe}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ))
+                }
+                None => {}
+            }
+        }
+        let physical: Vec<&String> = aliases.iter().map(|(_, p)| p).collect();
+        let mut files = BTreeSet::new();
+        let mut total_bytes = 0u64;
+        for (name, file) in &self.weight_map {
+            if physical.iter().any(|p| name.starts_with(p.as_str())) {
+                files.insert(file.clone());
+            }
+        }
+        let files: Vec<PathBuf> = files.into_iter().collect();
+        // SAFETY: see `open`.
+        let st = unsafe { MmapedSafetensors::multi(&files) }
+            .map_err(|e| ModelError::checkpoint(&self.dir, e.to_string()))?;
+        for (name, view) in st.tensors() {
+            if physical.iter().any(|p| name.starts_with(p.as_str())) {
+                total_bytes += view.data().len() as u64;
+            }
+        }
+        let backend = Arc::new(PartBackend {
+            kind,
+            st,
+            aliases,
+            state: Mutex::new(LoadState {
+                loaded: BTreeSet::new(),
+                bytes: 0,
+                next_report: 1,
+                started: Instant::now(),
+            }),
+            total_bytes,
+        });
+        let vb = VarBuilder::from_backend(
+            Box::new(TrackedBackend(backend.clone())),
+            dtype,
+            device.clone(),
+        );
+        Ok(CheckpointPart { backend, vb, files })
+    }
+}
+
+/// Refuses dtypes the device cannot compute in, at load time rather than on the first request.
+pub fn check_compute_dtype(dtype: DType, device: &Device) -> Result<()> {
+    match (dtype, device) {
+        (DType::F32 | DType::F16, _) => Ok(()),
+        (DType::BF16, Device::Cpu) => Err(ModelError::Unsupported(
+            "bf16 compute on CPU (candle has no CPU bf16 matmul); use --dtype f32 or f16".into(),
+        )),
+        (DType::BF16, _) => Ok(()),
+        (other, _) => Err(ModelError::Unsupported(format!(
+            "compute dtype {other:?} (use f32, f16 or bf16)"
+        ))),
+    }
+}
+
+/// One stage's view of a checkpoint.
+pub struct CheckpointPart {
+    backend: Arc<PartBackend>,
+    vb: VarBuilder<'static>,
+    files: Vec<PathBuf>,
+}
+
+impl CheckpointPart {
+    /// The variable builder the stage's `new(vb)` reads from (logical HF names, no stage prefix).
+    pub fn vb(&self) -> VarBuilder<'static> {
+        self.vb.clone()
+    }
+
+    /// Physical names of the tensors read so far.
+    pub fn loaded_tensors(&self) -> Vec<String> {
+        self.backend
+            .state
+            .lock()
+            .expect("load state lock")
+            .loaded
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// The safetensors files this part memory-mapped.
+    pub fn mapped_files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// Bytes of this part's tensors in the checkpoint.
+    pub fn total_bytes(&self) -> u64 {
+        self.backend.total_bytes
+    }
+
+    /// Logs a one-line summary once the stage has read its tensors.
+    pub fn finish(&self) {
+        let s = self.backend.state.lock().expect("load state lock");
+        tracing::info!(
+            part = self.backend.kind.name(),
+            tensors = s.loaded.len(),
+            mib = s.bytes as f64 / (1 << 20) as f64,
+            ms = s.started.elapsed().as_secs_f64() * 1e3,
+            "loaded"
+        );
+    }
+}
+
+struct LoadState {
+    loaded: BTreeSet<String>,
+    bytes: u64,
+    next_report: u64,
+    started: Instant,
+}
+
+struct PartBackend {
+    kind: PartKind,
+    st: MmapedSafetensors,
+    aliases: Vec<(String, String)>,
+    state: Mutex<LoadState>,
+    total_bytes: u64,
+}
+
+/// Progress is reported in tenths for parts larger than this; small models load silently.
+const PROGRESS_MIN_BYTES: u64 = 256 << 20;
+
+impl PartBackend {
+    fn resolve(&self, name: &str) -> Option<String> {
+        self.aliases
+            .iter()
+            .filter(|(logical, _)| name.starts_with(logical.as_str()))
+            .max_by_key(|(logical, _)| logical.len())
+            .map(|(logical, physical)| format!("{physical}{}", &name[logical.len()..]))
+    }
+
+    fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let physical = self.resolve(name).ok_or_else(|| {
+            candle_core::Error::CannotFindTensor {
+                path: format!("{}.{name}", self.kind.name()),
+            }
+            .bt()
+        })?;
+        let view = self.st.get(&physical)?;
+        let bytes = view.data().len() as u64;
+        let tensor = view.load(dev)?.to_dtype(dtype)?;
+        let mut s = self.state.lock().expect("load state lock");
+        if s.loaded.insert(physical) {
+            s.bytes += bytes;
+            if self.total_bytes >= PROGRESS_MIN_BYTES
+                && s.bytes * 10 >= s.next_report * self.total_bytes
+            {
+                s.next_report = s.bytes * 10 / self.total_bytes + 1;
+                tracing::info!(
+                    part = self.kind.name(),
+                    "loading {}: {:.0}% of {:.1} GiB",
+                    self.kind.name(),
+                    100.0 * s.bytes as f64 / self.total_bytes as f64,
+                    self.total_bytes as f64 / (1u64 << 30) as f64
+                );
+            }
+        }
+        Ok(tensor)
+    }
+}
+
+struct TrackedBackend(Arc<PartBackend>);
+
+impl SimpleBackend for TrackedBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.0.load(name, dtype, dev)?;
+        if tensor.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {}.{name}", self.0.kind.name()),
+                expected: s,
+                got: tensor.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.load(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0
+            .resolve(name)
+            .is_some_and(|p| self.0.st.get(&p).is_ok())
+    }
+}

@@ -1,0 +1,592 @@
+//! Checkpoint configuration in the llava-hf layout (`config.json`, `preprocessor_config.json` /
+//! `processor_config.json`, `generation_config.json`). Missing keys take the defaults of the
+//! transformers config classes, because real checkpoints (e.g. llava-hf/llava-1.5-7b-hf) only store
+//! the keys that differ from them.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+
+/// Activation functions named by `hidden_act` / `projector_hidden_act`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact GELU (erf), transformers' `gelu`.
+    Gelu,
+    /// Tanh-approximated GELU: `gelu_pytorch_tanh`, `gelu_new`, `gelu_fast`.
+    GeluTanh,
+    /// `x * sigmoid(1.702 x)`, CLIP's `quick_gelu`.
+    QuickGelu,
+    Silu,
+    Relu,
+}
+
+impl Activation {
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "gelu" => Activation::Gelu,
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
+            "quick_gelu" => Activation::QuickGelu,
+            "silu" | "swish" => Activation::Silu,
+            "relu" => Activation::Relu,
+            other => {
+                return Err(ModelError::Unsupported(format!(
+                    "activation '{other}' (supported: gelu, gelu_pytorch_tanh, gelu_new, quick_gelu, silu, relu)"
+                )))
+            }
+        })
+    }
+
+    pub fn apply(self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        match self {
+            Activation::Gelu => x.gelu_erf(),
+            Activation::GeluTanh => x.gelu(),
+            Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            Activation::Silu => x.silu(),
+            Activation::Relu => x.relu(),
+        }
+    }
+}
+
+/// Which vision tokens feed the projector (`vision_feature_select_strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelectStrategy {
+    /// Drop the CLS token (LLaVA-1.5).
+    Default,
+    /// Keep every token including CLS.
+    Full,
+}
+
+/// CLIP vision tower (`vision_config`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub hidden_act: Activation,
+    pub layer_norm_eps: f64,
+}
+
+impl VisionConfig {
+    pub fn num_patches(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2)
+    }
+}
+
+/// RoPE frequency scaling (`rope_scaling` in transformers 4, `rope_parameters` in 5).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    Linear {
+        factor: f64,
+    },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// LLaMA-family decoder (`text_config`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextConfig {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub hidden_act: Activation,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// The whole `config.json` of a `LlavaForConditionalGeneration` checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlavaConfig {
+    pub vision: VisionConfig,
+    pub text: TextConfig,
+    pub image_token_id: u32,
+    pub projector_hidden_act: Activation,
+    pub projector_bias: bool,
+    /// Indices into transformers' `hidden_states` (embedding output first; negative from the end).
+    /// More than one means the selected layers are concatenated along the hidden dimension.
+    pub vision_feature_layers: Vec<i64>,
+    pub select_strategy: SelectStrategy,
+}
+
+impl LlavaConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ModelError::checkpoint(path, format!("cannot read: {e}")))?;
+        Self::from_json(&text).map_err(|e| match e {
+            ModelError::Checkpoint { msg, .. } => ModelError::checkpoint(path, msg),
+            other => other,
+        })
+    }
+
+    pub fn from_json(text: &str) -> Result<Self> {
+        let bad = |msg: String| ModelError::checkpoint("config.json", msg);
+        let raw: RawLlava = serde_json::from_str(text).map_err(|e| bad(format!("invalid: {e}")))?;
+        if let Some(mt) = &raw.model_type {
+            if mt != "llava" {
+                return Err(ModelError::Unsupported(format!(
+                    "checkpoint model_type '{mt}' (supported: llava)"
+                )));
+            }
+        }
+        let vision = raw.vision_config.resolve()?;
+        let text = raw.text_config.resolve()?;
+        let image_token_id = raw
+            .image_token_id
+            .or(raw.image_token_index)
+            .ok_or_else(|| bad("neither image_token_index nor image_token_id is set".into()))?;
+        let vision_feature_layers = match raw.vision_feature_layer {
+            None => vec![-2],
+            Some(Value::Number(n)) => vec![n
+                .as_i64()
+                .ok_or_else(|| bad(format!("vision_feature_layer {n} is not an integer")))?],
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_i64().ok_or_else(|| {
+                        bad(format!("vision_feature_layer entry {v} is not an integer"))
+                    })
+                })
+                .collect::<Result<_>>()?,
+            Some(other) => {
+                return Err(bad(format!(
+                    "vision_feature_layer {other} is not an integer"
+                )))
+            }
+        };
+        let n = vision.num_hidden_layers as i64;
+        for &l in &vision_feature_layers {
+            if l > n || l < -(n + 1) {
+                return Err(bad(format!(
+                    "vision_feature_layer {l} is outside the {} hidden states of a {n}-layer vision tower",
+                    n + 1
+                )));
+            }
+        }
+        let select_strategy = match raw
+            .vision_feature_select_strategy
+            .as_deref()
+            .unwrap_or("default")
+        {
+            "default" => SelectStrategy::Default,
+            "full" => SelectStrategy::Full,
+            other => {
+                return Err(ModelError::Unsupported(format!(
+                    "vision_feature_select_strategy '{other}' (supported: default, full)"
+                )))
+            }
+        };
+        Ok(LlavaConfig {
+            vision,
+            text,
+            image_token_id,
+            projector_hidden_act: Activation::parse(
+                raw.projector_hidden_act.as_deref().unwrap_or("gelu"),
+            )?,
+            projector_bias: raw.multimodal_projector_bias.unwrap_or(true),
+            vision_feature_layers,
+            select_strategy,
+        })
+    }
+
+    /// Number of feature rows the vision tower produces per image (= `<image>` expansion length).
+    pub fn image_tokens(&self) -> usize {
+        self.vision.num_patches()
+            + match self.select_strategy {
+                SelectStrategy::Default => 0,
+                SelectStrategy::Full => 1,
+            }
+    }
+
+    /// Width of one vision feature row (the projector's input).
+    pub fn vision_feature_dim(&self) -> usize {
+        self.vision.hidden_size * self.vision_feature_layers.len()
+    }
+}
+
+#[derive(Deserialize)]
+struct RawLlava {
+    model_type: Option<String>,
+    vision_config: RawVision,
+    text_config: RawText,
+    image_token_index: Option<u32>,
+    image_token_id: Option<u32>,
+    projector_hidden_act: Option<String>,
+    multimodal_projector_bias: Option<bool>,
+    vision_feature_layer: Option<Value>,
+    vision_feature_select_strategy: Option<String>,
+}
+
+/// Defaults are transformers' `CLIPVisionConfig` defaults.
+#[derive(Deserialize)]
+struct RawVision {
+    model_type: Option<String>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_channels: Option<usize>,
+    image_size: Option<usize>,
+    patch_size: Option<usize>,
+    hidden_act: Option<String>,
+    layer_norm_eps: Option<f64>,
+}
+
+impl RawVision {
+    fn resolve(self) -> Result<VisionConfig> {
+        if let Some(mt) = &self.model_type {
+            if mt != "clip_vision_model" {
+                return Err(ModelError::Unsupported(format!(
+                    "vision_config.model_type '{mt}' (supported: clip_vision_model)"
+                )));
+            }
+        }
+        let c = VisionConfig {
+            hidden_size: self.hidden_size.unwrap_or(768),
+            intermediate_size: self.intermediate_size.unwrap_or(3072),
+            num_hidden_layers: self.num_hidden_layers.unwrap_or(12),
+            num_attention_heads: self.num_attention_heads.unwrap_or(12),
+            num_channels: self.num_channels.unwrap_or(3),
+            image_size: self.image_size.unwrap_or(224),
+            patch_size: self.patch_size.unwrap_or(32),
+            hidden_act: Activation::parse(self.hidden_act.as_deref().unwrap_or("quick_gelu"))?,
+            layer_norm_eps: self.layer_norm_eps.unwrap_or(1e-5),
+        };
+        let bad = |msg: String| {
+            Err(ModelError::checkpoint(
+                "config.json",
+                format!("vision_config: {msg}"),
+            ))
+        };
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+            return bad(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                c.hidden_size, c.num_attention_heads
+            ));
+        }
+        if c.patch_size == 0 || !c.image_size.is_multiple_of(c.patch_size) {
+            return bad(format!(
+                "image_size {} is not a multiple of patch_size {}",
+                c.image_size, c.patch_size
+            ));
+        }
+        if c.num_channels != 3 {
+            return bad(format!(
+                "num_channels {} (only RGB is supported)",
+                c.num_channels
+            ));
+        }
+        Ok(c)
+    }
+}
+
+/// Defaults are transformers' `LlamaConfig` defaults.
+#[derive(Deserialize)]
+struct RawText {
+    model_type: Option<String>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    max_position_embeddings: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+    hidden_act: Option<String>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    tie_word_embeddings: Option<bool>,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<Value>,
+}
+
+impl RawText {
+    fn resolve(self) -> Result<TextConfig> {
+        let bad =
+            |msg: String| ModelError::checkpoint("config.json", format!("text_config: {msg}"));
+        let model_type = self.model_type.unwrap_or_else(|| "llama".into());
+        if !matches!(model_type.as_str(), "llama" | "mistral" | "vicuna") {
+            return Err(ModelError::Unsupported(format!(
+                "text_config.model_type '{model_type}' (supported decoders: llama)"
+            )));
+        }
+        let hidden_size = self.hidden_size.unwrap_or(4096);
+        let heads = self.num_attention_heads.unwrap_or(32);
+        if heads == 0 {
+            return Err(bad("num_attention_heads is 0".into()));
+        }
+        let kv_heads = self.num_key_value_heads.unwrap_or(heads);
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            return Err(bad(format!(
+                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            )));
+        }
+        let head_dim = self.head_dim.unwrap_or(hidden_size / heads);
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(bad(format!(
+                "head_dim {head_dim} must be even and non-zero"
+            )));
+        }
+        // transformers 5 keeps rope_theta inside rope_parameters; 4.x at the top level.
+        let rope = self
+            .rope_parameters
+            .or(self.rope_scaling)
+            .filter(|v| !v.is_null());
+        let rope_theta = rope
+            .as_ref()
+            .and_then(|r| r.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .or(self.rope_theta)
+            .unwrap_or(10000.0);
+        let rope_scaling = match rope {
+            None => RopeScaling::None,
+            Some(r) => parse_rope_scaling(&r).map_err(bad)?,
+        };
+        let eos_token_ids = match self.eos_token_id {
+            None => vec![2],
+            Some(v) => token_id_list(&v).map_err(bad)?,
+        };
+        Ok(TextConfig {
+            model_type,
+            vocab_size: self.vocab_size.unwrap_or(32000),
+            hidden_size,
+            intermediate_size: self.intermediate_size.unwrap_or(11008),
+            num_hidden_layers: self.num_hidden_layers.unwrap_or(32),
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            hidden_act: Activation::parse(self.hidden_act.as_deref().unwrap_or("silu"))?,
+            attention_bias: self.attention_bias.unwrap_or(false),
+            mlp_bias: self.mlp_bias.unwrap_or(false),
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            bos_token_id: Some(self.bos_token_id.unwrap_or(1)),
+            eos_token_ids,
+        })
+    }
+}
+
+fn parse_rope_scaling(r: &Value) -> std::result::Result<RopeScaling, String> {
+    let kind = r
+        .get("rope_type")
+        .or_else(|| r.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let num = |k: &str| {
+        r.get(k)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| format!("rope '{kind}' needs '{k}'"))
+    };
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+        }),
+        other => Err(format!(
+            "rope type '{other}' is not supported (supported: default, linear, llama3)"
+        )),
+    }
+}
+
+pub(crate) fn token_id_list(v: &Value) -> std::result::Result<Vec<u32>, String> {
+    match v {
+        Value::Number(n) => n
+            .as_u64()
+            .map(|x| vec![x as u32])
+            .ok_or_else(|| format!("token id {n} is not a non-negative integer")),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| token_id_list(i).map(|v| v[0]))
+            .collect(),
+        Value::Null => Ok(vec![]),
+        other => Err(format!("token id {other} is not an integer")),
+    }
+}
+
+/// The image processor settings (`CLIPImageProcessor` fields).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageProcessorConfig {
+    pub do_convert_rgb: bool,
+    pub do_resize: bool,
+    pub size: ResizeTarget,
+    /// PIL resample filter id (2 = bilinear, 3 = bicubic).
+    pub resample: u32,
+    pub do_center_crop: bool,
+    /// (height, width)
+    pub crop_size: (u32, u32),
+    pub do_rescale: bool,
+    pub rescale_factor: f64,
+    pub do_normalize: bool,
+    pub image_mean: [f32; 3],
+    pub image_std: [f32; 3],
+}
+
+/// `size` of the image processor: `{"shortest_edge": n}` or `{"height": h, "width": w}`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResizeTarget {
+    ShortestEdge(u32),
+    Exact { height: u32, width: u32 },
+}
+
+#[derive(Deserialize)]
+struct RawImageProcessor {
+    do_convert_rgb: Option<bool>,
+    do_resize: Option<bool>,
+    size: Option<Value>,
+    resample: Option<u32>,
+    do_center_crop: Option<bool>,
+    crop_size: Option<Value>,
+    do_rescale: Option<bool>,
+    rescale_factor: Option<f64>,
+    do_normalize: Option<bool>,
+    image_mean: Option<Vec<f32>>,
+    image_std: Option<Vec<f32>>,
+}
+
+impl ImageProcessorConfig {
+    /// Reads `preprocessor_config.json`, or the `image_processor` section of `processor_config.json`
+    /// (what transformers 5 writes). Falls back to the vision tower's size with CLIP's constants.
+    pub fn from_dir(dir: &Path, vision: &VisionConfig) -> Result<Self> {
+        let pre = dir.join("preprocessor_config.json");
+        let proc_ = dir.join("processor_config.json");
+        let (path, value) = if pre.exists() {
+            (pre.clone(), read_json(&pre)?)
+        } else if proc_.exists() {
+            let v = read_json(&proc_)?;
+            let inner = v.get("image_processor").cloned().unwrap_or(v);
+            (proc_.clone(), inner)
+        } else {
+            return Err(ModelError::checkpoint(
+                dir,
+                "no preprocessor_config.json or processor_config.json (the image processor settings)",
+            ));
+        };
+        let raw: RawImageProcessor = serde_json::from_value(value).map_err(|e| {
+            ModelError::checkpoint(&path, format!("invalid image processor config: {e}"))
+        })?;
+        let bad = |msg: String| ModelError::checkpoint(&path, msg);
+        let size = match raw.size {
+            None => ResizeTarget::ShortestEdge(vision.image_size as u32),
+            Some(v) => parse_size(&v).map_err(bad)?,
+        };
+        let crop_size = match raw.crop_size {
+            None => (vision.image_size as u32, vision.image_size as u32),
+            Some(v) => match parse_size(&v).map_err(bad)? {
+                ResizeTarget::Exact { height, width } => (height, width),
+                ResizeTarget::ShortestEdge(s) => (s, s),
+            },
+        };
+        let triple = |v: Option<Vec<f32>>, default: [f32; 3], what: &str| -> Result<[f32; 3]> {
+            match v {
+                None => Ok(default),
+                Some(v) if v.len() == 3 => Ok([v[0], v[1], v[2]]),
+                Some(v) => Err(bad(format!("{what} has {} entries, expected 3", v.len()))),
+            }
+        };
+        let cfg = ImageProcessorConfig {
+            do_convert_rgb: raw.do_convert_rgb.unwrap_or(true),
+            do_resize: raw.do_resize.unwrap_or(true),
+            size,
+            resample: raw.resample.unwrap_or(3),
+            do_center_crop: raw.do_center_crop.unwrap_or(true),
+            crop_size,
+            do_rescale: raw.do_rescale.unwrap_or(true),
+            rescale_factor: raw.rescale_factor.unwrap_or(1.0 / 255.0),
+            do_normalize: raw.do_normalize.unwrap_or(true),
+            image_mean: triple(
+                raw.image_mean,
+                [0.481_454_66, 0.457_827_5, 0.408_210_73],
+                "image_mean",
+            )?,
+            image_std: triple(
+                raw.image_std,
+                [0.268_629_55, 0.261_302_6, 0.275_777_1],
+                "image_std",
+            )?,
+        };
+        let (h, w) = cfg.output_size();
+        if (h as usize, w as usize) != (vision.image_size, vision.image_size) {
+            return Err(bad(format!(
+                "the image processor produces {h}x{w} images but the vision tower expects {0}x{0}",
+                vision.image_size
+            )));
+        }
+        Ok(cfg)
+    }
+
+    /// Height and width of `pixel_values` this configuration produces.
+    pub fn output_size(&self) -> (u32, u32) {
+        if self.do_center_crop {
+            self.crop_size
+        } else {
+            match self.size {
+                ResizeTarget::Exact { height, width } => (height, width),
+                ResizeTarget::ShortestEdge(s) => (s, s),
+            }
+        }
+    }
+}
+
+fn parse_size(v: &Value) -> std::result::Result<ResizeTarget, String> {
+    if let Some(n) = v.as_u64() {
+        return Ok(ResizeTarget::Exact {
+            height: n as u32,
+            width: n as u32,
+        });
+    }
+    if let Some(s) = v.get("shortest_edge").and_then(Value::as_u64) {
+        return Ok(ResizeTarget::ShortestEdge(s as u32));
+    }
+    match (
+        v.get("height").and_then(Value::as_u64),
+        v.get("width").and_then(Value::as_u64),
+    ) {
+        (Some(h), Some(w)) => Ok(ResizeTarget::Exact {
+            height: h as u32,
+            width: w as u32,
+        }),
+        _ => Err(format!("unsupported image size setting {v}")),
+    }
+}
+
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ModelError::checkpoint(path, format!("cannot read: {e}")))?;
+    serde_json::from_str(&text)
+        .map_err(|e| ModelError::checkpoint(path, format!("invalid JSON: {e}")))
+}

@@ -1,0 +1,366 @@
+//! LLaMA-family decoder with an input-embedding forward and a per-sequence KV cache.
+//!
+//! The forward takes embeddings rather than token ids because LLaVA splices projected image rows into
+//! the prompt. Each request owns its [`KvCache`], so one loaded [`Decoder`] serves many sequences.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{embedding, linear_b, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+use candle_transformers::utils::repeat_kv;
+
+use crate::checkpoint::{Checkpoint, PartKind};
+use crate::config::{Activation, LlavaConfig, RopeScaling, TextConfig};
+use crate::error::{ModelError, Result};
+use crate::vision::softmax_f32;
+
+/// Inverse RoPE frequencies as transformers computes them, including llama3 / linear scaling.
+fn inv_freq(c: &TextConfig) -> Vec<f32> {
+    let d = c.head_dim;
+    let base: Vec<f32> = (0..d)
+        .step_by(2)
+        .map(|i| 1.0 / (c.rope_theta as f32).powf(i as f32 / d as f32))
+        .collect();
+    match c.rope_scaling {
+        RopeScaling::None => base,
+        RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let old = original_max_position_embeddings as f32;
+            let (factor, low, high) = (
+                factor as f32,
+                low_freq_factor as f32,
+                high_freq_factor as f32,
+            );
+            let low_wavelen = old / low;
+            let high_wavelen = old / high;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                    // transformers: ~(wavelen < high) & ~(wavelen > low); wavelen is never NaN here.
+                    let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
+                    if medium {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    } else {
+                        scaled
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(c: &TextConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let inv = inv_freq(c);
+        let n = c.max_position_embeddings;
+        let half = inv.len();
+        let mut freqs = Vec::with_capacity(n * half);
+        for p in 0..n {
+            freqs.extend(inv.iter().map(|f| p as f32 * f));
+        }
+        let freqs = Tensor::from_vec(freqs, (n, half), device)?;
+        Ok(Rope {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+        })
+    }
+
+    /// Rotates `[B, H, T, D]` at positions `pos..pos+T` (rotate-half layout, as LLaMA in transformers).
+    fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        let t = x.dim(2)?;
+        candle_nn::rotary_emb::rope(
+            &x.contiguous()?,
+            &self.cos.narrow(0, pos, t)?,
+            &self.sin.narrow(0, pos, t)?,
+        )
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(c: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        Ok(Attention {
+            q: linear_b(c.hidden_size, h * d, c.attention_bias, vb.pp("q_proj"))?,
+            k: linear_b(c.hidden_size, kv * d, c.attention_bias, vb.pp("k_proj"))?,
+            v: linear_b(c.hidden_size, kv * d, c.attention_bias, vb.pp("v_proj"))?,
+            o: linear_b(h * d, c.hidden_size, c.attention_bias, vb.pp("o_proj"))?,
+            heads: h,
+            kv_heads: kv,
+            head_dim: d,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        pos: usize,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let split = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
+        let q = rope.apply(&split(self.q.forward(x)?, self.heads)?, pos)?;
+        let k = rope.apply(&split(self.k.forward(x)?, self.kv_heads)?, pos)?;
+        let v = split(self.v.forward(x)?, self.kv_heads)?.contiguous()?;
+        let (k, v) = match cache.take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let rep = self.heads / self.kv_heads;
+        let k = repeat_kv(k, rep)?.contiguous()?;
+        let v = repeat_kv(v, rep)?.contiguous()?;
+        let mut scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        if t > 1 {
+            scores = scores.broadcast_add(&causal_mask(t, pos, scores.dtype(), x.device())?)?;
+        }
+        let y = softmax_f32(&scores)?.matmul(&v)?;
+        self.o.forward(
+            &y.transpose(1, 2)?
+                .reshape((b, t, self.heads * self.head_dim))?,
+        )
+    }
+}
+
+/// `[T, past+T]`: query i (absolute position past+i) sees keys 0..=past+i.
+fn causal_mask(
+    t: usize,
+    past: usize,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let total = past + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    fn new(c: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Mlp {
+            gate: linear_b(
+                c.hidden_size,
+                c.intermediate_size,
+                c.mlp_bias,
+                vb.pp("gate_proj"),
+            )?,
+            up: linear_b(
+                c.hidden_size,
+                c.intermediate_size,
+                c.mlp_bias,
+                vb.pp("up_proj"),
+            )?,
+            down: linear_b(
+                c.intermediate_size,
+                c.hidden_size,
+                c.mlp_bias,
+                vb.pp("down_proj"),
+            )?,
+            act: c.hidden_act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.down
+            .forward(&(self.act.apply(&self.gate.forward(x)?)? * self.up.forward(x)?)?)
+    }
+}
+
+struct Layer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// Per-sequence attention cache. Create one per request with [`Decoder::new_cache`].
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The language model stage.
+pub struct Decoder {
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    cfg: TextConfig,
+    dtype: DType,
+    device: Device,
+}
+
+impl Decoder {
+    /// Builds from a `language_model` variable builder with HF `LlamaForCausalLM` names
+    /// (`model.layers.…`, `lm_head.weight`).
+    pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
+        let c = &cfg.text;
+        let m = vb.pp("model");
+        let embed = embedding(c.vocab_size, c.hidden_size, m.pp("embed_tokens"))?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let l = m.pp("layers").pp(i);
+                Ok(Layer {
+                    input_norm: rms_norm(c.hidden_size, c.rms_norm_eps, l.pp("input_layernorm"))?,
+                    attn: Attention::new(c, l.pp("self_attn"))?,
+                    post_norm: rms_norm(
+                        c.hidden_size,
+                        c.rms_norm_eps,
+                        l.pp("post_attention_layernorm"),
+                    )?,
+                    mlp: Mlp::new(c, l.pp("mlp"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if c.tie_word_embeddings {
+            Linear::new(embed.embeddings().clone(), None)
+        } else if vb.contains_tensor("lm_head.weight") {
+            linear_b(c.hidden_size, c.vocab_size, false, vb.pp("lm_head"))?
+        } else {
+            return Err(ModelError::Checkpoint {
+                path: "language_model".into(),
+                msg: "tie_word_embeddings is false but there is no lm_head.weight".into(),
+            });
+        };
+        Ok(Decoder {
+            norm: rms_norm(c.hidden_size, c.rms_norm_eps, m.pp("norm"))?,
+            rope: Rope::new(c, vb.dtype(), vb.device())?,
+            embed,
+            layers,
+            lm_head,
+            cfg: c.clone(),
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// Loads the language model (and nothing else) from a checkpoint.
+    pub fn load(ckpt: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+        let part = ckpt.part(PartKind::Decoder, dtype, device)?;
+        let d = Self::new(ckpt.config(), part.vb())?;
+        part.finish();
+        Ok(d)
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.layers.len()],
+            len: 0,
+        }
+    }
+
+    /// Token ids → embeddings `[T, hidden]`.
+    pub fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary of {} tokens",
+                self.cfg.vocab_size
+            )));
+        }
+        let ids = Tensor::new(ids, &self.device)?;
+        Ok(self.embed.forward(&ids)?)
+    }
+
+    /// Runs `embeds [T, hidden]` at the cache's next positions and returns the logits of the last
+    /// position as f32 `[vocab]`.
+    pub fn forward_embeds(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (t, h) = embeds.dims2().map_err(|_| {
+            ModelError::InvalidInput(format!(
+                "decoder input must be [T, hidden], got {:?}",
+                embeds.dims()
+            ))
+        })?;
+        if h != self.cfg.hidden_size || t == 0 {
+            return Err(ModelError::InvalidInput(format!(
+                "decoder input must be [T>0, {}], got [{t}, {h}]",
+                self.cfg.hidden_size
+            )));
+        }
+        let pos = cache.len;
+        if pos + t > self.cfg.max_position_embeddings {
+            return Err(ModelError::InvalidParams(format!(
+                "sequence of {} positions exceeds the model's context of {}",
+                pos + t,
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let mut x = embeds.to_dtype(self.dtype)?.unsqueeze(0)?;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = layer
+                .attn
+                .forward(&layer.input_norm.forward(&x)?, &self.rope, pos, slot)?;
+            x = (x + h)?;
+            let h = layer.mlp.forward(&layer.post_norm.forward(&x)?)?;
+            x = (x + h)?;
+        }
+        cache.len = pos + t;
+        let last = x.narrow(1, t - 1, 1)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        Ok(logits.squeeze(0)?.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    /// Convenience: the index of the largest logit (first on ties, as torch.argmax).
+    pub fn argmax(logits: &Tensor) -> Result<u32> {
+        Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?)
+    }
+}

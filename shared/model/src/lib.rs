@@ -1,0 +1,48 @@
+//! vlm-model: the numerical core of vlm-mesh.
+//!
+//! A LLaVA-style pipeline (CLIP ViT → MLP projector → LLaMA decoder) loaded from Hugging Face llava-hf
+//! checkpoints and cut at the seams where the services sit: [`VisionEncoder`], [`Projector`] and
+//! [`Decoder`] each load only their own tensors, so the encoder, projector and decoder services can run
+//! on different machines. [`Pipeline`] composes them in one process (the reference the mesh must equal).
+//!
+//! Nothing here knows about networking.
+
+pub mod checkpoint;
+pub mod config;
+pub mod decoder;
+pub mod error;
+pub mod generate;
+pub mod pipeline;
+pub mod preprocess;
+pub mod projector;
+pub mod prompt;
+pub mod resize;
+pub mod sampling;
+pub mod vision;
+
+pub use candle_core::{DType, Device, Tensor};
+pub use checkpoint::{Checkpoint, CheckpointPart};
+pub use config::{
+    Activation, ImageProcessorConfig, LlavaConfig, SelectStrategy, TextConfig, VisionConfig,
+};
+pub use decoder::{Decoder, KvCache};
+pub use error::{ModelError, Result};
+pub use generate::{FinishReason, Generation, TokenEvent};
+pub use pipeline::{GenerateOutput, Pipeline, StageTimings};
+pub use preprocess::{ImageLimits, Preprocessor};
+pub use projector::Projector;
+pub use prompt::{PreparedPrompt, PromptBuilder, TextStreamer};
+pub use sampling::{Sampler, SamplingParams};
+pub use vision::VisionEncoder;
+
+/// Parses `f32`, `f16` or `bf16` into a candle dtype (the `--dtype` flag).
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(DType::F32),
+        "f16" | "float16" | "half" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        other => Err(ModelError::Unsupported(format!(
+            "dtype '{other}' (supported: f32, f16, bf16)"
+        ))),
+    }
+}

@@ -1,0 +1,201 @@
+//! Image preprocessing equal to transformers' `CLIPImageProcessor` (PIL backend): decode, RGB,
+//! shortest-edge resize (PIL bicubic, see [`crate::resize`]), centre crop, rescale, normalise.
+
+use std::io::Cursor;
+
+use candle_core::{Device, Tensor};
+use image::{ImageFormat, ImageReader, RgbImage};
+
+use crate::config::{ImageProcessorConfig, ResizeTarget};
+use crate::error::{ModelError, Result};
+use crate::resize::{resize, Filter};
+
+/// Limits checked against the image header before any pixel is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// Largest width × height accepted.
+    pub max_pixels: u64,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        // 64 MP: larger than any camera photo, small enough that a decoded RGBA frame stays < 256 MiB.
+        ImageLimits {
+            max_pixels: 64 << 20,
+        }
+    }
+}
+
+/// Turns encoded image bytes into `pixel_values` `[1, 3, H, W]` (f32).
+#[derive(Debug, Clone)]
+pub struct Preprocessor {
+    cfg: ImageProcessorConfig,
+    filter: Filter,
+    limits: ImageLimits,
+}
+
+impl Preprocessor {
+    pub fn new(cfg: ImageProcessorConfig, limits: ImageLimits) -> Result<Self> {
+        let filter = Filter::from_pil_id(cfg.resample).ok_or_else(|| {
+            ModelError::Unsupported(format!(
+                "image processor resample={} (supported: 2 bilinear, 3 bicubic)",
+                cfg.resample
+            ))
+        })?;
+        Ok(Preprocessor {
+            cfg,
+            filter,
+            limits,
+        })
+    }
+
+    pub fn config(&self) -> &ImageProcessorConfig {
+        &self.cfg
+    }
+
+    pub fn limits(&self) -> ImageLimits {
+        self.limits
+    }
+
+    /// Decodes PNG, JPEG or WebP bytes into 8-bit RGB (alpha dropped as PIL's `convert("RGB")` does;
+    /// EXIF orientation is ignored, as transformers ignores it).
+    pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage> {
+        if bytes.is_empty() {
+            return Err(ModelError::InvalidImage("empty image (0 bytes)".into()));
+        }
+        let format = image::guess_format(bytes).map_err(|_| {
+            ModelError::InvalidImage(
+                "unrecognised image format (supported: PNG, JPEG, WebP)".into(),
+            )
+        })?;
+        if !matches!(
+            format,
+            ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP
+        ) {
+            return Err(ModelError::InvalidImage(format!(
+                "{format:?} images are not supported (supported: PNG, JPEG, WebP)"
+            )));
+        }
+        let reader = || ImageReader::with_format(Cursor::new(bytes), format);
+        let (width, height) = reader().into_dimensions().map_err(|e| {
+            ModelError::InvalidImage(format!("cannot read the {format:?} header: {e}"))
+        })?;
+        let pixels = width as u64 * height as u64;
+        if pixels == 0 {
+            return Err(ModelError::InvalidImage(format!(
+                "image has no pixels ({width}x{height})"
+            )));
+        }
+        if pixels > self.limits.max_pixels {
+            return Err(ModelError::ImageTooLarge {
+                width,
+                height,
+                pixels,
+                limit: self.limits.max_pixels,
+            });
+        }
+        let mut limits = image::Limits::default();
+        // The header was checked; this bounds what a lying header could make the decoder allocate.
+        limits.max_alloc = Some(self.limits.max_pixels.saturating_mul(8).max(1 << 20));
+        let mut r = reader();
+        r.limits(limits);
+        let img = r.decode().map_err(|e| {
+            ModelError::InvalidImage(format!("corrupt or truncated {format:?} image: {e}"))
+        })?;
+        Ok(img.to_rgb8())
+    }
+
+    /// Resize + centre crop (still 8-bit), exactly as the HF processor does before rescaling.
+    pub fn resize_and_crop(&self, img: &RgbImage) -> RgbImage {
+        let c = &self.cfg;
+        let mut img = if c.do_resize {
+            let (w, h) = img.dimensions();
+            let (nw, nh) = match c.size {
+                ResizeTarget::Exact { height, width } => (width, height),
+                ResizeTarget::ShortestEdge(s) => shortest_edge_size(w, h, s),
+            };
+            resize(img, nw, nh, self.filter)
+        } else {
+            img.clone()
+        };
+        if c.do_center_crop {
+            img = center_crop(&img, c.crop_size.0, c.crop_size.1);
+        }
+        img
+    }
+
+    /// Rescale and normalise into CHW f32, with transformers' arithmetic (rescale in f64, cast to f32,
+    /// then `(x - mean) / std` in f32).
+    pub fn normalize(&self, img: &RgbImage) -> Vec<f32> {
+        let c = &self.cfg;
+        let (w, h) = img.dimensions();
+        let plane = (w * h) as usize;
+        let mut out = vec![0f32; 3 * plane];
+        for (i, p) in img.pixels().enumerate() {
+            for ch in 0..3 {
+                let mut x = p.0[ch] as f32;
+                if c.do_rescale {
+                    x = (p.0[ch] as f64 * c.rescale_factor) as f32;
+                }
+                if c.do_normalize {
+                    x = (x - c.image_mean[ch]) / c.image_std[ch];
+                }
+                out[ch * plane + i] = x;
+            }
+        }
+        out
+    }
+
+    /// Full pipeline: bytes → `pixel_values` `[1, 3, H, W]` f32.
+    pub fn preprocess(&self, bytes: &[u8], device: &Device) -> Result<Tensor> {
+        let img = self.decode(bytes)?;
+        let img = self.resize_and_crop(&img);
+        let (w, h) = img.dimensions();
+        let data = self.normalize(&img);
+        Ok(Tensor::from_vec(
+            data,
+            (1, 3, h as usize, w as usize),
+            device,
+        )?)
+    }
+}
+
+/// transformers' `get_resize_output_image_size(default_to_square=False)`: the short side becomes `size`,
+/// the long side `int(size * long / short)` (truncated).
+pub fn shortest_edge_size(width: u32, height: u32, size: u32) -> (u32, u32) {
+    let (short, long) = if width <= height {
+        (width, height)
+    } else {
+        (height, width)
+    };
+    let new_long = ((size as u64 * long as u64) as f64 / short as f64) as u32;
+    if width <= height {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    }
+}
+
+/// transformers' `center_crop`: offsets `(orig - crop) // 2` (floor), zero padding when the image is
+/// smaller than the crop.
+pub fn center_crop(img: &RgbImage, crop_h: u32, crop_w: u32) -> RgbImage {
+    let (w, h) = (img.width() as i64, img.height() as i64);
+    let (ch, cw) = (crop_h as i64, crop_w as i64);
+    let top = (h - ch).div_euclid(2);
+    let left = (w - cw).div_euclid(2);
+    let mut out = RgbImage::new(crop_w, crop_h);
+    for y in 0..ch {
+        let sy = top + y;
+        if sy < 0 || sy >= h {
+            continue;
+        }
+        for x in 0..cw {
+            let sx = left + x;
+            if sx < 0 || sx >= w {
+                continue;
+            }
+            out.put_pixel(x as u32, y as u32, *img.get_pixel(sx as u32, sy as u32));
+        }
+    }
+    out
+}

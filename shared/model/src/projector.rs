@@ -1,0 +1,75 @@
+//! The multimodal projector: `[LayerNorm →] linear_1 → act → linear_2`, applied row by row, so the
+//! projector service can project each chunk of feature rows as it arrives.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{layer_norm, linear_b, LayerNorm, Linear, VarBuilder};
+
+use crate::checkpoint::{Checkpoint, PartKind};
+use crate::config::{Activation, LlavaConfig};
+use crate::error::{ModelError, Result};
+
+pub struct Projector {
+    layer_norm: Option<LayerNorm>,
+    linear_1: Linear,
+    act: Activation,
+    linear_2: Linear,
+    in_dim: usize,
+    out_dim: usize,
+    dtype: DType,
+}
+
+impl Projector {
+    /// Builds from a `multi_modal_projector` variable builder. A `layer_norm` tensor pair, when present,
+    /// selects the LayerNorm variant.
+    pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
+        let in_dim = cfg.vision_feature_dim();
+        let out_dim = cfg.text.hidden_size;
+        let layer_norm = if vb.contains_tensor("layer_norm.weight") {
+            Some(layer_norm(in_dim, 1e-5, vb.pp("layer_norm"))?)
+        } else {
+            None
+        };
+        Ok(Projector {
+            layer_norm,
+            linear_1: linear_b(in_dim, out_dim, cfg.projector_bias, vb.pp("linear_1"))?,
+            act: cfg.projector_hidden_act,
+            linear_2: linear_b(out_dim, out_dim, cfg.projector_bias, vb.pp("linear_2"))?,
+            in_dim,
+            out_dim,
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Loads the projector (and nothing else) from a checkpoint.
+    pub fn load(ckpt: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+        let part = ckpt.part(PartKind::Projector, dtype, device)?;
+        let p = Self::new(ckpt.config(), part.vb())?;
+        part.finish();
+        Ok(p)
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    /// Projects feature rows `[..., in_dim]` → `[..., out_dim]`. Rows are independent.
+    pub fn forward(&self, rows: &Tensor) -> Result<Tensor> {
+        let last = rows.dims().last().copied().unwrap_or(0);
+        if last != self.in_dim {
+            return Err(ModelError::InvalidInput(format!(
+                "projector input rows have {last} values, the model expects {}",
+                self.in_dim
+            )));
+        }
+        let mut x = rows.to_dtype(self.dtype)?;
+        if let Some(ln) = &self.layer_norm {
+            x = ln.forward(&x)?;
+        }
+        let x = self.act.apply(&self.linear_1.forward(&x)?)?;
+        Ok(self.linear_2.forward(&x)?)
+    }
+}

@@ -1,0 +1,284 @@
+//! Tokenizer, `<image>` expansion and incremental detokenisation.
+
+use std::path::Path;
+
+use candle_core::Tensor;
+use tokenizers::Tokenizer;
+
+use crate::config::{read_json, token_id_list, LlavaConfig};
+use crate::decoder::Decoder;
+use crate::error::{ModelError, Result};
+
+/// Tokenises prompts and splices image rows in, as transformers' `LlavaProcessor` does.
+#[derive(Clone)]
+pub struct PromptBuilder {
+    tokenizer: Tokenizer,
+    image_token_id: u32,
+    image_token: String,
+    eos_ids: Vec<u32>,
+}
+
+/// A tokenised prompt whose `<image>` tokens are expanded to one id per image feature row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedPrompt {
+    pub ids: Vec<u32>,
+    /// (start, rows) of each image in `ids`, in prompt order.
+    pub image_spans: Vec<(usize, usize)>,
+}
+
+impl PromptBuilder {
+    /// Loads `tokenizer.json`; end-of-sequence ids come from the text config and
+    /// `generation_config.json` (either may list several).
+    pub fn from_dir(dir: &Path, cfg: &LlavaConfig) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(ModelError::checkpoint(dir, "no tokenizer.json"));
+        }
+        let tokenizer = Tokenizer::from_file(&path)
+            .map_err(|e| ModelError::checkpoint(&path, format!("cannot load tokenizer: {e}")))?;
+        let mut eos_ids = cfg.text.eos_token_ids.clone();
+        let gen = dir.join("generation_config.json");
+        if gen.exists() {
+            if let Some(v) = read_json(&gen)?.get("eos_token_id") {
+                let ids = token_id_list(v).map_err(|m| ModelError::checkpoint(&gen, m))?;
+                for id in ids {
+                    if !eos_ids.contains(&id) {
+                        eos_ids.push(id);
+                    }
+                }
+            }
+        }
+        Self::new(tokenizer, cfg.image_token_id, eos_ids)
+    }
+
+    pub fn new(tokenizer: Tokenizer, image_token_id: u32, eos_ids: Vec<u32>) -> Result<Self> {
+        let image_token = tokenizer.id_to_token(image_token_id).ok_or_else(|| {
+            ModelError::checkpoint(
+                "tokenizer.json",
+                format!("image_token_index {image_token_id} is not in the tokenizer's vocabulary"),
+            )
+        })?;
+        Ok(PromptBuilder {
+            tokenizer,
+            image_token_id,
+            image_token,
+            eos_ids,
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn image_token(&self) -> &str {
+        &self.image_token
+    }
+
+    pub fn image_token_id(&self) -> u32 {
+        self.image_token_id
+    }
+
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    /// Tokenises `prompt` (with the tokenizer's special tokens, e.g. BOS) and expands the i-th image
+    /// token to `image_rows[i]` ids. The number of `<image>` placeholders must equal the number of images.
+    pub fn prepare(&self, prompt: &str, image_rows: &[usize]) -> Result<PreparedPrompt> {
+        if prompt.trim().is_empty() {
+            return Err(ModelError::InvalidPrompt("prompt is empty".into()));
+        }
+        let enc = self
+            .tokenizer
+            .encode(prompt, true)
+            .map_err(|e| ModelError::InvalidPrompt(format!("cannot tokenise prompt: {e}")))?;
+        let raw = enc.get_ids();
+        let placeholders = raw.iter().filter(|&&i| i == self.image_token_id).count();
+        if placeholders != image_rows.len() {
+            let tok = &self.image_token;
+            let hint = format!("put one {tok} where each image belongs, e.g. \"USER: {tok}\\nWhat is in the image? ASSISTANT:\"");
+            return Err(ModelError::InvalidPrompt(
+                match (placeholders, image_rows.len()) {
+                    (0, n) => format!(
+                        "the prompt has no {tok} placeholder but {n} image(s) were given; {hint}"
+                    ),
+                    (p, 0) => {
+                        format!("the prompt has {p} {tok} placeholder(s) but no image was given")
+                    }
+                    (p, n) => format!(
+                        "the prompt has {p} {tok} placeholders but {n} image(s) were given; {hint}"
+                    ),
+                },
+            ));
+        }
+        let total: usize = raw.len() - placeholders + image_rows.iter().sum::<usize>();
+        let mut ids = Vec::with_capacity(total);
+        let mut image_spans = Vec::with_capacity(image_rows.len());
+        let mut next_image = 0;
+        for &id in raw {
+            if id == self.image_token_id {
+                let rows = image_rows[next_image];
+                next_image += 1;
+                image_spans.push((ids.len(), rows));
+                ids.extend(std::iter::repeat_n(id, rows));
+            } else {
+                ids.push(id);
+            }
+        }
+        Ok(PreparedPrompt { ids, image_spans })
+    }
+
+    /// Decodes ids to text without special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+}
+
+impl PreparedPrompt {
+    /// Prompt embeddings `[T, hidden]`: token embeddings with each image span replaced by that image's
+    /// projected rows (`images[i]` is `[rows_i, hidden]`).
+    pub fn embeddings(&self, decoder: &Decoder, images: &[Tensor]) -> Result<Tensor> {
+        if images.len() != self.image_spans.len() {
+            return Err(ModelError::InvalidInput(format!(
+                "{} image embeddings for {} image slots",
+                images.len(),
+                self.image_spans.len()
+            )));
+        }
+        let mut parts = Vec::with_capacity(2 * images.len() + 1);
+        let mut at = 0;
+        for (&(start, rows), img) in self.image_spans.iter().zip(images) {
+            let (r, h) = img.dims2()?;
+            if r != rows || h != decoder.hidden_size() {
+                return Err(ModelError::InvalidInput(format!(
+                    "image embeddings are [{r}, {h}], the prompt slot expects [{rows}, {}]",
+                    decoder.hidden_size()
+                )));
+            }
+            if start > at {
+                parts.push(decoder.embed_tokens(&self.ids[at..start])?);
+            }
+            parts.push(img.to_dtype(decoder.dtype())?);
+            at = start + rows;
+        }
+        if at < self.ids.len() {
+            parts.push(decoder.embed_tokens(&self.ids[at..])?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+/// Turns generated ids into text deltas, holding back what could still become a stop string or an
+/// incomplete UTF-8 sequence, so a client never sees text that is later retracted.
+pub struct TextStreamer<'a> {
+    prompt: &'a PromptBuilder,
+    ids: Vec<u32>,
+    emitted: String,
+    stop: Vec<String>,
+}
+
+/// What one pushed token produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextStep {
+    pub delta: String,
+    /// A stop string appeared; the text ends before it.
+    pub stopped: bool,
+}
+
+impl<'a> TextStreamer<'a> {
+    pub fn new(prompt: &'a PromptBuilder, stop: Vec<String>) -> Self {
+        TextStreamer {
+            prompt,
+            ids: Vec::new(),
+            emitted: String::new(),
+            stop,
+        }
+    }
+
+    /// Text emitted so far.
+    pub fn text(&self) -> &str {
+        &self.emitted
+    }
+
+    /// Adds ids whose text was already delivered (a resumed stream) without emitting it again.
+    pub fn preload(&mut self, ids: &[u32]) -> Result<()> {
+        self.ids.extend_from_slice(ids);
+        let text = self.prompt.decode(&self.ids)?;
+        self.emitted = text.trim_end_matches('\u{FFFD}').to_string();
+        Ok(())
+    }
+
+    pub fn push(&mut self, id: u32) -> Result<TextStep> {
+        self.ids.push(id);
+        let text = self.prompt.decode(&self.ids)?;
+        let scan_from = self
+            .emitted
+            .len()
+            .saturating_sub(crate::sampling::MAX_STOP_LEN);
+        let scan_from = floor_char_boundary(&text, scan_from);
+        if let Some(cut) = self
+            .stop
+            .iter()
+            .filter_map(|s| text[scan_from..].find(s.as_str()).map(|i| scan_from + i))
+            .min()
+        {
+            let delta = self.delta_to(&text[..cut]);
+            return Ok(TextStep {
+                delta,
+                stopped: true,
+            });
+        }
+        // Hold back an incomplete UTF-8 tail and any suffix that is a prefix of a stop string.
+        let settled = text.trim_end_matches('\u{FFFD}');
+        let hold = self
+            .stop
+            .iter()
+            .map(|s| longest_suffix_prefix(settled, s))
+            .max()
+            .unwrap_or(0);
+        let safe = &settled[..settled.len() - hold];
+        Ok(TextStep {
+            delta: self.delta_to(safe),
+            stopped: false,
+        })
+    }
+
+    /// Releases held-back text at the end of generation (a stop-string prefix that never completed).
+    pub fn flush(&mut self) -> Result<String> {
+        let text = self.prompt.decode(&self.ids)?;
+        Ok(self.delta_to(&text))
+    }
+
+    fn delta_to(&mut self, target: &str) -> String {
+        match target.strip_prefix(self.emitted.as_str()) {
+            Some(rest) => {
+                let d = rest.to_string();
+                self.emitted.push_str(&d);
+                d
+            }
+            // Tokenizers whose decoding of a longer sequence rewrites earlier characters are rare;
+            // never retract text, just wait until the target extends what was sent.
+            None => String::new(),
+        }
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of `stop`.
+fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
+    let max = stop.len().saturating_sub(1).min(text.len());
+    (1..=max)
+        .rev()
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n) && stop.starts_with(&text[text.len() - n..])
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,202 @@
+//! PIL's resampler, reproduced exactly (Pillow `libImaging/Resample.c`).
+//!
+//! Transformers' image processors resize with `PIL.Image.resize(..., BICUBIC)`. General-purpose resize
+//! crates use other kernels or float pipelines and differ from PIL by up to 25 levels on noisy images
+//! (measured with fast_image_resize 5), which moves vision features far beyond parity tolerances. PIL's
+//! algorithm is a separable convolution: horizontal pass then vertical pass, each rounded and clipped to
+//! 8 bits, with kernel support widened by the scale factor when downscaling and per-pixel normalised
+//! coefficients converted to 22-bit fixed point. We follow it step by step so results are bit-identical.
+
+use image::RgbImage;
+
+/// Fixed-point precision of PIL's 8-bit resampling coefficients (`PRECISION_BITS = 32 - 8 - 2`).
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// PIL resampling filters we support (PIL's numeric ids in the image processor config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    /// `Image.BILINEAR` (2): triangle kernel, support 1.
+    Bilinear,
+    /// `Image.BICUBIC` (3): cubic convolution with a = −0.5, support 2.
+    Bicubic,
+}
+
+impl Filter {
+    pub fn from_pil_id(id: u32) -> Option<Self> {
+        match id {
+            2 => Some(Filter::Bilinear),
+            3 => Some(Filter::Bicubic),
+            _ => None,
+        }
+    }
+
+    fn support(self) -> f64 {
+        match self {
+            Filter::Bilinear => 1.0,
+            Filter::Bicubic => 2.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        let x = x.abs();
+        match self {
+            Filter::Bilinear => {
+                if x < 1.0 {
+                    1.0 - x
+                } else {
+                    0.0
+                }
+            }
+            Filter::Bicubic => {
+                const A: f64 = -0.5;
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+/// Per-output-pixel taps: first input index, and fixed-point weights.
+struct Coeffs {
+    ksize: usize,
+    bounds: Vec<(usize, usize)>,
+    weights: Vec<i32>,
+}
+
+/// `precompute_coeffs` + `normalize_coeffs_8bpc` for the full input range `[0, in_size)`.
+fn precompute(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = filter.support() * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut weights = vec![0i32; out_size * ksize];
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        // C's (int) cast truncates toward zero; the clamp to 0 makes that equal to floor here.
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
+        let mut ww = 0.0;
+        for (x, kx) in k.iter_mut().enumerate().take(xmax) {
+            let w = filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss);
+            *kx = w;
+            ww += w;
+        }
+        for x in 0..ksize {
+            let w = if x < xmax && ww != 0.0 {
+                k[x] / ww
+            } else if x < xmax {
+                k[x]
+            } else {
+                0.0
+            };
+            let fixed = w * (1u32 << PRECISION_BITS) as f64;
+            weights[xx * ksize + x] = if w < 0.0 {
+                (fixed - 0.5) as i32
+            } else {
+                (fixed + 0.5) as i32
+            };
+        }
+        bounds.push((xmin, xmax));
+    }
+    Coeffs {
+        ksize,
+        bounds,
+        weights,
+    }
+}
+
+#[inline]
+fn clip8(v: i64) -> u8 {
+    if v >= (1i64 << PRECISION_BITS << 8) {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
+}
+
+fn horizontal(src: &RgbImage, out_w: u32, c: &Coeffs) -> RgbImage {
+    let (w, h) = src.dimensions();
+    let _ = w;
+    let mut out = RgbImage::new(out_w, h);
+    let sraw = src.as_raw();
+    let stride = src.width() as usize * 3;
+    let oraw: &mut [u8] = &mut out;
+    for y in 0..h as usize {
+        let row = &sraw[y * stride..(y + 1) * stride];
+        for xx in 0..out_w as usize {
+            let (xmin, xmax) = c.bounds[xx];
+            let k = &c.weights[xx * c.ksize..xx * c.ksize + xmax];
+            let mut ss = [1i64 << (PRECISION_BITS - 1); 3];
+            for (x, &kx) in k.iter().enumerate() {
+                let p = &row[(xmin + x) * 3..(xmin + x) * 3 + 3];
+                for ch in 0..3 {
+                    ss[ch] += p[ch] as i64 * kx as i64;
+                }
+            }
+            let o = (y * out_w as usize + xx) * 3;
+            for ch in 0..3 {
+                oraw[o + ch] = clip8(ss[ch]);
+            }
+        }
+    }
+    out
+}
+
+fn vertical(src: &RgbImage, out_h: u32, c: &Coeffs) -> RgbImage {
+    let w = src.width() as usize;
+    let mut out = RgbImage::new(w as u32, out_h);
+    let sraw = src.as_raw();
+    let stride = w * 3;
+    let oraw: &mut [u8] = &mut out;
+    for yy in 0..out_h as usize {
+        let (ymin, ymax) = c.bounds[yy];
+        let k = &c.weights[yy * c.ksize..yy * c.ksize + ymax];
+        for x in 0..w {
+            let mut ss = [1i64 << (PRECISION_BITS - 1); 3];
+            for (y, &ky) in k.iter().enumerate() {
+                let o = (ymin + y) * stride + x * 3;
+                for ch in 0..3 {
+                    ss[ch] += sraw[o + ch] as i64 * ky as i64;
+                }
+            }
+            let o = yy * stride + x * 3;
+            for ch in 0..3 {
+                oraw[o + ch] = clip8(ss[ch]);
+            }
+        }
+    }
+    out
+}
+
+/// Resizes exactly as `PIL.Image.resize((width, height), resample=filter)` does for RGB images.
+pub fn resize(src: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage {
+    let (w, h) = src.dimensions();
+    if (w, h) == (width, height) {
+        return src.clone();
+    }
+    // PIL runs the horizontal pass first and skips a pass whose size does not change.
+    let tmp = if width != w {
+        horizontal(src, width, &precompute(w as usize, width as usize, filter))
+    } else {
+        src.clone()
+    };
+    if height != h {
+        vertical(
+            &tmp,
+            height,
+            &precompute(h as usize, height as usize, filter),
+        )
+    } else {
+        tmp
+    }
+}

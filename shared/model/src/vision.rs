@@ -1,0 +1,256 @@
+//! CLIP vision tower returning the hidden state(s) LLaVA selects.
+//!
+//! Written out rather than taken from candle-transformers' `clip::vision_model`: that module's
+//! `output_hidden_states` omits the embedding output that transformers puts first in `hidden_states`,
+//! so "layer −2" would select a different layer, and it always runs every layer. Here layer indices
+//! follow transformers exactly and layers after the last selected one are never loaded or run.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{
+    conv2d_no_bias, embedding, layer_norm, linear, Conv2d, Conv2dConfig, Embedding, LayerNorm,
+    Linear, VarBuilder,
+};
+
+use crate::checkpoint::{Checkpoint, PartKind};
+use crate::config::{Activation, LlavaConfig, SelectStrategy, VisionConfig};
+use crate::error::{ModelError, Result};
+
+/// Softmax over the last dimension, in f32 when the compute dtype is half precision (as torch does
+/// for attention scores), so f16/bf16 models do not lose the distribution's tail.
+pub(crate) fn softmax_f32(x: &Tensor) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    if dtype == DType::F32 {
+        candle_nn::ops::softmax_last_dim(x)
+    } else {
+        candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)
+    }
+}
+
+struct Embeddings {
+    patch: Conv2d,
+    class: Tensor,
+    position: Embedding,
+    num_positions: usize,
+}
+
+impl Embeddings {
+    fn new(c: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let conv = Conv2dConfig {
+            stride: c.patch_size,
+            ..Default::default()
+        };
+        let num_positions = c.num_patches() + 1;
+        Ok(Embeddings {
+            patch: conv2d_no_bias(
+                c.num_channels,
+                c.hidden_size,
+                c.patch_size,
+                conv,
+                vb.pp("patch_embedding"),
+            )?,
+            class: vb.get(c.hidden_size, "class_embedding")?,
+            position: embedding(num_positions, c.hidden_size, vb.pp("position_embedding"))?,
+            num_positions,
+        })
+    }
+
+    fn forward(&self, pixel_values: &Tensor) -> candle_core::Result<Tensor> {
+        let b = pixel_values.dim(0)?;
+        let patches = self
+            .patch
+            .forward(pixel_values)?
+            .flatten_from(2)?
+            .transpose(1, 2)?;
+        let d = self.class.dim(0)?;
+        let class = self.class.reshape((1, 1, d))?.broadcast_as((b, 1, d))?;
+        let x = Tensor::cat(&[&class, &patches], 1)?;
+        x.broadcast_add(
+            &self
+                .position
+                .embeddings()
+                .narrow(0, 0, self.num_positions)?
+                .unsqueeze(0)?,
+        )
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(c: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let d = c.hidden_size;
+        let head_dim = d / c.num_attention_heads;
+        Ok(Attention {
+            q: linear(d, d, vb.pp("q_proj"))?,
+            k: linear(d, d, vb.pp("k_proj"))?,
+            v: linear(d, d, vb.pp("v_proj"))?,
+            out: linear(d, d, vb.pp("out_proj"))?,
+            heads: c.num_attention_heads,
+            head_dim,
+            scale: (head_dim as f64).powf(-0.5),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let split = |y: Tensor| {
+            y.reshape((b, t, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split((self.q.forward(x)? * self.scale)?)?;
+        let k = split(self.k.forward(x)?)?;
+        let v = split(self.v.forward(x)?)?;
+        let attn = softmax_f32(&q.matmul(&k.t()?)?)?;
+        let y = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        self.out.forward(&y)
+    }
+}
+
+struct EncoderLayer {
+    ln1: LayerNorm,
+    attn: Attention,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl EncoderLayer {
+    fn new(c: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(EncoderLayer {
+            ln1: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            attn: Attention::new(c, vb.pp("self_attn"))?,
+            ln2: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: linear(c.hidden_size, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
+            fc2: linear(c.intermediate_size, c.hidden_size, vb.pp("mlp").pp("fc2"))?,
+            act: c.hidden_act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln1.forward(x)?)?)?;
+        let h = self
+            .fc2
+            .forward(&self.act.apply(&self.fc1.forward(&self.ln2.forward(&x)?)?)?)?;
+        x + h
+    }
+}
+
+/// The vision stage: `pixel_values [B, 3, H, W]` → selected features `[B, N, D]`.
+pub struct VisionEncoder {
+    embeddings: Embeddings,
+    pre_ln: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    /// Non-negative indices into `hidden_states` (0 = after `pre_layrnorm`).
+    selected: Vec<usize>,
+    strategy: SelectStrategy,
+    cfg: VisionConfig,
+    dtype: DType,
+}
+
+impl VisionEncoder {
+    /// Builds the tower from a `vision_tower` variable builder (see [`Checkpoint::part`]).
+    pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
+        let c = &cfg.vision;
+        let n = c.num_hidden_layers as i64;
+        let selected: Vec<usize> = cfg
+            .vision_feature_layers
+            .iter()
+            .map(|&l| {
+                if l < 0 {
+                    (n + 1 + l) as usize
+                } else {
+                    l as usize
+                }
+            })
+            .collect();
+        let depth = selected.iter().copied().max().unwrap_or(0);
+        let layers = (0..depth)
+            .map(|i| EncoderLayer::new(c, vb.pp("encoder").pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(VisionEncoder {
+            embeddings: Embeddings::new(c, vb.pp("embeddings"))?,
+            pre_ln: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("pre_layrnorm"))?,
+            layers,
+            selected,
+            strategy: cfg.select_strategy,
+            cfg: c.clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Loads the vision tower (and nothing else) from a checkpoint.
+    pub fn load(ckpt: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+        let part = ckpt.part(PartKind::Vision, dtype, device)?;
+        let enc = Self::new(ckpt.config(), part.vb())?;
+        part.finish();
+        Ok(enc)
+    }
+
+    /// Feature rows per image.
+    pub fn num_features(&self) -> usize {
+        self.cfg.num_patches() + usize::from(self.strategy == SelectStrategy::Full)
+    }
+
+    /// Width of a feature row.
+    pub fn feature_dim(&self) -> usize {
+        self.cfg.hidden_size * self.selected.len()
+    }
+
+    pub fn image_size(&self) -> usize {
+        self.cfg.image_size
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// `pixel_values [B, 3, S, S]` (any float dtype) → features `[B, N, D]` in the compute dtype.
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let (_, ch, h, w) = pixel_values.dims4()?;
+        let s = self.cfg.image_size;
+        if (ch, h, w) != (3, s, s) {
+            return Err(ModelError::InvalidInput(format!(
+                "pixel_values must be [B, 3, {s}, {s}], got {:?}",
+                pixel_values.dims()
+            )));
+        }
+        let x = self
+            .embeddings
+            .forward(&pixel_values.to_dtype(self.dtype)?)?;
+        let mut x = self.pre_ln.forward(&x)?;
+        let mut states = Vec::with_capacity(self.selected.len());
+        let mut take = |i: usize, x: &Tensor| {
+            for (slot, &sel) in self.selected.iter().enumerate() {
+                if sel == i {
+                    states.push((slot, x.clone()));
+                }
+            }
+        };
+        take(0, &x);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x)?;
+            take(i + 1, &x);
+        }
+        states.sort_by_key(|(slot, _)| *slot);
+        let states: Vec<Tensor> = states.into_iter().map(|(_, t)| t).collect();
+        let feats = if states.len() == 1 {
+            states[0].clone()
+        } else {
+            Tensor::cat(&states, D::Minus1)?
+        };
+        Ok(match self.strategy {
+            SelectStrategy::Default => feats.narrow(1, 1, feats.dim(1)? - 1)?,
+            SelectStrategy::Full => feats,
+        })
+    }
+}

@@ -1,0 +1,163 @@
+//! Preprocessing against PIL and against hostile input.
+
+use std::path::PathBuf;
+
+use vlm_model::config::{ImageProcessorConfig, ResizeTarget};
+use vlm_model::resize::{resize, Filter};
+use vlm_model::{ImageLimits, ModelError, Preprocessor};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/resize")
+}
+
+fn load_png(name: &str) -> image::RgbImage {
+    image::open(fixtures().join(name)).unwrap().to_rgb8()
+}
+
+/// Every case was resized by PIL (`Image.resize(size, BICUBIC)`): up and down, noisy and smooth.
+#[test]
+fn bicubic_resize_equals_pil_exactly() {
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("cases.json")).unwrap())
+            .unwrap();
+    let cases = cases.as_array().unwrap();
+    assert!(cases.len() >= 10);
+    for c in cases {
+        let src = load_png(c["source"].as_str().unwrap());
+        let want = load_png(c["expected"].as_str().unwrap());
+        let (w, h) = (
+            c["width"].as_u64().unwrap() as u32,
+            c["height"].as_u64().unwrap() as u32,
+        );
+        let got = resize(&src, w, h, Filter::Bicubic);
+        assert_eq!(got.dimensions(), want.dimensions());
+        let max = got
+            .as_raw()
+            .iter()
+            .zip(want.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert_eq!(
+            max, 0,
+            "{}: differs from PIL by up to {max} levels",
+            c["expected"]
+        );
+    }
+}
+
+fn clip_preprocessor(max_pixels: u64) -> Preprocessor {
+    let cfg = ImageProcessorConfig {
+        do_convert_rgb: true,
+        do_resize: true,
+        size: ResizeTarget::ShortestEdge(30),
+        resample: 3,
+        do_center_crop: true,
+        crop_size: (30, 30),
+        do_rescale: true,
+        rescale_factor: 1.0 / 255.0,
+        do_normalize: true,
+        image_mean: [0.5; 3],
+        image_std: [0.5; 3],
+    };
+    Preprocessor::new(cfg, ImageLimits { max_pixels }).unwrap()
+}
+
+fn png_bytes(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 3) as u8, 9]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+#[test]
+fn valid_png_jpeg_webp_decode_to_pixel_values() {
+    let p = clip_preprocessor(1 << 20);
+    let png = png_bytes(40, 20);
+    let img = image::load_from_memory(&png).unwrap();
+    for fmt in [
+        image::ImageFormat::Png,
+        image::ImageFormat::Jpeg,
+        image::ImageFormat::WebP,
+    ] {
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, fmt).unwrap();
+        let t = p
+            .preprocess(out.get_ref(), &candle_core::Device::Cpu)
+            .unwrap();
+        assert_eq!(t.dims(), &[1, 3, 30, 30], "{fmt:?}");
+    }
+}
+
+#[test]
+fn zero_byte_image_is_invalid() {
+    let err = clip_preprocessor(1 << 20).decode(&[]).unwrap_err();
+    assert!(matches!(err, ModelError::InvalidImage(_)), "{err}");
+    assert!(err.is_invalid_input());
+    assert!(err.to_string().contains("empty"), "{err}");
+}
+
+#[test]
+fn truncated_png_is_invalid() {
+    let png = png_bytes(64, 64);
+    for cut in [8, 33, png.len() / 2, png.len() - 13] {
+        let err = clip_preprocessor(1 << 20).decode(&png[..cut]).unwrap_err();
+        assert!(
+            matches!(err, ModelError::InvalidImage(_)),
+            "cut at {cut}: {err}"
+        );
+    }
+}
+
+#[test]
+fn garbage_bytes_are_invalid() {
+    let err = clip_preprocessor(1 << 20)
+        .decode(b"definitely not an image")
+        .unwrap_err();
+    assert!(matches!(err, ModelError::InvalidImage(_)), "{err}");
+    assert!(err.to_string().contains("format"), "{err}");
+}
+
+/// A PNG whose header claims 100000×100000 is refused from the header alone, before decoding.
+#[test]
+fn huge_header_is_rejected_before_decoding() {
+    let mut png = png_bytes(4, 4);
+    // IHDR data starts at byte 16: width and height as big-endian u32, then the chunk CRC at 29..33.
+    png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    let err = clip_preprocessor(64 << 20).decode(&png).unwrap_err();
+    match err {
+        ModelError::ImageTooLarge { width, height, .. } => {
+            assert_eq!((width, height), (100_000, 100_000))
+        }
+        other => panic!("expected ImageTooLarge, got {other}"),
+    }
+}
+
+#[test]
+fn pixel_limit_is_configurable() {
+    let png = png_bytes(40, 20);
+    assert!(clip_preprocessor(800).decode(&png).is_ok());
+    assert!(matches!(
+        clip_preprocessor(799).decode(&png),
+        Err(ModelError::ImageTooLarge { .. })
+    ));
+}
+
+/// The PNG CRC (ISO-HDLC), so the forged header is otherwise well-formed.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
