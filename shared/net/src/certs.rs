@@ -1,0 +1,293 @@
+//! Development PKI: one CA and a leaf per mesh role, generated with rcgen.
+//! Production certificates come from elsewhere (a Kubernetes Secret,
+//! cert-manager) in the same file layout.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+
+use crate::{NetError, TlsPems};
+
+/// Leaf certificates generated for the dev mesh. Services are also clients
+/// of each other, so every leaf is valid for both server and client auth;
+/// `client` is for CLI tools and tests.
+pub const ROLES: [&str; 5] = ["gateway", "encoder", "projector", "decoder", "client"];
+
+const CA_CERT: &str = "ca.pem";
+const CA_KEY: &str = "ca.key";
+
+/// A generated PKI, in memory.
+#[derive(Clone)]
+pub struct DevPki {
+    pub ca_cert_pem: String,
+    pub ca_key_pem: String,
+    pub leaves: Vec<LeafPems>,
+}
+
+/// One role's certificate and key.
+#[derive(Clone)]
+pub struct LeafPems {
+    pub role: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for DevPki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let roles: Vec<&str> = self.leaves.iter().map(|l| l.role.as_str()).collect();
+        f.debug_struct("DevPki")
+            .field("roles", &roles)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DevPki {
+    /// The TLS material for `role`, trusting this PKI's CA.
+    pub fn tls_pems(&self, role: &str) -> Option<TlsPems> {
+        self.leaves
+            .iter()
+            .find(|l| l.role == role)
+            .map(|l| TlsPems {
+                ca: self.ca_cert_pem.clone().into_bytes(),
+                cert: l.cert_pem.clone().into_bytes(),
+                key: l.key_pem.clone().into_bytes(),
+            })
+    }
+
+    /// Writes `ca.pem`, `ca.key` and `{role}.pem`/`{role}.key` into `dir`
+    /// (created if needed), keys with mode 0600.
+    pub fn write_to(&self, dir: &Path) -> Result<(), NetError> {
+        std::fs::create_dir_all(dir).map_err(|source| NetError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        write_file(&dir.join(CA_KEY), &self.ca_key_pem, true)?;
+        write_file(&dir.join(CA_CERT), &self.ca_cert_pem, false)?;
+        for leaf in &self.leaves {
+            write_leaf(dir, leaf)?;
+        }
+        Ok(())
+    }
+}
+
+/// Generates a fresh CA and a leaf for every role in [`ROLES`], in memory.
+/// Leaf SANs: localhost, 127.0.0.1, ::1, the role name, and `extra_hosts`
+/// (DNS names or IP addresses, e.g. Kubernetes Service names).
+pub fn generate_dev_pki(extra_hosts: &[String]) -> Result<DevPki, NetError> {
+    let ca_key = KeyPair::generate().map_err(|source| NetError::CertGen {
+        what: "CA key".into(),
+        source,
+    })?;
+    let ca_cert = ca_params(&ca_key)
+        .self_signed(&ca_key)
+        .map_err(|source| NetError::CertGen {
+            what: "CA certificate".into(),
+            source,
+        })?;
+    let issuer = Issuer::new(ca_params(&ca_key), &ca_key);
+    let leaves = ROLES
+        .iter()
+        .map(|role| issue_leaf(role, extra_hosts, &issuer))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(DevPki {
+        ca_cert_pem: ca_cert.pem(),
+        ca_key_pem: ca_key.serialize_pem(),
+        leaves,
+    })
+}
+
+/// Generates a new PKI into `out_dir`, replacing any files already there.
+pub fn generate_dev_certs(
+    out_dir: impl AsRef<Path>,
+    extra_hosts: &[String],
+) -> Result<(), NetError> {
+    generate_dev_pki(extra_hosts)?.write_to(out_dir.as_ref())
+}
+
+/// Makes sure `dir` holds a complete dev PKI; returns whether anything was
+/// written. Without a CA, generates everything. With one, issues only the
+/// missing leaves from the existing CA, so certificates already handed to
+/// running processes stay valid. Existing leaves are never rewritten, so
+/// `extra_hosts` only affects newly issued ones.
+///
+/// Reissuing needs `ca.key` and assumes `ca.pem` was made by this module;
+/// a foreign CA key is detected and refused.
+pub fn ensure_dev_certs(dir: impl AsRef<Path>, extra_hosts: &[String]) -> Result<bool, NetError> {
+    let dir = dir.as_ref();
+    let missing: Vec<&str> = ROLES
+        .iter()
+        .copied()
+        .filter(|r| !leaf_paths(dir, r).iter().all(|p| p.exists()))
+        .collect();
+    let ca_cert_path = dir.join(CA_CERT);
+    if !ca_cert_path.exists() {
+        generate_dev_certs(dir, extra_hosts)?;
+        return Ok(true);
+    }
+    if missing.is_empty() {
+        return Ok(false);
+    }
+    let dev_err = |reason: String| NetError::DevCerts {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    let ca_key_path = dir.join(CA_KEY);
+    let ca_key_pem = std::fs::read_to_string(&ca_key_path).map_err(|e| {
+        dev_err(format!(
+            "cannot issue certificates for {missing:?}: reading {} failed ({e}); remove the directory to start over",
+            ca_key_path.display()
+        ))
+    })?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| {
+        dev_err(format!(
+            "{} is not a usable key: {e}",
+            ca_key_path.display()
+        ))
+    })?;
+    let ca_cert_pem = std::fs::read(&ca_cert_path).map_err(|source| NetError::Read {
+        what: "CA certificate",
+        path: ca_cert_path.clone(),
+        source,
+    })?;
+    if !ca_pem_holds_key(&ca_cert_pem, &ca_key) {
+        return Err(dev_err(format!(
+            "{} does not match {}; remove the directory to start over",
+            ca_key_path.display(),
+            ca_cert_path.display()
+        )));
+    }
+    let issuer = Issuer::new(ca_params(&ca_key), &ca_key);
+    for role in missing {
+        write_leaf(dir, &issue_leaf(role, extra_hosts, &issuer)?)?;
+    }
+    Ok(true)
+}
+
+/// The CA's parameters, derived from its key alone so an issuer can be
+/// rebuilt from `ca.key` (the subject DN must match what `ca.pem` says). The
+/// key fingerprint in the name keeps separate dev CAs distinct: peers with
+/// the wrong CA then fail as "unknown issuer" instead of a confusing
+/// signature error from a same-named CA.
+fn ca_params(ca_key: &KeyPair) -> CertificateParams {
+    let tag: String = ca_key
+        .public_key_raw()
+        .iter()
+        .rev()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "vlm-mesh");
+    dn.push(DnType::CommonName, format!("vlm-mesh development CA {tag}"));
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p
+}
+
+fn issue_leaf(
+    role: &str,
+    extra_hosts: &[String],
+    issuer: &Issuer<'_, &KeyPair>,
+) -> Result<LeafPems, NetError> {
+    let mut sans: Vec<String> = ["localhost", "127.0.0.1", "::1", role]
+        .map(String::from)
+        .to_vec();
+    for h in extra_hosts {
+        // rcgen accepts any ASCII; check with the same parser clients use to
+        // verify names, so every SAN written is one a client can ask for.
+        rustls_pki_types::ServerName::try_from(h.as_str()).map_err(|e| NetError::InvalidHost {
+            host: h.clone(),
+            reason: e.to_string(),
+        })?;
+        if !sans.contains(h) {
+            sans.push(h.clone());
+        }
+    }
+    let gen_err = |source| NetError::CertGen {
+        what: format!("{role} (names {sans:?})"),
+        source,
+    };
+    let mut params = CertificateParams::new(sans.clone()).map_err(gen_err)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "vlm-mesh");
+    dn.push(DnType::CommonName, role);
+    params.distinguished_name = dn;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate().map_err(gen_err)?;
+    let cert = params.signed_by(&key, issuer).map_err(gen_err)?;
+    Ok(LeafPems {
+        role: role.to_string(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+fn leaf_paths(dir: &Path, role: &str) -> [PathBuf; 2] {
+    [
+        dir.join(format!("{role}.pem")),
+        dir.join(format!("{role}.key")),
+    ]
+}
+
+fn write_leaf(dir: &Path, leaf: &LeafPems) -> Result<(), NetError> {
+    let [cert, key] = leaf_paths(dir, &leaf.role);
+    write_file(&key, &leaf.key_pem, true)?;
+    write_file(&cert, &leaf.cert_pem, false)
+}
+
+/// Whether the certificate's DER contains the key's raw public key — true
+/// exactly when the SubjectPublicKeyInfo is that key's (enough to catch a
+/// foreign CA without an X.509 parser).
+fn ca_pem_holds_key(cert_pem: &[u8], key: &KeyPair) -> bool {
+    use rustls_pki_types::pem::PemObject;
+    let Ok(der) = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem) else {
+        return false;
+    };
+    let pk = key.public_key_raw();
+    !pk.is_empty() && der.windows(pk.len()).any(|w| w == pk)
+}
+
+/// Writes via a temporary file and rename, so a concurrent reader sees the
+/// old file or the new one, never half of one; keys are created 0600 so they
+/// are never readable by others, not even briefly.
+fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), NetError> {
+    let werr = |source| NetError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{file_name}.tmp{}", std::process::id()));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(if secret { 0o600 } else { 0o644 });
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    let mut f = opts.open(&tmp).map_err(werr)?;
+    f.write_all(contents.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(werr)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(werr)
+}

@@ -1,0 +1,71 @@
+use std::time::Duration;
+
+use crate::NetError;
+
+/// The host of a URL, as a TLS client must name it: `https://[::1]:80` gives
+/// `::1`, `https://decoder.vlm:9000` gives `decoder.vlm`.
+pub fn url_host(url: &str) -> Result<String, NetError> {
+    let bad = |reason: &str| NetError::Endpoint {
+        url: url.to_string(),
+        reason: reason.to_string(),
+    };
+    let uri: tonic::transport::Uri = url.parse().map_err(|e| bad(&format!("{e}")))?;
+    let host = uri
+        .host()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| bad("missing host"))?;
+    Ok(host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string())
+}
+
+/// Parses a `grpc-timeout` header value (`1..=8` digits and a unit
+/// `H M S m u n`), so a server can bound its work, and its own outgoing
+/// calls, by the caller's deadline. `None` for a malformed value, which the
+/// gRPC spec says to treat as no timeout.
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if value.len() < 2 || !value.is_ascii() {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    if digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A fresh 128-bit id as 32 lowercase hex digits — the shape of a W3C trace
+/// id, so it can stand in for one until tracing supplies a real one. Unique,
+/// not secret: it comes from std's randomly keyed hasher, not a CSPRNG.
+pub fn new_request_id() -> String {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let half = |salt: u64| {
+        let mut h = RandomState::new().build_hasher();
+        h.write_u64(salt);
+        h.write_u64(n);
+        h.write_u128(nanos);
+        h.write_u32(std::process::id());
+        h.finish()
+    };
+    // An all-zero trace id is invalid in W3C trace context.
+    let (hi, lo) = (half(1), half(2) | 1);
+    format!("{hi:016x}{lo:016x}")
+}

@@ -1,0 +1,148 @@
+//! `serve_grpc` end to end over mTLS, plus the small URL/deadline helpers.
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+use vlm_net::certs::generate_dev_certs;
+use vlm_net::TlsFiles;
+use vlm_proto::encoder_client::EncoderClient;
+use vlm_proto::encoder_server::{Encoder, EncoderServer};
+use vlm_proto::{EncodeRequest, EncodeResponse, EncodeStats};
+
+struct StubEncoder;
+
+#[tonic::async_trait]
+impl Encoder for StubEncoder {
+    type EncodeStream = tokio_stream::Iter<std::vec::IntoIter<Result<EncodeResponse, Status>>>;
+
+    async fn encode(
+        &self,
+        req: Request<EncodeRequest>,
+    ) -> Result<Response<Self::EncodeStream>, Status> {
+        // Echo the image size so the test can see the request went through.
+        let stats = EncodeStats {
+            preprocess_ms: req.into_inner().image.len() as f64,
+            ..Default::default()
+        };
+        let msg = EncodeResponse {
+            kind: Some(vlm_proto::encode_response::Kind::Stats(stats)),
+        };
+        Ok(Response::new(tokio_stream::iter(vec![Ok(msg)])))
+    }
+}
+
+#[tokio::test]
+async fn serve_grpc_serves_health_and_the_service_then_drains() {
+    let d = tempfile::tempdir().unwrap();
+    generate_dev_certs(d.path(), &[]).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let tls = vlm_net::server_tls(&TlsFiles::for_role(d.path(), "encoder")).unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(vlm_net::serve_grpc(
+        listener,
+        Some(tls),
+        EncoderServer::new(StubEncoder),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    let client =
+        || vlm_net::client_tls(&TlsFiles::for_role(d.path(), "client"), "encoder").unwrap();
+    vlm_net::wait_until_serving_url(
+        &url,
+        Some(client()),
+        "vlm.v1.Encoder",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+
+    let ch = vlm_net::connect(&url, Some(client())).await.unwrap();
+    let mut stream = EncoderClient::new(ch)
+        .encode(EncodeRequest {
+            image: vec![0u8; 7].into(),
+            options: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(EncodeResponse {
+        kind: Some(vlm_proto::encode_response::Kind::Stats(s)),
+    }) = stream.message().await.unwrap()
+    else {
+        panic!("expected stats");
+    };
+    assert_eq!(s.preprocess_ms, 7.0);
+
+    stop_tx.send(()).unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("server did not stop");
+    res.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn serve_grpc_reports_a_bad_tls_config() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // An identity-less config cannot serve TLS; this must be an error, not a panic.
+    let pki = vlm_net::certs::generate_dev_pki(&[]).unwrap();
+    let mut pems = pki.tls_pems("encoder").unwrap();
+    pems.key = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".to_vec();
+    let res = vlm_net::serve_grpc(
+        listener,
+        Some(pems.server_config(vlm_net::ClientAuth::Required)),
+        EncoderServer::new(StubEncoder),
+        async {},
+    )
+    .await;
+    let err = res.expect_err("a broken key must not serve");
+    assert!(matches!(err, vlm_net::NetError::TlsConfig(_)), "{err}");
+}
+
+#[test]
+fn url_host_strips_scheme_port_and_brackets() {
+    assert_eq!(
+        vlm_net::url_host("https://decoder.vlm:9000").unwrap(),
+        "decoder.vlm"
+    );
+    assert_eq!(
+        vlm_net::url_host("https://127.0.0.1:1").unwrap(),
+        "127.0.0.1"
+    );
+    assert_eq!(vlm_net::url_host("https://[::1]:50051/").unwrap(), "::1");
+    assert!(vlm_net::url_host("not a url").is_err());
+    assert!(vlm_net::url_host("/just/a/path").is_err());
+}
+
+#[test]
+fn grpc_timeout_header_values() {
+    let p = vlm_net::parse_grpc_timeout;
+    assert_eq!(p("1H"), Some(Duration::from_secs(3600)));
+    assert_eq!(p("2M"), Some(Duration::from_secs(120)));
+    assert_eq!(p("3S"), Some(Duration::from_secs(3)));
+    assert_eq!(p("250m"), Some(Duration::from_millis(250)));
+    assert_eq!(p("99999999u"), Some(Duration::from_micros(99_999_999)));
+    assert_eq!(p("5n"), Some(Duration::from_nanos(5)));
+    for bad in ["", "S", "123456789S", "10x", "-1S", "1.5S", "１S"] {
+        assert_eq!(p(bad), None, "{bad:?}");
+    }
+}
+
+#[test]
+fn request_ids_are_distinct_trace_id_shaped() {
+    let ids: std::collections::HashSet<String> =
+        (0..1000).map(|_| vlm_net::new_request_id()).collect();
+    assert_eq!(ids.len(), 1000);
+    for id in &ids {
+        assert_eq!(id.len(), 32);
+        assert!(
+            id.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+            "{id}"
+        );
+        assert_ne!(id, &"0".repeat(32));
+    }
+}
