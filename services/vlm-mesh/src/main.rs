@@ -1,10 +1,16 @@
 //! `vlm-mesh`: the command line of the vision-language model mesh.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
+mod ask;
+mod certs;
 mod generate;
+mod mesh;
+mod serve;
 
 #[derive(Parser)]
 #[command(
@@ -19,22 +25,158 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start the local mesh with the bundled model, ask it about the bundled image, stop it.
+    Demo(DemoArgs),
+    /// Start every service as its own process on loopback with dev mTLS; Ctrl-C stops all.
+    Up(UpArgs),
+    /// Ask a running gateway about image(s); streams the answer.
+    Ask(ask::AskArgs),
     /// Run image(s) + prompt through the whole model in this process (no network): the reference
     /// the mesh must equal token for token.
     Generate(generate::GenerateArgs),
+    /// Run one service.
+    #[command(subcommand)]
+    Serve(serve::ServeRole),
+    /// Write a development CA and per-service certificates.
+    Certs(certs::CertsArgs),
+}
+
+#[derive(Args, Debug)]
+struct UpArgs {
+    /// Checkpoint directory in the Hugging Face llava-hf layout.
+    #[arg(long, env = "VLM_MODEL", default_value_os_t = generate::default_model_dir())]
+    model: PathBuf,
+    /// Where certificates and the mesh description (mesh.json, read by `ask`) live.
+    #[arg(long, env = "VLM_STATE_DIR", default_value_os_t = mesh::default_state_dir())]
+    state_dir: PathBuf,
+    /// Public gateway address.
+    #[arg(long, env = "VLM_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Compute dtype: f32, f16 or bf16.
+    #[arg(long, env = "VLM_DTYPE", default_value = "f32")]
+    dtype: String,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Checkpoint directory in the Hugging Face llava-hf layout.
+    #[arg(long, env = "VLM_MODEL", default_value_os_t = generate::default_model_dir())]
+    model: PathBuf,
+    /// Image to ask about.
+    #[arg(long, env = "VLM_IMAGE", default_value_os_t = generate::default_model_dir().join("../images/shapes-48x48.png"))]
+    image: PathBuf,
+    /// Prompt (LLaVA-1.5 format).
+    #[arg(
+        long,
+        env = "VLM_PROMPT",
+        default_value = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
+    )]
+    prompt: String,
+    /// Maximum number of tokens to generate.
+    #[arg(long, env = "VLM_MAX_TOKENS", default_value_t = 24)]
+    max_tokens: u32,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn up(args: UpArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let opts = mesh::MeshOptions {
+            model: args.model,
+            state_dir: args.state_dir.clone(),
+            listen: args.listen,
+            dtype: args.dtype,
+            gateway_args: vec![],
+            service_log: None,
+        };
+        let mut mesh = mesh::Mesh::start(&opts).await?;
+        let pids: Vec<String> = mesh.info.services.iter().map(|s| format!("{}={}", s.role, s.pid)).collect();
+        println!(
+            "ready gateway={} state-dir={} pids {}",
+            mesh.info.gateway_url,
+            args.state_dir.display(),
+            pids.join(" ")
+        );
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        let result = tokio::select! {
+            _ = vlm_net::shutdown_signal() => Ok(()),
+            (role, status) = mesh.child_exited() => Err(anyhow::anyhow!("the {role} exited ({status}); stopping the mesh")),
+        };
+        mesh.shutdown().await;
+        result
+    })
+}
+
+fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let state = tempfile::tempdir()?;
+        let opts = mesh::MeshOptions {
+            model: args.model,
+            state_dir: state.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse()?,
+            dtype: "f32".into(),
+            gateway_args: vec![],
+            service_log: Some("warn".into()),
+        };
+        eprintln!("starting the mesh (encoder, projector, decoder, gateway; mTLS on every hop)…");
+        let mesh = mesh::Mesh::start(&opts).await?;
+        eprintln!(
+            "mesh ready at {}; asking about {}",
+            mesh.info.gateway_url,
+            args.image.display()
+        );
+        eprintln!("prompt: {:?}", args.prompt);
+        let ask_args = ask::AskArgs {
+            gateway: Some(mesh.info.gateway_url.clone()),
+            state_dir: state.path().to_path_buf(),
+            ca: None,
+            cert: None,
+            key: None,
+            image: vec![args.image],
+            prompt: args.prompt,
+            sampling: generate::SamplingArgs {
+                max_tokens: args.max_tokens,
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+                seed: Some(0),
+                stop: vec![],
+            },
+            timeout: 120,
+            json: false,
+        };
+        let result = ask::ask(ask_args).await;
+        mesh.shutdown().await;
+        result
+    })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let default_filter = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VLM_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
+        Command::Demo(args) => demo(args),
+        Command::Up(args) => up(args),
+        Command::Ask(args) => runtime().and_then(|rt| rt.block_on(ask::ask(args))),
         Command::Generate(args) => generate::run(args),
+        Command::Serve(role) => serve::run(role),
+        Command::Certs(args) => certs::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

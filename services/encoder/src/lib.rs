@@ -1,0 +1,124 @@
+//! The encoder service: image bytes → preprocessing → CLIP vision tower → feature chunks.
+//! Loads only `vision_tower.*` from the checkpoint.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::Stream;
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status};
+use vlm_model::{
+    Checkpoint, DType, Device, ImageLimits, ImageProcessorConfig, Preprocessor, VisionEncoder,
+};
+use vlm_proto::encode_response::Kind;
+use vlm_proto::encoder_server::{Encoder, EncoderServer};
+use vlm_proto::{EncodeRequest, EncodeResponse, EncodeStats};
+use vlm_serving::{from_model_tensor, run_model, wire_dtype_for};
+use vlm_tensor::{TensorChunker, WireDType};
+
+#[derive(Debug, Clone)]
+pub struct EncoderConfig {
+    /// Checkpoint directory (llava-hf layout).
+    pub model: PathBuf,
+    pub dtype: DType,
+    pub image_limits: ImageLimits,
+    /// Largest encoded image accepted, in bytes.
+    pub max_image_bytes: usize,
+    /// Images encoded at the same time; further requests wait for a slot.
+    pub max_concurrent: usize,
+}
+
+struct Model {
+    preprocessor: Preprocessor,
+    vision: VisionEncoder,
+    device: Device,
+}
+
+pub struct EncoderService {
+    model: Arc<Model>,
+    permits: Arc<Semaphore>,
+    max_image_bytes: usize,
+    default_wire: WireDType,
+}
+
+impl EncoderService {
+    pub fn load(cfg: &EncoderConfig) -> anyhow::Result<Self> {
+        let ckpt = Checkpoint::open(&cfg.model)?;
+        let device = Device::Cpu;
+        let preprocessor = Preprocessor::new(
+            ImageProcessorConfig::from_dir(&cfg.model, &ckpt.config().vision)?,
+            cfg.image_limits,
+        )?;
+        let vision = VisionEncoder::load(&ckpt, cfg.dtype, &device)?;
+        Ok(EncoderService {
+            model: Arc::new(Model {
+                preprocessor,
+                vision,
+                device,
+            }),
+            permits: Arc::new(Semaphore::new(cfg.max_concurrent.max(1))),
+            max_image_bytes: cfg.max_image_bytes,
+            default_wire: wire_dtype_for(cfg.dtype),
+        })
+    }
+
+    pub fn into_server(self) -> EncoderServer<Self> {
+        EncoderServer::new(self)
+    }
+}
+
+type EncodeStream = Pin<Box<dyn Stream<Item = Result<EncodeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Encoder for EncoderService {
+    type EncodeStream = EncodeStream;
+
+    async fn encode(&self, req: Request<EncodeRequest>) -> Result<Response<EncodeStream>, Status> {
+        let req = req.into_inner();
+        if req.image.len() > self.max_image_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "image of {} bytes exceeds the limit of {} bytes",
+                req.image.len(),
+                self.max_image_bytes
+            )));
+        }
+        let options = req.options.unwrap_or_default();
+        let wire = WireDType::from_proto_or(options.wire_dtype, self.default_wire)?;
+        let model = self.model.clone();
+        let queued = Instant::now();
+        let (features, stats) = run_model(&self.permits, move || {
+            let queue_ms = ms(queued);
+            let t = Instant::now();
+            let pixels = model.preprocessor.preprocess(&req.image, &model.device)?;
+            let preprocess_ms = ms(t);
+            let t = Instant::now();
+            let features = model.vision.forward(&pixels)?.squeeze(0)?;
+            let stats = EncodeStats {
+                preprocess_ms,
+                encode_ms: ms(t),
+                queue_ms,
+            };
+            Ok((features, stats))
+        })
+        .await?;
+        let (shape, values) = from_model_tensor(&features)?;
+        tracing::debug!(?shape, ?stats, "encoded image");
+        let chunks = TensorChunker::new(values, &shape, wire, options.chunk_bytes as usize)?;
+        let out = chunks
+            .map(|c| {
+                Ok(EncodeResponse {
+                    kind: Some(Kind::Chunk(c)),
+                })
+            })
+            .chain(std::iter::once(Ok(EncodeResponse {
+                kind: Some(Kind::Stats(stats)),
+            })));
+        Ok(Response::new(Box::pin(tokio_stream::iter(out))))
+    }
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}

@@ -1,0 +1,132 @@
+//! The projector service: feature chunks in, embedding chunks out, one output chunk per input chunk
+//! (row-wise), so downstream work starts before the whole tensor has arrived.
+//! Loads only `multi_modal_projector.*` from the checkpoint.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use vlm_model::{Checkpoint, DType, Device, Projector as ProjectorModel, Tensor};
+use vlm_proto::projector_server::{Projector, ProjectorServer};
+use vlm_proto::TensorChunk;
+use vlm_serving::{from_model_tensor, run_model};
+use vlm_tensor::{TensorAssembler, TensorLimits, TensorStreamWriter};
+
+#[derive(Debug, Clone)]
+pub struct ProjectorConfig {
+    pub model: PathBuf,
+    pub dtype: DType,
+    pub limits: TensorLimits,
+    /// Chunks projected at the same time across all streams.
+    pub max_concurrent: usize,
+}
+
+pub struct ProjectorService {
+    model: Arc<ProjectorModel>,
+    device: Device,
+    permits: Arc<Semaphore>,
+    limits: TensorLimits,
+}
+
+impl ProjectorService {
+    pub fn load(cfg: &ProjectorConfig) -> anyhow::Result<Self> {
+        let ckpt = Checkpoint::open(&cfg.model)?;
+        let device = Device::Cpu;
+        let model = ProjectorModel::load(&ckpt, cfg.dtype, &device)?;
+        Ok(ProjectorService {
+            model: Arc::new(model),
+            device,
+            permits: Arc::new(Semaphore::new(cfg.max_concurrent.max(1))),
+            limits: cfg.limits,
+        })
+    }
+
+    pub fn into_server(self) -> ProjectorServer<Self> {
+        ProjectorServer::new(self)
+    }
+}
+
+type ProjectStream = Pin<Box<dyn Stream<Item = Result<TensorChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Projector for ProjectorService {
+    type ProjectStream = ProjectStream;
+
+    async fn project(
+        &self,
+        req: Request<Streaming<TensorChunk>>,
+    ) -> Result<Response<ProjectStream>, Status> {
+        let mut input = req.into_inner();
+        // One chunk of buffering: the projector works on chunk n while chunk n-1 is on the wire.
+        let (tx, rx) = mpsc::channel(1);
+        let model = self.model.clone();
+        let device = self.device.clone();
+        let permits = self.permits.clone();
+        let limits = self.limits;
+        tokio::spawn(async move {
+            let result = async {
+                let mut assembler = TensorAssembler::new(limits);
+                let mut writer: Option<TensorStreamWriter> = None;
+                while let Some(chunk) = input.message().await? {
+                    let block = assembler.push(&chunk)?;
+                    let meta = assembler
+                        .meta()
+                        .expect("header accepted with the first chunk")
+                        .clone();
+                    if meta.shape().len() != 2 || meta.row_len() != model.in_dim() {
+                        return Err(Status::invalid_argument(format!(
+                            "projector input must be [rows, {}], got {:?}",
+                            model.in_dim(),
+                            meta.shape()
+                        )));
+                    }
+                    let w = match &mut writer {
+                        Some(w) => w,
+                        None => writer.insert(TensorStreamWriter::new(
+                            &[meta.rows(), model.out_dim()],
+                            meta.dtype(),
+                            chunk.header.as_ref().map_or(0, |h| h.chunk_rows),
+                        )?),
+                    };
+                    if block.rows == 0 {
+                        continue;
+                    }
+                    let (model, device) = (model.clone(), device.clone());
+                    let rows = run_model(&permits, move || {
+                        let x =
+                            Tensor::from_vec(block.values, (block.rows, block.row_len), &device)?;
+                        model.forward(&x)
+                    })
+                    .await?;
+                    let (_, values) = from_model_tensor(&rows)?;
+                    if tx.send(Ok(w.write_rows(&values)?)).await.is_err() {
+                        return Ok(()); // the caller went away
+                    }
+                }
+                assembler.finish()?;
+                match writer {
+                    Some(w) if w.meta().total_bytes() == 0 => {
+                        let mut w = w;
+                        let _ = tx.send(Ok(w.write_rows(&[])?)).await;
+                    }
+                    Some(w) => w.finish()?,
+                    None => {
+                        return Err(Status::invalid_argument(
+                            "empty tensor stream (no header chunk)",
+                        ))
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(status) = result {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

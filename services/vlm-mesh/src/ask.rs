@@ -1,0 +1,209 @@
+//! `vlm-mesh ask`: a client of the gateway's public API.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Serialize;
+use tonic::transport::Channel;
+use vlm_proto::gateway_client::GatewayClient;
+use vlm_proto::generate_response::Kind;
+use vlm_proto::{GenerateRequest, SamplingParams};
+
+use crate::generate::SamplingArgs;
+use crate::mesh::{certs_dir, default_state_dir, mesh_file, MeshInfo};
+
+#[derive(Args, Debug, Clone)]
+pub struct AskArgs {
+    /// Gateway URL; defaults to the mesh `up` started with the same --state-dir, else https://127.0.0.1:50051.
+    #[arg(long, env = "VLM_GATEWAY")]
+    pub gateway: Option<String>,
+    /// The state directory of a local mesh (`up`): its CA and client certificate are used.
+    #[arg(long, env = "VLM_STATE_DIR", default_value_os_t = default_state_dir())]
+    pub state_dir: PathBuf,
+    /// CA certificate that signed the gateway's certificate (overrides --state-dir).
+    #[arg(long, env = "VLM_TLS_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate to present (optional on the public port).
+    #[arg(long, env = "VLM_TLS_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Client private key.
+    #[arg(long, env = "VLM_TLS_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Image file; repeat for several images (one `<image>` each in the prompt).
+    #[arg(long, env = "VLM_IMAGE")]
+    pub image: Vec<PathBuf>,
+    /// The raw prompt, with `<image>` where each image goes.
+    #[arg(long, env = "VLM_PROMPT")]
+    pub prompt: String,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Give up after this many seconds (sent to the gateway as the request deadline).
+    #[arg(long, env = "VLM_TIMEOUT", default_value_t = 300)]
+    pub timeout: u64,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long, env = "VLM_JSON")]
+    pub json: bool,
+}
+
+#[derive(Serialize, Default)]
+struct Timings {
+    preprocess_ms: f64,
+    encode_ms: f64,
+    project_ms: f64,
+    prefill_ms: f64,
+    decode_ms: f64,
+    total_ms: f64,
+}
+
+#[derive(Serialize, Default)]
+struct JsonOutput {
+    text: String,
+    token_ids: Vec<u32>,
+    prompt_tokens: u32,
+    finish_reason: String,
+    seed: u64,
+    timings: Timings,
+    trace_id: String,
+}
+
+/// The gateway URL and TLS settings `ask` uses.
+pub async fn connect(args: &AskArgs) -> anyhow::Result<(String, Channel)> {
+    let url = match &args.gateway {
+        Some(u) => u.clone(),
+        None => match std::fs::read(mesh_file(&args.state_dir)) {
+            Ok(bytes) => serde_json::from_slice::<MeshInfo>(&bytes)?.gateway_url,
+            Err(_) => "https://127.0.0.1:50051".to_string(),
+        },
+    };
+    let tls = if url.starts_with("https://") {
+        let certs = certs_dir(&args.state_dir);
+        let ca = args.ca.clone().unwrap_or_else(|| certs.join("ca.pem"));
+        let host = vlm_net::url_host(&url)?;
+        let (cert, key) = match (&args.cert, &args.key) {
+            (Some(c), Some(k)) => (Some(c.clone()), Some(k.clone())),
+            _ if args.ca.is_none() && certs.join("client.pem").exists() => (
+                Some(certs.join("client.pem")),
+                Some(certs.join("client.key")),
+            ),
+            _ => (None, None),
+        };
+        Some(match (cert, key) {
+            (Some(cert), Some(key)) => {
+                vlm_net::client_tls(&vlm_net::TlsFiles { ca, cert, key }, &host)?
+            }
+            _ => vlm_net::client_tls_without_identity(&ca, &host)?,
+        })
+    } else {
+        None
+    };
+    let channel = vlm_net::connect(&url, tls).await.with_context(|| {
+        format!("cannot reach the gateway at {url} (is `vlm-mesh up` running?)")
+    })?;
+    Ok((url, channel))
+}
+
+pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
+    let images = args
+        .image
+        .iter()
+        .map(|p| {
+            std::fs::read(p)
+                .map(Into::into)
+                .with_context(|| format!("cannot read image {}", p.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (_, channel) = connect(&args).await?;
+    let mut client = GatewayClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(256 << 20);
+    let p = args.sampling.to_params();
+    let params = SamplingParams {
+        max_tokens: Some(p.max_tokens),
+        temperature: p.temperature,
+        top_p: p.top_p,
+        top_k: p.top_k,
+        seed: Some(p.seed),
+        stop: p.stop.clone(),
+    };
+    let mut req = tonic::Request::new(GenerateRequest {
+        images,
+        prompt: args.prompt.clone(),
+        params: Some(params),
+    });
+    req.set_timeout(Duration::from_secs(args.timeout));
+    let mut stream = client
+        .generate(req)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut out = JsonOutput {
+        seed: p.seed,
+        ..Default::default()
+    };
+    let mut stdout = std::io::stdout().lock();
+    while let Some(msg) = stream.message().await.map_err(status_error)? {
+        match msg.kind {
+            Some(Kind::Delta(d)) => {
+                if !args.json {
+                    stdout.write_all(d.text.as_bytes())?;
+                    stdout.flush()?;
+                }
+                out.text.push_str(&d.text);
+                out.token_ids.extend(d.token_ids);
+            }
+            Some(Kind::Final(f)) => {
+                let usage = f.usage.unwrap_or_default();
+                let t = f.timings.unwrap_or_default();
+                out.prompt_tokens = usage.prompt_tokens;
+                out.finish_reason = finish_reason_name(f.finish_reason).to_string();
+                out.trace_id = f.trace_id;
+                out.timings = Timings {
+                    preprocess_ms: t.preprocess_ms,
+                    encode_ms: t.encode_ms,
+                    project_ms: t.project_ms,
+                    prefill_ms: t.prefill_ms,
+                    decode_ms: t.decode_ms,
+                    total_ms: t.total_ms,
+                };
+            }
+            None => {}
+        }
+    }
+    if args.json {
+        writeln!(stdout, "{}", serde_json::to_string(&out)?)?;
+    } else {
+        writeln!(stdout)?;
+        let t = &out.timings;
+        eprintln!(
+            "[{} prompt tokens, {} generated, finish: {}] preprocess {:.1} ms, encode {:.1} ms, project {:.1} ms, prefill {:.1} ms, decode {:.1} ms, total {:.1} ms, trace {}",
+            out.prompt_tokens,
+            out.token_ids.len(),
+            out.finish_reason,
+            t.preprocess_ms,
+            t.encode_ms,
+            t.project_ms,
+            t.prefill_ms,
+            t.decode_ms,
+            t.total_ms,
+            out.trace_id
+        );
+    }
+    Ok(())
+}
+
+pub fn finish_reason_name(v: i32) -> &'static str {
+    match vlm_proto::FinishReason::try_from(v) {
+        Ok(vlm_proto::FinishReason::Stop) => "eos",
+        Ok(vlm_proto::FinishReason::Length) => "length",
+        Ok(vlm_proto::FinishReason::StopString) => "stop",
+        Ok(vlm_proto::FinishReason::ContextLength) => "context_length",
+        _ => "unspecified",
+    }
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}

@@ -1,0 +1,97 @@
+//! What the three model-serving stages share: turning [`ModelError`]s into gRPC statuses, running
+//! model calls off the async runtime under a concurrency limit, and converting between wire tensors
+//! and model tensors. Transport concerns (TLS, health, retries) live in `vlm-net`; model math in
+//! `vlm-model`.
+
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use tonic::Status;
+use vlm_model::{DType, Device, ModelError, Tensor};
+use vlm_tensor::{F32Tensor, WireDType};
+
+/// The gRPC status for a model error: the caller's mistakes are INVALID_ARGUMENT, size limits
+/// RESOURCE_EXHAUSTED, everything else INTERNAL (and logged, since it is our fault).
+pub fn model_status(e: ModelError) -> Status {
+    if e.is_invalid_input() {
+        Status::invalid_argument(e.to_string())
+    } else if e.is_too_large() {
+        Status::resource_exhausted(e.to_string())
+    } else {
+        tracing::error!(error = %e, "model failure");
+        Status::internal(e.to_string())
+    }
+}
+
+/// Runs a model call on the blocking pool while holding one of `permits`, so the async runtime keeps
+/// serving health checks and streams while the CPU computes, and at most N calls compute at once.
+pub async fn run_model<T, F>(permits: &Arc<Semaphore>, f: F) -> Result<T, Status>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ModelError> + Send + 'static,
+{
+    let permit = permits
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| Status::unavailable("the service is shutting down"))?;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        f()
+    })
+    .await
+    .map_err(|e| Status::internal(format!("model task failed: {e}")))?
+    .map_err(model_status)
+}
+
+/// The wire dtype matching a compute dtype (the default when a caller does not ask for one).
+pub fn wire_dtype_for(dtype: DType) -> WireDType {
+    match dtype {
+        DType::F16 => WireDType::F16,
+        DType::BF16 => WireDType::BF16,
+        _ => WireDType::F32,
+    }
+}
+
+/// A received tensor as a model tensor on `device` (f32; stages convert to their compute dtype).
+pub fn to_model_tensor(t: F32Tensor, device: &Device) -> Result<Tensor, Status> {
+    let F32Tensor { shape, values } = t;
+    Tensor::from_vec(values, shape, device).map_err(|e| Status::internal(e.to_string()))
+}
+
+/// Row-major f32 values and shape of a model tensor, for a chunker.
+pub fn from_model_tensor(t: &Tensor) -> Result<(Vec<usize>, Vec<f32>), Status> {
+    let values = t
+        .to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| Status::internal(e.to_string()))?;
+    Ok((t.dims().to_vec(), values))
+}
+
+/// Converts wire sampling parameters into the model's, applying defaults and validating ranges, so
+/// the gateway and the decoder reject the same requests with the same messages.
+pub fn params_from_proto(
+    p: Option<&vlm_proto::SamplingParams>,
+    default_max_tokens: u32,
+) -> Result<vlm_model::SamplingParams, Status> {
+    let default = vlm_proto::SamplingParams::default();
+    let p = p.unwrap_or(&default);
+    let params = vlm_model::SamplingParams {
+        max_tokens: p.max_tokens.unwrap_or(default_max_tokens),
+        temperature: p.temperature,
+        // proto3 zero value: unset means disabled.
+        top_p: if p.top_p == 0.0 { 1.0 } else { p.top_p },
+        top_k: p.top_k,
+        seed: p.seed.unwrap_or_else(random_seed),
+        stop: p.stop.clone(),
+    };
+    params.validate().map_err(model_status)?;
+    Ok(params)
+}
+
+/// A seed for requests that did not bring one.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}

@@ -1,0 +1,491 @@
+//! End-to-end: `vlm-mesh up` as a real process tree (four services, real mTLS on loopback), driven
+//! by the real `ask` binary and by a gRPC client, compared with the in-process pipeline.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tonic::Code;
+use vlm_model::{DType, Device, ImageLimits, Pipeline, SamplingParams};
+use vlm_proto::gateway_client::GatewayClient;
+use vlm_proto::generate_response::Kind;
+use vlm_proto::GenerateRequest;
+
+const EXE: &str = env!("CARGO_BIN_EXE_vlm-mesh");
+const PROMPT: &str = "USER: <image>\nWhat is shown in this image? ASSISTANT:";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn model() -> PathBuf {
+    repo().join("models/tiny-llava")
+}
+
+fn image_path() -> PathBuf {
+    repo().join("models/images/shapes-48x48.png")
+}
+
+/// A running `vlm-mesh up`; stopped with SIGTERM (and waited for) on drop.
+struct MeshProc {
+    child: Child,
+    state: tempfile::TempDir,
+    gateway: String,
+    stderr_lines: mpsc::Receiver<String>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl MeshProc {
+    fn start(envs: &[(&str, &str)]) -> MeshProc {
+        let state = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(EXE);
+        cmd.args(["up", "--listen", "127.0.0.1:0", "--model"])
+            .arg(model())
+            .arg("--state-dir")
+            .arg(state.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let (tx, stderr_lines) = mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log2.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        // Readiness: `up` prints `ready gateway=…` only after every service answered SERVING.
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let gateway = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("gateway="))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no ready line; got {line:?}; log: {:?}",
+                    log.lock().unwrap()
+                )
+            })
+            .to_string();
+        assert!(line.starts_with("ready "), "{line}");
+        MeshProc {
+            child,
+            state,
+            gateway,
+            stderr_lines,
+            log,
+        }
+    }
+
+    fn certs(&self) -> PathBuf {
+        self.state.path().join("certs")
+    }
+
+    fn mesh_json(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.state.path().join("mesh.json")).unwrap())
+            .unwrap()
+    }
+
+    fn service_addr(&self, role: &str) -> String {
+        let info = self.mesh_json();
+        let s = info["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["role"] == role)
+            .unwrap();
+        s["addr"].as_str().unwrap().to_string()
+    }
+
+    async fn client(&self) -> GatewayClient<tonic::transport::Channel> {
+        let files = vlm_net::TlsFiles::for_role(self.certs(), "client");
+        let tls = vlm_net::client_tls(&files, "localhost").unwrap();
+        let channel = vlm_net::connect(&self.gateway, Some(tls)).await.unwrap();
+        GatewayClient::new(channel).max_encoding_message_size(256 << 20)
+    }
+
+    /// Waits (bounded) for a log line containing all of `needles`.
+    fn wait_for_log(&self, needles: &[&str], timeout: Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.stderr_lines.recv_timeout(left) {
+                Ok(line) if needles.iter().all(|n| line.contains(n)) => return Some(line),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+impl Drop for MeshProc {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn run_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(EXE).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn pid_alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn ask_over_mtls_equals_generate_and_services_are_separate_processes() {
+    let mesh = MeshProc::start(&[]);
+    let info = mesh.mesh_json();
+    let mut pids: Vec<u64> = info["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["pid"].as_u64().unwrap())
+        .collect();
+    let roles: Vec<&str> = info["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["encoder", "projector", "decoder", "gateway"]);
+    assert!(pids.iter().all(|&p| pid_alive(p)));
+    pids.push(info["launcher_pid"].as_u64().unwrap());
+    pids.sort();
+    pids.dedup();
+    assert_eq!(
+        pids.len(),
+        5,
+        "four services and the launcher are distinct processes"
+    );
+
+    let image = image_path();
+    let model = model();
+    let state = mesh.state.path().to_str().unwrap().to_string();
+    for sampling in [
+        vec!["--max-tokens", "16"],
+        vec![
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "42",
+        ],
+    ] {
+        let mut ask = vec![
+            "ask",
+            "--state-dir",
+            &state,
+            "--image",
+            image.to_str().unwrap(),
+            "--prompt",
+            PROMPT,
+            "--json",
+        ];
+        ask.extend(&sampling);
+        let mut generate = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+            "--prompt",
+            PROMPT,
+            "--json",
+        ];
+        generate.extend(&sampling);
+        let mesh_out = run_json(&ask);
+        let local_out = run_json(&generate);
+        assert_eq!(
+            mesh_out["token_ids"], local_out["token_ids"],
+            "{sampling:?}"
+        );
+        assert_eq!(mesh_out["token_ids"].as_array().unwrap().len(), 16);
+        assert_eq!(mesh_out["text"], local_out["text"], "{sampling:?}");
+        assert_eq!(mesh_out["prompt_tokens"], local_out["prompt_tokens"]);
+        assert_eq!(mesh_out["trace_id"].as_str().unwrap().len(), 32);
+        assert!(mesh_out["timings"]["encode_ms"].as_f64().unwrap() > 0.0);
+        assert!(mesh_out["timings"]["prefill_ms"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_concurrent_requests_each_equal_their_in_process_answer() {
+    let mesh = MeshProc::start(&[]);
+    let image = std::fs::read(image_path()).unwrap();
+    let pipeline =
+        Pipeline::load(model(), DType::F32, &Device::Cpu, ImageLimits::default()).unwrap();
+    let params: Vec<SamplingParams> = (0..16u64)
+        .map(|i| SamplingParams {
+            max_tokens: 6 + (i as u32 % 5),
+            temperature: if i % 2 == 0 { 0.0 } else { 0.7 },
+            top_k: if i % 3 == 0 { 20 } else { 0 },
+            seed: 1000 + i,
+            ..Default::default()
+        })
+        .collect();
+    let client = mesh.client().await;
+    let calls = params.iter().map(|p| {
+        let mut client = client.clone();
+        let req = GenerateRequest {
+            images: vec![image.clone().into()],
+            prompt: PROMPT.into(),
+            params: Some(vlm_proto::SamplingParams {
+                max_tokens: Some(p.max_tokens),
+                temperature: p.temperature,
+                top_p: 1.0,
+                top_k: p.top_k,
+                seed: Some(p.seed),
+                stop: vec![],
+            }),
+        };
+        async move {
+            let mut stream = client.generate(req).await?.into_inner();
+            let mut ids = Vec::new();
+            let mut finished = false;
+            while let Some(msg) = stream.message().await? {
+                match msg.kind {
+                    Some(Kind::Delta(d)) => ids.extend(d.token_ids),
+                    Some(Kind::Final(_)) => finished = true,
+                    None => {}
+                }
+            }
+            assert!(finished, "stream ended without a final message");
+            Ok::<_, tonic::Status>(ids)
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    for (p, got) in params.iter().zip(results) {
+        let got = got.unwrap_or_else(|s| panic!("request {p:?} failed: {s:?}"));
+        let want = pipeline
+            .generate(&[&image], PROMPT, p, |_| {})
+            .unwrap()
+            .token_ids;
+        assert_eq!(got, want, "{p:?}");
+    }
+}
+
+async fn health(url: &str, tls: Option<tonic::transport::ClientTlsConfig>) -> Result<(), String> {
+    let channel = vlm_net::connect(url, tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let resp = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+    match resp.into_inner().status() {
+        tonic_health::pb::health_check_response::ServingStatus::Serving => Ok(()),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_services_require_a_mesh_client_certificate() {
+    let mesh = MeshProc::start(&[]);
+    let other_ca = tempfile::tempdir().unwrap();
+    vlm_net::certs::generate_dev_certs(other_ca.path(), &[]).unwrap();
+    let mesh_client = vlm_net::TlsFiles::for_role(mesh.certs(), "client");
+    let foreign_client = vlm_net::TlsFiles {
+        ca: mesh.certs().join("ca.pem"), // trusts the mesh's server, presents a foreign identity
+        cert: other_ca.path().join("client.pem"),
+        key: other_ca.path().join("client.key"),
+    };
+    for role in ["encoder", "projector", "decoder"] {
+        let addr = mesh.service_addr(role);
+        let https = format!("https://{addr}");
+        // (a) plaintext
+        assert!(
+            health(&format!("http://{addr}"), None).await.is_err(),
+            "{role}: plaintext accepted"
+        );
+        // (b) TLS without a client certificate
+        let no_cert =
+            vlm_net::client_tls_without_identity(&mesh.certs().join("ca.pem"), "localhost")
+                .unwrap();
+        assert!(
+            health(&https, Some(no_cert)).await.is_err(),
+            "{role}: no client cert accepted"
+        );
+        // (c) a client certificate from another CA
+        let foreign = vlm_net::client_tls(&foreign_client, "localhost").unwrap();
+        assert!(
+            health(&https, Some(foreign)).await.is_err(),
+            "{role}: foreign client cert accepted"
+        );
+        // (d) the mesh's client certificate
+        let ok = vlm_net::client_tls(&mesh_client, "localhost").unwrap();
+        health(&https, Some(ok))
+            .await
+            .unwrap_or_else(|e| panic!("{role}: mesh cert refused: {e}"));
+    }
+}
+
+async fn call(
+    client: &mut GatewayClient<tonic::transport::Channel>,
+    images: Vec<Vec<u8>>,
+    prompt: &str,
+    max_tokens: Option<u32>,
+) -> Result<Vec<u32>, tonic::Status> {
+    let req = GenerateRequest {
+        images: images.into_iter().map(Into::into).collect(),
+        prompt: prompt.into(),
+        params: Some(vlm_proto::SamplingParams {
+            max_tokens,
+            ..Default::default()
+        }),
+    };
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut ids = Vec::new();
+    while let Some(msg) = stream.message().await? {
+        if let Some(Kind::Delta(d)) = msg.kind {
+            ids.extend(d.token_ids);
+        }
+    }
+    Ok(ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_documented_codes_and_the_mesh_keeps_serving() {
+    let mesh = MeshProc::start(&[]);
+    let mut client = mesh.client().await;
+    let good = std::fs::read(image_path()).unwrap();
+    let code = |r: Result<Vec<u32>, tonic::Status>| r.map(|_| ()).unwrap_err().code();
+
+    let mut truncated = good.clone();
+    truncated.truncate(good.len() / 2);
+    // (what, images, prompt, max_tokens, expected code)
+    type Case<'a> = (&'a str, Vec<Vec<u8>>, &'a str, Option<u32>, Code);
+    let cases: Vec<Case> = vec![
+        (
+            "corrupt image",
+            vec![truncated],
+            PROMPT,
+            Some(4),
+            Code::InvalidArgument,
+        ),
+        (
+            "garbage image",
+            vec![b"not an image at all".to_vec()],
+            PROMPT,
+            Some(4),
+            Code::InvalidArgument,
+        ),
+        (
+            "empty prompt",
+            vec![good.clone()],
+            "",
+            Some(4),
+            Code::InvalidArgument,
+        ),
+        (
+            "prompt without <image>",
+            vec![good.clone()],
+            "USER: hi ASSISTANT:",
+            Some(4),
+            Code::InvalidArgument,
+        ),
+        (
+            "two <image> one image",
+            vec![good.clone()],
+            "USER: <image><image> ASSISTANT:",
+            Some(4),
+            Code::InvalidArgument,
+        ),
+        (
+            "max_tokens 0",
+            vec![good.clone()],
+            PROMPT,
+            Some(0),
+            Code::InvalidArgument,
+        ),
+        (
+            "max_tokens 1e9",
+            vec![good.clone()],
+            PROMPT,
+            Some(1_000_000_000),
+            Code::InvalidArgument,
+        ),
+        (
+            "50 MB image",
+            vec![vec![0u8; 50 << 20]],
+            PROMPT,
+            Some(4),
+            Code::ResourceExhausted,
+        ),
+    ];
+    for (what, images, prompt, max_tokens, want) in cases {
+        let got = code(call(&mut client, images, prompt, max_tokens).await);
+        assert_eq!(got, want, "{what}");
+        // The mesh keeps serving: a good request right after each bad one succeeds.
+        let ids = call(&mut client, vec![good.clone()], PROMPT, Some(3))
+            .await
+            .unwrap();
+        assert_eq!(ids.len(), 3, "after {what}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_mid_stream_stops_decoding() {
+    // Fault hook: the tiny model decodes a token in about a millisecond, faster than any client
+    // can hang up, so the decoder is slowed down to make "mid-stream" a window that exists.
+    let mesh = MeshProc::start(&[("VLM_FAULT_DECODE_DELAY_MS", "25")]);
+    let mut client = mesh.client().await;
+    let image = std::fs::read(image_path()).unwrap();
+    let req = GenerateRequest {
+        images: vec![image.into()],
+        prompt: PROMPT.into(),
+        params: Some(vlm_proto::SamplingParams {
+            max_tokens: Some(180),
+            ..Default::default()
+        }),
+    };
+    let mut stream = client.generate(req).await.unwrap().into_inner();
+    let mut received = 0;
+    while received < 3 {
+        if let Some(Kind::Delta(d)) = stream.message().await.unwrap().unwrap().kind {
+            received += d.token_ids.len();
+        }
+    }
+    drop(stream);
+    drop(client);
+    let line = mesh
+        .wait_for_log(&["[decoder]", "cancelled"], Duration::from_secs(30))
+        .unwrap_or_else(|| {
+            panic!(
+                "decoder never logged a cancellation; log: {:?}",
+                mesh.log.lock().unwrap()
+            )
+        });
+    // It stopped early: far fewer than the 180 requested tokens were decoded.
+    let tokens: usize = line
+        .split("tokens=")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no token count in {line:?}"));
+    eprintln!("decoder: {line}");
+    assert!(tokens < 180, "{line}");
+}
