@@ -268,6 +268,22 @@ impl CheckpointPart {
         self.backend.total_bytes
     }
 
+    /// Hex blake3 digest of every tensor this part has read (name, dtype, shape, bytes, in name
+    /// order) plus `extra` (the stage's config): identifies the weights actually serving, so two
+    /// checkpoints never share cached features however they are labelled.
+    pub fn fingerprint(&self, extra: &str) -> Result<String> {
+        let loaded = self.loaded_tensors();
+        let mut h = blake3::Hasher::new();
+        for name in &loaded {
+            let view = self.backend.st.get(name)?;
+            h.update(name.as_bytes());
+            h.update(format!("{:?}{:?}", view.dtype(), view.shape()).as_bytes());
+            h.update(view.data());
+        }
+        h.update(extra.as_bytes());
+        Ok(h.finalize().to_hex().to_string())
+    }
+
     /// Logs a one-line summary once the stage has read its tensors.
     pub fn finish(&self) {
         let s = self.backend.state.lock().expect("load state lock");

@@ -1,20 +1,25 @@
-//! LLaMA-family decoder with an input-embedding forward and a per-sequence KV cache.
+//! The decoder (LLaMA, GLM and GLM-4 families) with an input-embedding forward and a per-sequence KV
+//! cache.
 //!
 //! The forward takes embeddings rather than token ids because LLaVA splices projected image rows into
 //! the prompt. Each request owns its [`KvCache`], so one loaded [`Decoder`] serves many sequences.
+//! The families share one pre-norm transformer; where they differ (RoPE layout and width, biases,
+//! fused MLP, GLM-4's extra norms) the layer parts branch on [`DecoderFamily`], chosen by
+//! `text_config.model_type`, so callers never know which family they hold.
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{embedding, linear_b, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
 use candle_transformers::utils::repeat_kv;
 
 use crate::checkpoint::{Checkpoint, PartKind};
-use crate::config::{Activation, LlavaConfig, RopeScaling, TextConfig};
+use crate::config::{Activation, DecoderFamily, LlavaConfig, RopeScaling, TextConfig};
 use crate::error::{ModelError, Result};
 use crate::vision::softmax_f32;
 
-/// Inverse RoPE frequencies as transformers computes them, including llama3 / linear scaling.
+/// Inverse RoPE frequencies as transformers computes them, including llama3 / linear scaling, over
+/// the rotary width `rope_dim` (the whole head for LLaMA, `partial_rotary_factor` of it for GLM).
 fn inv_freq(c: &TextConfig) -> Vec<f32> {
-    let d = c.head_dim;
+    let d = c.rope_dim;
     let base: Vec<f32> = (0..d)
         .step_by(2)
         .map(|i| 1.0 / (c.rope_theta as f32).powf(i as f32 / d as f32))
@@ -57,6 +62,9 @@ fn inv_freq(c: &TextConfig) -> Vec<f32> {
 struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// Leading values of each head that are rotated; the rest pass through unchanged.
+    rotary_dim: usize,
+    interleaved: bool,
 }
 
 impl Rope {
@@ -72,17 +80,30 @@ impl Rope {
         Ok(Rope {
             cos: freqs.cos()?.to_dtype(dtype)?,
             sin: freqs.sin()?.to_dtype(dtype)?,
+            rotary_dim: 2 * half,
+            interleaved: c.family.interleaved_rope(),
         })
     }
 
-    /// Rotates `[B, H, T, D]` at positions `pos..pos+T` (rotate-half layout, as LLaMA in transformers).
+    /// Rotates `[B, H, T, D]` at positions `pos..pos+T`: LLaMA pairs value i with i + D/2
+    /// (rotate-half); GLM pairs 2i with 2i+1 and rotates only the first `rotary_dim` values.
     fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        let t = x.dim(2)?;
-        candle_nn::rotary_emb::rope(
-            &x.contiguous()?,
-            &self.cos.narrow(0, pos, t)?,
-            &self.sin.narrow(0, pos, t)?,
-        )
+        let (t, d) = (x.dim(2)?, x.dim(3)?);
+        let cos = self.cos.narrow(0, pos, t)?;
+        let sin = self.sin.narrow(0, pos, t)?;
+        let rotate = |x: &Tensor| {
+            if self.interleaved {
+                candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
+            } else {
+                candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+            }
+        };
+        if self.rotary_dim == d {
+            return rotate(x);
+        }
+        let rotated = rotate(&x.narrow(D::Minus1, 0, self.rotary_dim)?)?;
+        let pass = x.narrow(D::Minus1, self.rotary_dim, d - self.rotary_dim)?;
+        Tensor::cat(&[&rotated, &pass], D::Minus1)
     }
 }
 
@@ -99,11 +120,13 @@ struct Attention {
 impl Attention {
     fn new(c: &TextConfig, vb: VarBuilder) -> Result<Self> {
         let (h, kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        // LLaMA's attention_bias covers o_proj too; GLM's only q/k/v.
+        let o_bias = c.attention_bias && c.family == DecoderFamily::Llama;
         Ok(Attention {
             q: linear_b(c.hidden_size, h * d, c.attention_bias, vb.pp("q_proj"))?,
             k: linear_b(c.hidden_size, kv * d, c.attention_bias, vb.pp("k_proj"))?,
             v: linear_b(c.hidden_size, kv * d, c.attention_bias, vb.pp("v_proj"))?,
-            o: linear_b(h * d, c.hidden_size, c.attention_bias, vb.pp("o_proj"))?,
+            o: linear_b(h * d, c.hidden_size, o_bias, vb.pp("o_proj"))?,
             heads: h,
             kv_heads: kv,
             head_dim: d,
@@ -156,49 +179,100 @@ fn causal_mask(
     Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)
 }
 
+/// How the gated MLP stores its input projections.
+enum GateUp {
+    /// LLaMA: `gate_proj` and `up_proj`.
+    Split { gate: Linear, up: Linear },
+    /// GLM: one `gate_up_proj` whose output is `[gate | up]`.
+    Fused(Linear),
+}
+
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    gate_up: GateUp,
     down: Linear,
     act: Activation,
+    intermediate: usize,
 }
 
 impl Mlp {
     fn new(c: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
+        let gate_up = match c.family {
+            DecoderFamily::Llama => GateUp::Split {
+                gate: linear_b(h, i, bias, vb.pp("gate_proj"))?,
+                up: linear_b(h, i, bias, vb.pp("up_proj"))?,
+            },
+            DecoderFamily::Glm | DecoderFamily::Glm4 => {
+                GateUp::Fused(linear_b(h, 2 * i, false, vb.pp("gate_up_proj"))?)
+            }
+        };
         Ok(Mlp {
-            gate: linear_b(
-                c.hidden_size,
-                c.intermediate_size,
-                c.mlp_bias,
-                vb.pp("gate_proj"),
-            )?,
-            up: linear_b(
-                c.hidden_size,
-                c.intermediate_size,
-                c.mlp_bias,
-                vb.pp("up_proj"),
-            )?,
-            down: linear_b(
-                c.intermediate_size,
-                c.hidden_size,
-                c.mlp_bias,
-                vb.pp("down_proj"),
-            )?,
+            gate_up,
+            down: linear_b(i, h, bias, vb.pp("down_proj"))?,
             act: c.hidden_act,
+            intermediate: i,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.down
-            .forward(&(self.act.apply(&self.gate.forward(x)?)? * self.up.forward(x)?)?)
+        let (gate, up) = match &self.gate_up {
+            GateUp::Split { gate, up } => (gate.forward(x)?, up.forward(x)?),
+            GateUp::Fused(gate_up) => {
+                let y = gate_up.forward(x)?;
+                let gate = y.narrow(D::Minus1, 0, self.intermediate)?;
+                let up = y.narrow(D::Minus1, self.intermediate, self.intermediate)?;
+                (gate, up)
+            }
+        };
+        self.down.forward(&(self.act.apply(&gate)? * up)?)
     }
 }
 
 struct Layer {
     input_norm: RmsNorm,
     attn: Attention,
+    /// GLM-4 only: normalises the attention output before the residual add.
+    post_attn_out_norm: Option<RmsNorm>,
     post_norm: RmsNorm,
     mlp: Mlp,
+    /// GLM-4 only: normalises the MLP output before the residual add.
+    post_mlp_norm: Option<RmsNorm>,
+}
+
+impl Layer {
+    fn new(c: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let norm = |name: &str| rms_norm(c.hidden_size, c.rms_norm_eps, vb.pp(name));
+        let glm4 = c.family == DecoderFamily::Glm4;
+        Ok(Layer {
+            input_norm: norm("input_layernorm")?,
+            attn: Attention::new(c, vb.pp("self_attn"))?,
+            post_attn_out_norm: glm4.then(|| norm("post_self_attn_layernorm")).transpose()?,
+            post_norm: norm("post_attention_layernorm")?,
+            mlp: Mlp::new(c, vb.pp("mlp"))?,
+            post_mlp_norm: glm4.then(|| norm("post_mlp_layernorm")).transpose()?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        pos: usize,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let mut h = self
+            .attn
+            .forward(&self.input_norm.forward(x)?, rope, pos, cache)?;
+        if let Some(n) = &self.post_attn_out_norm {
+            h = n.forward(&h)?;
+        }
+        let x = (x + h)?;
+        let mut h = self.mlp.forward(&self.post_norm.forward(&x)?)?;
+        if let Some(n) = &self.post_mlp_norm {
+            h = n.forward(&h)?;
+        }
+        x + h
+    }
 }
 
 /// Per-sequence attention cache. Create one per request with [`Decoder::new_cache`].
@@ -231,26 +305,15 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// Builds from a `language_model` variable builder with HF `LlamaForCausalLM` names
-    /// (`model.layers.…`, `lm_head.weight`).
+    /// Builds from a `language_model` variable builder with HF `LlamaForCausalLM` /
+    /// `GlmForCausalLM` / `Glm4ForCausalLM` names (`model.layers.…`, `lm_head.weight`); the family
+    /// comes from `cfg.text.family`.
     pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
         let c = &cfg.text;
         let m = vb.pp("model");
         let embed = embedding(c.vocab_size, c.hidden_size, m.pp("embed_tokens"))?;
         let layers = (0..c.num_hidden_layers)
-            .map(|i| {
-                let l = m.pp("layers").pp(i);
-                Ok(Layer {
-                    input_norm: rms_norm(c.hidden_size, c.rms_norm_eps, l.pp("input_layernorm"))?,
-                    attn: Attention::new(c, l.pp("self_attn"))?,
-                    post_norm: rms_norm(
-                        c.hidden_size,
-                        c.rms_norm_eps,
-                        l.pp("post_attention_layernorm"),
-                    )?,
-                    mlp: Mlp::new(c, l.pp("mlp"))?,
-                })
-            })
+            .map(|i| Layer::new(c, m.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if c.tie_word_embeddings {
             Linear::new(embed.embeddings().clone(), None)
@@ -346,12 +409,7 @@ impl Decoder {
         }
         let mut x = embeds.to_dtype(self.dtype)?.unsqueeze(0)?;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = layer
-                .attn
-                .forward(&layer.input_norm.forward(&x)?, &self.rope, pos, slot)?;
-            x = (x + h)?;
-            let h = layer.mlp.forward(&layer.post_norm.forward(&x)?)?;
-            x = (x + h)?;
+            x = layer.forward(&x, &self.rope, pos, slot)?;
         }
         cache.len = pos + t;
         let last = x.narrow(1, t - 1, 1)?;

@@ -12,6 +12,7 @@ pub mod config;
 pub mod decoder;
 pub mod error;
 pub mod generate;
+mod norm;
 pub mod pipeline;
 pub mod preprocess;
 pub mod projector;

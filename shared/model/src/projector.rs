@@ -2,14 +2,18 @@
 //! projector service can project each chunk of feature rows as it arrives.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{layer_norm, linear_b, LayerNorm, Linear, VarBuilder};
+use candle_nn::{linear_b, Linear, VarBuilder};
 
 use crate::checkpoint::{Checkpoint, PartKind};
 use crate::config::{Activation, LlavaConfig};
 use crate::error::{ModelError, Result};
+use crate::norm::TorchLayerNorm;
+
+/// InternVL's projector LayerNorm is a plain `nn.LayerNorm`, so torch's default eps.
+const LAYER_NORM_EPS: f64 = 1e-5;
 
 pub struct Projector {
-    layer_norm: Option<LayerNorm>,
+    layer_norm: Option<TorchLayerNorm>,
     linear_1: Linear,
     act: Activation,
     linear_2: Linear,
@@ -25,7 +29,11 @@ impl Projector {
         let in_dim = cfg.vision_feature_dim();
         let out_dim = cfg.text.hidden_size;
         let layer_norm = if vb.contains_tensor("layer_norm.weight") {
-            Some(layer_norm(in_dim, 1e-5, vb.pp("layer_norm"))?)
+            Some(TorchLayerNorm::new(
+                in_dim,
+                LAYER_NORM_EPS,
+                vb.pp("layer_norm"),
+            )?)
         } else {
             None
         };

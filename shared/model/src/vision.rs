@@ -7,13 +7,13 @@
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{
-    conv2d_no_bias, embedding, layer_norm, linear, Conv2d, Conv2dConfig, Embedding, LayerNorm,
-    Linear, VarBuilder,
+    conv2d_no_bias, embedding, linear, Conv2d, Conv2dConfig, Embedding, Linear, VarBuilder,
 };
 
 use crate::checkpoint::{Checkpoint, PartKind};
 use crate::config::{Activation, LlavaConfig, SelectStrategy, VisionConfig};
 use crate::error::{ModelError, Result};
+use crate::norm::TorchLayerNorm as LayerNorm;
 
 /// Softmax over the last dimension, in f32 when the compute dtype is half precision (as torch does
 /// for attention scores), so f16/bf16 models do not lose the distribution's tail.
@@ -127,9 +127,9 @@ struct EncoderLayer {
 impl EncoderLayer {
     fn new(c: &VisionConfig, vb: VarBuilder) -> Result<Self> {
         Ok(EncoderLayer {
-            ln1: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            ln1: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
             attn: Attention::new(c, vb.pp("self_attn"))?,
-            ln2: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            ln2: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
             fc1: linear(c.hidden_size, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
             fc2: linear(c.intermediate_size, c.hidden_size, vb.pp("mlp").pp("fc2"))?,
             act: c.hidden_act,
@@ -155,6 +155,7 @@ pub struct VisionEncoder {
     strategy: SelectStrategy,
     cfg: VisionConfig,
     dtype: DType,
+    fingerprint: String,
 }
 
 impl VisionEncoder {
@@ -179,21 +180,32 @@ impl VisionEncoder {
             .collect::<Result<Vec<_>>>()?;
         Ok(VisionEncoder {
             embeddings: Embeddings::new(c, vb.pp("embeddings"))?,
-            pre_ln: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("pre_layrnorm"))?,
+            pre_ln: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("pre_layrnorm"))?,
             layers,
             selected,
             strategy: cfg.select_strategy,
             cfg: c.clone(),
             dtype: vb.dtype(),
+            fingerprint: String::new(),
         })
     }
 
     /// Loads the vision tower (and nothing else) from a checkpoint.
     pub fn load(ckpt: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
         let part = ckpt.part(PartKind::Vision, dtype, device)?;
-        let enc = Self::new(ckpt.config(), part.vb())?;
+        let mut enc = Self::new(ckpt.config(), part.vb())?;
+        let c = ckpt.config();
+        enc.fingerprint = part.fingerprint(&format!(
+            "{:?}|{:?}|{:?}|{dtype:?}",
+            c.vision, c.vision_feature_layers, c.select_strategy
+        ))?;
         part.finish();
         Ok(enc)
+    }
+
+    /// Digest of the loaded weights and vision config (empty when built with [`Self::new`]).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// Feature rows per image.
