@@ -1,11 +1,6 @@
 //! End-to-end: `vlm-mesh up` as a real process tree (four services, real mTLS on loopback), driven
 //! by the real `ask` binary and by a gRPC client, compared with the in-process pipeline.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::Code;
@@ -14,140 +9,8 @@ use vlm_proto::gateway_client::GatewayClient;
 use vlm_proto::generate_response::Kind;
 use vlm_proto::GenerateRequest;
 
-const EXE: &str = env!("CARGO_BIN_EXE_vlm-mesh");
-const PROMPT: &str = "USER: <image>\nWhat is shown in this image? ASSISTANT:";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn model() -> PathBuf {
-    repo().join("models/tiny-llava")
-}
-
-fn image_path() -> PathBuf {
-    repo().join("models/images/shapes-48x48.png")
-}
-
-/// A running `vlm-mesh up`; stopped with SIGTERM (and waited for) on drop.
-struct MeshProc {
-    child: Child,
-    state: tempfile::TempDir,
-    gateway: String,
-    stderr_lines: mpsc::Receiver<String>,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl MeshProc {
-    fn start(envs: &[(&str, &str)]) -> MeshProc {
-        let state = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(EXE);
-        cmd.args(["up", "--listen", "127.0.0.1:0", "--model"])
-            .arg(model())
-            .arg("--state-dir")
-            .arg(state.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let (tx, stderr_lines) = mpsc::channel();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                log2.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-        // Readiness: `up` prints `ready gateway=…` only after every service answered SERVING.
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let gateway = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("gateway="))
-            .unwrap_or_else(|| {
-                panic!(
-                    "no ready line; got {line:?}; log: {:?}",
-                    log.lock().unwrap()
-                )
-            })
-            .to_string();
-        assert!(line.starts_with("ready "), "{line}");
-        MeshProc {
-            child,
-            state,
-            gateway,
-            stderr_lines,
-            log,
-        }
-    }
-
-    fn certs(&self) -> PathBuf {
-        self.state.path().join("certs")
-    }
-
-    fn mesh_json(&self) -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read(self.state.path().join("mesh.json")).unwrap())
-            .unwrap()
-    }
-
-    fn service_addr(&self, role: &str) -> String {
-        let info = self.mesh_json();
-        let s = info["services"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["role"] == role)
-            .unwrap();
-        s["addr"].as_str().unwrap().to_string()
-    }
-
-    async fn client(&self) -> GatewayClient<tonic::transport::Channel> {
-        let files = vlm_net::TlsFiles::for_role(self.certs(), "client");
-        let tls = vlm_net::client_tls(&files, "localhost").unwrap();
-        let channel = vlm_net::connect(&self.gateway, Some(tls)).await.unwrap();
-        GatewayClient::new(channel).max_encoding_message_size(256 << 20)
-    }
-
-    /// Waits (bounded) for a log line containing all of `needles`.
-    fn wait_for_log(&self, needles: &[&str], timeout: Duration) -> Option<String> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.stderr_lines.recv_timeout(left) {
-                Ok(line) if needles.iter().all(|n| line.contains(n)) => return Some(line),
-                Ok(_) => continue,
-                Err(_) => return None,
-            }
-        }
-    }
-}
-
-impl Drop for MeshProc {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-fn run_json(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(EXE).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn pid_alive(pid: u64) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
+mod common;
+use common::*;
 
 #[test]
 fn ask_over_mtls_equals_generate_and_services_are_separate_processes() {
@@ -179,6 +42,7 @@ fn ask_over_mtls_equals_generate_and_services_are_separate_processes() {
     let image = image_path();
     let model = model();
     let state = mesh.state.path().to_str().unwrap().to_string();
+    let mut seen_cache = vec![];
     for sampling in [
         vec!["--max-tokens", "16"],
         vec![
@@ -224,9 +88,21 @@ fn ask_over_mtls_equals_generate_and_services_are_separate_processes() {
         assert_eq!(mesh_out["text"], local_out["text"], "{sampling:?}");
         assert_eq!(mesh_out["prompt_tokens"], local_out["prompt_tokens"]);
         assert_eq!(mesh_out["trace_id"].as_str().unwrap().len(), 32);
-        assert!(mesh_out["timings"]["encode_ms"].as_f64().unwrap() > 0.0);
+        // The first request encodes; the second sends the same image and hits the feature cache.
+        let cache = mesh_out["timings"]["cache"][0]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let encode_ms = mesh_out["timings"]["encode_ms"].as_f64().unwrap();
+        match cache.as_str() {
+            "miss" => assert!(encode_ms > 0.0),
+            "hit" => assert_eq!(encode_ms, 0.0),
+            other => panic!("unexpected cache status {other}"),
+        }
+        seen_cache.push(cache);
         assert!(mesh_out["timings"]["prefill_ms"].as_f64().unwrap() > 0.0);
     }
+    assert_eq!(seen_cache, ["miss", "hit"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,7 +15,7 @@ use vlm_model::{
 };
 use vlm_proto::encode_response::Kind;
 use vlm_proto::encoder_server::{Encoder, EncoderServer};
-use vlm_proto::{EncodeRequest, EncodeResponse, EncodeStats};
+use vlm_proto::{EncodeRequest, EncodeResponse, EncodeStats, EncoderInfo, EncoderInfoRequest};
 use vlm_serving::{from_model_tensor, run_model, wire_dtype_for};
 use vlm_tensor::{TensorChunker, WireDType};
 
@@ -41,6 +42,8 @@ pub struct EncoderService {
     permits: Arc<Semaphore>,
     max_image_bytes: usize,
     default_wire: WireDType,
+    requests: AtomicU64,
+    preprocessing: String,
 }
 
 impl EncoderService {
@@ -52,7 +55,10 @@ impl EncoderService {
             cfg.image_limits,
         )?;
         let vision = VisionEncoder::load(&ckpt, cfg.dtype, &device)?;
+        let preprocessing = format!("{:?}", preprocessor.config());
         Ok(EncoderService {
+            requests: AtomicU64::new(0),
+            preprocessing,
             model: Arc::new(Model {
                 preprocessor,
                 vision,
@@ -76,6 +82,7 @@ impl Encoder for EncoderService {
     type EncodeStream = EncodeStream;
 
     async fn encode(&self, req: Request<EncodeRequest>) -> Result<Response<EncodeStream>, Status> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
         let req = req.into_inner();
         if req.image.len() > self.max_image_bytes {
             return Err(Status::resource_exhausted(format!(
@@ -116,6 +123,26 @@ impl Encoder for EncoderService {
                 kind: Some(Kind::Stats(stats)),
             })));
         Ok(Response::new(Box::pin(tokio_stream::iter(out))))
+    }
+
+    async fn info(
+        &self,
+        _req: Request<EncoderInfoRequest>,
+    ) -> Result<Response<EncoderInfo>, Status> {
+        Ok(Response::new(EncoderService::info(self)))
+    }
+}
+
+impl EncoderService {
+    fn info(&self) -> EncoderInfo {
+        EncoderInfo {
+            model_fingerprint: self.model.vision.fingerprint().to_string(),
+            preprocessing: self.preprocessing.clone(),
+            requests_total: self.requests.load(Ordering::Relaxed),
+            feature_rows: self.model.vision.num_features() as u32,
+            feature_dim: self.model.vision.feature_dim() as u32,
+            default_wire_dtype: self.default_wire.to_proto() as i32,
+        }
     }
 }
 

@@ -3,16 +3,21 @@
 //! projected rows to the decoder in prompt order, and streams the decoder's tokens back.
 //! It loads no weights; it reads `config.json` only to describe the model.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch, OnceCell};
 use tokio::time::Instant as TokioInstant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+use vlm_cache::{feature_key, FeatureCache, RateLimitedLog};
 use vlm_model::LlavaConfig;
 use vlm_proto::decode_event::Kind as EventKind;
 use vlm_proto::decode_request::Kind as RequestKind;
@@ -23,13 +28,14 @@ use vlm_proto::gateway_server::{Gateway, GatewayServer};
 use vlm_proto::generate_response::Kind as ResponseKind;
 use vlm_proto::projector_client::ProjectorClient;
 use vlm_proto::{
-    DecodeRequest, DecodeSetup, EncodeOptions, EncodeRequest, GenerateFinal, GenerateRequest,
-    GenerateResponse, GetModelInfoRequest, ImageSlot, ModelInfo, StageTimings, TensorChunk,
-    TextDelta, Usage,
+    CacheStatus, DecodeRequest, DecodeSetup, EncodeOptions, EncodeRequest, EncoderInfo,
+    EncoderInfoRequest, GenerateFinal, GenerateRequest, GenerateResponse, GetModelInfoRequest,
+    ImageSlot, ModelInfo, StageTimings, TensorChunk, TextDelta, Usage,
 };
 use vlm_serving::params_from_proto;
+use vlm_tensor::{TensorLimits, TensorValue, TensorValueBuilder, DEFAULT_CHUNK_BYTES};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GatewayConfig {
     /// Checkpoint directory; only `config.json` is read.
     pub model: PathBuf,
@@ -47,11 +53,15 @@ pub struct GatewayConfig {
     pub default_timeout: Duration,
     /// Element type of feature/embedding chunks on internal hops (None = the model's compute dtype).
     pub wire_dtype: Option<vlm_proto::DType>,
+    /// Feature cache (None = off) and how long entries live.
+    pub cache: Option<Arc<dyn FeatureCache>>,
+    pub cache_ttl: Duration,
 }
 
 pub struct GatewayService {
     cfg: GatewayConfig,
     info: ModelInfo,
+    stages: Arc<Stages>,
 }
 
 impl GatewayService {
@@ -75,7 +85,22 @@ impl GatewayService {
             context_length: model_cfg.text.max_position_embeddings as u32,
             compute_dtype: cfg.wire_dtype.unwrap_or(vlm_proto::DType::DtypeUnspecified) as i32,
         };
-        Ok(GatewayService { cfg, info })
+        let stages = Arc::new(Stages {
+            encoder: cfg.encoder.clone(),
+            projector: cfg.projector.clone(),
+            cache: cfg
+                .cache
+                .clone()
+                .map(|c| Arc::new(CacheLayer::new(c, cfg.cache_ttl))),
+            encoder_info: OnceCell::new(),
+            limits: TensorLimits::default(),
+        });
+        Ok(GatewayService { cfg, info, stages })
+    }
+
+    /// Cache counters (None when the cache is off).
+    pub fn cache_stats(&self) -> Option<&CacheStats> {
+        self.stages.cache.as_ref().map(|c| &c.stats)
     }
 
     pub fn into_server(self) -> GatewayServer<Self> {
@@ -127,6 +152,28 @@ struct ImageTimings {
     preprocess_ms: f64,
     encode_ms: f64,
     project_ms: f64,
+    cache_ms: f64,
+    cache: CacheStatus,
+}
+
+/// Per-image totals of a request.
+#[derive(Default)]
+struct Totals {
+    preprocess_ms: f64,
+    encode_ms: f64,
+    project_ms: f64,
+    cache_ms: f64,
+    cache: Vec<i32>,
+}
+
+impl Totals {
+    fn add(&mut self, t: &ImageTimings) {
+        self.preprocess_ms += t.preprocess_ms;
+        self.encode_ms += t.encode_ms;
+        self.project_ms += t.project_ms;
+        self.cache_ms += t.cache_ms;
+        self.cache.push(t.cache as i32);
+    }
 }
 
 fn ms(t: Instant) -> f64 {
@@ -140,37 +187,247 @@ fn with_deadline<T>(msg: T, deadline: TokioInstant) -> Request<T> {
     req
 }
 
-/// Encoder → projector for one image; forwards projected chunks to `out` as they arrive.
+/// The feature cache as the gateway uses it: lookups, single flight, background stores.
+pub struct CacheLayer {
+    cache: Arc<dyn FeatureCache>,
+    ttl: Duration,
+    /// Keys being encoded right now → the value once the leader has it.
+    inflight: Mutex<HashMap<String, watch::Receiver<Option<Bytes>>>>,
+    errors_log: RateLimitedLog,
+    pub stats: CacheStats,
+}
+
+#[derive(Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub errors: AtomicU64,
+    /// Values that failed to decode or checksum (deleted and recomputed).
+    pub corrupt: AtomicU64,
+    /// Requests that waited for an identical in-flight encode instead of calling the encoder.
+    pub coalesced: AtomicU64,
+}
+
+impl CacheLayer {
+    pub fn new(cache: Arc<dyn FeatureCache>, ttl: Duration) -> Self {
+        CacheLayer {
+            cache,
+            ttl,
+            inflight: Mutex::new(HashMap::new()),
+            errors_log: RateLimitedLog::new(Duration::from_secs(10)),
+            stats: CacheStats::default(),
+        }
+    }
+
+    fn error(&self, what: &str, e: &dyn std::fmt::Display) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.errors_log.should_log() {
+            tracing::warn!(
+                backend = self.cache.kind(),
+                suppressed,
+                "feature cache {what} failed, continuing without it: {e}"
+            );
+        }
+    }
+
+    /// A cached value, if present and intact. Corrupt values are deleted.
+    async fn lookup(&self, key: &str, limits: &TensorLimits) -> (CacheStatus, Option<TensorValue>) {
+        match self.cache.get(key).await {
+            Ok(Some(bytes)) => match TensorValue::decode(bytes, limits) {
+                Ok(v) => (CacheStatus::Hit, Some(v)),
+                Err(e) => {
+                    self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        key,
+                        "corrupt cached features ({e}); deleting and recomputing"
+                    );
+                    if let Err(e) = self.cache.delete(key).await {
+                        self.error("delete", &e);
+                    }
+                    (CacheStatus::Miss, None)
+                }
+            },
+            Ok(None) => (CacheStatus::Miss, None),
+            Err(e) => {
+                self.error("lookup", &e);
+                (CacheStatus::Error, None)
+            }
+        }
+    }
+
+    /// Writes off the request path (the request never waits for it). The in-flight entry stays
+    /// until the write is done, so a request arriving in between shares the value instead of
+    /// encoding again.
+    fn store(self: &Arc<Self>, key: String, value: Bytes, inflight: InflightGuard) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.cache.put(&key, value, this.ttl).await {
+                this.error("store", &e);
+            }
+            drop(inflight);
+        });
+    }
+}
+
+/// Removes an in-flight entry when its leader finishes or gives up, so followers stop waiting.
+struct InflightGuard {
+    layer: Arc<CacheLayer>,
+    key: String,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.layer
+            .inflight
+            .lock()
+            .expect("inflight lock")
+            .remove(&self.key);
+    }
+}
+
+/// Everything an image pipeline needs; shared by all requests.
+struct Stages {
+    encoder: Channel,
+    projector: Channel,
+    cache: Option<Arc<CacheLayer>>,
+    encoder_info: OnceCell<EncoderInfo>,
+    limits: TensorLimits,
+}
+
+impl Stages {
+    async fn encoder_info(&self, deadline: TokioInstant) -> Result<&EncoderInfo, Status> {
+        self.encoder_info
+            .get_or_try_init(|| async {
+                let mut client = EncoderClient::new(self.encoder.clone());
+                let info = client
+                    .info(with_deadline(EncoderInfoRequest {}, deadline))
+                    .await
+                    .map_err(|s| stage_status("encoder", s))?;
+                Ok::<_, Status>(info.into_inner())
+            })
+            .await
+    }
+}
+
+/// Features for one image from the cache, an identical in-flight request, or the encoder; then the
+/// projector. Projected chunks go to `out` as they arrive.
 async fn image_pipeline(
-    mut encoder: EncoderClient<Channel>,
-    mut projector: ProjectorClient<Channel>,
-    image: bytes::Bytes,
+    stages: Arc<Stages>,
+    image: Bytes,
     wire_dtype: i32,
     deadline: TokioInstant,
     out: mpsc::Sender<Result<TensorChunk, Status>>,
 ) -> Result<ImageTimings, Status> {
-    let mut timings = ImageTimings::default();
-    let req = EncodeRequest {
-        image,
-        options: Some(EncodeOptions {
-            wire_dtype,
-            chunk_bytes: 0,
-        }),
+    let mut timings = ImageTimings {
+        cache: CacheStatus::Off,
+        ..Default::default()
     };
-    let mut features = encoder
-        .encode(with_deadline(req, deadline))
-        .await
-        .map_err(|s| stage_status("encoder", s))?
-        .into_inner();
+    let mut cached: Option<TensorValue> = None;
+    let mut leader: Option<(String, watch::Sender<Option<Bytes>>, InflightGuard)> = None;
+    if let Some(layer) = &stages.cache {
+        let info = stages.encoder_info(deadline).await?;
+        let key = feature_key(
+            &image,
+            &info.model_fingerprint,
+            &info.preprocessing,
+            &format!("wire={wire_dtype}"),
+        );
+        let t = Instant::now();
+        let (status, value) = layer.lookup(&key, &stages.limits).await;
+        timings.cache_ms = ms(t);
+        timings.cache = status;
+        cached = value;
+        if cached.is_none() {
+            let existing = {
+                let mut inflight = layer.inflight.lock().expect("inflight lock");
+                match inflight.get(&key) {
+                    Some(rx) => Some(rx.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        inflight.insert(key.clone(), rx);
+                        let guard = InflightGuard {
+                            layer: layer.clone(),
+                            key: key.clone(),
+                        };
+                        leader = Some((key.clone(), tx, guard));
+                        None
+                    }
+                }
+            };
+            if existing.is_none() {
+                // Double-check after taking the lead: an earlier leader that finished between our
+                // lookup and our insert has already stored its value (it leaves the in-flight map
+                // only after the store), so this lookup sees it and nobody encodes twice.
+                if let (_, Some(v)) = layer.lookup(&key, &stages.limits).await {
+                    if let Some((_, tx, _guard)) = leader.take() {
+                        let _ = tx.send(Some(Bytes::from(v.encode()))); // hand it to any followers
+                    }
+                    timings.cache = CacheStatus::Hit;
+                    cached = Some(v);
+                }
+            }
+            match existing {
+                Some(mut rx) => {
+                    // Identical image already being encoded: wait for its features. If that request
+                    // fails or is cancelled, encode ourselves.
+                    let shared = rx
+                        .wait_for(Option::is_some)
+                        .await
+                        .ok()
+                        .and_then(|v| v.clone());
+                    if let Some(v) =
+                        shared.and_then(|b| TensorValue::decode(b, &stages.limits).ok())
+                    {
+                        layer.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+                        timings.cache = CacheStatus::Hit;
+                        cached = Some(v);
+                    }
+                }
+                None => {}
+            }
+        }
+        match timings.cache {
+            CacheStatus::Hit => layer.stats.hits.fetch_add(1, Ordering::Relaxed),
+            CacheStatus::Miss => layer.stats.misses.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+    }
+
     let (to_projector, projector_in) = mpsc::channel::<TensorChunk>(4);
     let started = Instant::now();
-    let mut projected = projector
+    let mut projected = ProjectorClient::new(stages.projector.clone())
         .project(with_deadline(ReceiverStream::new(projector_in), deadline))
         .await
         .map_err(|s| stage_status("projector", s))?
         .into_inner();
-    // Relay encoder chunks to the projector while projected chunks flow to the decoder.
-    let relay = async {
+    let feed_stages = stages.clone();
+    let feed = async move {
+        let stages = feed_stages;
+        let mut stats = None;
+        if let Some(value) = cached {
+            for chunk in value.chunks(DEFAULT_CHUNK_BYTES) {
+                if to_projector.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+            return Ok::<_, Status>(stats);
+        }
+        let req = EncodeRequest {
+            image,
+            options: Some(EncodeOptions {
+                wire_dtype,
+                chunk_bytes: 0,
+            }),
+        };
+        let mut features = EncoderClient::new(stages.encoder.clone())
+            .encode(with_deadline(req, deadline))
+            .await
+            .map_err(|s| stage_status("encoder", s))?
+            .into_inner();
+        // The leader tees the stream into a cache value while relaying it.
+        let mut builder = leader
+            .as_ref()
+            .map(|_| TensorValueBuilder::new(stages.limits));
         while let Some(msg) = features
             .message()
             .await
@@ -178,19 +435,30 @@ async fn image_pipeline(
         {
             match msg.kind {
                 Some(EncodeKind::Chunk(c)) => {
+                    if let Some(b) = &mut builder {
+                        if b.push(&c).is_err() {
+                            builder = None; // not cacheable; the request itself is unaffected
+                        }
+                    }
                     if to_projector.send(c).await.is_err() {
                         break; // the projector call ended; its status is reported below
                     }
                 }
-                Some(EncodeKind::Stats(s)) => {
-                    timings.preprocess_ms = s.preprocess_ms;
-                    timings.encode_ms = s.encode_ms;
-                }
+                Some(EncodeKind::Stats(s)) => stats = Some(s),
                 None => return Err(Status::internal("encoder sent an empty message")),
             }
         }
-        drop(to_projector);
-        Ok::<_, Status>(())
+        if let (Some((key, tx, guard)), Some(builder), Some(layer)) =
+            (leader.take(), builder, &stages.cache)
+        {
+            if let Ok(value) = builder.finish() {
+                let bytes = Bytes::from(value.encode());
+                let _ = tx.send(Some(bytes.clone()));
+                layer.store(key, bytes, guard);
+            }
+        }
+        // Dropping `to_projector` here ends the projector's input stream.
+        Ok(stats)
     };
     let forward = async {
         while let Some(chunk) = projected
@@ -204,7 +472,11 @@ async fn image_pipeline(
         }
         Ok::<_, Status>(())
     };
-    tokio::try_join!(relay, forward)?;
+    let (stats, ()) = tokio::try_join!(feed, forward)?;
+    if let Some(s) = stats {
+        timings.preprocess_ms = s.preprocess_ms;
+        timings.encode_ms = s.encode_ms;
+    }
     timings.project_ms = ms(started);
     Ok(timings)
 }
@@ -262,8 +534,7 @@ impl Gateway for GatewayService {
         for image in req.images {
             let (tx, rx) = mpsc::channel(4);
             let task = tokio::spawn(image_pipeline(
-                EncoderClient::new(self.cfg.encoder.clone()),
-                ProjectorClient::new(self.cfg.projector.clone()),
+                self.stages.clone(),
                 image,
                 wire,
                 deadline,
@@ -277,7 +548,7 @@ impl Gateway for GatewayService {
 
         let (image_err_tx, mut image_err_rx) = mpsc::channel::<Status>(1);
         let sequencer = tokio::spawn(async move {
-            let mut totals = ImageTimings::default();
+            let mut totals = Totals::default();
             for (task, mut rx) in per_image {
                 while let Some(chunk) = rx.recv().await {
                     match chunk {
@@ -299,11 +570,7 @@ impl Gateway for GatewayService {
                     }
                 }
                 match task.await {
-                    Ok(Ok(t)) => {
-                        totals.preprocess_ms += t.preprocess_ms;
-                        totals.encode_ms += t.encode_ms;
-                        totals.project_ms += t.project_ms;
-                    }
+                    Ok(Ok(t)) => totals.add(&t),
                     Ok(Err(s)) => {
                         let _ = image_err_tx.send(s).await;
                         return totals;
@@ -340,7 +607,7 @@ impl Gateway for GatewayService {
             // Dropping `decoded` (on any exit) cancels the decoder call, which stops decoding.
             let relay = async {
                 let mut sequencer = Some(sequencer);
-                let mut totals = ImageTimings::default();
+                let mut totals = Totals::default();
                 loop {
                     tokio::select! {
                         Some(status) = image_err_rx.recv() => return Err(status),
@@ -370,6 +637,8 @@ impl Gateway for GatewayService {
                                             prefill_ms: d.prefill_ms,
                                             decode_ms: d.decode_ms,
                                             total_ms: ms(started),
+                                            cache: std::mem::take(&mut totals.cache),
+                                            cache_ms: totals.cache_ms,
                                         }),
                                         trace_id: trace_id.clone(),
                                         finish_reason: d.finish_reason,

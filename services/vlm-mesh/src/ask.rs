@@ -56,6 +56,9 @@ struct Timings {
     prefill_ms: f64,
     decode_ms: f64,
     total_ms: f64,
+    cache_ms: f64,
+    /// Per image: "hit", "miss", "error" or "off".
+    cache: Vec<&'static str>,
 }
 
 #[derive(Serialize, Default)]
@@ -167,6 +170,8 @@ pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
                     prefill_ms: t.prefill_ms,
                     decode_ms: t.decode_ms,
                     total_ms: t.total_ms,
+                    cache_ms: t.cache_ms,
+                    cache: t.cache.iter().map(|&c| cache_status_name(c)).collect(),
                 };
             }
             None => {}
@@ -178,10 +183,11 @@ pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
         writeln!(stdout)?;
         let t = &out.timings;
         eprintln!(
-            "[{} prompt tokens, {} generated, finish: {}] preprocess {:.1} ms, encode {:.1} ms, project {:.1} ms, prefill {:.1} ms, decode {:.1} ms, total {:.1} ms, trace {}",
+            "[{} prompt tokens, {} generated, finish: {}, cache: {}] preprocess {:.1} ms, encode {:.1} ms, project {:.1} ms, prefill {:.1} ms, decode {:.1} ms, total {:.1} ms, trace {}",
             out.prompt_tokens,
             out.token_ids.len(),
             out.finish_reason,
+            t.cache.join(","),
             t.preprocess_ms,
             t.encode_ms,
             t.project_ms,
@@ -192,6 +198,16 @@ pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+pub fn cache_status_name(v: i32) -> &'static str {
+    match vlm_proto::CacheStatus::try_from(v) {
+        Ok(vlm_proto::CacheStatus::Off) => "off",
+        Ok(vlm_proto::CacheStatus::Hit) => "hit",
+        Ok(vlm_proto::CacheStatus::Miss) => "miss",
+        Ok(vlm_proto::CacheStatus::Error) => "error",
+        _ => "unspecified",
+    }
 }
 
 pub fn finish_reason_name(v: i32) -> &'static str {

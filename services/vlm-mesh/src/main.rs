@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 mod ask;
+mod bench;
 mod certs;
 mod generate;
 mod mesh;
@@ -39,6 +40,9 @@ enum Command {
     Serve(serve::ServeRole),
     /// Write a development CA and per-service certificates.
     Certs(certs::CertsArgs),
+    /// Benchmarks that print ratios measured side by side in one run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 #[derive(Args, Debug)]
@@ -55,6 +59,8 @@ struct UpArgs {
     /// Compute dtype: f32, f16 or bf16.
     #[arg(long, env = "VLM_DTYPE", default_value = "f32")]
     dtype: String,
+    #[command(flatten)]
+    cache: serve::CacheArgs,
 }
 
 #[derive(Args, Debug)]
@@ -90,7 +96,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
             state_dir: args.state_dir.clone(),
             listen: args.listen,
             dtype: args.dtype,
-            gateway_args: vec![],
+            gateway_args: args.cache.to_args(),
             service_log: None,
         };
         let mut mesh = mesh::Mesh::start(&opts).await?;
@@ -177,6 +183,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Serve(role) => serve::run(role),
         Command::Certs(args) => certs::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

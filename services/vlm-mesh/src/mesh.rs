@@ -120,13 +120,13 @@ fn spawn_service(role: &str, args: &[String], log: Option<&str>) -> anyhow::Resu
 fn relay_lines<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
     role: String,
     reader: BufReader<R>,
-) {
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut lines = reader.lines();
         while let Ok(Some(line)) = lines.next_line().await {
             eprintln!("[{role}] {line}");
         }
-    });
+    })
 }
 
 impl Mesh {
@@ -202,7 +202,7 @@ impl Mesh {
     ) -> anyhow::Result<SocketAddr> {
         let (mut child, pid) = spawn_service(role, args, self.service_log.as_deref())?;
         let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        relay_lines(
+        let stderr_relay = relay_lines(
             role.to_string(),
             BufReader::new(child.stderr.take().expect("piped stderr")),
         );
@@ -219,6 +219,8 @@ impl Mesh {
                 }),
             Ok(Ok(None)) => {
                 let status = child.wait().await?;
+                // Let its last words (why it failed) reach our stderr before we report.
+                let _ = tokio::time::timeout(Duration::from_secs(5), stderr_relay).await;
                 Err(anyhow::anyhow!(
                     "the {role} exited before listening ({status}); see its log above"
                 ))
@@ -236,7 +238,7 @@ impl Mesh {
             }
         };
         let remaining = BufReader::new(lines.into_inner().into_inner());
-        relay_lines(role.to_string(), remaining);
+        let _ = relay_lines(role.to_string(), remaining);
         let role_s = role.to_string();
         let exit_tx = exit_tx.clone();
         tokio::spawn(async move {

@@ -133,7 +133,56 @@ pub enum ServeRole {
         /// Serve the public port without TLS (internal hops stay mTLS). For local debugging only.
         #[arg(long, env = "VLM_PLAINTEXT")]
         plaintext: bool,
+        #[command(flatten)]
+        cache: CacheArgs,
     },
+}
+
+/// Feature-cache flags of the gateway (also accepted by `up`, which passes them through).
+#[derive(Args, Debug, Clone, Default)]
+pub struct CacheArgs {
+    /// Redis URL for the shared feature cache (e.g. redis://127.0.0.1:6379). Without it, an
+    /// in-memory LRU of --cache-max-bytes is used.
+    #[arg(long, env = "VLM_REDIS")]
+    pub redis: Option<String>,
+    /// Lifetime of cached features, in seconds.
+    #[arg(long, env = "VLM_CACHE_TTL", default_value_t = 3600)]
+    pub cache_ttl: u64,
+    /// Size bound of the in-memory cache, in bytes.
+    #[arg(long, env = "VLM_CACHE_MAX_BYTES", default_value_t = 256 << 20)]
+    pub cache_max_bytes: usize,
+    /// Disable the feature cache.
+    #[arg(long, env = "VLM_NO_CACHE", conflicts_with = "redis")]
+    pub no_cache: bool,
+}
+
+impl CacheArgs {
+    pub fn build(&self) -> anyhow::Result<Option<std::sync::Arc<dyn vlm_cache::FeatureCache>>> {
+        if self.no_cache {
+            return Ok(None);
+        }
+        Ok(Some(match &self.redis {
+            Some(url) => std::sync::Arc::new(vlm_cache::RedisCache::new(url, Default::default())?),
+            None => std::sync::Arc::new(vlm_cache::MemoryCache::new(self.cache_max_bytes)),
+        }))
+    }
+
+    /// The same settings as `serve gateway` arguments.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--cache-ttl".to_string(),
+            self.cache_ttl.to_string(),
+            "--cache-max-bytes".into(),
+            self.cache_max_bytes.to_string(),
+        ];
+        if let Some(url) = &self.redis {
+            args.extend(["--redis".to_string(), url.clone()]);
+        }
+        if self.no_cache {
+            args.push("--no-cache".into());
+        }
+        args
+    }
 }
 
 /// Messages larger than this are refused by the transport; the gateway's own limits (images,
@@ -244,6 +293,7 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
             request_timeout,
             wire_dtype,
             plaintext,
+            cache,
         } => {
             let files = common.tls_files("gateway")?;
             // Internal hops: the gateway presents its certificate and checks each stage's name.
@@ -273,6 +323,8 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
                 default_max_tokens,
                 default_timeout: Duration::from_secs(request_timeout),
                 wire_dtype,
+                cache: cache.build()?,
+                cache_ttl: Duration::from_secs(cache.cache_ttl),
             };
             let svc = vlm_gateway::GatewayService::new(cfg)?;
             let tls = if plaintext {

@@ -70,7 +70,12 @@ fn generate_json_prints_the_transformers_greedy_ids() {
 #[test]
 fn errors_print_one_clear_line_and_exit_nonzero() {
     let image = repo().join("models/images/shapes-48x48.png");
+    // The random parity model, named explicitly so the default model can change.
+    let model = repo().join("models/tiny-llava");
+    let model = model.to_str().unwrap();
     let out = generate(&[
+        "--model",
+        model,
         "--image",
         image.to_str().unwrap(),
         "--prompt",
@@ -87,6 +92,8 @@ fn errors_print_one_clear_line_and_exit_nonzero() {
     let bad = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(bad.path(), b"\x89PNG\r\n\x1a\ntruncated").unwrap();
     let out = generate(&[
+        "--model",
+        model,
         "--image",
         bad.path().to_str().unwrap(),
         "--prompt",

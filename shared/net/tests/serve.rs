@@ -30,6 +30,13 @@ impl Encoder for StubEncoder {
         };
         Ok(Response::new(tokio_stream::iter(vec![Ok(msg)])))
     }
+
+    async fn info(
+        &self,
+        _req: Request<vlm_proto::EncoderInfoRequest>,
+    ) -> Result<Response<vlm_proto::EncoderInfo>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
 }
 
 #[tokio::test]

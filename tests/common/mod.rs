@@ -1,0 +1,261 @@
+//! Shared harness for the cross-process tests: a running `vlm-mesh up`, clients, a private
+//! redis-server. Each test file includes it with `mod common;`.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vlm_proto::gateway_client::GatewayClient;
+
+pub const EXE: &str = env!("CARGO_BIN_EXE_vlm-mesh");
+pub const PROMPT: &str = "USER: <image>\nWhat is shown in this image? ASSISTANT:";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn model() -> PathBuf {
+    repo().join("models/tiny-llava")
+}
+
+pub fn image_path() -> PathBuf {
+    repo().join("models/images/shapes-48x48.png")
+}
+
+/// A running `vlm-mesh up`; stopped with SIGTERM (and waited for) on drop.
+pub struct MeshProc {
+    child: Child,
+    pub state: tempfile::TempDir,
+    pub gateway: String,
+    stderr_lines: mpsc::Receiver<String>,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl MeshProc {
+    pub fn start(envs: &[(&str, &str)]) -> MeshProc {
+        Self::start_with(&model(), &[], envs)
+    }
+
+    /// `up` with another model and extra flags (e.g. `--redis URL`).
+    pub fn start_with(model: &Path, args: &[&str], envs: &[(&str, &str)]) -> MeshProc {
+        let state = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(EXE);
+        cmd.args(["up", "--listen", "127.0.0.1:0", "--model"])
+            .arg(model)
+            .args(args)
+            .arg("--state-dir")
+            .arg(state.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let (tx, stderr_lines) = mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log2.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        // Readiness: `up` prints `ready gateway=…` only after every service answered SERVING.
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let gateway = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("gateway="))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no ready line; got {line:?}; log: {:?}",
+                    log.lock().unwrap()
+                )
+            })
+            .to_string();
+        assert!(line.starts_with("ready "), "{line}");
+        MeshProc {
+            child,
+            state,
+            gateway,
+            stderr_lines,
+            log,
+        }
+    }
+
+    pub fn certs(&self) -> PathBuf {
+        self.state.path().join("certs")
+    }
+
+    pub fn mesh_json(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.state.path().join("mesh.json")).unwrap())
+            .unwrap()
+    }
+
+    pub fn service_addr(&self, role: &str) -> String {
+        let info = self.mesh_json();
+        let s = info["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["role"] == role)
+            .unwrap();
+        s["addr"].as_str().unwrap().to_string()
+    }
+
+    pub async fn client(&self) -> GatewayClient<tonic::transport::Channel> {
+        let files = vlm_net::TlsFiles::for_role(self.certs(), "client");
+        let tls = vlm_net::client_tls(&files, "localhost").unwrap();
+        let channel = vlm_net::connect(&self.gateway, Some(tls)).await.unwrap();
+        GatewayClient::new(channel).max_encoding_message_size(256 << 20)
+    }
+
+    /// Waits (bounded) for a log line containing all of `needles`.
+    pub fn wait_for_log(&self, needles: &[&str], timeout: Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.stderr_lines.recv_timeout(left) {
+                Ok(line) if needles.iter().all(|n| line.contains(n)) => return Some(line),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+impl Drop for MeshProc {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+pub fn run_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(EXE).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+pub fn pid_alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// A private redis-server on a free loopback port, killed on drop. Tests that stop and restart
+/// Redis, or count its keys, must not share the machine's Redis with other tests.
+pub struct RedisProc {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisProc {
+    pub fn start() -> RedisProc {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = RedisProc {
+            child: None,
+            port,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and waits until it answers PING.
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if self
+                .cmd(&["PING"])
+                .map(|o| o.contains("PONG"))
+                .unwrap_or(false)
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server on port {} never answered PING",
+                self.port
+            );
+            // Readiness poll of a process we just started: bounded, not a synchronisation sleep.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs one redis-cli command against this server.
+    pub fn cmd(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn feature_keys(&self) -> Vec<String> {
+        let out = self
+            .cmd(&["--scan", "--pattern", "vlm:feat:v1:*"])
+            .unwrap_or_default();
+        let mut keys: Vec<String> = out
+            .lines()
+            .map(str::to_string)
+            .filter(|l| !l.is_empty())
+            .collect();
+        keys.sort();
+        keys
+    }
+}
+
+impl Drop for RedisProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
