@@ -2,75 +2,14 @@
 //! `ask` binary gives the same ids as `vlm-mesh generate` and as transformers; a checkpoint whose
 //! decoder type is unsupported stops `up` before anything is declared ready.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const EXE: &str = env!("CARGO_BIN_EXE_vlm-mesh");
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// A running `vlm-mesh up`; stopped with SIGTERM (and waited for) on drop.
-struct MeshProc {
-    child: Child,
-    state: tempfile::TempDir,
-}
-
-impl MeshProc {
-    fn start(model: &Path) -> MeshProc {
-        let state = tempfile::tempdir().unwrap();
-        let mut child = Command::new(EXE)
-            .args(["up", "--listen", "127.0.0.1:0", "--model"])
-            .arg(model)
-            .arg("--state-dir")
-            .arg(state.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                log2.lock().unwrap().push(line);
-            }
-        });
-        // Readiness: `up` prints `ready gateway=…` only after every service answered SERVING.
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        assert!(
-            line.starts_with("ready ") && line.contains("gateway="),
-            "no ready line; got {line:?}; log: {:?}",
-            log.lock().unwrap()
-        );
-        MeshProc { child, state }
-    }
-}
-
-impl Drop for MeshProc {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-fn run_json(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(EXE).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
+mod common;
+use common::{repo, run_json, MeshProc, EXE};
 
 struct Reference {
     image: PathBuf,
@@ -99,7 +38,7 @@ fn reference(model: &Path) -> Reference {
 fn mesh_equals_generate(fixture: &str) {
     let model = repo().join("models").join(fixture);
     let r = reference(&model);
-    let mesh = MeshProc::start(&model);
+    let mesh = MeshProc::start_with(&model, &[], &[]);
     let state = mesh.state.path().to_str().unwrap().to_string();
     let image = r.image.to_str().unwrap();
     for sampling in [

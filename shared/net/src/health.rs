@@ -16,7 +16,7 @@ use crate::{connect_lazy, NetError};
 /// `grpc.health.v1.Health` plus server reflection (v1) for every `vlm.v1`
 /// and health service, ready to `add_service`:
 ///
-/// ```ignore
+/// ```text
 /// let (reporter, health, reflection) = vlm_net::health_and_reflection()?;
 /// server.add_service(health).add_service(reflection).add_service(my_service)
 /// ```
