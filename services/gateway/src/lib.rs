@@ -366,24 +366,19 @@ async fn image_pipeline(
                     cached = Some(v);
                 }
             }
-            match existing {
-                Some(mut rx) => {
-                    // Identical image already being encoded: wait for its features. If that request
-                    // fails or is cancelled, encode ourselves.
-                    let shared = rx
-                        .wait_for(Option::is_some)
-                        .await
-                        .ok()
-                        .and_then(|v| v.clone());
-                    if let Some(v) =
-                        shared.and_then(|b| TensorValue::decode(b, &stages.limits).ok())
-                    {
-                        layer.stats.coalesced.fetch_add(1, Ordering::Relaxed);
-                        timings.cache = CacheStatus::Hit;
-                        cached = Some(v);
-                    }
+            if let Some(mut rx) = existing {
+                // Identical image already being encoded: wait for its features. If that request
+                // fails or is cancelled, encode ourselves.
+                let shared = rx
+                    .wait_for(Option::is_some)
+                    .await
+                    .ok()
+                    .and_then(|v| v.clone());
+                if let Some(v) = shared.and_then(|b| TensorValue::decode(b, &stages.limits).ok()) {
+                    layer.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+                    timings.cache = CacheStatus::Hit;
+                    cached = Some(v);
                 }
-                None => {}
             }
         }
         match timings.cache {

@@ -238,7 +238,7 @@ impl Mesh {
             }
         };
         let remaining = BufReader::new(lines.into_inner().into_inner());
-        let _ = relay_lines(role.to_string(), remaining);
+        drop(relay_lines(role.to_string(), remaining)); // runs until the child closes stdout
         let role_s = role.to_string();
         let exit_tx = exit_tx.clone();
         tokio::spawn(async move {
