@@ -12,8 +12,14 @@ use vlm_proto::generate_response::Kind;
 use vlm_proto::{CacheStatus, GenerateRequest};
 use vlm_tensor::{TensorLimits, TensorValue, WireDType};
 
-use crate::generate::default_model_dir;
 use crate::mesh::{certs_dir, Mesh, MeshOptions};
+
+/// A path under the repository's `models/` folder.
+fn bundled(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models")
+        .join(rel)
+}
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -28,10 +34,10 @@ pub struct CacheBenchArgs {
     #[arg(long, env = "VLM_REDIS", default_value = "redis://127.0.0.1:6379")]
     pub redis: String,
     /// Checkpoint to serve.
-    #[arg(long, env = "VLM_MODEL", default_value_os_t = default_model_dir().join("../tiny-llava"))]
+    #[arg(long, env = "VLM_MODEL", default_value_os_t = bundled("tiny-llava"))]
     pub model: PathBuf,
     /// Image whose variants are sent (one pixel changed per round, so each round starts cold).
-    #[arg(long, default_value_os_t = default_model_dir().join("../images/shapes-48x48.png"))]
+    #[arg(long, default_value_os_t = bundled("images/shapes-48x48.png"))]
     pub image: PathBuf,
     /// Miss/hit pairs to measure.
     #[arg(long, default_value_t = 30)]
