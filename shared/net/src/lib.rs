@@ -1,23 +1,34 @@
 //! Transport plumbing shared by every mesh service: mTLS configuration,
-//! channels, development certificates, health/reflection and shutdown.
-//! No model code lives here.
+//! channels, development certificates, health/reflection and shutdown, and
+//! the resilience mechanisms (replica sets with p2c/peak-EWMA balancing and
+//! health-based ejection, retry policy with budget, adaptive timeouts, load
+//! shedding, deadline propagation). No model code lives here.
 
+pub mod adaptive;
+pub mod admission;
 pub mod certs;
 mod channel;
 mod error;
 mod health;
+mod jitter;
+pub mod replicas;
+pub mod retry;
 mod serve;
 mod shutdown;
 mod tls;
 mod util;
 
+pub use adaptive::{AdaptiveTimeout, AdaptiveTimeoutOptions};
+pub use admission::{Admission, AdmissionLimits, AdmissionStats};
 pub use channel::{connect, connect_lazy, endpoint, server_builder, ChannelOptions};
 pub use error::{error_chain, NetError};
 pub use health::{health_and_reflection, wait_until_serving, wait_until_serving_url};
+pub use replicas::{Lease, Replica, ReplicaOptions, ReplicaSet, TlsForHost};
+pub use retry::{is_retryable, RetryOptions, RetryPolicy};
 pub use serve::serve_grpc;
 pub use shutdown::shutdown_signal;
 pub use tls::{
     client_tls, client_tls_without_identity, server_tls, server_tls_client_auth_optional,
     ClientAuth, TlsFiles, TlsPems,
 };
-pub use util::{new_request_id, parse_grpc_timeout, url_host};
+pub use util::{new_request_id, parse_grpc_timeout, request_deadline, url_host, with_deadline};

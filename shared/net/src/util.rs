@@ -1,5 +1,7 @@
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use crate::NetError;
 
 /// The host of a URL, as a TLS client must name it: `https://[::1]:80` gives
@@ -68,4 +70,23 @@ pub fn new_request_id() -> String {
     // An all-zero trace id is invalid in W3C trace context.
     let (hi, lo) = (half(1), half(2) | 1);
     format!("{hi:016x}{lo:016x}")
+}
+
+/// The deadline of an incoming call: now + its `grpc-timeout`, capped by `max` (the server's own
+/// limit, also used when the caller set none).
+pub fn request_deadline(metadata: &tonic::metadata::MetadataMap, max: Duration) -> Instant {
+    let budget = metadata
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map_or(max, |t| t.min(max));
+    Instant::now() + budget
+}
+
+/// An outgoing request carrying the remaining budget until `deadline` as its `grpc-timeout`, so
+/// every hop knows how long it has, and gives up when the caller would.
+pub fn with_deadline<T>(msg: T, deadline: Instant) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+    req
 }

@@ -1,0 +1,191 @@
+//! Load shedding: a tower layer that admits at most `max_in_flight` calls to a service, lets at most
+//! `max_queue` more wait for a slot, and answers everything beyond that at once with
+//! RESOURCE_EXHAUSTED, so an overloaded service fails fast instead of queueing without bound (and
+//! its memory stays bounded by the limits, whatever the offered load).
+//!
+//! A streaming call holds its slot until its response body ends or is dropped, not just until the
+//! response headers, since that is when a stream's work is done.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body::Frame;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::body::Body;
+use tonic::codegen::http::{Request, Response};
+use tonic::codegen::Service;
+use tonic::server::NamedService;
+use tonic::Status;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdmissionLimits {
+    /// Calls served at once.
+    pub max_in_flight: usize,
+    /// Calls waiting for a slot; beyond this, RESOURCE_EXHAUSTED immediately.
+    pub max_queue: usize,
+}
+
+/// Counters for tests and metrics.
+#[derive(Debug, Default)]
+pub struct AdmissionStats {
+    pub admitted: AtomicU64,
+    pub shed: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    limits: AdmissionLimits,
+    slots: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    stats: Arc<AdmissionStats>,
+    name: &'static str,
+}
+
+/// Wraps a tonic service (keeps its `NamedService` name, so it is added to a server as is).
+#[derive(Debug, Clone)]
+pub struct Admission<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S: NamedService> Admission<S> {
+    pub fn new(inner: S, limits: AdmissionLimits) -> Self {
+        Admission {
+            inner,
+            shared: Arc::new(Shared {
+                limits,
+                slots: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
+                waiting: AtomicUsize::new(0),
+                stats: Arc::new(AdmissionStats::default()),
+                name: S::NAME,
+            }),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<AdmissionStats> {
+        self.shared.stats.clone()
+    }
+}
+
+impl<S: NamedService> NamedService for Admission<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl Shared {
+    /// A slot now, a slot after waiting in the bounded queue (at most until the caller's
+    /// deadline), or the status to answer with.
+    async fn admit(&self, deadline: Option<Duration>) -> Result<OwnedSemaphorePermit, Status> {
+        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        let queued = self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _leave = WaitingGuard(&self.waiting);
+        if queued >= self.limits.max_queue {
+            return Err(Status::resource_exhausted(format!(
+                "{} overloaded: {} calls in flight and {} queued (limits {} and {}); retry later",
+                self.name,
+                self.limits.max_in_flight,
+                queued,
+                self.limits.max_in_flight,
+                self.limits.max_queue
+            )));
+        }
+        let acquire = self.slots.clone().acquire_owned();
+        let permit = match deadline {
+            Some(d) => tokio::time::timeout(d, acquire).await.map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "{}: deadline passed while queued for a slot",
+                    self.name
+                ))
+            })?,
+            None => acquire.await,
+        };
+        permit.map_err(|_| Status::unavailable(format!("{} is shutting down", self.name)))
+    }
+}
+
+struct WaitingGuard<'a>(&'a AtomicUsize);
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> Service<Request<Body>> for Admission<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        // The service that was polled ready serves this call; a fresh clone takes its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let deadline = req
+                .headers()
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::parse_grpc_timeout);
+            let permit = match shared.admit(deadline).await {
+                Ok(p) => p,
+                Err(status) => {
+                    shared.stats.shed.fetch_add(1, Ordering::Relaxed);
+                    return Ok(status.into_http());
+                }
+            };
+            shared.stats.admitted.fetch_add(1, Ordering::Relaxed);
+            let resp = inner.call(req).await?;
+            Ok(resp.map(|body| {
+                Body::new(PermitBody {
+                    inner: body,
+                    _permit: permit,
+                })
+            }))
+        })
+    }
+}
+
+/// A response body that keeps its call's slot until it ends or is dropped.
+struct PermitBody {
+    inner: Body,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl http_body::Body for PermitBody {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
