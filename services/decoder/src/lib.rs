@@ -43,6 +43,8 @@ pub struct DecoderStats {
     pub completed: AtomicU64,
     /// Generations stopped because the caller went away.
     pub cancelled: AtomicU64,
+    /// Generations stopped because the caller's deadline (`grpc-timeout`) passed.
+    pub deadline_exceeded: AtomicU64,
     pub tokens: AtomicU64,
 }
 
@@ -155,6 +157,14 @@ impl Decoder for DecoderService {
         &self,
         req: Request<Streaming<DecodeRequest>>,
     ) -> Result<Response<GenerateStream>, Status> {
+        // The caller's remaining budget: decoding stops when it is spent, whether or not the caller
+        // is still there to say so.
+        let deadline = req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(vlm_net::parse_grpc_timeout)
+            .map(|t| Instant::now() + t);
         let mut input = req.into_inner();
         let setup = match input.message().await?.and_then(|m| m.kind) {
             Some(RequestKind::Setup(s)) => s,
@@ -211,7 +221,24 @@ impl Decoder for DecoderService {
                     return;
                 }
             };
-            let Ok(permit) = permits.acquire_owned().await else {
+            let acquire = permits.acquire_owned();
+            let permit = match deadline {
+                Some(d) => match tokio::time::timeout_at(d.into(), acquire).await {
+                    Ok(p) => p,
+                    Err(_) => {
+                        stats.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!("deadline exceeded while queued; not decoding");
+                        let _ = tx
+                            .send(Err(Status::deadline_exceeded(
+                                "decoder: deadline exceeded while queued",
+                            )))
+                            .await;
+                        return;
+                    }
+                },
+                None => acquire.await,
+            };
+            let Ok(permit) = permit else {
                 return;
             };
             stats.started.fetch_add(1, Ordering::Relaxed);
@@ -238,6 +265,17 @@ impl Decoder for DecoderService {
                 let prefill_ms = ms(t);
                 let t = Instant::now();
                 loop {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        stats.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            tokens = gen.token_ids().len(),
+                            "deadline exceeded; decoding stopped"
+                        );
+                        let _ = tx.blocking_send(Err(Status::deadline_exceeded(
+                            "decoder: deadline exceeded while decoding",
+                        )));
+                        return;
+                    }
                     let ev = match gen.next_token() {
                         Ok(Some(ev)) => ev,
                         Ok(None) => break,

@@ -29,6 +29,9 @@ pub struct EncoderConfig {
     pub max_image_bytes: usize,
     /// Images encoded at the same time; further requests wait for a slot.
     pub max_concurrent: usize,
+    /// Test-only fault hook: answer every request this much later, to play a slow replica. Set
+    /// from `VLM_FAULT_ENCODE_DELAY_MS`.
+    pub fault_encode_delay: Option<std::time::Duration>,
 }
 
 struct Model {
@@ -44,10 +47,17 @@ pub struct EncoderService {
     default_wire: WireDType,
     requests: AtomicU64,
     preprocessing: String,
+    fault_encode_delay: Option<std::time::Duration>,
 }
 
 impl EncoderService {
     pub fn load(cfg: &EncoderConfig) -> anyhow::Result<Self> {
+        if let Some(d) = cfg.fault_encode_delay {
+            tracing::warn!(
+                delay_ms = d.as_millis() as u64,
+                "FAULT HOOK ACTIVE: every encode is delayed (test use only)"
+            );
+        }
         let ckpt = Checkpoint::open(&cfg.model)?;
         let device = Device::Cpu;
         let preprocessor = Preprocessor::new(
@@ -59,6 +69,7 @@ impl EncoderService {
         Ok(EncoderService {
             requests: AtomicU64::new(0),
             preprocessing,
+            fault_encode_delay: cfg.fault_encode_delay,
             model: Arc::new(Model {
                 preprocessor,
                 vision,
@@ -110,6 +121,9 @@ impl Encoder for EncoderService {
             Ok((features, stats))
         })
         .await?;
+        if let Some(d) = self.fault_encode_delay {
+            tokio::time::sleep(d).await;
+        }
         let (shape, values) = from_model_tensor(&features)?;
         tracing::debug!(?shape, ?stats, "encoded image");
         let chunks = TensorChunker::new(values, &shape, wire, options.chunk_bytes as usize)?;

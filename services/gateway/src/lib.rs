@@ -2,6 +2,13 @@
 //! as a pipelined relay (chunks are forwarded as they arrive, never buffered whole), feeds the
 //! projected rows to the decoder in prompt order, and streams the decoder's tokens back.
 //! It loads no weights; it reads `config.json` only to describe the model.
+//!
+//! Resilience (mechanisms from `vlm-net`, wired here per stage): every stage is a replica set
+//! balanced by p2c over peak EWMA; encoder+projector work for an image is retried on other
+//! replicas (re-sending the image or the cached features the gateway holds, skipping projected
+//! chunks already forwarded); a decoder that fails before its first token is replaced, and one that
+//! fails mid-stream is resumed elsewhere from prompt + tokens already streamed; replicas slower than
+//! their stage's adaptive timeout are abandoned; every hop carries the remaining deadline.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,13 +19,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use tokio::sync::{mpsc, watch, OnceCell};
+use tokio::sync::{mpsc, watch, Notify, OnceCell};
 use tokio::time::Instant as TokioInstant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use tonic::Streaming;
 use tonic::{Request, Response, Status};
 use vlm_cache::{feature_key, FeatureCache, RateLimitedLog};
 use vlm_model::LlavaConfig;
+use vlm_net::{
+    is_retryable, with_deadline, AdaptiveTimeout, AdaptiveTimeoutOptions, Lease, ReplicaSet,
+    RetryOptions, RetryPolicy,
+};
 use vlm_proto::decode_event::Kind as EventKind;
 use vlm_proto::decode_request::Kind as RequestKind;
 use vlm_proto::decoder_client::DecoderClient;
@@ -28,9 +39,9 @@ use vlm_proto::gateway_server::{Gateway, GatewayServer};
 use vlm_proto::generate_response::Kind as ResponseKind;
 use vlm_proto::projector_client::ProjectorClient;
 use vlm_proto::{
-    CacheStatus, DecodeRequest, DecodeSetup, EncodeOptions, EncodeRequest, EncoderInfo,
-    EncoderInfoRequest, GenerateFinal, GenerateRequest, GenerateResponse, GetModelInfoRequest,
-    ImageSlot, ModelInfo, StageTimings, TensorChunk, TextDelta, Usage,
+    CacheStatus, DecodeEvent, DecodeRequest, DecodeSetup, EncodeOptions, EncodeRequest,
+    EncoderInfo, EncoderInfoRequest, GenerateFinal, GenerateRequest, GenerateResponse,
+    GetModelInfoRequest, ImageSlot, ModelInfo, StageTimings, TensorChunk, TextDelta, Usage,
 };
 use vlm_serving::params_from_proto;
 use vlm_tensor::{TensorLimits, TensorValue, TensorValueBuilder, DEFAULT_CHUNK_BYTES};
@@ -39,9 +50,13 @@ use vlm_tensor::{TensorLimits, TensorValue, TensorValueBuilder, DEFAULT_CHUNK_BY
 pub struct GatewayConfig {
     /// Checkpoint directory; only `config.json` is read.
     pub model: PathBuf,
-    pub encoder: Channel,
-    pub projector: Channel,
-    pub decoder: Channel,
+    pub encoder: Arc<ReplicaSet>,
+    pub projector: Arc<ReplicaSet>,
+    pub decoder: Arc<ReplicaSet>,
+    /// Retries of a stage call on another replica (attempts, backoff, budget per stage).
+    pub retry: RetryOptions,
+    /// Adaptive per-unit timeouts (encoder per image, projector per row block, decoder per step).
+    pub timeouts: AdaptiveTimeoutOptions,
     /// Largest encoded image accepted, in bytes.
     pub max_image_bytes: usize,
     /// Most images in one request.
@@ -85,9 +100,15 @@ impl GatewayService {
             context_length: model_cfg.text.max_position_embeddings as u32,
             compute_dtype: cfg.wire_dtype.unwrap_or(vlm_proto::DType::DtypeUnspecified) as i32,
         };
+        let stage = |replicas: &Arc<ReplicaSet>, unit: &'static str| StageClient {
+            replicas: replicas.clone(),
+            retry: RetryPolicy::new(cfg.retry.clone()),
+            timeout: AdaptiveTimeout::new(unit, cfg.timeouts.clone()),
+        };
         let stages = Arc::new(Stages {
-            encoder: cfg.encoder.clone(),
-            projector: cfg.projector.clone(),
+            encoder: stage(&cfg.encoder, "image"),
+            projector: stage(&cfg.projector, "row block"),
+            decoder: stage(&cfg.decoder, "decode step"),
             cache: cfg
                 .cache
                 .clone()
@@ -178,13 +199,6 @@ impl Totals {
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
-}
-
-/// The remaining budget as a per-call timeout (what `grpc-timeout` carries to the next hop).
-fn with_deadline<T>(msg: T, deadline: TokioInstant) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.set_timeout(deadline.saturating_duration_since(TokioInstant::now()));
-    req
 }
 
 /// The feature cache as the gateway uses it: lookups, single flight, background stores.
@@ -285,32 +299,127 @@ impl Drop for InflightGuard {
     }
 }
 
-/// Everything an image pipeline needs; shared by all requests.
+/// One stage as the gateway calls it: its replicas, its retry policy and its adaptive timeout.
+struct StageClient {
+    replicas: Arc<ReplicaSet>,
+    retry: RetryPolicy,
+    timeout: AdaptiveTimeout,
+}
+
+/// Everything a request needs; shared by all requests.
 struct Stages {
-    encoder: Channel,
-    projector: Channel,
+    encoder: StageClient,
+    projector: StageClient,
+    decoder: StageClient,
     cache: Option<Arc<CacheLayer>>,
     encoder_info: OnceCell<EncoderInfo>,
     limits: TensorLimits,
+}
+
+/// A failed attempt at one stage; `status` says whether another replica may do better.
+struct StageFailure {
+    stage: &'static str,
+    status: Status,
+}
+
+impl StageFailure {
+    fn into_status(self) -> Status {
+        stage_status(self.stage, self.status)
+    }
+
+    /// The status to give up with: once the deadline has passed, whatever a hop said (tonic's
+    /// own client timer reports CANCELLED), the request's answer is DEADLINE_EXCEEDED.
+    fn final_status(self, deadline: TokioInstant) -> Status {
+        if TokioInstant::now() >= deadline {
+            return Status::deadline_exceeded(format!(
+                "request deadline exceeded ({}: {})",
+                self.stage,
+                self.status.message()
+            ));
+        }
+        self.into_status()
+    }
+}
+
+/// Books a failed call against its replica: a retryable failure excludes the replica from this
+/// request's further attempts and ejects it from the set until a health check passes.
+fn failed(stage: &'static str, lease: Lease, tried: &mut Vec<u64>, status: Status) -> StageFailure {
+    if is_retryable(&status) {
+        tried.push(lease.id());
+        lease.unreachable(&format!("{:?}: {}", status.code(), status.message()));
+    }
+    StageFailure { stage, status }
+}
+
+/// Books a call given up on as too slow (the replica answers, but past its stage's adaptive
+/// timeout), or the request's deadline passing.
+fn timed_out(
+    stage: &'static str,
+    lease: Lease,
+    tried: &mut Vec<u64>,
+    limit: Duration,
+    deadline: TokioInstant,
+) -> StageFailure {
+    if TokioInstant::now() >= deadline {
+        return StageFailure {
+            stage,
+            status: Status::deadline_exceeded("request deadline exceeded"),
+        };
+    }
+    tracing::warn!(
+        stage,
+        replica = lease.url(),
+        limit_ms = limit.as_millis() as u64,
+        "replica slower than the adaptive timeout; call abandoned"
+    );
+    let status = Status::unavailable(format!(
+        "replica {} did not answer within the adaptive timeout of {} ms",
+        lease.url(),
+        limit.as_millis()
+    ));
+    tried.push(lease.id());
+    lease.abandoned();
+    StageFailure { stage, status }
 }
 
 impl Stages {
     async fn encoder_info(&self, deadline: TokioInstant) -> Result<&EncoderInfo, Status> {
         self.encoder_info
             .get_or_try_init(|| async {
-                let mut client = EncoderClient::new(self.encoder.clone());
-                let info = client
-                    .info(with_deadline(EncoderInfoRequest {}, deadline))
-                    .await
-                    .map_err(|s| stage_status("encoder", s))?;
-                Ok::<_, Status>(info.into_inner())
+                let mut tried = Vec::new();
+                let mut attempt = 1;
+                loop {
+                    let lease = self
+                        .encoder
+                        .replicas
+                        .pick(&tried)
+                        .map_err(|s| stage_status("encoder", s))?;
+                    let mut client = EncoderClient::new(lease.channel());
+                    let call = client.info(with_deadline(EncoderInfoRequest {}, deadline));
+                    let status = match tokio::time::timeout_at(deadline, call).await {
+                        Ok(Ok(info)) => return Ok::<_, Status>(info.into_inner()),
+                        Ok(Err(s)) => s,
+                        Err(_) => Status::deadline_exceeded("request deadline exceeded"),
+                    };
+                    let f = failed("encoder", lease, &mut tried, status);
+                    match self.encoder.retry.next_retry(attempt, &f.status, deadline) {
+                        Some(pause) => tokio::time::sleep(pause).await,
+                        None => return Err(f.final_status(deadline)),
+                    }
+                    attempt += 1;
+                }
             })
             .await
     }
 }
 
+/// The single-flight leader's state: the key it encodes, the channel its followers wait on.
+type Leader = (String, watch::Sender<Option<Bytes>>, InflightGuard);
+
 /// Features for one image from the cache, an identical in-flight request, or the encoder; then the
-/// projector. Projected chunks go to `out` as they arrive.
+/// projector. Projected chunks go to `out` as they arrive. A retryable failure of either stage is
+/// retried on other replicas; chunks already forwarded are not sent again (both stages are
+/// deterministic, so a new attempt produces the same chunks).
 async fn image_pipeline(
     stages: Arc<Stages>,
     image: Bytes,
@@ -323,7 +432,7 @@ async fn image_pipeline(
         ..Default::default()
     };
     let mut cached: Option<TensorValue> = None;
-    let mut leader: Option<(String, watch::Sender<Option<Bytes>>, InflightGuard)> = None;
+    let mut leader: Option<Leader> = None;
     if let Some(layer) = &stages.cache {
         let info = stages.encoder_info(deadline).await?;
         let key = feature_key(
@@ -388,46 +497,173 @@ async fn image_pipeline(
         };
     }
 
-    let (to_projector, projector_in) = mpsc::channel::<TensorChunk>(4);
     let started = Instant::now();
-    let mut projected = ProjectorClient::new(stages.projector.clone())
-        .project(with_deadline(ReceiverStream::new(projector_in), deadline))
-        .await
-        .map_err(|s| stage_status("projector", s))?
-        .into_inner();
-    let feed_stages = stages.clone();
+    if cached.is_none() {
+        stages.encoder.retry.record_call();
+    }
+    stages.projector.retry.record_call();
+    let mut tried = Tried::default();
+    let mut forwarded = 0usize;
+    let mut attempt = 1;
+    loop {
+        let result = image_attempt(
+            &stages,
+            &image,
+            cached.as_ref(),
+            &mut leader,
+            wire_dtype,
+            deadline,
+            &out,
+            &mut forwarded,
+            &mut tried,
+        )
+        .await;
+        match result {
+            Ok(stats) => {
+                if let Some(s) = stats {
+                    timings.preprocess_ms = s.preprocess_ms;
+                    timings.encode_ms = s.encode_ms;
+                }
+                timings.project_ms = ms(started);
+                return Ok(timings);
+            }
+            Err(f) if f.stage == "gateway" => return Err(f.status),
+            Err(f) => {
+                let stage = if f.stage == "encoder" {
+                    &stages.encoder
+                } else {
+                    &stages.projector
+                };
+                match stage.retry.next_retry(attempt, &f.status, deadline) {
+                    Some(pause) => {
+                        tracing::info!(
+                            stage = f.stage,
+                            attempt,
+                            forwarded,
+                            "retrying on another replica: {}",
+                            f.status.message()
+                        );
+                        tokio::time::sleep(pause).await;
+                        attempt += 1;
+                    }
+                    None => return Err(f.final_status(deadline)),
+                }
+            }
+        }
+    }
+}
+
+/// Replicas that failed this request, per stage.
+#[derive(Default)]
+struct Tried {
+    encoder: Vec<u64>,
+    projector: Vec<u64>,
+}
+
+/// One encoder → projector attempt for an image.
+#[allow(clippy::too_many_arguments)]
+async fn image_attempt(
+    stages: &Stages,
+    image: &Bytes,
+    cached: Option<&TensorValue>,
+    leader: &mut Option<Leader>,
+    wire_dtype: i32,
+    deadline: TokioInstant,
+    out: &mpsc::Sender<Result<TensorChunk, Status>>,
+    forwarded: &mut usize,
+    tried: &mut Tried,
+) -> Result<Option<vlm_proto::EncodeStats>, StageFailure> {
+    let Tried {
+        encoder: tried_encoders,
+        projector: tried_projectors,
+    } = tried;
+    let proj = stages
+        .projector
+        .replicas
+        .pick(tried_projectors)
+        .map_err(|status| StageFailure {
+            stage: "projector",
+            status,
+        })?;
+    let (to_projector, projector_in) = mpsc::channel::<TensorChunk>(4);
+    let mut client = ProjectorClient::new(proj.channel());
+    let call = client.project(with_deadline(ReceiverStream::new(projector_in), deadline));
+    let mut projected = match tokio::time::timeout_at(deadline, call).await {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(s)) => return Err(failed("projector", proj, tried_projectors, s)),
+        Err(_) => {
+            return Err(StageFailure {
+                stage: "projector",
+                status: Status::deadline_exceeded("request deadline exceeded"),
+            })
+        }
+    };
+    // When each feature chunk went to the projector: its projected rows are due within the
+    // projector's adaptive timeout per row block from then (one output chunk per input chunk).
+    let sent: Mutex<Vec<TokioInstant>> = Mutex::new(Vec::new());
+    let sent_signal = Notify::new();
+    let (sent_ref, signal) = (&sent, &sent_signal);
+    // Owns `to_projector`: when it completes, the projector's input stream ends.
     let feed = async move {
-        let stages = feed_stages;
+        let send = |c: TensorChunk| send_block(sent_ref, signal, &to_projector, c);
         let mut stats = None;
         if let Some(value) = cached {
             for chunk in value.chunks(DEFAULT_CHUNK_BYTES) {
-                if to_projector.send(chunk).await.is_err() {
+                if !send(chunk).await {
                     break;
                 }
             }
-            return Ok::<_, Status>(stats);
+            return Ok::<_, StageFailure>(stats);
         }
+        let enc = stages
+            .encoder
+            .replicas
+            .pick(tried_encoders)
+            .map_err(|status| StageFailure {
+                stage: "encoder",
+                status,
+            })?;
         let req = EncodeRequest {
-            image,
+            image: image.clone(),
             options: Some(EncodeOptions {
                 wire_dtype,
                 chunk_bytes: 0,
             }),
         };
-        let mut features = EncoderClient::new(stages.encoder.clone())
-            .encode(with_deadline(req, deadline))
-            .await
-            .map_err(|s| stage_status("encoder", s))?
-            .into_inner();
+        // The encoder computes the whole image before streaming, so the first message is what the
+        // per-image adaptive timeout bounds.
+        let limit = stages.encoder.timeout.limit(1.0, deadline);
+        let started = TokioInstant::now();
+        let first_due = started + limit;
+        let mut client = EncoderClient::new(enc.channel());
+        let call = client.encode(with_deadline(req, deadline));
+        let mut features = match tokio::time::timeout_at(first_due, call).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) => return Err(failed("encoder", enc, tried_encoders, s)),
+            Err(_) => {
+                return Err(timed_out("encoder", enc, tried_encoders, limit, deadline));
+            }
+        };
         // The leader tees the stream into a cache value while relaying it.
         let mut builder = leader
             .as_ref()
             .map(|_| TensorValueBuilder::new(stages.limits));
-        while let Some(msg) = features
-            .message()
-            .await
-            .map_err(|s| stage_status("encoder", s))?
-        {
+        let mut first = true;
+        loop {
+            let due = if first { first_due } else { deadline };
+            let msg = match tokio::time::timeout_at(due, features.message()).await {
+                Ok(Ok(m)) => m,
+                Ok(Err(s)) => return Err(failed("encoder", enc, tried_encoders, s)),
+                Err(_) => return Err(timed_out("encoder", enc, tried_encoders, limit, deadline)),
+            };
+            if first {
+                stages
+                    .encoder
+                    .timeout
+                    .observe(enc.id(), started.elapsed(), 1.0);
+                first = false;
+            }
+            let Some(msg) = msg else { break };
             match msg.kind {
                 Some(EncodeKind::Chunk(c)) => {
                     if let Some(b) = &mut builder {
@@ -435,14 +671,20 @@ async fn image_pipeline(
                             builder = None; // not cacheable; the request itself is unaffected
                         }
                     }
-                    if to_projector.send(c).await.is_err() {
+                    if !send(c).await {
                         break; // the projector call ended; its status is reported below
                     }
                 }
                 Some(EncodeKind::Stats(s)) => stats = Some(s),
-                None => return Err(Status::internal("encoder sent an empty message")),
+                None => {
+                    return Err(StageFailure {
+                        stage: "encoder",
+                        status: Status::internal("encoder sent an empty message"),
+                    })
+                }
             }
         }
+        enc.success();
         if let (Some((key, tx, guard)), Some(builder), Some(layer)) =
             (leader.take(), builder, &stages.cache)
         {
@@ -452,33 +694,490 @@ async fn image_pipeline(
                 layer.store(key, bytes, guard);
             }
         }
-        // Dropping `to_projector` here ends the projector's input stream.
         Ok(stats)
     };
     let forward = async {
-        while let Some(chunk) = projected
-            .message()
-            .await
-            .map_err(|s| stage_status("projector", s))?
-        {
-            if out.send(Ok(chunk)).await.is_err() {
-                return Err(Status::cancelled("request cancelled"));
+        let mut index = 0usize;
+        loop {
+            let msg = {
+                let next = projected.message();
+                tokio::pin!(next);
+                loop {
+                    let sent_at = sent.lock().expect("sent lock").get(index).copied();
+                    match sent_at {
+                        Some(t0) => {
+                            let limit = stages.projector.timeout.limit(1.0, deadline);
+                            tokio::select! {
+                                r = &mut next => break r.map(|m| m.map(|c| (c, Some(t0)))),
+                                _ = tokio::time::sleep_until(t0 + limit) => {
+                                    return Err(timed_out("projector", proj, tried_projectors, limit, deadline));
+                                }
+                            }
+                        }
+                        // Nothing sent yet for this block: the encoder is still working (and has
+                        // its own timeout); wait for the projector or for the next send.
+                        None => tokio::select! {
+                            r = &mut next => break r.map(|m| m.map(|c| (c, None))),
+                            _ = sent_signal.notified() => continue,
+                            _ = tokio::time::sleep_until(deadline) => {
+                                return Err(timed_out("projector", proj, tried_projectors, Duration::ZERO, deadline));
+                            }
+                        },
+                    }
+                }
+            };
+            let msg = match msg {
+                Ok(m) => m,
+                Err(s) => return Err(failed("projector", proj, tried_projectors, s)),
+            };
+            let Some((chunk, t0)) = msg else { break };
+            if let Some(t0) = t0 {
+                stages
+                    .projector
+                    .timeout
+                    .observe(proj.id(), t0.elapsed(), 1.0);
             }
+            if index >= *forwarded {
+                if out.send(Ok(chunk)).await.is_err() {
+                    return Err(StageFailure {
+                        stage: "gateway",
+                        status: Status::cancelled("request cancelled"),
+                    });
+                }
+                *forwarded += 1;
+            }
+            index += 1;
         }
-        Ok::<_, Status>(())
+        proj.success();
+        Ok::<_, StageFailure>(())
     };
     let (stats, ()) = tokio::try_join!(feed, forward)?;
-    if let Some(s) = stats {
-        timings.preprocess_ms = s.preprocess_ms;
-        timings.encode_ms = s.encode_ms;
-    }
-    timings.project_ms = ms(started);
-    Ok(timings)
+    Ok(stats)
+}
+
+/// Sends one feature block to the projector, noting when (its projected rows are due from then).
+async fn send_block(
+    sent: &Mutex<Vec<TokioInstant>>,
+    signal: &Notify,
+    to_projector: &mpsc::Sender<TensorChunk>,
+    c: TensorChunk,
+) -> bool {
+    sent.lock().expect("sent lock").push(TokioInstant::now());
+    signal.notify_one();
+    to_projector.send(c).await.is_ok()
 }
 
 /// Marks which stage failed; keeps the code (UNAVAILABLE, DEADLINE_EXCEEDED, INVALID_ARGUMENT…).
 fn stage_status(stage: &str, s: Status) -> Status {
+    if s.message().starts_with(stage) {
+        return s;
+    }
     Status::new(s.code(), format!("{stage}: {}", s.message()))
+}
+
+/// The request's projected image embeddings, in prompt order, as they arrive. The gateway keeps
+/// them for the whole request so that a replacement decoder can be sent the same inputs.
+struct EmbeddingLog {
+    chunks: Mutex<Vec<TensorChunk>>,
+    state: watch::Sender<LogState>,
+}
+
+#[derive(Clone, Default)]
+struct LogState {
+    len: usize,
+    done: bool,
+    error: Option<Status>,
+}
+
+impl EmbeddingLog {
+    fn new() -> Arc<Self> {
+        Arc::new(EmbeddingLog {
+            chunks: Mutex::new(Vec::new()),
+            state: watch::channel(LogState::default()).0,
+        })
+    }
+
+    fn push(&self, c: TensorChunk) {
+        let mut chunks = self.chunks.lock().expect("log lock");
+        chunks.push(c);
+        let len = chunks.len();
+        self.state.send_modify(|s| s.len = len);
+    }
+
+    fn finish(&self) {
+        self.state.send_modify(|s| s.done = true);
+    }
+
+    fn fail(&self, status: Status) {
+        self.state.send_modify(|s| s.error = Some(status));
+    }
+
+    /// Resolves when an image pipeline has failed for good (never, if none does).
+    async fn failed(&self) -> Status {
+        let mut rx = self.state.subscribe();
+        let error = rx
+            .wait_for(|s| s.error.is_some())
+            .await
+            .map(|s| s.error.clone());
+        match error {
+            Ok(Some(e)) => e,
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// Sends every chunk, current and future, to one decoder attempt's request stream.
+    async fn feed(self: Arc<Self>, tx: mpsc::Sender<DecodeRequest>) {
+        let mut rx = self.state.subscribe();
+        let mut next = 0;
+        loop {
+            let state = rx.borrow_and_update().clone();
+            while next < state.len {
+                let chunk = self.chunks.lock().expect("log lock")[next].clone();
+                let msg = DecodeRequest {
+                    kind: Some(RequestKind::Embeddings(chunk)),
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+                next += 1;
+            }
+            if state.error.is_some() {
+                // Keep the stream open; the relay reports the image's error and ends the call.
+                return std::future::pending().await;
+            }
+            if state.done {
+                return; // dropping `tx` ends the decoder's request stream
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Aborts a background task when the attempt that owns it ends.
+struct AbortOnDrop(Option<tokio::task::AbortHandle>);
+impl AbortOnDrop {
+    fn new<T>(task: &tokio::task::JoinHandle<T>) -> Self {
+        AbortOnDrop(Some(task.abort_handle()))
+    }
+    /// Someone else owns the task from now on.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
+}
+
+/// A decoder call in progress on one replica.
+struct DecoderAttempt {
+    lease: Lease,
+    events: Streaming<DecodeEvent>,
+    _feeder: AbortOnDrop,
+}
+
+/// Opens a decoder call on a replica not in `tried`: setup (with the tokens already streamed, when
+/// resuming), then every embedding chunk the request has, as they come.
+async fn open_decoder(
+    stages: &Stages,
+    setup: &DecodeSetup,
+    resume: &[u32],
+    log: &Arc<EmbeddingLog>,
+    tried: &mut Vec<u64>,
+    deadline: TokioInstant,
+) -> Result<DecoderAttempt, StageFailure> {
+    let lease = stages
+        .decoder
+        .replicas
+        .pick(tried)
+        .map_err(|status| StageFailure {
+            stage: "decoder",
+            status,
+        })?;
+    let (tx, rx) = mpsc::channel::<DecodeRequest>(8);
+    let mut setup = setup.clone();
+    setup.resume_token_ids = resume.to_vec();
+    let _ = tx
+        .send(DecodeRequest {
+            kind: Some(RequestKind::Setup(setup)),
+        })
+        .await;
+    let feeder = AbortOnDrop::new(&tokio::spawn(log.clone().feed(tx)));
+    let mut client = DecoderClient::new(lease.channel());
+    let call = client.generate(with_deadline(ReceiverStream::new(rx), deadline));
+    match tokio::time::timeout_at(deadline, call).await {
+        Ok(Ok(r)) => Ok(DecoderAttempt {
+            lease,
+            events: r.into_inner(),
+            _feeder: feeder,
+        }),
+        Ok(Err(s)) => Err(failed("decoder", lease, tried, s)),
+        Err(_) => Err(StageFailure {
+            stage: "decoder",
+            status: Status::deadline_exceeded("deadline exceeded before the decoder answered"),
+        }),
+    }
+}
+
+/// Opens a decoder call, retrying on other replicas while the failures are retryable.
+async fn open_decoder_with_retry(
+    stages: &Stages,
+    setup: &DecodeSetup,
+    resume: &[u32],
+    log: &Arc<EmbeddingLog>,
+    tried: &mut Vec<u64>,
+    attempt: &mut u32,
+    deadline: TokioInstant,
+) -> Result<DecoderAttempt, Status> {
+    loop {
+        match open_decoder(stages, setup, resume, log, tried, deadline).await {
+            Ok(a) => return Ok(a),
+            Err(f) => match stages
+                .decoder
+                .retry
+                .next_retry(*attempt, &f.status, deadline)
+            {
+                Some(pause) => {
+                    tracing::info!(
+                        attempt = *attempt,
+                        "decoder call failed, trying another replica: {}",
+                        f.status.message()
+                    );
+                    tokio::time::sleep(pause).await;
+                    *attempt += 1;
+                }
+                None => return Err(f.final_status(deadline)),
+            },
+        }
+    }
+}
+
+/// How one decoder attempt ended.
+enum AttemptEnd {
+    /// `done` was relayed, or the client went away: the request is over.
+    Over,
+    /// The request failed for a reason another decoder cannot fix (an image failed for good).
+    Fatal(Status),
+    /// The replica failed, or was `abandoned` as too slow; the request may continue elsewhere.
+    Failed { status: Status, abandoned: bool },
+}
+
+/// Everything the token relay needs to build the client's stream and final message.
+struct Relay {
+    stages: Arc<Stages>,
+    setup: DecodeSetup,
+    log: Arc<EmbeddingLog>,
+    deadline: TokioInstant,
+    started: Instant,
+    trace_id: String,
+    max_tokens: u32,
+    tx: mpsc::Sender<Result<GenerateResponse, Status>>,
+    sequencer: Option<tokio::task::JoinHandle<Totals>>,
+    /// Tokens streamed to the client so far (what a replacement decoder resumes from).
+    produced: Vec<u32>,
+}
+
+impl Relay {
+    async fn run(mut self, mut current: DecoderAttempt, mut tried: Vec<u64>, mut attempt: u32) {
+        let deadline = self.deadline;
+        let result = tokio::time::timeout_at(deadline, async {
+            loop {
+                match self.relay(&mut current).await {
+                    AttemptEnd::Over => return Ok(()),
+                    AttemptEnd::Fatal(status) => return Err(status),
+                    AttemptEnd::Failed { status, abandoned } => {
+                        let DecoderAttempt { lease, events, .. } = current;
+                        drop(events); // cancels the call on the failed replica
+                        if abandoned {
+                            tried.push(lease.id());
+                            lease.abandoned();
+                        } else {
+                            failed("decoder", lease, &mut tried, status.clone());
+                        }
+                        if !is_retryable(&status) {
+                            return Err(stage_status("decoder", status));
+                        }
+                        if self.produced.len() >= self.max_tokens as usize {
+                            // It died after the last token but before `done`: nothing is left to
+                            // generate, so finish here.
+                            self.finish(vlm_proto::DecodeDone {
+                                finish_reason: vlm_proto::FinishReason::Length as i32,
+                                completion_tokens: self.produced.len() as u32,
+                                ..Default::default()
+                            })
+                            .await;
+                            return Ok(());
+                        }
+                        let Some(pause) = self
+                            .stages
+                            .decoder
+                            .retry
+                            .next_retry(attempt, &status, deadline)
+                        else {
+                            return Err(stage_status("decoder", status));
+                        };
+                        tracing::warn!(
+                            attempt,
+                            tokens = self.produced.len(),
+                            "decoder failed mid-stream; resuming on another replica: {}",
+                            status.message()
+                        );
+                        tokio::time::sleep(pause).await;
+                        attempt += 1;
+                        current = open_decoder_with_retry(
+                            &self.stages,
+                            &self.setup,
+                            &self.produced,
+                            &self.log,
+                            &mut tried,
+                            &mut attempt,
+                            deadline,
+                        )
+                        .await?;
+                    }
+                }
+            }
+        })
+        .await;
+        let result = result.unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(
+                "request deadline exceeded while generating",
+            ))
+        });
+        if let Some(s) = self.sequencer.take() {
+            s.abort();
+        }
+        if let Err(status) = result {
+            let _ = self.tx.send(Err(status)).await;
+        }
+    }
+
+    /// Relays one attempt's tokens until `done`, the client leaving, or a failure.
+    async fn relay(&mut self, a: &mut DecoderAttempt) -> AttemptEnd {
+        let log = self.log.clone();
+        let image_failure = log.failed();
+        tokio::pin!(image_failure);
+        let started = TokioInstant::now();
+        let mut last_token: Option<TokioInstant> = None;
+        loop {
+            // Between tokens the replica must keep up with the stage's adaptive per-step timeout;
+            // the first token (queueing and prefill) is bounded by the deadline only.
+            let limit = last_token.map(|_| self.stages.decoder.timeout.limit(1.0, self.deadline));
+            let due = match (last_token, limit) {
+                (Some(t), Some(l)) => t + l,
+                _ => self.deadline,
+            };
+            let event = tokio::select! {
+                status = &mut image_failure => return AttemptEnd::Fatal(status),
+                r = tokio::time::timeout_at(due, a.events.message()) => r,
+            };
+            let event = match event {
+                Err(_) if TokioInstant::now() >= self.deadline => {
+                    return AttemptEnd::Fatal(Status::deadline_exceeded(
+                        "request deadline exceeded while generating",
+                    ))
+                }
+                Err(_) => {
+                    let l = limit.unwrap_or_default();
+                    tracing::warn!(
+                        replica = a.lease.url(),
+                        limit_ms = l.as_millis() as u64,
+                        "decoder slower than the adaptive per-token timeout; abandoning it"
+                    );
+                    let status = Status::unavailable(format!(
+                        "replica {} produced no token within the adaptive timeout of {} ms",
+                        a.lease.url(),
+                        l.as_millis()
+                    ));
+                    return AttemptEnd::Failed {
+                        status,
+                        abandoned: true,
+                    };
+                }
+                Ok(Err(status)) => {
+                    return AttemptEnd::Failed {
+                        status,
+                        abandoned: false,
+                    }
+                }
+                Ok(Ok(None)) => {
+                    return AttemptEnd::Failed {
+                        status: Status::unavailable("decoder stream ended without `done`"),
+                        abandoned: false,
+                    }
+                }
+                Ok(Ok(Some(e))) => e,
+            };
+            match event.kind {
+                Some(EventKind::Token(t)) => {
+                    let now = TokioInstant::now();
+                    match last_token {
+                        Some(prev) => {
+                            self.stages
+                                .decoder
+                                .timeout
+                                .observe(a.lease.id(), now - prev, 1.0)
+                        }
+                        // Time to first token is this replica's latency sample for balancing.
+                        None => a.lease.observe(now - started),
+                    }
+                    last_token = Some(now);
+                    self.produced.push(t.id);
+                    let delta = TextDelta {
+                        text: t.text_delta,
+                        token_ids: vec![t.id],
+                    };
+                    let msg = GenerateResponse {
+                        kind: Some(ResponseKind::Delta(delta)),
+                    };
+                    if self.tx.send(Ok(msg)).await.is_err() {
+                        return AttemptEnd::Over; // the client went away; dropping the call cancels it
+                    }
+                }
+                Some(EventKind::Done(d)) => {
+                    self.finish(d).await;
+                    return AttemptEnd::Over;
+                }
+                None => return AttemptEnd::Fatal(Status::internal("decoder sent an empty event")),
+            }
+        }
+    }
+
+    async fn finish(&mut self, d: vlm_proto::DecodeDone) {
+        let mut totals = match self.sequencer.take() {
+            Some(s) => s.await.unwrap_or_default(),
+            None => Totals::default(),
+        };
+        let fin = GenerateFinal {
+            usage: Some(Usage {
+                prompt_tokens: d.prompt_tokens,
+                completion_tokens: d.completion_tokens,
+            }),
+            timings: Some(StageTimings {
+                preprocess_ms: totals.preprocess_ms,
+                encode_ms: totals.encode_ms,
+                project_ms: totals.project_ms,
+                prefill_ms: d.prefill_ms,
+                decode_ms: d.decode_ms,
+                total_ms: ms(self.started),
+                cache: std::mem::take(&mut totals.cache),
+                cache_ms: totals.cache_ms,
+            }),
+            trace_id: self.trace_id.clone(),
+            finish_reason: d.finish_reason,
+        };
+        let _ = self
+            .tx
+            .send(Ok(GenerateResponse {
+                kind: Some(ResponseKind::Final(fin)),
+            }))
+            .await;
+    }
 }
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
@@ -492,15 +1191,7 @@ impl Gateway for GatewayService {
         req: Request<GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
         let started = Instant::now();
-        let client_timeout = req
-            .metadata()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(vlm_net::parse_grpc_timeout);
-        let budget = client_timeout.map_or(self.cfg.default_timeout, |t| {
-            t.min(self.cfg.default_timeout)
-        });
-        let deadline = TokioInstant::now() + budget;
+        let deadline = vlm_net::request_deadline(req.metadata(), self.cfg.default_timeout);
         let req = req.into_inner();
         self.validate(&req)?;
         let mut params = req.params.clone().unwrap_or_default();
@@ -508,22 +1199,15 @@ impl Gateway for GatewayService {
         let resolved = params_from_proto(Some(&params), self.cfg.default_max_tokens)?;
         params.seed = Some(resolved.seed);
         params.max_tokens = Some(resolved.max_tokens);
-
-        let (decoder_tx, decoder_rx) = mpsc::channel::<DecodeRequest>(8);
         let setup = DecodeSetup {
             prompt: req.prompt.clone(),
             params: Some(params),
             images: vec![ImageSlot { rows: 0 }; req.images.len()],
             resume_token_ids: vec![],
         };
-        decoder_tx
-            .send(DecodeRequest {
-                kind: Some(RequestKind::Setup(setup)),
-            })
-            .await
-            .map_err(|_| Status::internal("decoder request channel closed"))?;
 
-        // Start every image pipeline at once; their outputs are fed to the decoder in prompt order.
+        // Start every image pipeline at once; their outputs are logged in prompt order, and every
+        // decoder attempt is fed from the log.
         let wire = self.cfg.wire_dtype.map_or(0, |d| d as i32);
         let mut per_image = Vec::with_capacity(req.images.len());
         for image in req.images {
@@ -537,29 +1221,17 @@ impl Gateway for GatewayService {
             ));
             per_image.push((task, rx));
         }
-        let mut decoder = DecoderClient::new(self.cfg.decoder.clone());
-        let decode_call =
-            decoder.generate(with_deadline(ReceiverStream::new(decoder_rx), deadline));
-
-        let (image_err_tx, mut image_err_rx) = mpsc::channel::<Status>(1);
+        let log = EmbeddingLog::new();
+        let seq_log = log.clone();
         let sequencer = tokio::spawn(async move {
             let mut totals = Totals::default();
             for (task, mut rx) in per_image {
+                let abort = AbortOnDrop::new(&task);
                 while let Some(chunk) = rx.recv().await {
                     match chunk {
-                        Ok(c) => {
-                            if decoder_tx
-                                .send(DecodeRequest {
-                                    kind: Some(RequestKind::Embeddings(c)),
-                                })
-                                .await
-                                .is_err()
-                            {
-                                return totals;
-                            }
-                        }
+                        Ok(c) => seq_log.push(c),
                         Err(s) => {
-                            let _ = image_err_tx.send(s).await;
+                            seq_log.fail(s);
                             return totals;
                         }
                     }
@@ -567,97 +1239,52 @@ impl Gateway for GatewayService {
                 match task.await {
                     Ok(Ok(t)) => totals.add(&t),
                     Ok(Err(s)) => {
-                        let _ = image_err_tx.send(s).await;
+                        seq_log.fail(s);
                         return totals;
                     }
                     Err(e) => {
-                        let _ = image_err_tx
-                            .send(Status::internal(format!("image task failed: {e}")))
-                            .await;
+                        seq_log.fail(Status::internal(format!("image task failed: {e}")));
                         return totals;
                     }
                 }
+                drop(abort);
             }
+            seq_log.finish();
             totals
         });
-        let sequencer_abort = sequencer.abort_handle();
+        let sequencer_abort = AbortOnDrop::new(&sequencer);
 
-        let mut decoded = match tokio::time::timeout_at(deadline, decode_call).await {
-            Err(_) => {
-                sequencer_abort.abort();
-                return Err(Status::deadline_exceeded(
-                    "deadline exceeded before the decoder answered",
-                ));
-            }
-            Ok(Err(s)) => {
-                sequencer_abort.abort();
-                return Err(stage_status("decoder", s));
-            }
-            Ok(Ok(r)) => r.into_inner(),
-        };
+        // The first decoder call is made here, so prompt errors reach the client as the call's
+        // status; once it streams, failures are handled by the relay.
+        self.stages.decoder.retry.record_call();
+        let mut tried = Vec::new();
+        let mut attempt = 1;
+        let first = open_decoder_with_retry(
+            &self.stages,
+            &setup,
+            &[],
+            &log,
+            &mut tried,
+            &mut attempt,
+            deadline,
+        )
+        .await?;
+        sequencer_abort.disarm(); // the relay owns the sequencer from here
 
-        let trace_id = vlm_net::new_request_id();
         let (tx, rx) = mpsc::channel(32);
-        tokio::spawn(async move {
-            // Dropping `decoded` (on any exit) cancels the decoder call, which stops decoding.
-            let relay = async {
-                let mut sequencer = Some(sequencer);
-                let mut totals = Totals::default();
-                loop {
-                    tokio::select! {
-                        Some(status) = image_err_rx.recv() => return Err(status),
-                        event = decoded.message() => {
-                            let event = event.map_err(|s| stage_status("decoder", s))?;
-                            let Some(event) = event else {
-                                return Err(Status::internal("decoder stream ended without `done`"));
-                            };
-                            match event.kind {
-                                Some(EventKind::Token(t)) => {
-                                    let delta = TextDelta { text: t.text_delta, token_ids: vec![t.id] };
-                                    let msg = GenerateResponse { kind: Some(ResponseKind::Delta(delta)) };
-                                    if tx.send(Ok(msg)).await.is_err() {
-                                        return Ok(()); // the client went away
-                                    }
-                                }
-                                Some(EventKind::Done(d)) => {
-                                    if let Some(s) = sequencer.take() {
-                                        totals = s.await.unwrap_or_default();
-                                    }
-                                    let fin = GenerateFinal {
-                                        usage: Some(Usage { prompt_tokens: d.prompt_tokens, completion_tokens: d.completion_tokens }),
-                                        timings: Some(StageTimings {
-                                            preprocess_ms: totals.preprocess_ms,
-                                            encode_ms: totals.encode_ms,
-                                            project_ms: totals.project_ms,
-                                            prefill_ms: d.prefill_ms,
-                                            decode_ms: d.decode_ms,
-                                            total_ms: ms(started),
-                                            cache: std::mem::take(&mut totals.cache),
-                                            cache_ms: totals.cache_ms,
-                                        }),
-                                        trace_id: trace_id.clone(),
-                                        finish_reason: d.finish_reason,
-                                    };
-                                    let _ = tx.send(Ok(GenerateResponse { kind: Some(ResponseKind::Final(fin)) })).await;
-                                    return Ok(());
-                                }
-                                None => return Err(Status::internal("decoder sent an empty event")),
-                            }
-                        }
-                    }
-                }
-            };
-            let result = match tokio::time::timeout_at(deadline, relay).await {
-                Ok(r) => r,
-                Err(_) => Err(Status::deadline_exceeded(
-                    "request deadline exceeded while generating",
-                )),
-            };
-            sequencer_abort.abort();
-            if let Err(status) = result {
-                let _ = tx.send(Err(status)).await;
-            }
-        });
+        let relay = Relay {
+            stages: self.stages.clone(),
+            max_tokens: resolved.max_tokens,
+            setup,
+            log,
+            deadline,
+            started,
+            trace_id: vlm_net::new_request_id(),
+            tx,
+            sequencer: Some(sequencer),
+            produced: Vec::new(),
+        };
+        tokio::spawn(relay.run(first, tried, attempt));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).fuse())))
     }
 

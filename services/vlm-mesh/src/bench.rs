@@ -148,6 +148,7 @@ async fn cache_bench(args: CacheBenchArgs) -> anyhow::Result<()> {
         dtype: "f32".into(),
         gateway_args: vec!["--redis".into(), args.redis.clone()],
         service_log: Some("warn".into()),
+        replicas: [1; 3],
     };
     let mesh = Mesh::start(&opts).await?;
     let result = async {

@@ -59,6 +59,10 @@ struct UpArgs {
     /// Compute dtype: f32, f16 or bf16.
     #[arg(long, env = "VLM_DTYPE", default_value = "f32")]
     dtype: String,
+    /// Processes per stage, e.g. `encoder=2,projector=1,decoder=2` (unnamed stages: 1). The
+    /// gateway balances over them and routes around replicas that fail.
+    #[arg(long, env = "VLM_REPLICAS", default_value = "")]
+    replicas: String,
     #[command(flatten)]
     cache: serve::CacheArgs,
 }
@@ -98,9 +102,10 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
             dtype: args.dtype,
             gateway_args: args.cache.to_args(),
             service_log: None,
+            replicas: mesh::parse_replicas(&args.replicas)?,
         };
         let mut mesh = mesh::Mesh::start(&opts).await?;
-        let pids: Vec<String> = mesh.info.services.iter().map(|s| format!("{}={}", s.role, s.pid)).collect();
+        let pids: Vec<String> = mesh.info.services.iter().map(|s| format!("{}={}", s.label(), s.pid)).collect();
         println!(
             "ready gateway={} state-dir={} pids {}",
             mesh.info.gateway_url,
@@ -109,9 +114,21 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         );
         use std::io::Write;
         std::io::stdout().flush()?;
-        let result = tokio::select! {
-            _ = vlm_net::shutdown_signal() => Ok(()),
-            (role, status) = mesh.child_exited() => Err(anyhow::anyhow!("the {role} exited ({status}); stopping the mesh")),
+        // A stage replica that dies is not fatal: the gateway routes around it, and a process
+        // started again on its address is taken back (as Kubernetes would restart a pod). Without
+        // the gateway, though, the mesh is gone.
+        let shutdown = vlm_net::shutdown_signal();
+        tokio::pin!(shutdown);
+        let result = loop {
+            tokio::select! {
+                _ = &mut shutdown => break Ok(()),
+                (role, status) = mesh.child_exited() => {
+                    if role == "gateway" {
+                        break Err(anyhow::anyhow!("the gateway exited ({status}); stopping the mesh"));
+                    }
+                    eprintln!("warning: the {role} exited ({status}); the gateway routes around it");
+                }
+            }
         };
         mesh.shutdown().await;
         result
@@ -128,6 +145,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
             dtype: "f32".into(),
             gateway_args: vec![],
             service_log: Some("warn".into()),
+            replicas: [1; 3],
         };
         eprintln!("starting the mesh (encoder, projector, decoder, gateway; mTLS on every hop)…");
         let mesh = mesh::Mesh::start(&opts).await?;

@@ -52,13 +52,59 @@ pub struct MeshOptions {
     pub gateway_args: Vec<String>,
     /// Log filter for the services (`VLM_LOG`); None keeps the caller's, else `info`.
     pub service_log: Option<String>,
+    /// Processes per stage, in [`STAGES`] order.
+    pub replicas: [usize; 3],
+}
+
+/// Parses `encoder=2,projector=1,decoder=2` (stages not named keep 1 replica).
+pub fn parse_replicas(spec: &str) -> anyhow::Result<[usize; 3]> {
+    let mut out = [1; 3];
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (stage, n) = item
+            .split_once('=')
+            .with_context(|| format!("--replicas: {item:?} is not STAGE=N"))?;
+        let i = STAGES
+            .iter()
+            .position(|s| *s == stage.trim())
+            .with_context(|| {
+                format!("--replicas: unknown stage {stage:?} (encoder, projector, decoder)")
+            })?;
+        let n: usize = n
+            .trim()
+            .parse()
+            .with_context(|| format!("--replicas: {n:?} is not a number"))?;
+        anyhow::ensure!(
+            (1..=16).contains(&n),
+            "--replicas: {stage} must have 1 to 16 replicas"
+        );
+        out[i] = n;
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ServiceInfo {
     pub role: String,
+    /// Index among the replicas of `role` (0 for the gateway).
+    #[serde(default)]
+    pub replica: usize,
     pub pid: u32,
     pub addr: SocketAddr,
+}
+
+impl ServiceInfo {
+    /// `decoder` for the first replica, `decoder#1`… for the others (log prefixes, messages).
+    pub fn label(&self) -> String {
+        label(&self.role, self.replica)
+    }
+}
+
+fn label(role: &str, replica: usize) -> String {
+    if replica == 0 {
+        role.to_string()
+    } else {
+        format!("{role}#{replica}")
+    }
 }
 
 /// What `up` writes to `<state-dir>/mesh.json` for `ask` and tests.
@@ -83,10 +129,17 @@ pub struct Mesh {
     service_log: Option<String>,
 }
 
-fn spawn_service(role: &str, args: &[String], log: Option<&str>) -> anyhow::Result<(Child, u32)> {
+fn spawn_service(
+    role: &str,
+    replica: usize,
+    args: &[String],
+    log: Option<&str>,
+) -> anyhow::Result<(Child, u32)> {
     let exe = std::env::current_exe().context("cannot find the vlm-mesh executable")?;
     let mut cmd = Command::new(exe);
     cmd.arg("serve").arg(role).args(args);
+    // Which replica this is; test fault hooks can single one out by it.
+    cmd.env("VLM_REPLICA", replica.to_string());
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -159,20 +212,20 @@ impl Mesh {
                 opts.dtype.clone(),
             ]
         };
-        let mut addrs = Vec::new();
-        for role in STAGES {
-            let addr = mesh
-                .launch(role, &common("127.0.0.1:0".into()), &exit_tx)
-                .await?;
-            addrs.push(addr);
-        }
         let mut gw_args = common(opts.listen.to_string());
-        for (role, addr) in STAGES.iter().zip(&addrs) {
+        for (role, &n) in STAGES.iter().zip(&opts.replicas) {
+            let mut urls = Vec::new();
+            for replica in 0..n.max(1) {
+                let addr = mesh
+                    .launch(role, replica, &common("127.0.0.1:0".into()), &exit_tx)
+                    .await?;
+                urls.push(format!("https://{addr}"));
+            }
             gw_args.push(format!("--{role}"));
-            gw_args.push(format!("https://{addr}"));
+            gw_args.push(urls.join(","));
         }
         gw_args.extend(opts.gateway_args.iter().cloned());
-        let gw = mesh.launch("gateway", &gw_args, &exit_tx).await?;
+        let gw = mesh.launch("gateway", 0, &gw_args, &exit_tx).await?;
         mesh.info.gateway_url = format!("https://{gw}");
 
         // Every service must answer SERVING over mTLS before the mesh is declared ready.
@@ -182,7 +235,7 @@ impl Mesh {
             let url = format!("https://{}", s.addr);
             tokio::select! {
                 r = vlm_net::wait_until_serving_url(&url, Some(tls), "", START_TIMEOUT) => {
-                    r.with_context(|| format!("the {} did not become ready", s.role))?;
+                    r.with_context(|| format!("the {} did not become ready", s.label()))?;
                 }
                 Some((role, status)) = mesh.exits.recv() => bail!("the {role} exited during start-up ({status})"),
             }
@@ -197,11 +250,14 @@ impl Mesh {
     async fn launch(
         &mut self,
         role: &str,
+        replica: usize,
         args: &[String],
         exit_tx: &mpsc::UnboundedSender<(String, ExitStatus)>,
     ) -> anyhow::Result<SocketAddr> {
-        let (mut child, pid) = spawn_service(role, args, self.service_log.as_deref())?;
+        let (mut child, pid) = spawn_service(role, replica, args, self.service_log.as_deref())?;
         let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let role_label = label(role, replica);
+        let role = role_label.as_str();
         let stderr_relay = relay_lines(
             role.to_string(),
             BufReader::new(child.stderr.take().expect("piped stderr")),
@@ -259,7 +315,8 @@ impl Mesh {
             let _ = done_tx.send(());
         });
         let info = ServiceInfo {
-            role: role.to_string(),
+            role: role.split('#').next().unwrap_or(role).to_string(),
+            replica,
             pid,
             addr,
         };
@@ -272,7 +329,7 @@ impl Mesh {
         Ok(addr)
     }
 
-    /// Resolves when a service exits on its own (an error: the mesh is broken).
+    /// Resolves when a service exits on its own, with its label (`decoder#1`, `gateway`…).
     pub async fn child_exited(&mut self) -> (String, ExitStatus) {
         match self.exits.recv().await {
             Some(x) => x,

@@ -40,6 +40,13 @@ pub struct CommonArgs {
     /// Compute dtype: f32, f16 or bf16.
     #[arg(long, env = "VLM_DTYPE", default_value = "f32")]
     pub dtype: String,
+    /// Calls this service serves at once; see --max-queue.
+    #[arg(long, env = "VLM_MAX_IN_FLIGHT", default_value_t = 64)]
+    pub max_in_flight: usize,
+    /// Calls that may wait for a slot beyond --max-in-flight; more are refused at once with
+    /// RESOURCE_EXHAUSTED (load shedding), so memory stays bounded under overload.
+    #[arg(long, env = "VLM_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
 }
 
 impl CommonArgs {
@@ -65,6 +72,53 @@ impl CommonArgs {
     fn dtype(&self) -> anyhow::Result<vlm_model::DType> {
         Ok(vlm_model::parse_dtype(&self.dtype)?)
     }
+
+    fn admission(&self) -> vlm_net::AdmissionLimits {
+        vlm_net::AdmissionLimits {
+            max_in_flight: self.max_in_flight,
+            max_queue: self.max_queue,
+        }
+    }
+}
+
+/// How the gateway copes with failing, slow and overloaded stages.
+#[derive(Args, Debug, Clone)]
+pub struct ResilienceArgs {
+    /// Attempts per stage call, the first included (retries go to other replicas).
+    #[arg(long, env = "VLM_RETRY_ATTEMPTS", default_value_t = 3)]
+    pub retry_attempts: u32,
+    /// Retries allowed on top of calls, in percent of the calls of the last 10 s (plus 10/s).
+    #[arg(long, env = "VLM_RETRY_BUDGET_PERCENT", default_value_t = 20.0)]
+    pub retry_budget_percent: f32,
+    /// Adaptive timeout = factor × the fastest replica's high-percentile latency per unit of work…
+    #[arg(long, env = "VLM_TIMEOUT_FACTOR", default_value_t = 5.0)]
+    pub timeout_factor: f64,
+    /// …but at least this many milliseconds…
+    #[arg(long, env = "VLM_TIMEOUT_MIN_MS", default_value_t = 500)]
+    pub timeout_min_ms: u64,
+    /// …and at most this many (also the limit before any latency was observed).
+    #[arg(long, env = "VLM_TIMEOUT_MAX_MS", default_value_t = 60_000)]
+    pub timeout_max_ms: u64,
+    /// Interval of the health checks that eject and re-admit replicas, in milliseconds.
+    #[arg(long, env = "VLM_HEALTH_INTERVAL_MS", default_value_t = 1000)]
+    pub health_interval_ms: u64,
+    /// How often `dns://host:port` replica names are re-resolved, in seconds.
+    #[arg(long, env = "VLM_DNS_REFRESH_SECS", default_value_t = 5)]
+    pub dns_refresh_secs: u64,
+}
+
+/// A test-only fault hook: `VAR=MS` delays every call of every replica by MS; `VAR=A,B,…` gives
+/// replica i (its `VLM_REPLICA`, set by `up`) the i-th value, the last one repeating.
+fn fault_delay(var: &str) -> Option<Duration> {
+    let value = std::env::var(var).ok()?;
+    let values: Vec<&str> = value.split(',').map(str::trim).collect();
+    let replica: usize = std::env::var("VLM_REPLICA")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let pick = values.get(replica).or(values.last())?;
+    let ms: u64 = pick.parse().ok()?;
+    (ms > 0).then(|| Duration::from_millis(ms))
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -106,15 +160,19 @@ pub enum ServeRole {
     Gateway {
         #[command(flatten)]
         common: CommonArgs,
-        /// Encoder URL (https://host:port).
+        /// Encoder replicas: `https://host:port[,https://host:port…]`, or `dns://name:port` for
+        /// every address the name resolves to, re-resolved periodically (a Kubernetes headless
+        /// Service). The same forms work for --projector and --decoder.
         #[arg(long, env = "VLM_ENCODER")]
         encoder: String,
-        /// Projector URL.
+        /// Projector replicas (see --encoder).
         #[arg(long, env = "VLM_PROJECTOR")]
         projector: String,
-        /// Decoder URL.
+        /// Decoder replicas (see --encoder).
         #[arg(long, env = "VLM_DECODER")]
         decoder: String,
+        #[command(flatten)]
+        resilience: ResilienceArgs,
         /// Largest encoded image accepted, in bytes (larger: RESOURCE_EXHAUSTED).
         #[arg(long, env = "VLM_MAX_IMAGE_BYTES", default_value_t = 20 << 20)]
         max_image_bytes: usize,
@@ -224,6 +282,7 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
                 },
                 max_image_bytes,
                 max_concurrent,
+                fault_encode_delay: fault_delay("VLM_FAULT_ENCODE_DELAY_MS"),
             };
             let svc = vlm_encoder::EncoderService::load(&cfg)?;
             let listener = bind(common.listen).await?;
@@ -232,6 +291,7 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
                     .saturating_add(1 << 20)
                     .min(MAX_MESSAGE_BYTES),
             );
+            let server = vlm_net::Admission::new(server, common.admission());
             vlm_net::serve_grpc(listener, Some(tls), server, vlm_net::shutdown_signal()).await?;
         }
         ServeRole::Projector {
@@ -250,7 +310,7 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
             vlm_net::serve_grpc(
                 listener,
                 Some(tls),
-                svc.into_server(),
+                vlm_net::Admission::new(svc.into_server(), common.admission()),
                 vlm_net::shutdown_signal(),
             )
             .await?;
@@ -267,17 +327,14 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
                 limits: TensorLimits::default(),
                 max_concurrent,
                 default_max_tokens,
-                fault_decode_delay: std::env::var("VLM_FAULT_DECODE_DELAY_MS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .map(Duration::from_millis),
+                fault_decode_delay: fault_delay("VLM_FAULT_DECODE_DELAY_MS"),
             };
             let svc = vlm_decoder::DecoderService::load(&cfg)?;
             let listener = bind(common.listen).await?;
             vlm_net::serve_grpc(
                 listener,
                 Some(tls),
-                svc.into_server(),
+                vlm_net::Admission::new(svc.into_server(), common.admission()),
                 vlm_net::shutdown_signal(),
             )
             .await?;
@@ -294,15 +351,22 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
             wire_dtype,
             plaintext,
             cache,
+            resilience: r,
         } => {
             let files = common.tls_files("gateway")?;
             // Internal hops: the gateway presents its certificate and checks each stage's name.
-            let channel = |url: &str| -> anyhow::Result<tonic::transport::Channel> {
-                let host = vlm_net::url_host(url)?;
-                Ok(vlm_net::connect_lazy(
-                    url,
-                    Some(vlm_net::client_tls(&files, &host)?),
-                )?)
+            let tls_files = files.clone();
+            let tls: vlm_net::TlsForHost = std::sync::Arc::new(move |host: &str| {
+                Ok(Some(vlm_net::client_tls(&tls_files, host)?))
+            });
+            let replica_opts = vlm_net::ReplicaOptions {
+                health_interval: Duration::from_millis(r.health_interval_ms.max(10)),
+                dns_refresh: Duration::from_secs(r.dns_refresh_secs.max(1)),
+                ..Default::default()
+            };
+            let replicas = |stage: &str, spec: &str| {
+                vlm_net::ReplicaSet::new(stage, spec, tls.clone(), replica_opts.clone())
+                    .with_context(|| format!("--{stage}"))
             };
             let wire_dtype = match wire_dtype.as_deref() {
                 None => None,
@@ -314,9 +378,19 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
             };
             let cfg = vlm_gateway::GatewayConfig {
                 model: common.model.clone(),
-                encoder: channel(&encoder)?,
-                projector: channel(&projector)?,
-                decoder: channel(&decoder)?,
+                encoder: replicas("encoder", &encoder)?,
+                projector: replicas("projector", &projector)?,
+                decoder: replicas("decoder", &decoder)?,
+                retry: vlm_net::RetryOptions {
+                    max_attempts: r.retry_attempts.max(1),
+                    budget_ratio: r.retry_budget_percent / 100.0,
+                    ..Default::default()
+                },
+                timeouts: vlm_net::AdaptiveTimeoutOptions {
+                    factor: r.timeout_factor,
+                    min: Duration::from_millis(r.timeout_min_ms),
+                    max: Duration::from_millis(r.timeout_max_ms.max(r.timeout_min_ms)),
+                },
                 max_image_bytes,
                 max_images,
                 max_prompt_bytes: 1 << 20,
@@ -336,6 +410,7 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
             let server = svc
                 .into_server()
                 .max_decoding_message_size(MAX_MESSAGE_BYTES);
+            let server = vlm_net::Admission::new(server, common.admission());
             vlm_net::serve_grpc(listener, tls, server, vlm_net::shutdown_signal()).await?;
         }
     }
