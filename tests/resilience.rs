@@ -1,0 +1,518 @@
+//! Resilience end to end: real process trees from `vlm-mesh up --replicas …`, real mTLS, real
+//! SIGKILL. Fault hooks (env vars read by the services) stand in only for what cannot be produced
+//! on demand: a replica that is slow, a model slow enough to act "mid-stream".
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+use vlm_model::{DType, Device, ImageLimits, Pipeline, SamplingParams};
+use vlm_proto::gateway_client::GatewayClient;
+use vlm_proto::generate_response::Kind;
+use vlm_proto::GenerateRequest;
+
+mod common;
+use common::*;
+
+type Client = GatewayClient<tonic::transport::Channel>;
+
+fn request(image: &[u8], p: &SamplingParams) -> GenerateRequest {
+    GenerateRequest {
+        images: vec![image.to_vec().into()],
+        prompt: PROMPT.into(),
+        params: Some(vlm_proto::SamplingParams {
+            max_tokens: Some(p.max_tokens),
+            temperature: p.temperature,
+            top_p: 1.0,
+            top_k: p.top_k,
+            seed: Some(p.seed),
+            stop: vec![],
+        }),
+    }
+}
+
+/// Runs one request to the end; the token ids, or the status it failed with.
+async fn generate(
+    client: &mut Client,
+    req: GenerateRequest,
+    timeout: Option<Duration>,
+    on_token: impl Fn(),
+) -> Result<Vec<u32>, tonic::Status> {
+    let mut req = tonic::Request::new(req);
+    if let Some(t) = timeout {
+        req.set_timeout(t);
+    }
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut ids = Vec::new();
+    let mut finished = false;
+    while let Some(msg) = stream.message().await? {
+        match msg.kind {
+            Some(Kind::Delta(d)) => {
+                ids.extend(d.token_ids);
+                on_token();
+            }
+            Some(Kind::Final(_)) => finished = true,
+            None => {}
+        }
+    }
+    assert!(finished, "stream ended without a final message");
+    Ok(ids)
+}
+
+fn pipeline() -> Pipeline {
+    Pipeline::load(model(), DType::F32, &Device::Cpu, ImageLimits::default()).unwrap()
+}
+
+fn reference(pipeline: &Pipeline, image: &[u8], p: &SamplingParams) -> Vec<u32> {
+    pipeline
+        .generate(&[image], PROMPT, p, |_| {})
+        .unwrap()
+        .token_ids
+}
+
+/// (pid, addr) of every replica of `role`, in replica order.
+fn replicas(mesh: &MeshProc, role: &str) -> Vec<(u32, String)> {
+    let info = mesh.mesh_json();
+    let mut v: Vec<(u64, u32, String)> = info["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["role"] == role)
+        .map(|s| {
+            (
+                s["replica"].as_u64().unwrap_or(0),
+                s["pid"].as_u64().unwrap() as u32,
+                s["addr"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, pid, addr)| (pid, addr)).collect()
+}
+
+fn kill9(pid: u32) {
+    // SAFETY: kill(2) on a service process this test's mesh started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn p95(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[((v.len() as f64 * 0.95).ceil() as usize).clamp(1, v.len()) - 1]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn decoder_killed_mid_stream_all_forty_requests_complete_identically() {
+    // The decode delay makes each stream last long enough that a kill lands mid-stream.
+    let mesh = MeshProc::start_with(
+        &model(),
+        &["--replicas", "decoder=2"],
+        &[
+            ("VLM_FAULT_DECODE_DELAY_MS", "15"),
+            ("VLM_HEALTH_INTERVAL_MS", "200"),
+        ],
+    );
+    let decoders = replicas(&mesh, "decoder");
+    assert_eq!(decoders.len(), 2, "{decoders:?}");
+    let image = std::fs::read(image_path()).unwrap();
+    let pipeline = pipeline();
+    // Greedy and seeded sampling, mixed.
+    let params: Vec<SamplingParams> = (0..40u64)
+        .map(|i| SamplingParams {
+            max_tokens: 16 + (i as u32 % 5),
+            temperature: if i % 2 == 0 { 0.0 } else { 0.8 },
+            top_k: if i % 4 == 1 { 20 } else { 0 },
+            seed: 7000 + i,
+            ..Default::default()
+        })
+        .collect();
+    let client = mesh.client().await;
+    let tokens_seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for p in &params {
+        let mut client = client.clone();
+        let req = request(&image, p);
+        let seen = tokens_seen.clone();
+        tasks.push(tokio::spawn(async move {
+            generate(&mut client, req, None, || {
+                seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            })
+            .await
+        }));
+    }
+    // Kill decoder #1 once tokens are flowing (mid-stream for the requests it serves).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tokens_seen.load(std::sync::atomic::Ordering::Relaxed) < 40 {
+        assert!(Instant::now() < deadline, "no tokens flowing");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await; // polling a counter, bounded above
+    }
+    kill9(decoders[1].0);
+    let killed_at = tokens_seen.load(std::sync::atomic::Ordering::Relaxed);
+    for (p, t) in params.iter().zip(tasks) {
+        let got = t
+            .await
+            .unwrap()
+            .unwrap_or_else(|s| panic!("request {p:?} failed: {s:?}"));
+        assert_eq!(got, reference(&pipeline, &image, p), "{p:?}");
+    }
+    assert!(!pid_alive(decoders[1].0 as u64), "decoder #1 still alive");
+    // The kill happened mid-stream: the gateway resumed streams elsewhere, some of them after
+    // tokens had already reached the client (`tokens=N` > 0 is what was replayed).
+    let resumed: Vec<(usize, String)> = mesh
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("[gateway]") && l.contains("resuming on another replica"))
+        .filter_map(|l| {
+            let n = l
+                .split("tokens=")
+                .nth(1)?
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?;
+            Some((n.parse().ok()?, l.clone()))
+        })
+        .collect();
+    let total = params.iter().map(|p| p.max_tokens as usize).sum::<usize>();
+    eprintln!(
+        "killed decoder #1 after {killed_at}/{total} tokens; {} streams resumed, replayed tokens {:?}",
+        resumed.len(),
+        resumed.iter().map(|r| r.0).collect::<Vec<_>>()
+    );
+    assert!(
+        resumed.iter().any(|(n, _)| *n > 0),
+        "no stream was resumed mid-stream; log: {:?}",
+        mesh.log.lock().unwrap()
+    );
+}
+
+/// Encoder calls (successful or not) each replica received, from its own Info.
+async fn encoder_requests(mesh: &MeshProc, addr: &str) -> u64 {
+    let files = vlm_net::TlsFiles::for_role(mesh.certs(), "client");
+    let tls = vlm_net::client_tls(&files, "localhost").unwrap();
+    let ch = vlm_net::connect(&format!("https://{addr}"), Some(tls))
+        .await
+        .unwrap();
+    vlm_proto::encoder_client::EncoderClient::new(ch)
+        .info(vlm_proto::EncoderInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .requests_total
+}
+
+/// Latencies of `n` requests, `concurrency` at a time, after `warmup` unmeasured ones.
+async fn measure(mesh: &MeshProc, image: &[u8], warmup: usize, n: usize) -> Vec<Duration> {
+    let client = mesh.client().await;
+    let p = SamplingParams {
+        max_tokens: 6,
+        ..Default::default()
+    };
+    let want = reference(&pipeline(), image, &p);
+    for _ in 0..warmup {
+        let got = generate(&mut client.clone(), request(image, &p), None, || {})
+            .await
+            .unwrap();
+        assert_eq!(got, want);
+    }
+    let concurrency = 4;
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (mut client, latencies, image, want, p) = (
+            client.clone(),
+            latencies.clone(),
+            image.to_vec(),
+            want.clone(),
+            p.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            for _ in 0..n / concurrency {
+                let t = Instant::now();
+                let got = generate(&mut client, request(&image, &p), None, || {})
+                    .await
+                    .unwrap_or_else(|s| panic!("request failed: {s:?}"));
+                latencies.lock().unwrap().push(t.elapsed());
+                assert_eq!(got, want);
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    let v = latencies.lock().unwrap().clone();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_twenty_times_slower_encoder_gets_a_minority_of_calls_and_p95_stays_within_2x() {
+    let image = std::fs::read(image_path()).unwrap();
+    // Both encoders take 20 ms per image (so "20× slower" is a known quantity: 400 ms); the
+    // decoder takes 10 ms per token so a request is a realistic mix of stages. No cache: every
+    // request must go to an encoder.
+    let env = |encode: &'static str| {
+        vec![
+            ("VLM_FAULT_ENCODE_DELAY_MS", encode),
+            ("VLM_FAULT_DECODE_DELAY_MS", "10"),
+            ("VLM_TIMEOUT_MIN_MS", "50"),
+        ]
+    };
+    let args = ["--replicas", "encoder=2", "--no-cache"];
+    let baseline = {
+        let mesh = MeshProc::start_with(&model(), &args, &env("20"));
+        measure(&mesh, &image, 8, 40).await
+    };
+    let mesh = MeshProc::start_with(&model(), &args, &env("20,400"));
+    let slowed = measure(&mesh, &image, 8, 40).await;
+    let encoders = replicas(&mesh, "encoder");
+    let fast_calls = encoder_requests(&mesh, &encoders[0].1).await;
+    let slow_calls = encoder_requests(&mesh, &encoders[1].1).await;
+    let (p95_base, p95_slowed) = (p95(baseline), p95(slowed));
+    eprintln!(
+        "p95 healthy {p95_base:?}, with a 20x slower replica {p95_slowed:?}; calls fast {fast_calls} slow {slow_calls}"
+    );
+    assert!(
+        slow_calls < fast_calls,
+        "slow replica got {slow_calls} calls, fast {fast_calls}"
+    );
+    assert!(fast_calls + slow_calls >= 48);
+    assert!(
+        p95_slowed <= p95_base * 2,
+        "p95 {p95_slowed:?} > 2 × healthy p95 {p95_base:?}"
+    );
+}
+
+/// A stage process started by the test itself (to bring a replica back on its old address).
+struct ServiceProc(Child);
+
+impl ServiceProc {
+    fn start(role: &str, listen: &str, certs: &std::path::Path) -> ServiceProc {
+        let mut child = Command::new(EXE)
+            .args(["serve", role, "--listen", listen, "--model"])
+            .arg(model())
+            .arg("--tls-dir")
+            .arg(certs)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Readiness: the process prints `listening ADDR` once it has loaded and bound.
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(line.starts_with("listening "), "{role}: {line:?}");
+        ServiceProc(child)
+    }
+}
+
+impl Drop for ServiceProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_encoders_down_fail_fast_with_unavailable_then_recover_without_restart() {
+    let mesh = MeshProc::start_with(
+        &model(),
+        &["--replicas", "encoder=2", "--no-cache"],
+        &[("VLM_HEALTH_INTERVAL_MS", "200")],
+    );
+    let image = std::fs::read(image_path()).unwrap();
+    let p = SamplingParams {
+        max_tokens: 4,
+        ..Default::default()
+    };
+    let want = reference(&pipeline(), &image, &p);
+    let mut client = mesh.client().await;
+    assert_eq!(
+        generate(&mut client, request(&image, &p), None, || {})
+            .await
+            .unwrap(),
+        want
+    );
+    let gateway_pid = replicas(&mesh, "gateway")[0].0;
+    let encoders = replicas(&mesh, "encoder");
+    for (pid, _) in &encoders {
+        kill9(*pid);
+    }
+    for (pid, _) in &encoders {
+        let t = Instant::now();
+        while pid_alive(*pid as u64) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "encoder survived SIGKILL"
+            );
+            std::thread::sleep(Duration::from_millis(10)); // waiting for the kernel to reap
+        }
+    }
+    let deadline = Duration::from_secs(5);
+    for _ in 0..3 {
+        let t = Instant::now();
+        let err = generate(&mut client, request(&image, &p), Some(deadline), || {})
+            .await
+            .unwrap_err();
+        let took = t.elapsed();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        assert!(err.message().contains("encoder"), "{err:?}");
+        assert!(took < deadline, "took {took:?}, deadline {deadline:?}");
+        eprintln!("all encoders down: {:?} after {took:?}", err.message());
+    }
+    // One replica comes back on its old address; the same gateway takes it back.
+    let _back = ServiceProc::start("encoder", &encoders[0].1, &mesh.certs());
+    mesh.wait_for_log(&["[gateway]", "healthy again"], Duration::from_secs(20))
+        .unwrap_or_else(|| {
+            panic!(
+                "gateway never re-admitted the encoder: {:?}",
+                mesh.log.lock().unwrap()
+            )
+        });
+    for _ in 0..3 {
+        let got = generate(&mut client, request(&image, &p), Some(deadline), || {})
+            .await
+            .unwrap();
+        assert_eq!(got, want);
+    }
+    assert_eq!(replicas(&mesh, "gateway")[0].0, gateway_pid);
+    assert!(pid_alive(gateway_pid as u64), "gateway restarted or died");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_300ms_deadline_ends_a_long_request_in_time_and_the_decoder_stops() {
+    let mesh = MeshProc::start(&[("VLM_FAULT_DECODE_DELAY_MS", "25")]);
+    let image = std::fs::read(image_path()).unwrap();
+    let mut client = mesh.client().await;
+    // Warm the path (connections, first-call costs), so the measured call is the deadline's.
+    let short = SamplingParams {
+        max_tokens: 2,
+        ..Default::default()
+    };
+    generate(&mut client, request(&image, &short), None, || {})
+        .await
+        .unwrap();
+    // 180 tokens × 25 ms: about 4.5 s of work.
+    let long = SamplingParams {
+        max_tokens: 180,
+        ..Default::default()
+    };
+    let budget = Duration::from_millis(300);
+    let t = Instant::now();
+    let err = generate(&mut client, request(&image, &long), Some(budget), || {})
+        .await
+        .unwrap_err();
+    let took = t.elapsed();
+    eprintln!("deadline 300 ms: {:?} after {took:?}", err.code());
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        took < budget + Duration::from_millis(400),
+        "took {took:?} for a {budget:?} deadline"
+    );
+    // The decoder stopped working on it (its own deadline or the cancelled call), long before the
+    // 180 tokens.
+    let line = mesh
+        .wait_for_log(&["[decoder]", "decoding stopped"], Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("decoder never stopped; log: {:?}", mesh.log.lock().unwrap()));
+    let tokens: usize = line
+        .split("tokens=")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no token count in {line:?}"));
+    eprintln!("decoder: {line}");
+    assert!(tokens < 40, "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overload_at_4x_concurrency_sheds_fast_accepts_the_rest_and_memory_stays_bounded() {
+    const IN_FLIGHT: usize = 4;
+    const QUEUE: usize = 2;
+    const RSS_BOUND_KIB: u64 = 512 * 1024;
+    let mesh = MeshProc::start(&[
+        ("VLM_MAX_IN_FLIGHT", "4"),
+        ("VLM_MAX_QUEUE", "2"),
+        ("VLM_FAULT_DECODE_DELAY_MS", "40"),
+    ]);
+    let image = std::fs::read(image_path()).unwrap();
+    let p = SamplingParams {
+        max_tokens: 25, // ≥ 1 s per request, so all 16 overlap
+        ..Default::default()
+    };
+    let want = reference(&pipeline(), &image, &p);
+    let client = mesh.client().await;
+    let pids: Vec<u32> = ["encoder", "projector", "decoder", "gateway"]
+        .iter()
+        .map(|r| replicas(&mesh, r)[0].0)
+        .collect();
+    let mut peak_rss = vec![0u64; pids.len()];
+    for round in 0..2 {
+        let mut tasks = Vec::new();
+        for _ in 0..4 * IN_FLIGHT {
+            let mut client = client.clone();
+            let req = request(&image, &p);
+            tasks.push(tokio::spawn(async move {
+                let t = Instant::now();
+                let r = generate(&mut client, req, None, || {}).await;
+                (r, t.elapsed())
+            }));
+        }
+        let (mut ok, mut shed) = (0, 0);
+        let mut max_shed_time = Duration::ZERO;
+        let mut min_ok_time = Duration::MAX;
+        for t in tasks {
+            for (i, pid) in pids.iter().enumerate() {
+                peak_rss[i] = peak_rss[i].max(rss_kib(*pid));
+            }
+            match t.await.unwrap() {
+                (Ok(ids), took) => {
+                    assert_eq!(ids, want);
+                    ok += 1;
+                    min_ok_time = min_ok_time.min(took);
+                }
+                (Err(s), took) => {
+                    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                    assert!(s.message().contains("overloaded"), "{s:?}");
+                    shed += 1;
+                    max_shed_time = max_shed_time.max(took);
+                }
+            }
+        }
+        eprintln!(
+            "round {round}: {ok} accepted (fastest {min_ok_time:?}), {shed} shed (slowest {max_shed_time:?}); peak RSS KiB {peak_rss:?}"
+        );
+        assert!(ok >= IN_FLIGHT, "only {ok} accepted");
+        assert!(ok <= IN_FLIGHT + QUEUE, "{ok} accepted beyond the limits");
+        assert_eq!(ok + shed, 4 * IN_FLIGHT);
+        assert!(
+            max_shed_time < Duration::from_millis(500) && max_shed_time * 2 < min_ok_time,
+            "shedding was not fast: {max_shed_time:?} vs {min_ok_time:?}"
+        );
+    }
+    for (i, rss) in peak_rss.iter().enumerate() {
+        assert!(*rss > 0, "no RSS read for pid {}", pids[i]);
+        assert!(
+            *rss < RSS_BOUND_KIB,
+            "pid {} peaked at {rss} KiB (bound {RSS_BOUND_KIB} KiB)",
+            pids[i]
+        );
+    }
+    // After the overload, the mesh serves normally.
+    let got = generate(&mut client.clone(), request(&image, &p), None, || {})
+        .await
+        .unwrap();
+    assert_eq!(got, want);
+}
