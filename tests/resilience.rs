@@ -17,6 +17,10 @@ use common::*;
 
 type Client = GatewayClient<tonic::transport::Channel>;
 
+/// The tests in this file measure latencies and deadlines on a small machine; run them one at a
+/// time so one test's mesh does not eat another's CPU (other test binaries run before or after).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn request(image: &[u8], p: &SamplingParams) -> GenerateRequest {
     GenerateRequest {
         images: vec![image.to_vec().into()],
@@ -113,6 +117,7 @@ fn p95(mut v: Vec<Duration>) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn decoder_killed_mid_stream_all_forty_requests_complete_identically() {
+    let _serial = SERIAL.lock().await;
     // The decode delay makes each stream last long enough that a kill lands mid-stream.
     let mesh = MeshProc::start_with(
         &model(),
@@ -257,6 +262,7 @@ async fn measure(mesh: &MeshProc, image: &[u8], warmup: usize, n: usize) -> Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_twenty_times_slower_encoder_gets_a_minority_of_calls_and_p95_stays_within_2x() {
+    let _serial = SERIAL.lock().await;
     let image = std::fs::read(image_path()).unwrap();
     // Both encoders take 20 ms per image (so "20× slower" is a known quantity: 400 ms); the
     // decoder takes 10 ms per token so a request is a realistic mix of stages. No cache: every
@@ -328,6 +334,7 @@ impl Drop for ServiceProc {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_encoders_down_fail_fast_with_unavailable_then_recover_without_restart() {
+    let _serial = SERIAL.lock().await;
     let mesh = MeshProc::start_with(
         &model(),
         &["--replicas", "encoder=2", "--no-cache"],
@@ -394,6 +401,7 @@ async fn all_encoders_down_fail_fast_with_unavailable_then_recover_without_resta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_300ms_deadline_ends_a_long_request_in_time_and_the_decoder_stops() {
+    let _serial = SERIAL.lock().await;
     let mesh = MeshProc::start(&[("VLM_FAULT_DECODE_DELAY_MS", "25")]);
     let image = std::fs::read(image_path()).unwrap();
     let mut client = mesh.client().await;
@@ -439,6 +447,7 @@ async fn a_300ms_deadline_ends_a_long_request_in_time_and_the_decoder_stops() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn overload_at_4x_concurrency_sheds_fast_accepts_the_rest_and_memory_stays_bounded() {
+    let _serial = SERIAL.lock().await;
     const IN_FLIGHT: usize = 4;
     const QUEUE: usize = 2;
     const RSS_BOUND_KIB: u64 = 512 * 1024;

@@ -363,3 +363,18 @@ impl Drop for Mesh {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_spec() {
+        assert_eq!(parse_replicas("").unwrap(), [1, 1, 1]);
+        assert_eq!(parse_replicas("encoder=2, decoder=3").unwrap(), [2, 1, 3]);
+        assert!(parse_replicas("encoder").is_err());
+        assert!(parse_replicas("gateway=2").is_err());
+        assert!(parse_replicas("decoder=0").is_err());
+        assert!(parse_replicas("decoder=x").is_err());
+    }
+}
