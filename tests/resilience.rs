@@ -202,6 +202,64 @@ async fn decoder_killed_mid_stream_all_forty_requests_complete_identically() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_decoder_replica_is_abandoned_after_its_adaptive_timeout_with_unchanged_output() {
+    let _serial = SERIAL.lock().await;
+    // Replica #1 takes 3 s per token (stuck, for a model that does one in milliseconds). The
+    // adaptive timeout is clamped to at most 800 ms, which is also its value before any latency
+    // has been observed.
+    let mesh = MeshProc::start_with(
+        &model(),
+        &["--replicas", "decoder=2"],
+        &[
+            ("VLM_FAULT_DECODE_DELAY_MS", "5,3000"),
+            ("VLM_TIMEOUT_MIN_MS", "100"),
+            ("VLM_TIMEOUT_MAX_MS", "800"),
+        ],
+    );
+    let image = std::fs::read(image_path()).unwrap();
+    let pipeline = pipeline();
+    let client = mesh.client().await;
+    let params: Vec<SamplingParams> = (0..6u64)
+        .map(|i| SamplingParams {
+            max_tokens: 8,
+            temperature: if i % 2 == 0 { 0.0 } else { 0.9 },
+            seed: 300 + i,
+            ..Default::default()
+        })
+        .collect();
+    let tasks: Vec<_> = params
+        .iter()
+        .map(|p| {
+            let (mut client, req) = (client.clone(), request(&image, p));
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let r = generate(&mut client, req, Some(Duration::from_secs(30)), || {}).await;
+                (r, t.elapsed())
+            })
+        })
+        .collect();
+    for (p, t) in params.iter().zip(tasks) {
+        let (r, took) = t.await.unwrap();
+        let got = r.unwrap_or_else(|s| panic!("{p:?}: {s:?}"));
+        assert_eq!(got, reference(&pipeline, &image, p), "{p:?}");
+        // Had it waited for the stuck replica, a single token would have taken 3 s.
+        assert!(took < Duration::from_millis(2500), "{p:?} took {took:?}");
+    }
+    let abandoned = mesh
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("[gateway]") && l.contains("slower than its adaptive timeout"))
+        .count();
+    eprintln!("{abandoned} decoder calls abandoned on the stuck replica");
+    assert!(
+        abandoned >= 1,
+        "the stuck replica was never tried or never abandoned"
+    );
+}
+
 /// Encoder calls (successful or not) each replica received, from its own Info.
 async fn encoder_requests(mesh: &MeshProc, addr: &str) -> u64 {
     let files = vlm_net::TlsFiles::for_role(mesh.certs(), "client");

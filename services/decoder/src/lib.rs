@@ -18,7 +18,7 @@ use vlm_model::{
 use vlm_proto::decode_event::Kind as EventKind;
 use vlm_proto::decode_request::Kind as RequestKind;
 use vlm_proto::decoder_server::{Decoder, DecoderServer};
-use vlm_proto::{DecodeDone, DecodeEvent, DecodeRequest, TokenEvent};
+use vlm_proto::{DecodeDone, DecodeEvent, DecodeRequest, DecodeStarted, TokenEvent};
 use vlm_serving::{model_status, params_from_proto, to_model_tensor};
 use vlm_tensor::{TensorCollector, TensorLimits};
 
@@ -247,6 +247,18 @@ impl Decoder for DecoderService {
                 let fail = |tx: &mpsc::Sender<_>, e| {
                     let _ = tx.blocking_send(Err(model_status(e)));
                 };
+                let started = DecodeStarted {
+                    prefill_tokens: (prepared.ids.len() + resume.len()) as u32,
+                };
+                if tx
+                    .blocking_send(Ok(DecodeEvent {
+                        kind: Some(EventKind::Started(started)),
+                    }))
+                    .is_err()
+                {
+                    stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
                 let t = Instant::now();
                 let embeds = match prepared.embeddings(&model.decoder, &images) {
                     Ok(e) => e,

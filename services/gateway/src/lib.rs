@@ -109,6 +109,7 @@ impl GatewayService {
             encoder: stage(&cfg.encoder, "image"),
             projector: stage(&cfg.projector, "row block"),
             decoder: stage(&cfg.decoder, "decode step"),
+            prefill: AdaptiveTimeout::new("prefill token", cfg.timeouts.clone()),
             cache: cfg
                 .cache
                 .clone()
@@ -311,6 +312,8 @@ struct Stages {
     encoder: StageClient,
     projector: StageClient,
     decoder: StageClient,
+    /// The decoder's prefill, per position (the per-step timeout is `decoder.timeout`).
+    prefill: AdaptiveTimeout,
     cache: Option<Arc<CacheLayer>>,
     encoder_info: OnceCell<EncoderInfo>,
     limits: TensorLimits,
@@ -1063,14 +1066,26 @@ impl Relay {
         let image_failure = log.failed();
         tokio::pin!(image_failure);
         let started = TokioInstant::now();
+        // When prefill began on the replica, and how many positions it prefills.
+        let mut prefill: Option<(TokioInstant, f64)> = None;
         let mut last_token: Option<TokioInstant> = None;
         loop {
-            // Between tokens the replica must keep up with the stage's adaptive per-step timeout;
-            // the first token (queueing and prefill) is bounded by the deadline only.
-            let limit = last_token.map(|_| self.stages.decoder.timeout.limit(1.0, self.deadline));
-            let due = match (last_token, limit) {
-                (Some(t), Some(l)) => t + l,
-                _ => self.deadline,
+            // Queueing for a decoding slot says little about the replica, so it is bounded only by
+            // the clamp's maximum (and the deadline); then the prefill by the adaptive
+            // per-position timeout, and every later token by the adaptive per-step timeout.
+            let (due, limit) = match (last_token, prefill) {
+                (Some(t), _) => {
+                    let l = self.stages.decoder.timeout.limit(1.0, self.deadline);
+                    (t + l, Some(l))
+                }
+                (None, Some((t, units))) => {
+                    let l = self.stages.prefill.limit(units, self.deadline);
+                    (t + l, Some(l))
+                }
+                (None, None) => {
+                    let l = self.stages.prefill.max_limit(self.deadline);
+                    (started + l, Some(l))
+                }
             };
             let event = tokio::select! {
                 status = &mut image_failure => return AttemptEnd::Fatal(status),
@@ -1087,7 +1102,7 @@ impl Relay {
                     tracing::warn!(
                         replica = a.lease.url(),
                         limit_ms = l.as_millis() as u64,
-                        "decoder slower than the adaptive per-token timeout; abandoning it"
+                        "decoder slower than its adaptive timeout; abandoning it"
                     );
                     let status = Status::unavailable(format!(
                         "replica {} produced no token within the adaptive timeout of {} ms",
@@ -1114,17 +1129,25 @@ impl Relay {
                 Ok(Ok(Some(e))) => e,
             };
             match event.kind {
+                Some(EventKind::Started(s)) => {
+                    prefill = Some((TokioInstant::now(), f64::from(s.prefill_tokens.max(1))));
+                }
                 Some(EventKind::Token(t)) => {
                     let now = TokioInstant::now();
-                    match last_token {
-                        Some(prev) => {
+                    match (last_token, prefill) {
+                        (Some(prev), _) => {
                             self.stages
                                 .decoder
                                 .timeout
                                 .observe(a.lease.id(), now - prev, 1.0)
                         }
-                        // Time to first token is this replica's latency sample for balancing.
-                        None => a.lease.observe(now - started),
+                        (None, p) => {
+                            // Time to first token is this replica's latency sample for balancing.
+                            a.lease.observe(now - started);
+                            if let Some((t, units)) = p {
+                                self.stages.prefill.observe(a.lease.id(), now - t, units);
+                            }
+                        }
                     }
                     last_token = Some(now);
                     self.produced.push(t.id);

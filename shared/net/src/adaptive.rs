@@ -87,6 +87,14 @@ impl AdaptiveTimeout {
         adaptive.min(deadline.saturating_duration_since(Instant::now()))
     }
 
+    /// The clamp's upper end (at most until `deadline`): a bound for waits that say nothing
+    /// about the work, such as queueing.
+    pub fn max_limit(&self, deadline: Instant) -> Duration {
+        self.opts
+            .max
+            .min(deadline.saturating_duration_since(Instant::now()))
+    }
+
     pub fn name(&self) -> &'static str {
         self.name
     }
