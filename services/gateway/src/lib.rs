@@ -1089,6 +1089,9 @@ impl Relay {
             };
             let event = tokio::select! {
                 status = &mut image_failure => return AttemptEnd::Fatal(status),
+                // The client hung up: ending here drops the decoder call (which stops decoding)
+                // and, through the sequencer, the image pipelines.
+                _ = self.tx.closed() => return AttemptEnd::Over,
                 r = tokio::time::timeout_at(due, a.events.message()) => r,
             };
             let event = match event {
@@ -1246,10 +1249,13 @@ impl Gateway for GatewayService {
         }
         let log = EmbeddingLog::new();
         let seq_log = log.clone();
+        // Image pipelines live as long as the sequencer: a request that ends early stops them.
+        let pipelines: Vec<AbortOnDrop> =
+            per_image.iter().map(|(t, _)| AbortOnDrop::new(t)).collect();
         let sequencer = tokio::spawn(async move {
+            let _pipelines = pipelines;
             let mut totals = Totals::default();
             for (task, mut rx) in per_image {
-                let abort = AbortOnDrop::new(&task);
                 while let Some(chunk) = rx.recv().await {
                     match chunk {
                         Ok(c) => seq_log.push(c),
@@ -1270,7 +1276,6 @@ impl Gateway for GatewayService {
                         return totals;
                     }
                 }
-                drop(abort);
             }
             seq_log.finish();
             totals
