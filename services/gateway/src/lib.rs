@@ -635,7 +635,14 @@ async fn image_attempt(
         };
         // The encoder computes the whole image before streaming, so the first message is what the
         // per-image adaptive timeout bounds.
-        let limit = stages.encoder.timeout.limit(1.0, deadline);
+        let limit = adaptive_limit(
+            &stages.encoder,
+            tried_encoders,
+            enc.id(),
+            &stages.encoder.timeout,
+            1.0,
+            deadline,
+        );
         let started = TokioInstant::now();
         let first_due = started + limit;
         let mut client = EncoderClient::new(enc.channel());
@@ -709,7 +716,14 @@ async fn image_attempt(
                     let sent_at = sent.lock().expect("sent lock").get(index).copied();
                     match sent_at {
                         Some(t0) => {
-                            let limit = stages.projector.timeout.limit(1.0, deadline);
+                            let limit = adaptive_limit(
+                                &stages.projector,
+                                tried_projectors,
+                                proj.id(),
+                                &stages.projector.timeout,
+                                1.0,
+                                deadline,
+                            );
                             tokio::select! {
                                 r = &mut next => break r.map(|m| m.map(|c| (c, Some(t0)))),
                                 _ = tokio::time::sleep_until(t0 + limit) => {
@@ -756,6 +770,26 @@ async fn image_attempt(
     };
     let (stats, ()) = tokio::try_join!(feed, forward)?;
     Ok(stats)
+}
+
+/// The adaptive timeout for `units` of work on replica `current`, if another healthy replica is
+/// left to retry on; otherwise only the deadline bounds the wait (abandoning a slow call to queue
+/// again on the same replica would only make it slower).
+fn adaptive_limit(
+    stage: &StageClient,
+    tried: &[u64],
+    current: u64,
+    timeout: &AdaptiveTimeout,
+    units: f64,
+    deadline: TokioInstant,
+) -> Duration {
+    let mut exclude = tried.to_vec();
+    exclude.push(current);
+    if stage.replicas.has_alternative(&exclude) {
+        timeout.limit(units, deadline)
+    } else {
+        deadline.saturating_duration_since(TokioInstant::now())
+    }
 }
 
 /// Sends one feature block to the projector, noting when (its projected rows are due from then).
@@ -880,6 +914,8 @@ impl Drop for AbortOnDrop {
 /// A decoder call in progress on one replica.
 struct DecoderAttempt {
     lease: Lease,
+    /// Replicas this request has given up on (so adaptive timeouts know if one is left).
+    tried: Vec<u64>,
     events: Streaming<DecodeEvent>,
     _feeder: AbortOnDrop,
 }
@@ -916,6 +952,7 @@ async fn open_decoder(
     match tokio::time::timeout_at(deadline, call).await {
         Ok(Ok(r)) => Ok(DecoderAttempt {
             lease,
+            tried: tried.clone(),
             events: r.into_inner(),
             _feeder: feeder,
         }),
@@ -1072,18 +1109,39 @@ impl Relay {
         loop {
             // Queueing for a decoding slot says little about the replica, so it is bounded only by
             // the clamp's maximum (and the deadline); then the prefill by the adaptive
-            // per-position timeout, and every later token by the adaptive per-step timeout.
+            // per-position timeout, and every later token by the adaptive per-step timeout. All
+            // of them only while another replica is left to go to.
             let (due, limit) = match (last_token, prefill) {
                 (Some(t), _) => {
-                    let l = self.stages.decoder.timeout.limit(1.0, self.deadline);
+                    let l = adaptive_limit(
+                        &self.stages.decoder,
+                        &a.tried,
+                        a.lease.id(),
+                        &self.stages.decoder.timeout,
+                        1.0,
+                        self.deadline,
+                    );
                     (t + l, Some(l))
                 }
                 (None, Some((t, units))) => {
-                    let l = self.stages.prefill.limit(units, self.deadline);
+                    let l = adaptive_limit(
+                        &self.stages.decoder,
+                        &a.tried,
+                        a.lease.id(),
+                        &self.stages.prefill,
+                        units,
+                        self.deadline,
+                    );
                     (t + l, Some(l))
                 }
                 (None, None) => {
-                    let l = self.stages.prefill.max_limit(self.deadline);
+                    let mut exclude = a.tried.clone();
+                    exclude.push(a.lease.id());
+                    let l = if self.stages.decoder.replicas.has_alternative(&exclude) {
+                        self.stages.prefill.max_limit(self.deadline)
+                    } else {
+                        self.deadline.saturating_duration_since(TokioInstant::now())
+                    };
                     (started + l, Some(l))
                 }
             };

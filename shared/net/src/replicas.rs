@@ -418,6 +418,16 @@ impl ReplicaSet {
         futures::future::join_all(checks).await;
     }
 
+    /// Whether a healthy replica outside `exclude` exists: abandoning a slow call only helps when
+    /// there is somewhere else to go (otherwise the retry would queue on the same replica again).
+    pub fn has_alternative(&self, exclude: &[u64]) -> bool {
+        self.replicas
+            .read()
+            .expect("replicas lock")
+            .iter()
+            .any(|r| r.is_healthy() && !exclude.contains(&r.id))
+    }
+
     /// Picks a replica by power of two choices over peak-EWMA cost among healthy replicas not in
     /// `exclude` (all of them, when every one is excluded). When none is healthy, unhealthy ones
     /// are tried too (a replica may be back before the next health check; a dead one fails
