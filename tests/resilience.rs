@@ -391,7 +391,7 @@ impl Drop for ServiceProc {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn all_encoders_down_fail_fast_with_unavailable_then_recover_without_restart() {
+async fn one_encoder_down_is_retried_around_all_down_fail_fast_with_unavailable_then_recover() {
     let _serial = SERIAL.lock().await;
     let mesh = MeshProc::start_with(
         &model(),
@@ -413,19 +413,34 @@ async fn all_encoders_down_fail_fast_with_unavailable_then_recover_without_resta
     );
     let gateway_pid = replicas(&mesh, "gateway")[0].0;
     let encoders = replicas(&mesh, "encoder");
-    for (pid, _) in &encoders {
-        kill9(*pid);
-    }
-    for (pid, _) in &encoders {
+    let reap = |pid: u32| {
         let t = Instant::now();
-        while pid_alive(*pid as u64) {
+        while pid_alive(pid as u64) {
             assert!(
                 t.elapsed() < Duration::from_secs(10),
                 "encoder survived SIGKILL"
             );
             std::thread::sleep(Duration::from_millis(10)); // waiting for the kernel to reap
         }
+    };
+    // One of two down: calls that reach the dead one are retried on the other at once (no
+    // waiting for a health check), so every request succeeds.
+    kill9(encoders[0].0);
+    reap(encoders[0].0);
+    for _ in 0..4 {
+        let got = generate(
+            &mut client,
+            request(&image, &p),
+            Some(Duration::from_secs(5)),
+            || {},
+        )
+        .await
+        .unwrap();
+        assert_eq!(got, want);
     }
+    // Both down.
+    kill9(encoders[1].0);
+    reap(encoders[1].0);
     let deadline = Duration::from_secs(5);
     for _ in 0..3 {
         let t = Instant::now();

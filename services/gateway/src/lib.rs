@@ -330,15 +330,22 @@ impl StageFailure {
         stage_status(self.stage, self.status)
     }
 
-    /// The status to give up with: once the deadline has passed, whatever a hop said (tonic's
-    /// own client timer reports CANCELLED), the request's answer is DEADLINE_EXCEEDED.
-    fn final_status(self, deadline: TokioInstant) -> Status {
+    /// The status to give up with after `attempts`: once the deadline has passed, whatever a
+    /// hop said (tonic's own client timer reports CANCELLED), the answer is DEADLINE_EXCEEDED.
+    fn final_status(self, deadline: TokioInstant, attempts: u32) -> Status {
         if TokioInstant::now() >= deadline {
             return Status::deadline_exceeded(format!(
                 "request deadline exceeded ({}: {})",
                 self.stage,
                 self.status.message()
             ));
+        }
+        if attempts > 1 && is_retryable(&self.status) {
+            let msg = format!(
+                "{} (gave up after {attempts} attempts)",
+                self.status.message()
+            );
+            return stage_status(self.stage, Status::new(self.status.code(), msg));
         }
         self.into_status()
     }
@@ -407,7 +414,7 @@ impl Stages {
                     let f = failed("encoder", lease, &mut tried, status);
                     match self.encoder.retry.next_retry(attempt, &f.status, deadline) {
                         Some(pause) => tokio::time::sleep(pause).await,
-                        None => return Err(f.final_status(deadline)),
+                        None => return Err(f.final_status(deadline, attempt)),
                     }
                     attempt += 1;
                 }
@@ -549,7 +556,7 @@ async fn image_pipeline(
                         tokio::time::sleep(pause).await;
                         attempt += 1;
                     }
-                    None => return Err(f.final_status(deadline)),
+                    None => return Err(f.final_status(deadline, attempt)),
                 }
             }
         }
@@ -991,7 +998,7 @@ async fn open_decoder_with_retry(
                     tokio::time::sleep(pause).await;
                     *attempt += 1;
                 }
-                None => return Err(f.final_status(deadline)),
+                None => return Err(f.final_status(deadline, *attempt)),
             },
         }
     }
