@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use tokio::net::TcpListener;
+use tower::Layer;
 use vlm_model::ImageLimits;
 use vlm_net::TlsFiles;
 use vlm_tensor::TensorLimits;
@@ -73,11 +74,12 @@ impl CommonArgs {
         Ok(vlm_model::parse_dtype(&self.dtype)?)
     }
 
-    fn admission(&self) -> vlm_net::AdmissionLimits {
-        vlm_net::AdmissionLimits {
+    /// The load-shedding layer every service is wrapped in.
+    fn admission(&self) -> vlm_net::AdmissionLayer {
+        vlm_net::AdmissionLayer::new(vlm_net::AdmissionLimits {
             max_in_flight: self.max_in_flight,
             max_queue: self.max_queue,
-        }
+        })
     }
 }
 
@@ -291,7 +293,7 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
                     .saturating_add(1 << 20)
                     .min(MAX_MESSAGE_BYTES),
             );
-            let server = vlm_net::Admission::new(server, common.admission());
+            let server = common.admission().layer(server);
             vlm_net::serve_grpc(listener, Some(tls), server, vlm_net::shutdown_signal()).await?;
         }
         ServeRole::Projector {
@@ -310,7 +312,7 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
             vlm_net::serve_grpc(
                 listener,
                 Some(tls),
-                vlm_net::Admission::new(svc.into_server(), common.admission()),
+                common.admission().layer(svc.into_server()),
                 vlm_net::shutdown_signal(),
             )
             .await?;
@@ -334,7 +336,7 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
             vlm_net::serve_grpc(
                 listener,
                 Some(tls),
-                vlm_net::Admission::new(svc.into_server(), common.admission()),
+                common.admission().layer(svc.into_server()),
                 vlm_net::shutdown_signal(),
             )
             .await?;
@@ -410,7 +412,7 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
             let server = svc
                 .into_server()
                 .max_decoding_message_size(MAX_MESSAGE_BYTES);
-            let server = vlm_net::Admission::new(server, common.admission());
+            let server = common.admission().layer(server);
             vlm_net::serve_grpc(listener, tls, server, vlm_net::shutdown_signal()).await?;
         }
     }

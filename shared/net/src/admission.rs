@@ -72,6 +72,23 @@ impl<S: NamedService> Admission<S> {
     }
 }
 
+/// The same as a tower layer, for building stacks: `AdmissionLayer::new(limits).layer(svc)`.
+#[derive(Debug, Clone, Copy)]
+pub struct AdmissionLayer(AdmissionLimits);
+
+impl AdmissionLayer {
+    pub fn new(limits: AdmissionLimits) -> Self {
+        AdmissionLayer(limits)
+    }
+}
+
+impl<S: NamedService> tower::Layer<S> for AdmissionLayer {
+    type Service = Admission<S>;
+    fn layer(&self, inner: S) -> Admission<S> {
+        Admission::new(inner, self.0)
+    }
+}
+
 impl<S: NamedService> NamedService for Admission<S> {
     const NAME: &'static str = S::NAME;
 }

@@ -19,7 +19,7 @@ mod tls;
 mod util;
 
 pub use adaptive::{AdaptiveTimeout, AdaptiveTimeoutOptions};
-pub use admission::{Admission, AdmissionLimits, AdmissionStats};
+pub use admission::{Admission, AdmissionLayer, AdmissionLimits, AdmissionStats};
 pub use channel::{connect, connect_lazy, endpoint, server_builder, ChannelOptions};
 pub use error::{error_chain, NetError};
 pub use health::{health_and_reflection, wait_until_serving, wait_until_serving_url};
