@@ -3,6 +3,10 @@
 //! projected rows to the decoder in prompt order, and streams the decoder's tokens back.
 //! It loads no weights; it reads `config.json` only to describe the model.
 
+pub mod chat_template;
+mod fetch;
+pub mod openai;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::pin::Pin;

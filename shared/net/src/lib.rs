@@ -6,6 +6,7 @@ pub mod certs;
 mod channel;
 mod error;
 mod health;
+mod http_tls;
 mod serve;
 mod shutdown;
 mod tls;
@@ -13,7 +14,10 @@ mod util;
 
 pub use channel::{connect, connect_lazy, endpoint, server_builder, ChannelOptions};
 pub use error::{error_chain, NetError};
-pub use health::{health_and_reflection, wait_until_serving, wait_until_serving_url};
+pub use health::{
+    health_and_reflection, reflection_v1alpha, wait_until_serving, wait_until_serving_url,
+};
+pub use http_tls::HttpTlsAcceptor;
 pub use serve::serve_grpc;
 pub use shutdown::shutdown_signal;
 pub use tls::{
