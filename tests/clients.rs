@@ -144,7 +144,7 @@ const SAMPLED: &[&str] = &[
 ];
 
 #[test]
-fn python_node_and_reflection_clients_get_generates_tokens() {
+fn python_node_and_reflection_clients_get_the_tokens_of_generate() {
     let installing = std::thread::spawn(tools);
     let mesh = MeshProc::start_with(&model(), &[], &[]);
     installing.join().unwrap();
@@ -215,7 +215,7 @@ fn python_node_and_reflection_clients_get_generates_tokens() {
 }
 
 #[test]
-fn openai_sdk_gets_generates_text_and_usage_and_openai_shaped_errors() {
+fn openai_sdk_gets_the_text_and_usage_of_generate_and_openai_shaped_errors() {
     let installing = std::thread::spawn(tools);
     let mesh = MeshProc::start_with(&model(), &["--http-listen", "127.0.0.1:0"], &[]);
     installing.join().unwrap();
