@@ -32,6 +32,8 @@ pub struct MeshProc {
     child: Child,
     pub state: tempfile::TempDir,
     pub gateway: String,
+    /// The whole `ready …` line `up` printed.
+    pub ready: String,
     stderr_lines: mpsc::Receiver<String>,
     pub log: Arc<Mutex<Vec<String>>>,
 }
@@ -85,6 +87,7 @@ impl MeshProc {
             child,
             state,
             gateway,
+            ready: line.trim_end().to_string(),
             stderr_lines,
             log,
         }

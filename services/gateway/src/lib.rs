@@ -10,6 +10,10 @@
 //! fails mid-stream is resumed elsewhere from prompt + tokens already streamed; replicas slower than
 //! their stage's adaptive timeout are abandoned; every hop carries the remaining deadline.
 
+pub mod chat_template;
+mod fetch;
+pub mod openai;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::pin::Pin;

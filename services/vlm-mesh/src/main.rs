@@ -65,6 +65,8 @@ struct UpArgs {
     replicas: String,
     #[command(flatten)]
     cache: serve::CacheArgs,
+    #[command(flatten)]
+    http: serve::HttpArgs,
 }
 
 #[derive(Args, Debug)]
@@ -100,14 +102,18 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
             state_dir: args.state_dir.clone(),
             listen: args.listen,
             dtype: args.dtype,
-            gateway_args: args.cache.to_args(),
+            gateway_args: [args.cache.to_args(), args.http.to_args()].concat(),
             service_log: None,
             replicas: mesh::parse_replicas(&args.replicas)?,
         };
         let mut mesh = mesh::Mesh::start(&opts).await?;
         let pids: Vec<String> = mesh.info.services.iter().map(|s| format!("{}={}", s.label(), s.pid)).collect();
+        let openai = match &mesh.info.openai_url {
+            Some(url) => format!(" openai={url}"),
+            None => String::new(),
+        };
         println!(
-            "ready gateway={} state-dir={} pids {}",
+            "ready gateway={}{openai} state-dir={} pids {}",
             mesh.info.gateway_url,
             args.state_dir.display(),
             pids.join(" ")

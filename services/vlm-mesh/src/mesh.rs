@@ -111,6 +111,9 @@ fn label(role: &str, replica: usize) -> String {
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct MeshInfo {
     pub gateway_url: String,
+    /// Base URL of the gateway's OpenAI-compatible endpoint (`…/v1`), when `--http-listen` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openai_url: Option<String>,
     pub launcher_pid: u32,
     pub services: Vec<ServiceInfo>,
 }
@@ -127,6 +130,8 @@ pub struct Mesh {
     pub info: MeshInfo,
     state_dir: PathBuf,
     service_log: Option<String>,
+    /// The gateway's HTTP address, from the ` http=<addr>` its `listening` line carries.
+    gateway_http: Option<SocketAddr>,
 }
 
 fn spawn_service(
@@ -194,11 +199,13 @@ impl Mesh {
             exits,
             info: MeshInfo {
                 gateway_url: String::new(),
+                openai_url: None,
                 launcher_pid: std::process::id(),
                 services: vec![],
             },
             state_dir: opts.state_dir.clone(),
             service_log: opts.service_log.clone(),
+            gateway_http: None,
         };
         let common = |listen: String| {
             vec![
@@ -227,6 +234,7 @@ impl Mesh {
         gw_args.extend(opts.gateway_args.iter().cloned());
         let gw = mesh.launch("gateway", 0, &gw_args, &exit_tx).await?;
         mesh.info.gateway_url = format!("https://{gw}");
+        mesh.info.openai_url = mesh.gateway_http.map(|a| format!("https://{a}/v1"));
 
         // Every service must answer SERVING over mTLS before the mesh is declared ready.
         let files = vlm_net::TlsFiles::for_role(&certs, "client");
@@ -267,12 +275,19 @@ impl Mesh {
         let (done_tx, done_rx) = oneshot::channel::<()>();
         let first = tokio::time::timeout(START_TIMEOUT, lines.next_line()).await;
         let addr = match first {
-            Ok(Ok(Some(line))) => line
-                .strip_prefix("listening ")
-                .and_then(|a| a.trim().parse::<SocketAddr>().ok())
-                .with_context(|| {
+            Ok(Ok(Some(line))) => {
+                let mut words = line
+                    .strip_prefix("listening ")
+                    .unwrap_or_default()
+                    .split_whitespace();
+                let addr = words.next().and_then(|a| a.parse::<SocketAddr>().ok());
+                if let Some(http) = words.find_map(|w| w.strip_prefix("http=")) {
+                    self.gateway_http = http.parse().ok();
+                }
+                addr.with_context(|| {
                     format!("the {role} printed {line:?} instead of `listening <addr>`")
-                }),
+                })
+            }
             Ok(Ok(None)) => {
                 let status = child.wait().await?;
                 // Let its last words (why it failed) reach our stderr before we report.

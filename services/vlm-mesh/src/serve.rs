@@ -2,6 +2,7 @@
 //!
 //! Contract with launchers (`up`, tests): after binding, the process prints exactly one line
 //! `listening <addr>` on stdout, so `--listen 127.0.0.1:0` can be used and the real port learned.
+//! A gateway with `--http-listen` appends ` http=<addr>` (its OpenAI-compatible port) to that line.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -194,8 +195,37 @@ pub enum ServeRole {
         #[arg(long, env = "VLM_PLAINTEXT")]
         plaintext: bool,
         #[command(flatten)]
+        http: HttpArgs,
+        #[command(flatten)]
         cache: CacheArgs,
     },
+}
+
+/// The gateway's OpenAI-compatible HTTP endpoint (also accepted by `up`, which passes them through).
+#[derive(Args, Debug, Clone, Default)]
+pub struct HttpArgs {
+    /// Also serve the OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) over
+    /// HTTP/1.1 on this address, with the same TLS as the gRPC port (port 0 picks a free port).
+    #[arg(long, env = "VLM_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Let the OpenAI endpoint fetch http(s):// image URLs (otherwise they get a 400; only
+    /// inline data: URLs are accepted).
+    #[arg(long, env = "VLM_ALLOW_IMAGE_URLS")]
+    pub allow_image_urls: bool,
+}
+
+impl HttpArgs {
+    /// The same settings as `serve gateway` arguments.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec![];
+        if let Some(addr) = self.http_listen {
+            args.extend(["--http-listen".to_string(), addr.to_string()]);
+        }
+        if self.allow_image_urls {
+            args.push("--allow-image-urls".into());
+        }
+        args
+    }
 }
 
 /// Feature-cache flags of the gateway (also accepted by `up`, which passes them through).
@@ -250,14 +280,27 @@ impl CacheArgs {
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
-    let local = listener.local_addr()?;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "listening {local}")?;
-    out.flush()?;
+    let listener = bind_quietly(addr).await?;
+    announce(&listener, None)?;
     Ok(listener)
+}
+
+async fn bind_quietly(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// Prints the `listening <addr> [http=<addr>]` line.
+fn announce(grpc: &TcpListener, http: Option<&TcpListener>) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    write!(out, "listening {}", grpc.local_addr()?)?;
+    if let Some(h) = http {
+        write!(out, " http={}", h.local_addr()?)?;
+    }
+    writeln!(out)?;
+    out.flush()?;
+    Ok(())
 }
 
 pub fn run(role: ServeRole) -> anyhow::Result<()> {
@@ -352,6 +395,7 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
             request_timeout,
             wire_dtype,
             plaintext,
+            http,
             cache,
             resilience: r,
         } => {
@@ -402,18 +446,56 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
                 cache: cache.build()?,
                 cache_ttl: Duration::from_secs(cache.cache_ttl),
             };
-            let svc = vlm_gateway::GatewayService::new(cfg)?;
+            let svc = std::sync::Arc::new(vlm_gateway::GatewayService::new(cfg)?);
             let tls = if plaintext {
                 None
             } else {
                 Some(vlm_net::server_tls_client_auth_optional(&files)?)
             };
-            let listener = bind(common.listen).await?;
-            let server = svc
-                .into_server()
+            // The OpenAI endpoint shares the gateway (its cache, limits and stage channels).
+            let openai = match http.http_listen {
+                None => None,
+                Some(addr) => {
+                    let endpoint = vlm_gateway::openai::OpenAiEndpoint::new(
+                        svc.clone(),
+                        vlm_gateway::openai::OpenAiConfig {
+                            model_dir: common.model.clone(),
+                            allow_image_urls: http.allow_image_urls,
+                            max_body_bytes: MAX_MESSAGE_BYTES,
+                            max_image_bytes,
+                        },
+                    )
+                    .await?;
+                    let http_tls = if plaintext {
+                        None
+                    } else {
+                        Some(vlm_net::HttpTlsAcceptor::new(
+                            &files,
+                            vlm_net::ClientAuth::Optional,
+                        )?)
+                    };
+                    Some((
+                        std::sync::Arc::new(endpoint),
+                        http_tls,
+                        bind_quietly(addr).await?,
+                    ))
+                }
+            };
+            let listener = bind_quietly(common.listen).await?;
+            announce(&listener, openai.as_ref().map(|(_, _, l)| l))?;
+            let server = vlm_proto::gateway_server::GatewayServer::from_arc(svc)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES);
             let server = common.admission().layer(server);
-            vlm_net::serve_grpc(listener, tls, server, vlm_net::shutdown_signal()).await?;
+            let grpc = vlm_net::serve_grpc(listener, tls, server, vlm_net::shutdown_signal());
+            match openai {
+                None => grpc.await?,
+                Some((endpoint, http_tls, http_listener)) => {
+                    let http = endpoint.serve(http_listener, http_tls, vlm_net::shutdown_signal());
+                    let (g, h) = tokio::join!(grpc, http);
+                    g?;
+                    h?;
+                }
+            }
         }
     }
     Ok(())

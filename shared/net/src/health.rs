@@ -13,7 +13,7 @@ use tonic_reflection::server::v1::{ServerReflection, ServerReflectionServer};
 
 use crate::{connect_lazy, NetError};
 
-/// `grpc.health.v1.Health` plus server reflection (v1) for every `vlm.v1`
+/// `grpc.health.v1.Health` plus server reflection (v1; see also [`reflection_v1alpha`]) for every `vlm.v1`
 /// and health service, ready to `add_service`:
 ///
 /// ```text
@@ -40,6 +40,21 @@ pub fn health_and_reflection() -> Result<
         .build_v1()
         .map_err(|e| NetError::Reflection(e.to_string()))?;
     Ok((reporter, health, reflection))
+}
+
+/// Server reflection under its older name, `grpc.reflection.v1alpha`: many generic clients
+/// (grpcurl before 1.9, the Python `grpcio-reflection` client) only speak that one.
+pub fn reflection_v1alpha() -> Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+    NetError,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(vlm_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| NetError::Reflection(e.to_string()))
 }
 
 /// Polls `grpc.health.v1.Health/Check` for `service` until it reports

@@ -10,6 +10,7 @@ pub mod certs;
 mod channel;
 mod error;
 mod health;
+mod http_tls;
 mod jitter;
 pub mod replicas;
 pub mod retry;
@@ -22,7 +23,10 @@ pub use adaptive::{AdaptiveTimeout, AdaptiveTimeoutOptions};
 pub use admission::{Admission, AdmissionLayer, AdmissionLimits, AdmissionStats};
 pub use channel::{connect, connect_lazy, endpoint, server_builder, ChannelOptions};
 pub use error::{error_chain, NetError};
-pub use health::{health_and_reflection, wait_until_serving, wait_until_serving_url};
+pub use health::{
+    health_and_reflection, reflection_v1alpha, wait_until_serving, wait_until_serving_url,
+};
+pub use http_tls::HttpTlsAcceptor;
 pub use replicas::{Lease, Replica, ReplicaOptions, ReplicaSet, TlsForHost};
 pub use retry::{is_retryable, RetryOptions, RetryPolicy};
 pub use serve::serve_grpc;

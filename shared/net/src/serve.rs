@@ -13,7 +13,10 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::ServerTlsConfig;
 use tonic_health::ServingStatus;
 
-use crate::{error_chain, health_and_reflection, server_builder, ChannelOptions, NetError};
+use crate::{
+    error_chain, health_and_reflection, reflection_v1alpha, server_builder, ChannelOptions,
+    NetError,
+};
 
 /// Serves `service` plus health and reflection on an already-bound
 /// `listener` until `shutdown` completes, then drains open calls.
@@ -40,6 +43,7 @@ where
     F: Future<Output = ()>,
 {
     let (reporter, health, reflection) = health_and_reflection()?;
+    let reflection_v1alpha = reflection_v1alpha()?;
     reporter
         .set_service_status(S::NAME, ServingStatus::Serving)
         .await;
@@ -66,6 +70,7 @@ where
     server_builder(tls)?
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, drain)
         .await

@@ -1,0 +1,322 @@
+//! Turns chat messages into the model's prompt, as transformers' `apply_chat_template` does.
+//!
+//! The template comes from the checkpoint, first found of: `chat_template.jinja`,
+//! `chat_template.json` (`{"chat_template": …}`, what llava-hf processors ship),
+//! `tokenizer_config.json`'s `chat_template` (a string, or a list of named templates: `default`
+//! is used). Without one, [`LLAVA_1_5_TEMPLATE`] is used: llava-hf's LLaVA-1.5 template, which gives
+//! `USER: <image>\n<text> ASSISTANT:` for one user turn with an image.
+//!
+//! Messages are passed in the Hugging Face multimodal shape: `content` is a list of
+//! `{"type": "text", "text": …}` and `{"type": "image"}` parts, and the template writes the
+//! model's image placeholder where each image goes.
+
+use std::path::Path;
+
+use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
+use serde::Serialize;
+
+/// llava-hf/llava-1.5-7b-hf's chat template (its `{% generation %}` markers removed): per message
+/// `ROLE: `, then its images, then its texts each followed by a space; `ASSISTANT:` at the end.
+pub const LLAVA_1_5_TEMPLATE: &str = "{% for message in messages %}\
+{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}\
+{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ image_token + '\\n' }}{% endfor %}\
+{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}{% endfor %}\
+{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}";
+
+/// One part of a message, in the shape chat templates expect.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum TemplatePart {
+    Text { text: String },
+    Image,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TemplateMessage {
+    pub role: String,
+    pub content: Vec<TemplatePart>,
+}
+
+/// A compiled chat template plus the special tokens it may refer to.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    /// Where the template came from (for logs and errors).
+    pub source: String,
+    /// The model's image placeholder (`<image>` for llava-hf checkpoints).
+    pub image_token: String,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("source", &self.source)
+            .field("image_token", &self.image_token)
+            .finish()
+    }
+}
+
+fn read_json(path: &Path) -> anyhow::Result<Option<serde_json::Value>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|e| {
+            anyhow::anyhow!("{} is not valid JSON: {e}", path.display())
+        })?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// A `chat_template` value: a string, or transformers' list of `{name, template}`.
+fn template_value(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(list) => list
+            .iter()
+            .find(|t| t["name"] == "default")
+            .or_else(|| list.first())
+            .and_then(|t| t["template"].as_str().map(str::to_string)),
+        _ => None,
+    }
+}
+
+/// A special token in tokenizer_config.json: a string or an AddedToken object.
+fn token_value(v: &serde_json::Value) -> Option<String> {
+    v.as_str()
+        .map(str::to_string)
+        .or_else(|| v["content"].as_str().map(str::to_string))
+}
+
+impl ChatTemplate {
+    /// The checkpoint's template, or the LLaVA-1.5 fallback.
+    pub fn from_model_dir(dir: &Path) -> anyhow::Result<Self> {
+        let tok_cfg = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or_default();
+        let jinja = dir.join("chat_template.jinja");
+        let (template, source) = if jinja.exists() {
+            let t = std::fs::read_to_string(&jinja)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", jinja.display()))?;
+            (t, jinja.display().to_string())
+        } else if let Some(t) = read_json(&dir.join("chat_template.json"))?
+            .as_ref()
+            .and_then(|v| template_value(&v["chat_template"]))
+        {
+            (t, dir.join("chat_template.json").display().to_string())
+        } else if let Some(t) = template_value(&tok_cfg["chat_template"]) {
+            (
+                t,
+                format!(
+                    "{} (chat_template)",
+                    dir.join("tokenizer_config.json").display()
+                ),
+            )
+        } else {
+            (
+                LLAVA_1_5_TEMPLATE.to_string(),
+                "built-in LLaVA-1.5 template".to_string(),
+            )
+        };
+        let image_token = token_value(&tok_cfg["image_token"]).unwrap_or_else(|| "<image>".into());
+        Self::new(
+            &template,
+            source,
+            image_token,
+            token_value(&tok_cfg["bos_token"]).unwrap_or_default(),
+            token_value(&tok_cfg["eos_token"]).unwrap_or_default(),
+        )
+    }
+
+    pub fn new(
+        template: &str,
+        source: String,
+        image_token: String,
+        bos_token: String,
+        eos_token: String,
+    ) -> anyhow::Result<Self> {
+        let mut env = Environment::new();
+        // Python string/dict methods (`.upper()`, `.strip()`, `.items()`…) that HF templates use.
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<Value, JinjaError> {
+                Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        // transformers' `{% generation %}` markers only label assistant tokens for training.
+        let template = template
+            .replace("{% generation %}", "")
+            .replace("{% endgeneration %}", "")
+            .replace("{%- generation %}", "")
+            .replace("{%- endgeneration %}", "")
+            .replace("{% generation -%}", "")
+            .replace("{% endgeneration -%}", "");
+        env.add_template_owned("chat", template)
+            .map_err(|e| anyhow::anyhow!("chat template from {source} does not compile: {e}"))?;
+        Ok(ChatTemplate {
+            env,
+            source,
+            image_token,
+            bos_token,
+            eos_token,
+        })
+    }
+
+    /// The prompt for `messages`, ending with the assistant's turn being opened.
+    pub fn render(&self, messages: &[TemplateMessage]) -> Result<String, String> {
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| format!("chat template: {e}"))?;
+        tmpl.render(minijinja::context! {
+            messages => Value::from_serialize(messages),
+            add_generation_prompt => true,
+            image_token => self.image_token.clone(),
+            bos_token => self.bos_token.clone(),
+            eos_token => self.eos_token.clone(),
+        })
+        .map_err(|e| {
+            // raise_exception's message is the template's own explanation.
+            match e.kind() {
+                ErrorKind::InvalidOperation => e.detail().unwrap_or("").to_string(),
+                _ => format!("the chat template failed: {e}"),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fallback() -> ChatTemplate {
+        ChatTemplate::new(
+            LLAVA_1_5_TEMPLATE,
+            "test".into(),
+            "<image>".into(),
+            "<s>".into(),
+            "</s>".into(),
+        )
+        .unwrap()
+    }
+
+    fn user(parts: Vec<TemplatePart>) -> TemplateMessage {
+        TemplateMessage {
+            role: "user".into(),
+            content: parts,
+        }
+    }
+
+    fn text(t: &str) -> TemplatePart {
+        TemplatePart::Text { text: t.into() }
+    }
+
+    #[test]
+    fn one_user_turn_with_an_image_is_the_llava_1_5_prompt() {
+        let p = fallback()
+            .render(&[user(vec![
+                text("What is shown in this image?"),
+                TemplatePart::Image,
+            ])])
+            .unwrap();
+        // What transformers' LlavaProcessor.apply_chat_template writes for the same message
+        // (its trailing space after the text included).
+        assert_eq!(p, "USER: <image>\nWhat is shown in this image? ASSISTANT:");
+    }
+
+    #[test]
+    fn multi_turn_keeps_roles_images_and_order() {
+        let p = fallback()
+            .render(&[
+                TemplateMessage {
+                    role: "system".into(),
+                    content: vec![text("Be brief.")],
+                },
+                user(vec![TemplatePart::Image, text("Colour?")]),
+                TemplateMessage {
+                    role: "assistant".into(),
+                    content: vec![text("Red.")],
+                },
+                user(vec![TemplatePart::Image, text("And this one?")]),
+            ])
+            .unwrap();
+        assert_eq!(
+            p,
+            "Be brief. USER: <image>\nColour? ASSISTANT: Red. USER: <image>\nAnd this one? ASSISTANT:"
+        );
+        assert_eq!(p.matches("<image>").count(), 2);
+    }
+
+    #[test]
+    fn checkpoint_templates_get_pycompat_methods_and_raise_exception() {
+        let t = ChatTemplate::new(
+            "{{ bos_token }}{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tools') }}{% endif %}\
+             [{{ m.role.upper() }}]{% for c in m.content %}{% if c.type == 'image' %}{{ image_token }}{% else %}{{ c.text.strip() }}{% endif %}{% endfor %}\
+             {% generation %}{% endgeneration %}{% endfor %}",
+            "test".into(),
+            "<img>".into(),
+            "<s>".into(),
+            "</s>".into(),
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&[user(vec![TemplatePart::Image, text("  hi ")])])
+                .unwrap(),
+            "<s>[USER]<img>hi"
+        );
+        let err = t
+            .render(&[TemplateMessage {
+                role: "tool".into(),
+                content: vec![],
+            }])
+            .unwrap_err();
+        assert_eq!(err, "no tools");
+    }
+
+    #[test]
+    fn templates_are_found_in_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        // No template anywhere: the fallback.
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"image_token": "<im>"}"#,
+        )
+        .unwrap();
+        let t = ChatTemplate::from_model_dir(dir.path()).unwrap();
+        assert_eq!(t.source, "built-in LLaVA-1.5 template");
+        assert_eq!(t.image_token, "<im>");
+        // tokenizer_config.json's list form picks `default`.
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D{{ messages | length }}"}]}"#,
+        )
+        .unwrap();
+        let t = ChatTemplate::from_model_dir(dir.path()).unwrap();
+        assert_eq!(t.render(&[user(vec![])]).unwrap(), "D1");
+        // chat_template.json wins over tokenizer_config.json, chat_template.jinja over both.
+        std::fs::write(
+            dir.path().join("chat_template.json"),
+            r#"{"chat_template": "J"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            ChatTemplate::from_model_dir(dir.path())
+                .unwrap()
+                .render(&[])
+                .unwrap(),
+            "J"
+        );
+        std::fs::write(dir.path().join("chat_template.jinja"), "K").unwrap();
+        assert_eq!(
+            ChatTemplate::from_model_dir(dir.path())
+                .unwrap()
+                .render(&[])
+                .unwrap(),
+            "K"
+        );
+        // A broken template is a start-up error naming its file.
+        std::fs::write(dir.path().join("chat_template.jinja"), "{% for %}").unwrap();
+        let e = ChatTemplate::from_model_dir(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("chat_template.jinja"), "{e}");
+    }
+}
