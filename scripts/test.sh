@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: starts what the tests need, then runs every test in the workspace.
-# Works on a fresh machine with only Rust installed (Redis is installed with apt-get if missing).
+# The test command: checks the Helm chart, starts what the tests need, then runs every test in the
+# workspace. Works on a fresh machine with only Rust and Python 3 installed (Redis is installed with
+# apt-get if missing; the chart tools with pip into a venv under target/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +23,9 @@ ensure_redis() {
   echo "test.sh: redis-server did not answer PING" >&2
   exit 1
 }
+
+# The Helm chart first: seconds, and no cargo build needed.
+./scripts/test-helm.sh
 
 ensure_redis
 export VLM_TEST_REDIS_URL="${VLM_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
