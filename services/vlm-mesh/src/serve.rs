@@ -2,6 +2,7 @@
 //!
 //! Contract with launchers (`up`, tests): after binding, the process prints exactly one line
 //! `listening <addr>` on stdout, so `--listen 127.0.0.1:0` can be used and the real port learned.
+//! With `--health-listen`, a second line `health-listening <addr>` follows it.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -40,6 +41,10 @@ pub struct CommonArgs {
     /// Compute dtype: f32, f16 or bf16.
     #[arg(long, env = "VLM_DTYPE", default_value = "f32")]
     pub dtype: String,
+    /// Also serve grpc.health.v1 (and nothing else) without TLS on this address, for probes
+    /// that cannot present a client certificate, such as Kubernetes gRPC probes.
+    #[arg(long, env = "VLM_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
 }
 
 impl CommonArgs {
@@ -200,6 +205,19 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
+/// Binds the plaintext health port, if asked for, and announces it after `listening`.
+async fn bind_health(addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (--health-listen)"))?;
+    let local = listener.local_addr()?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "health-listening {local}")?;
+    out.flush()?;
+    Ok(Some(listener))
+}
+
 pub fn run(role: ServeRole) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -227,12 +245,20 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
             };
             let svc = vlm_encoder::EncoderService::load(&cfg)?;
             let listener = bind(common.listen).await?;
+            let health = bind_health(common.health_listen).await?;
             let server = svc.into_server().max_decoding_message_size(
                 max_image_bytes
                     .saturating_add(1 << 20)
                     .min(MAX_MESSAGE_BYTES),
             );
-            vlm_net::serve_grpc(listener, Some(tls), server, vlm_net::shutdown_signal()).await?;
+            vlm_net::serve_grpc_with_health_port(
+                listener,
+                health,
+                Some(tls),
+                server,
+                vlm_net::shutdown_signal(),
+            )
+            .await?;
         }
         ServeRole::Projector {
             common,
@@ -247,8 +273,10 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
             };
             let svc = vlm_projector::ProjectorService::load(&cfg)?;
             let listener = bind(common.listen).await?;
-            vlm_net::serve_grpc(
+            let health = bind_health(common.health_listen).await?;
+            vlm_net::serve_grpc_with_health_port(
                 listener,
+                health,
                 Some(tls),
                 svc.into_server(),
                 vlm_net::shutdown_signal(),
@@ -274,8 +302,10 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
             };
             let svc = vlm_decoder::DecoderService::load(&cfg)?;
             let listener = bind(common.listen).await?;
-            vlm_net::serve_grpc(
+            let health = bind_health(common.health_listen).await?;
+            vlm_net::serve_grpc_with_health_port(
                 listener,
+                health,
                 Some(tls),
                 svc.into_server(),
                 vlm_net::shutdown_signal(),
@@ -333,10 +363,18 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
                 Some(vlm_net::server_tls_client_auth_optional(&files)?)
             };
             let listener = bind(common.listen).await?;
+            let health = bind_health(common.health_listen).await?;
             let server = svc
                 .into_server()
                 .max_decoding_message_size(MAX_MESSAGE_BYTES);
-            vlm_net::serve_grpc(listener, tls, server, vlm_net::shutdown_signal()).await?;
+            vlm_net::serve_grpc_with_health_port(
+                listener,
+                health,
+                tls,
+                server,
+                vlm_net::shutdown_signal(),
+            )
+            .await?;
         }
     }
     Ok(())

@@ -14,7 +14,7 @@ mod util;
 pub use channel::{connect, connect_lazy, endpoint, server_builder, ChannelOptions};
 pub use error::{error_chain, NetError};
 pub use health::{health_and_reflection, wait_until_serving, wait_until_serving_url};
-pub use serve::serve_grpc;
+pub use serve::{serve_grpc, serve_grpc_with_health_port};
 pub use shutdown::shutdown_signal;
 pub use tls::{
     client_tls, client_tls_without_identity, server_tls, server_tls_client_auth_optional,
