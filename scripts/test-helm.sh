@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Chart checks: renders helm/vlm-mesh with Helm's own library for the default and the production
 # values, validates every manifest against the Kubernetes API schemas, and asserts the chart's
-# properties (helm/tests/test_chart.py). Needs only Python 3 with venv/pip: the tools are
+# properties (helm/tests/test_chart.py); then runs the rendered pods' commands with the real
+# binary and probes them as the kubelet would (helm/tests/test_chart_runtime.py). Needs only Python 3 with venv/pip: the tools are
 # installed, at the versions pinned in helm/tests/requirements.txt, into a virtualenv outside the
 # source tree (under the cargo target directory, which is ignored), reused while the pins match.
 set -euo pipefail
@@ -35,5 +36,11 @@ else
   export PYTHONPATH="$venv/site-packages${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
+# test_chart_runtime.py runs the rendered pods with the real binary: the debug build that
+# `cargo test` (scripts/test.sh) leaves behind, unless VLM_MESH_BIN names another.
+if [ -z "${VLM_MESH_BIN:-}" ] && [ -x "$target_dir/debug/vlm-mesh" ]; then
+  export VLM_MESH_BIN="$target_dir/debug/vlm-mesh"
+fi
+
 echo "test-helm.sh: chart checks (helm/tests)" >&2
-exec "$python" -m unittest discover --start-directory helm/tests --pattern 'test_*.py' "$@"
+exec "$python" helm/tests/run.py "$@"

@@ -416,6 +416,26 @@ class PodsAndServices(unittest.TestCase):
                             self.assertEqual(sc.get("capabilities", {}).get("drop"), ["ALL"])
                             self.assertNotIn("privileged", [k for k, v in sc.items() if v is True])
 
+    def test_numeric_flags_render_as_integers(self):
+        """Helm may hold numbers as float64, which print as 2.097152e+07: clap would refuse that."""
+        big = {
+            "gateway": {"maxImageBytes": 104857600, "requestTimeoutSeconds": 86400000},
+            "encoder": {"maxImageBytes": 20971520, "maxImagePixels": 100000000},
+            "cache": {"ttlSeconds": 2592000, "maxBytes": 4294967296},
+        }
+        numeric = re.compile(r"--(max-[a-z-]+|cache-ttl|cache-max-bytes|request-timeout|default-max-tokens)")
+        for label, values in (("default", None), ("large", big)):
+            deployments = objects(render(values), "Deployment")
+            for component in COMPONENTS:
+                args = mesh_container(deployments[name_of(component)])["args"]
+                flags = [a for a in args if numeric.fullmatch(a)]
+                self.assertTrue(flags, component)
+                for flag in flags:
+                    with self.subTest(values=label, component=component, flag=flag):
+                        self.assertRegex(arg({"args": args}, flag), r"^[0-9]+$")
+        encoder = mesh_container(objects(render(big), "Deployment")[name_of("encoder")])
+        self.assertEqual(arg(encoder, "--max-image-pixels"), "100000000")
+
     def test_topology_spread_and_resources(self):
         for label, _, docs in self.each_render():
             for component in COMPONENTS:
