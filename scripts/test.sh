@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The test command: checks the Helm chart, starts what the tests need, then runs every test in the
-# workspace. Works on a fresh machine with only Rust and Python 3 installed (Redis is installed with
-# apt-get if missing; the chart tools with pip into a venv under target/).
+# The test command: starts what the tests need, runs every test in the workspace, then checks the
+# Helm chart (scripts/test-helm.sh). Works on a fresh machine with only Rust and Python 3 installed
+# (Redis is installed with apt-get if missing; the chart tools with pip into a venv under target/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
