@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: starts what the tests need, then runs every test in the workspace.
-# Works on a fresh machine with only Rust installed (Redis is installed with apt-get if missing).
+# The test command: starts what the tests need, runs every test in the workspace, then checks the
+# Helm chart (scripts/test-helm.sh). Works on a fresh machine with only Rust and Python 3 installed
+# (Redis is installed with apt-get if missing; the chart tools with pip into a venv under target/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,4 +26,7 @@ ensure_redis() {
 
 ensure_redis
 export VLM_TEST_REDIS_URL="${VLM_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
-exec cargo test --workspace --locked "$@"
+cargo test --workspace --locked "$@"
+
+# The Helm chart, after cargo test so that the binary it built can run the rendered pods.
+VLM_HELM_REQUIRE_BIN=1 ./scripts/test-helm.sh

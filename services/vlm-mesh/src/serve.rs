@@ -3,6 +3,7 @@
 //! Contract with launchers (`up`, tests): after binding, the process prints exactly one line
 //! `listening <addr>` on stdout, so `--listen 127.0.0.1:0` can be used and the real port learned.
 //! A gateway with `--http-listen` appends ` http=<addr>` (its OpenAI-compatible port) to that line.
+//! With `--health-listen`, a second line `health-listening <addr>` follows it.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -49,6 +50,10 @@ pub struct CommonArgs {
     /// RESOURCE_EXHAUSTED (load shedding), so memory stays bounded under overload.
     #[arg(long, env = "VLM_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
+    /// Also serve grpc.health.v1 (and nothing else) without TLS on this address, for probes
+    /// that cannot present a client certificate, such as Kubernetes gRPC probes.
+    #[arg(long, env = "VLM_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
 }
 
 impl CommonArgs {
@@ -303,6 +308,19 @@ fn announce(grpc: &TcpListener, http: Option<&TcpListener>) -> anyhow::Result<()
     Ok(())
 }
 
+/// Binds the plaintext health port, if asked for, and announces it after `listening`.
+async fn bind_health(addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (--health-listen)"))?;
+    let local = listener.local_addr()?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "health-listening {local}")?;
+    out.flush()?;
+    Ok(Some(listener))
+}
+
 pub fn run(role: ServeRole) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -331,13 +349,21 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
             };
             let svc = vlm_encoder::EncoderService::load(&cfg)?;
             let listener = bind(common.listen).await?;
+            let health = bind_health(common.health_listen).await?;
             let server = svc.into_server().max_decoding_message_size(
                 max_image_bytes
                     .saturating_add(1 << 20)
                     .min(MAX_MESSAGE_BYTES),
             );
             let server = common.admission().layer(server);
-            vlm_net::serve_grpc(listener, Some(tls), server, vlm_net::shutdown_signal()).await?;
+            vlm_net::serve_grpc_with_health_port(
+                listener,
+                health,
+                Some(tls),
+                server,
+                vlm_net::shutdown_signal(),
+            )
+            .await?;
         }
         ServeRole::Projector {
             common,
@@ -352,8 +378,10 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
             };
             let svc = vlm_projector::ProjectorService::load(&cfg)?;
             let listener = bind(common.listen).await?;
-            vlm_net::serve_grpc(
+            let health = bind_health(common.health_listen).await?;
+            vlm_net::serve_grpc_with_health_port(
                 listener,
+                health,
                 Some(tls),
                 common.admission().layer(svc.into_server()),
                 vlm_net::shutdown_signal(),
@@ -376,8 +404,10 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
             };
             let svc = vlm_decoder::DecoderService::load(&cfg)?;
             let listener = bind(common.listen).await?;
-            vlm_net::serve_grpc(
+            let health = bind_health(common.health_listen).await?;
+            vlm_net::serve_grpc_with_health_port(
                 listener,
+                health,
                 Some(tls),
                 common.admission().layer(svc.into_server()),
                 vlm_net::shutdown_signal(),
@@ -483,10 +513,17 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
             };
             let listener = bind_quietly(common.listen).await?;
             announce(&listener, openai.as_ref().map(|(_, _, l)| l))?;
+            let health = bind_health(common.health_listen).await?;
             let server = vlm_proto::gateway_server::GatewayServer::from_arc(svc)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES);
             let server = common.admission().layer(server);
-            let grpc = vlm_net::serve_grpc(listener, tls, server, vlm_net::shutdown_signal());
+            let grpc = vlm_net::serve_grpc_with_health_port(
+                listener,
+                health,
+                tls,
+                server,
+                vlm_net::shutdown_signal(),
+            );
             match openai {
                 None => grpc.await?,
                 Some((endpoint, http_tls, http_listener)) => {

@@ -5,6 +5,8 @@ use std::convert::Infallible;
 use std::future::Future;
 
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tonic::body::Body;
 use tonic::codegen::http::{Request, Response};
 use tonic::codegen::Service;
@@ -28,6 +30,33 @@ use crate::{
 /// shutdown begins, so balancers stop routing new calls during the drain.
 pub async fn serve_grpc<S, F>(
     listener: TcpListener,
+    tls: Option<ServerTlsConfig>,
+    service: S,
+    shutdown: F,
+) -> Result<(), NetError>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    F: Future<Output = ()>,
+{
+    serve_grpc_with_health_port(listener, None, tls, service, shutdown).await
+}
+
+/// [`serve_grpc`], plus — when `health_listener` is given — a second port
+/// without TLS that serves only `grpc.health.v1`, from the same reporter.
+///
+/// Kubernetes' gRPC probes cannot speak TLS, let alone present a client
+/// certificate, so the kubelet cannot probe an mTLS port. The health port
+/// tells nothing but serving status, and it keeps answering (NOT_SERVING)
+/// while the main port drains, so readiness drops before the process exits.
+pub async fn serve_grpc_with_health_port<S, F>(
+    listener: TcpListener,
+    health_listener: Option<TcpListener>,
     tls: Option<ServerTlsConfig>,
     service: S,
     shutdown: F,
@@ -66,8 +95,12 @@ where
             .set_service_status(S::NAME, ServingStatus::NotServing)
             .await;
     };
+    let health_port = match health_listener {
+        Some(l) => Some(spawn_health_port(l, health.clone())?),
+        None => None,
+    };
     tracing::info!(service = S::NAME, %addr, tls = tls.is_some(), "serving");
-    server_builder(tls)?
+    let served = server_builder(tls)?
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
@@ -77,5 +110,44 @@ where
         .map_err(|e| NetError::Serve {
             addr,
             reason: error_chain(&e),
-        })
+        });
+    if let Some((stop, task)) = health_port {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
+    served
+}
+
+/// Serves `health` alone, without TLS, on `listener` until the returned
+/// sender fires (or is dropped).
+fn spawn_health_port<H>(
+    listener: TcpListener,
+    health: H,
+) -> Result<(oneshot::Sender<()>, JoinHandle<()>), NetError>
+where
+    H: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    H::Future: Send + 'static,
+{
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = server_builder(None)?.add_service(health);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    tracing::info!(%addr, "serving grpc.health.v1 without TLS (probe port)");
+    let task = tokio::spawn(async move {
+        let stop = async {
+            let _ = stop_rx.await;
+        };
+        if let Err(e) = server.serve_with_incoming_shutdown(incoming, stop).await {
+            tracing::error!(%addr, error = %error_chain(&e), "probe port failed");
+        }
+    });
+    Ok((stop_tx, task))
 }

@@ -1,0 +1,600 @@
+"""Checks of the Helm chart in helm/vlm-mesh, with real tools only:
+
+- Helm's own Go library (helm-python-sdk) lints the chart, validates values against
+  values.schema.json and renders the templates, exactly as `helm template` would;
+- every rendered manifest is validated against the Kubernetes API's JSON schemas
+  (kubernetes-validate, strict: unknown fields are errors) for the oldest Kubernetes the chart
+  supports (Chart.yaml kubeVersion) and the newest the validator knows; cert-manager objects
+  against models generated from cert-manager's CRDs (cloudcoil.models.cert_manager);
+- then the properties the issue asks for are asserted on the rendered objects.
+
+Run with scripts/test-helm.sh (installs the tools into a venv outside the repository).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import tempfile
+import unittest
+from pathlib import Path
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import yaml
+from cloudcoil.models.cert_manager import v1 as cert_manager_v1
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "vlm-mesh"
+PRODUCTION = CHART / "ci" / "production-values.yaml"
+COMPONENTS = ["gateway", "encoder", "projector", "decoder"]
+INTERNAL = ["encoder", "projector", "decoder"]
+RELEASE = "vlm"
+NAMESPACE = "ml"
+
+
+def chart_meta() -> dict:
+    return yaml.safe_load((CHART / "Chart.yaml").read_text())
+
+
+def kube_versions() -> list[str]:
+    """The chart's minimum Kubernetes (from kubeVersion) and the newest schemas available."""
+    floor = re.search(r"(\d+\.\d+)", chart_meta()["kubeVersion"]).group(1)
+    return sorted({floor, kubernetes_validate.utils.latest_version()})
+
+
+def production_values() -> dict:
+    return yaml.safe_load(PRODUCTION.read_text())
+
+
+def render(values: dict | None = None, chart: Path = CHART) -> list[dict]:
+    """`helm template` through Helm's library: every object, NOTES.txt left out."""
+    with helm.Chart.load(chart) as c:
+        out = c.render(values=values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def notes(values: dict | None = None) -> str:
+    with helm.Chart.load(CHART) as c:
+        out = c.render(values=values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return next(text for path, text in out.items() if path.endswith("NOTES.txt"))
+
+
+def validate_manifest(doc: dict, version: str) -> None:
+    """Raises if `doc` is not a valid object of its kind."""
+    if doc["apiVersion"].startswith("cert-manager.io/"):
+        model = getattr(cert_manager_v1, doc["kind"])
+        parsed = model.model_validate(doc)
+        # The models ignore fields the CRD does not have; a lossless round trip proves there were none.
+        back = parsed.model_dump(by_alias=True, exclude_none=True, mode="json")
+        if back != doc:
+            raise ValueError(
+                f"{doc['kind']}/{doc['metadata']['name']}: fields unknown to cert-manager's CRD: "
+                f"{json.dumps(doc, sort_keys=True)} != {json.dumps(back, sort_keys=True)}"
+            )
+    else:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def objects(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def name_of(component: str) -> str:
+    return f"{RELEASE}-vlm-mesh-{component}"
+
+
+def component_of(doc: dict) -> str:
+    return doc["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+def pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:
+    return [
+        (d["metadata"]["name"], d["spec"]["template"]["spec"])
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")
+    ]
+
+
+def mesh_container(deployment: dict) -> dict:
+    (c,) = [
+        c
+        for c in deployment["spec"]["template"]["spec"]["containers"]
+        if c["args"][:1] == ["serve"]
+    ]
+    return c
+
+
+def arg(container: dict, flag: str) -> str:
+    args = container["args"]
+    return args[args.index(flag) + 1]
+
+
+def env(container: dict) -> dict:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+VARIANTS = {
+    "default": None,
+    "production": "production",
+}
+
+
+class RenderAndValidate(unittest.TestCase):
+    """Both values files render, lint clean, and every object validates."""
+
+    def check_values(self, values: dict | None) -> list[dict]:
+        lint = helm.lint(CHART, values, strict=True, kube_version="v" + kube_versions()[0] + ".0")
+        self.assertEqual(lint["errors"], [], lint)
+        # Helm's lint reports "icon is recommended" as info; anything at warning or above fails.
+        self.assertEqual([m for m in lint["messages"] if m["severity"] >= 2], [], lint)
+        docs = render(values)
+        self.assertGreater(len(docs), 10)
+        for version in kube_versions():
+            for doc in docs:
+                with self.subTest(version=version, kind=doc["kind"], name=doc["metadata"]["name"]):
+                    validate_manifest(doc, version)
+        return docs
+
+    def test_default_values(self):
+        docs = self.check_values(None)
+        kinds = {d["kind"] for d in docs}
+        self.assertLessEqual(
+            {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceAccount"},
+            kinds,
+        )
+
+    def test_production_values(self):
+        docs = self.check_values(production_values())
+        self.assertIn("Certificate", {d["kind"] for d in docs})
+
+    def test_every_optional_part_on(self):
+        """Jaeger, the chart's own CA, extra HPA metrics, init containers: still valid."""
+        values = {
+            "jaeger": {"enabled": True},
+            "certManager": {"enabled": True},
+            "model": {
+                "volume": {"emptyDir": {"sizeLimit": "20Gi"}},
+                "initContainers": [
+                    {
+                        "name": "fetch-model",
+                        "image": "busybox:1.36",
+                        "command": ["sh", "-c", "cp -r /src/. /models/"],
+                        "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False},
+                        "volumeMounts": [{"name": "model", "mountPath": "/models"}],
+                    }
+                ],
+            },
+            "encoder": {
+                "autoscaling": {
+                    "metrics": [
+                        {
+                            "type": "Pods",
+                            "pods": {
+                                "metric": {"name": "vlm_encoder_queue_depth"},
+                                "target": {"type": "AverageValue", "averageValue": "4"},
+                            },
+                        }
+                    ]
+                }
+            },
+            "gateway": {"plaintext": True, "service": {"type": "LoadBalancer"}},
+            "listenHost": "::",
+        }
+        docs = self.check_values(values)
+        self.assertIn(name_of("jaeger"), objects(docs, "Deployment"))
+        self.assertIn(f"{RELEASE}-vlm-mesh-ca", objects(docs, "Issuer"))
+
+    def test_validator_catches_a_schema_violation(self):
+        """The check is not vacuous: a manifest the API would reject fails validation."""
+        docs = render(None)
+        deployment = copy.deepcopy(objects(docs, "Deployment")[name_of("encoder")])
+        mesh_container(deployment)["readinessProbe"]["grpc"]["port"] = "health"  # must be an int
+        with self.assertRaises(kubernetes_validate.ValidationError):
+            validate_manifest(deployment, kube_versions()[-1])
+        service = copy.deepcopy(objects(docs, "Service")[name_of("encoder")])
+        service["spec"]["clusterIp"] = "None"  # misspelt field: strict mode rejects it
+        with self.assertRaises(kubernetes_validate.ValidationError):
+            validate_manifest(service, kube_versions()[-1])
+        cert = copy.deepcopy(objects(render({"certManager": {"enabled": True}}), "Certificate")[name_of("encoder")])
+        cert["spec"]["dnsNmes"] = cert["spec"].pop("dnsNames")
+        with self.assertRaises(ValueError):
+            validate_manifest(cert, kube_versions()[-1])
+
+    def test_broken_template_fails_rendering(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            broken = Path(tmp) / "vlm-mesh"
+            shutil.copytree(CHART, broken)
+            path = broken / "templates" / "service.yaml"
+            path.write_text(path.read_text().replace("{{- end }}", "", 1))
+            with self.assertRaises(helm.HelmError):
+                render(None, chart=broken)
+
+    def test_min_above_max_is_refused(self):
+        with self.assertRaisesRegex(helm.HelmError, "minReplicas"):
+            render({"decoder": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}})
+
+
+class ValuesSchema(unittest.TestCase):
+    """values.schema.json accepts both values files and rejects wrong types and typos."""
+
+    def setUp(self):
+        self.schema = json.loads((CHART / "values.schema.json").read_text())
+        jsonschema.Draft7Validator.check_schema(self.schema)
+        self.defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def merged(self, overrides: dict) -> dict:
+        with helm.Chart.load(CHART) as c:
+            return c.merge_values(overrides)
+
+    def errors(self, values: dict) -> list[str]:
+        return [e.message for e in jsonschema.Draft7Validator(self.schema).iter_errors(values)]
+
+    def test_accepts_the_shipped_values(self):
+        self.assertEqual(self.errors(self.defaults), [])
+        self.assertEqual(self.errors(self.merged(production_values())), [])
+        with helm.Chart.load(CHART) as c:
+            c.validate_schema(production_values())
+
+    def test_rejects_wrong_types(self):
+        bad = [
+            {"encoder": {"replicas": "four"}},
+            {"decoder": {"autoscaling": {"maxReplicas": "8"}}},
+            {"cache": {"enabled": "yes"}},
+            {"ports": {"health": 70000}},
+            {"model": {"dtype": "int8"}},
+            {"gateway": {"service": {"type": "Ingress"}}},
+        ]
+        for overrides in bad:
+            with self.subTest(overrides=overrides):
+                self.assertNotEqual(self.errors(self.merged(overrides)), [])
+                # Helm itself refuses it (what `helm install` does) …
+                with helm.Chart.load(CHART) as c:
+                    with self.assertRaises(helm.HelmValuesError):
+                        c.validate_schema(overrides)
+                # … and so rendering fails.
+                with self.assertRaises(helm.HelmValuesError):
+                    render(overrides)
+
+    def test_rejects_unknown_keys(self):
+        with self.assertRaisesRegex(helm.HelmValuesError, "replicaz"):
+            render({"encoder": {"replicaz": 3}})
+
+
+class Scaling(unittest.TestCase):
+    """Encoder and decoder are separate Deployments with separate HPAs and replica counts."""
+
+    def test_production_hpas_follow_the_values_file(self):
+        values = production_values()
+        docs = render(values)
+        deployments = objects(docs, "Deployment")
+        hpas = objects(docs, "HorizontalPodAutoscaler")
+        for component in COMPONENTS:
+            with self.subTest(component=component):
+                name = name_of(component)
+                self.assertIn(name, deployments)
+                hpa = hpas[name]
+                self.assertEqual(
+                    hpa["spec"]["scaleTargetRef"],
+                    {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+                )
+                want = values[component]["autoscaling"]
+                self.assertEqual(hpa["spec"]["minReplicas"], want["minReplicas"])
+                self.assertEqual(hpa["spec"]["maxReplicas"], want["maxReplicas"])
+                # The HPA owns the count: an upgrade must not reset it.
+                self.assertNotIn("replicas", deployments[name]["spec"])
+                cpu = [m for m in hpa["spec"]["metrics"] if m["type"] == "Resource"]
+                self.assertEqual(cpu[0]["resource"]["name"], "cpu")
+        enc, dec = hpas[name_of("encoder")]["spec"], hpas[name_of("decoder")]["spec"]
+        self.assertNotEqual(
+            (enc["minReplicas"], enc["maxReplicas"]), (dec["minReplicas"], dec["maxReplicas"])
+        )
+        # The production shape of the issue: 2 gateways, 4 encoders, 2 decoders at minimum.
+        self.assertEqual(values["gateway"]["autoscaling"]["minReplicas"], 2)
+        self.assertEqual(values["encoder"]["autoscaling"]["minReplicas"], 4)
+        self.assertEqual(values["decoder"]["autoscaling"]["minReplicas"], 2)
+        # Each Deployment selects only its own pods.
+        selectors = {
+            n: tuple(sorted(d["spec"]["selector"]["matchLabels"].items())) for n, d in deployments.items()
+        }
+        self.assertEqual(len(set(selectors.values())), len(selectors))
+        self.assertEqual(
+            hpas[name_of("encoder")]["spec"]["behavior"], values["encoder"]["autoscaling"]["behavior"]
+        )
+
+    def test_fixed_replicas_without_hpa(self):
+        values = {
+            "encoder": {"replicas": 3, "autoscaling": {"enabled": False}},
+            "decoder": {"replicas": 5, "autoscaling": {"enabled": False}},
+        }
+        docs = render(values)
+        deployments = objects(docs, "Deployment")
+        hpas = objects(docs, "HorizontalPodAutoscaler")
+        for component in ("encoder", "decoder"):
+            self.assertEqual(deployments[name_of(component)]["spec"]["replicas"], values[component]["replicas"])
+            self.assertNotIn(name_of(component), hpas)
+        self.assertIn(name_of("gateway"), hpas)
+
+    def test_extra_hpa_metrics_are_appended(self):
+        metric = {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": "vlm_decoder_queue_depth"},
+                "target": {"type": "AverageValue", "averageValue": "2"},
+            },
+        }
+        hpas = objects(render({"decoder": {"autoscaling": {"metrics": [metric]}}}), "HorizontalPodAutoscaler")
+        self.assertIn(metric, hpas[name_of("decoder")]["spec"]["metrics"])
+        self.assertNotIn(metric, hpas[name_of("encoder")]["spec"]["metrics"])
+
+    def test_pdb_per_component(self):
+        pdbs = objects(render(production_values()), "PodDisruptionBudget")
+        for component in COMPONENTS:
+            pdb = pdbs[name_of(component)]
+            self.assertEqual(
+                pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"], component
+            )
+
+
+class PodsAndServices(unittest.TestCase):
+    def each_render(self):
+        for label, values in (("default", None), ("production", production_values())):
+            yield label, values, render(values)
+
+    def test_probes_use_grpc_health_on_the_health_port(self):
+        for label, _, docs in self.each_render():
+            deployments = objects(docs, "Deployment")
+            for component in COMPONENTS:
+                with self.subTest(values=label, component=component):
+                    c = mesh_container(deployments[name_of(component)])
+                    health_port = int(arg(c, "--health-listen").rsplit(":", 1)[1])
+                    self.assertIn({"name": "health", "containerPort": health_port, "protocol": "TCP"}, c["ports"])
+                    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                        p = c[probe]
+                        self.assertEqual(set(p) & {"grpc", "httpGet", "tcpSocket", "exec"}, {"grpc"}, probe)
+                        self.assertEqual(p["grpc"]["port"], health_port, probe)
+                    # Readiness asks for the stage's own gRPC service (NOT_SERVING while draining).
+                    self.assertEqual(
+                        c["readinessProbe"]["grpc"]["service"], f"vlm.v1.{component.capitalize()}"
+                    )
+                    # The gRPC port itself stays mTLS: the probe port is a different one.
+                    grpc_port = int(arg(c, "--listen").rsplit(":", 1)[1])
+                    self.assertNotEqual(grpc_port, health_port)
+
+    def test_internal_services_are_headless_and_the_gateway_dials_them(self):
+        for label, values, docs in self.each_render():
+            services = objects(docs, "Service")
+            gateway = mesh_container(objects(docs, "Deployment")[name_of("gateway")])
+            for component in INTERNAL:
+                with self.subTest(values=label, component=component):
+                    svc = services[name_of(component)]
+                    self.assertEqual(svc["spec"]["clusterIP"], "None")
+                    self.assertEqual(svc["spec"]["selector"]["app.kubernetes.io/component"], component)
+                    url = arg(gateway, f"--{component}")
+                    m = re.fullmatch(r"https://([^:/]+):(\d+)", url)
+                    self.assertIsNotNone(m, url)
+                    self.assertEqual(m.group(1), name_of(component))
+                    self.assertEqual(int(m.group(2)), svc["spec"]["ports"][0]["port"])
+                    target = mesh_container(objects(docs, "Deployment")[name_of(component)])
+                    self.assertEqual(int(arg(target, "--listen").rsplit(":", 1)[1]), int(m.group(2)))
+            # The public gateway Service is the one that is not headless.
+            self.assertNotEqual(services[name_of("gateway")]["spec"].get("clusterIP"), "None")
+
+    def test_every_container_runs_as_non_root(self):
+        values = {
+            "jaeger": {"enabled": True},
+            "model": {
+                "initContainers": [
+                    {"name": "fetch", "image": "busybox:1.36", "command": ["true"]},
+                ]
+            },
+        }
+        for label, docs in (("default", render(None)), ("production", render(production_values())), ("all on", render(values))):
+            specs = pod_specs(docs)
+            self.assertGreaterEqual(len(specs), 4)
+            for workload, spec in specs:
+                pod = spec.get("securityContext", {})
+                for c in spec.get("initContainers", []) + spec["containers"]:
+                    with self.subTest(values=label, workload=workload, container=c["name"]):
+                        sc = c.get("securityContext", {})
+                        run_as_non_root = sc.get("runAsNonRoot", pod.get("runAsNonRoot"))
+                        run_as_user = sc.get("runAsUser", pod.get("runAsUser"))
+                        self.assertTrue(run_as_non_root)
+                        self.assertIsNotNone(run_as_user)
+                        self.assertNotEqual(run_as_user, 0)
+                        if c in spec["containers"]:
+                            self.assertIs(sc.get("allowPrivilegeEscalation"), False)
+                            self.assertIs(sc.get("readOnlyRootFilesystem"), True)
+                            self.assertEqual(sc.get("capabilities", {}).get("drop"), ["ALL"])
+                            self.assertNotIn("privileged", [k for k, v in sc.items() if v is True])
+
+    def test_numeric_flags_render_as_integers(self):
+        """Helm may hold numbers as float64, which print as 2.097152e+07: clap would refuse that."""
+        big = {
+            "gateway": {"maxImageBytes": 104857600, "requestTimeoutSeconds": 86400000},
+            "encoder": {"maxImageBytes": 20971520, "maxImagePixels": 100000000},
+            "cache": {"ttlSeconds": 2592000, "maxBytes": 4294967296},
+        }
+        numeric = re.compile(r"--(max-[a-z-]+|cache-ttl|cache-max-bytes|request-timeout|default-max-tokens)")
+        for label, values in (("default", None), ("large", big)):
+            deployments = objects(render(values), "Deployment")
+            for component in COMPONENTS:
+                args = mesh_container(deployments[name_of(component)])["args"]
+                flags = [a for a in args if numeric.fullmatch(a)]
+                self.assertTrue(flags, component)
+                for flag in flags:
+                    with self.subTest(values=label, component=component, flag=flag):
+                        self.assertRegex(arg({"args": args}, flag), r"^[0-9]+$")
+        encoder = mesh_container(objects(render(big), "Deployment")[name_of("encoder")])
+        self.assertEqual(arg(encoder, "--max-image-pixels"), "100000000")
+
+    def test_topology_spread_and_resources(self):
+        for label, _, docs in self.each_render():
+            for component in COMPONENTS:
+                with self.subTest(values=label, component=component):
+                    spec = objects(docs, "Deployment")[name_of(component)]["spec"]["template"]["spec"]
+                    spread = spec["topologySpreadConstraints"]
+                    self.assertTrue(spread)
+                    for s in spread:
+                        self.assertEqual(s["labelSelector"]["matchLabels"]["app.kubernetes.io/component"], component)
+                    res = mesh_container({"spec": {"template": {"spec": spec}}})["resources"]
+                    self.assertIn("cpu", res["requests"])
+                    self.assertIn("memory", res["limits"])
+
+
+class CertificatesRedisTelemetry(unittest.TestCase):
+    def test_certificates_match_mounts_and_server_names(self):
+        values = production_values()
+        docs = render(values)
+        certs = objects(docs, "Certificate")
+        deployments = objects(docs, "Deployment")
+        gateway = mesh_container(deployments[name_of("gateway")])
+        for component in COMPONENTS:
+            with self.subTest(component=component):
+                cert = certs[name_of(component)]["spec"]
+                self.assertEqual(cert["issuerRef"]["name"], values["certManager"]["issuerRef"]["name"])
+                self.assertEqual(cert["issuerRef"]["kind"], "ClusterIssuer")
+                self.assertEqual({"server auth", "client auth"} - set(cert["usages"]), set())
+                volumes = {v["name"]: v for v in deployments[name_of(component)]["spec"]["template"]["spec"]["volumes"]}
+                self.assertEqual(volumes["tls"]["secret"]["secretName"], cert["secretName"])
+                c = mesh_container(deployments[name_of(component)])
+                mount = next(m for m in c["volumeMounts"] if m["name"] == "tls")
+                for flag, key in (("--ca", "ca.crt"), ("--cert", "tls.crt"), ("--key", "tls.key")):
+                    self.assertEqual(arg(c, flag), f"{mount['mountPath']}/{key}")
+                if component != "gateway":
+                    # The gateway verifies this name in the stage's certificate.
+                    host = re.match(r"https://([^:/]+)", arg(gateway, f"--{component}")).group(1)
+                    self.assertIn(host, cert["dnsNames"])
+                    self.assertIn(f"{host}.{NAMESPACE}.svc.cluster.local", cert["dnsNames"])
+        gw = certs[name_of("gateway")]["spec"]
+        self.assertIn("localhost", gw["dnsNames"])
+        for extra in values["certManager"]["gatewayDnsNames"]:
+            self.assertIn(extra, gw["dnsNames"])
+        # An external issuer: the chart makes no CA of its own.
+        self.assertEqual(objects(docs, "Issuer"), {})
+
+    def test_self_signed_ca_when_no_issuer_is_given(self):
+        docs = render({"certManager": {"enabled": True}})
+        issuers = objects(docs, "Issuer")
+        ca = objects(docs, "Certificate")[f"{RELEASE}-vlm-mesh-ca"]["spec"]
+        self.assertTrue(ca["isCA"])
+        self.assertIn("selfSigned", issuers[ca["issuerRef"]["name"]]["spec"])
+        for component in COMPONENTS:
+            ref = objects(docs, "Certificate")[name_of(component)]["spec"]["issuerRef"]["name"]
+            self.assertEqual(issuers[ref]["spec"]["ca"]["secretName"], ca["secretName"])
+
+    def test_secrets_named_in_values_are_mounted(self):
+        names = {c: f"mesh-{c}-cert" for c in COMPONENTS}
+        docs = render({"tls": {"secretNames": names}})
+        self.assertEqual(objects(docs, "Certificate"), {})
+        for component in COMPONENTS:
+            volumes = objects(docs, "Deployment")[name_of(component)]["spec"]["template"]["spec"]["volumes"]
+            tls = next(v for v in volumes if v["name"] == "tls")
+            self.assertEqual(tls["secret"]["secretName"], names[component])
+
+    def test_bundled_redis_is_lru_and_wired_to_the_gateways(self):
+        docs = render(None)
+        redis = objects(docs, "Deployment")[name_of("redis")]
+        (c,) = redis["spec"]["template"]["spec"]["containers"]
+        self.assertEqual(redis["spec"]["replicas"], 1)
+        self.assertEqual(c["args"][c["args"].index("--maxmemory-policy") + 1], "allkeys-lru")
+        svc = objects(docs, "Service")[name_of("redis")]
+        gateway = mesh_container(objects(docs, "Deployment")[name_of("gateway")])
+        self.assertEqual(
+            env(gateway)["VLM_REDIS"]["value"],
+            f"redis://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}",
+        )
+        for component in INTERNAL:
+            self.assertNotIn("VLM_REDIS", env(mesh_container(objects(docs, "Deployment")[name_of(component)])))
+
+    def test_external_redis_replaces_the_bundled_one(self):
+        values = production_values()
+        docs = render(values)
+        self.assertNotIn(name_of("redis"), objects(docs, "Deployment"))
+        gateway = mesh_container(objects(docs, "Deployment")[name_of("gateway")])
+        self.assertEqual(env(gateway)["VLM_REDIS"]["value"], values["redis"]["externalUrl"])
+        secret = {"redis": {"existingSecret": {"name": "redis-auth", "key": "url"}}}
+        gateway = mesh_container(objects(render(secret), "Deployment")[name_of("gateway")])
+        self.assertEqual(
+            env(gateway)["VLM_REDIS"]["valueFrom"]["secretKeyRef"], {"name": "redis-auth", "key": "url"}
+        )
+
+    def test_no_cache_means_no_redis(self):
+        docs = render({"cache": {"enabled": False}})
+        gateway = mesh_container(objects(docs, "Deployment")[name_of("gateway")])
+        self.assertIn("--no-cache", gateway["args"])
+        self.assertNotIn("VLM_REDIS", env(gateway))  # --no-cache conflicts with --redis
+        self.assertNotIn(name_of("redis"), objects(docs, "Deployment"))
+
+    def test_otlp_endpoint_reaches_every_component(self):
+        docs = render({"jaeger": {"enabled": True}})
+        jaeger = objects(docs, "Service")[name_of("jaeger")]
+        port = next(p["port"] for p in jaeger["spec"]["ports"] if p["name"] == "otlp-grpc")
+        for component in COMPONENTS:
+            e = env(mesh_container(objects(docs, "Deployment")[name_of(component)]))
+            self.assertEqual(e["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"], f"http://{jaeger['metadata']['name']}:{port}")
+            self.assertEqual(e["OTEL_SERVICE_NAME"]["value"], f"vlm-{component}")
+        values = production_values()
+        for component in COMPONENTS:
+            e = env(mesh_container(objects(render(values), "Deployment")[name_of(component)]))
+            self.assertEqual(e["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"], values["otel"]["endpoint"])
+        # Nothing configured: no exporter endpoint at all.
+        e = env(mesh_container(objects(render(None), "Deployment")[name_of("decoder")]))
+        self.assertNotIn("OTEL_EXPORTER_OTLP_ENDPOINT", e)
+
+    def test_notes_tell_how_to_call_the_gateway(self):
+        text = notes(None)
+        self.assertIn(f"port-forward svc/{name_of('gateway')}", text)
+        self.assertIn("vlm-mesh ask --gateway https://localhost:50051 --ca", text)
+        self.assertIn(f"{name_of('gateway')}-tls", text)
+
+
+class Dockerfile(unittest.TestCase):
+    """No Docker engine here: check that the image builds the binary the way CI does."""
+
+    def setUp(self):
+        self.dockerfile = (REPO / "Dockerfile").read_text()
+
+    def test_cargo_invocation_matches_ci(self):
+        build = re.search(r"cargo build ([^\\\n&]*)", self.dockerfile).group(1).split()
+        ci = (REPO / "scripts" / "test.sh").read_text()
+        ci_cmd = re.search(r"cargo test ([^\n\"]*)", ci).group(1).split()
+        self.assertIn("--locked", build)  # the committed Cargo.lock, as CI
+        self.assertIn("--locked", ci_cmd)
+        self.assertIn("--bin", build)
+        binary = build[build.index("--bin") + 1]
+        manifest = (REPO / "services" / "vlm-mesh" / "Cargo.toml").read_text()
+        self.assertRegex(manifest, rf'\[\[bin\]\]\s*name = "{binary}"')
+        # The toolchain of the build stage satisfies the workspace's rust-version.
+        rust = re.search(r"ARG RUST_VERSION=(\d+)\.(\d+)", self.dockerfile)
+        ws = re.search(r'rust-version = "(\d+)\.(\d+)"', (REPO / "Cargo.toml").read_text())
+        self.assertGreaterEqual(tuple(map(int, rust.groups())), tuple(map(int, ws.groups())))
+
+    def test_runtime_stage_is_non_root_and_carries_only_the_binary(self):
+        stages = re.split(r"^FROM ", self.dockerfile, flags=re.M)[1:]
+        self.assertEqual(len(stages), 2, "multi-stage: build, then runtime")
+        runtime = stages[-1]
+        self.assertRegex(runtime, r"(?m)^USER 65532:65532$")
+        copies = re.findall(r"(?m)^COPY .*$", runtime)
+        self.assertEqual(copies, ["COPY --from=build /out/vlm-mesh /usr/local/bin/vlm-mesh"])
+        self.assertRegex(runtime, r'ENTRYPOINT \["/usr/local/bin/vlm-mesh"\]')
+        ignore = (REPO / ".dockerignore").read_text().split()
+        self.assertIn("models/", ignore)  # models are mounted, never baked in
+        self.assertIn("target/", ignore)
+
+    def test_chart_uses_the_image_ports(self):
+        exposed = set(map(int, re.search(r"(?m)^EXPOSE (.*)$", self.dockerfile).group(1).split()))
+        defaults = yaml.safe_load((CHART / "values.yaml").read_text())["ports"]
+        self.assertEqual(exposed, {defaults["grpc"], defaults["health"]})
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,187 @@
+"""The rendered pods, run as real processes: each component's container command and environment
+exactly as the chart renders them, against the real `vlm-mesh` binary, with real mTLS, probed the
+way the kubelet probes them, then asked a question through the gateway.
+
+What differs from a cluster, and only that (kept to what a single host forces):
+- listen addresses: every pod listens on the same ports, so each process gets free loopback ports;
+- the Secret mounts: each component's `--ca/--cert/--key` point into its own directory, laid out
+  like the Secret (`ca.crt`, `tls.crt`, `tls.key`), filled from `vlm-mesh certs`;
+- stage URLs: the gateway dials `https://localhost:<port>` instead of the Service name (no cluster
+  DNS here; that the certificates carry the Service names is asserted in test_chart.py);
+- `VLM_REDIS` points at the test Redis (VLM_TEST_REDIS_URL) when one is given, else is dropped.
+
+Needs the binary: VLM_MESH_BIN (scripts/test.sh runs this after `cargo test`, which builds it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import unittest
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from test_chart import COMPONENTS, INTERNAL, REPO, arg, mesh_container, name_of, objects, render
+
+BIN = os.environ.get("VLM_MESH_BIN", "")
+MODEL = REPO / "models" / "tiny-llava"
+IMAGE = REPO / "models" / "images" / "shapes-48x48.png"
+PROMPT = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
+STARTUP_S = 180
+ORDER = ["encoder", "projector", "decoder", "gateway"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def probe(port: int, service: str, timeout: float = 2.0) -> str:
+    """What the kubelet's gRPC probe does: plaintext grpc.health.v1 Check."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as e:
+            return f"rpc error {e.code().name}"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def replace_arg(args: list[str], flag: str, value: str) -> None:
+    args[args.index(flag) + 1] = value
+
+
+@unittest.skipUnless(BIN or os.environ.get("VLM_HELM_REQUIRE_BIN"), "set VLM_MESH_BIN to the vlm-mesh binary")
+class RenderedPodsRun(unittest.TestCase):
+    def setUp(self):
+        self.assertTrue(BIN and Path(BIN).is_file(), f"VLM_MESH_BIN={BIN!r} is not a file (cargo build first)")
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.addCleanup(self.stop_all)
+
+    def stop_all(self):
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+
+    def log(self, component: str) -> str:
+        return (Path(self.tmp.name) / f"{component}.log").read_text(errors="replace")
+
+    def secrets(self) -> Path:
+        """One directory per component in the Secret's layout, from a dev PKI."""
+        pki = Path(self.tmp.name) / "pki"
+        subprocess.run([BIN, "certs", "--out", str(pki)], check=True, capture_output=True, timeout=60)
+        root = Path(self.tmp.name) / "secrets"
+        for c in COMPONENTS:
+            d = root / c
+            d.mkdir(parents=True)
+            for src, dst in (("ca.pem", "ca.crt"), (f"{c}.pem", "tls.crt"), (f"{c}.key", "tls.key")):
+                (d / dst).write_bytes((pki / src).read_bytes())
+                (d / dst).chmod(0o600)
+        return root
+
+    def test_rendered_pods_become_ready_and_answer(self):
+        values = {"model": {"dir": str(MODEL), "dtype": "f32"}, "gateway": {"defaultMaxTokens": 6}}
+        docs = render(values)
+        deployments = objects(docs, "Deployment")
+        secrets = self.secrets()
+        grpc_port = {c: free_port() for c in COMPONENTS}
+        health_port = {c: free_port() for c in COMPONENTS}
+        base_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.tmp.name}
+        redis = os.environ.get("VLM_TEST_REDIS_URL")
+
+        for c in ORDER:
+            container = mesh_container(deployments[name_of(c)])
+            mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "tls")
+            args = list(container["args"])
+            replace_arg(args, "--listen", f"127.0.0.1:{grpc_port[c]}")
+            replace_arg(args, "--health-listen", f"127.0.0.1:{health_port[c]}")
+            for flag in ("--ca", "--cert", "--key"):
+                path = arg(container, flag)
+                self.assertTrue(path.startswith(mount + "/"), (flag, path))
+                replace_arg(args, flag, str(secrets / c / path[len(mount) + 1 :]))
+            if c == "gateway":
+                for stage in INTERNAL:
+                    replace_arg(args, f"--{stage}", f"https://localhost:{grpc_port[stage]}")
+            env = dict(base_env)
+            for e in container.get("env", []):
+                if "value" in e:
+                    env[e["name"]] = e["value"]
+            if "VLM_REDIS" in env:
+                if redis:
+                    env["VLM_REDIS"] = redis
+                else:
+                    del env["VLM_REDIS"]
+            # Output to a file, not a pipe nobody drains (a full pipe would stall the service).
+            with open(Path(self.tmp.name) / f"{c}.log", "w") as out:
+                self.procs[c] = subprocess.Popen(
+                    [BIN, *args], env=env, stdout=out, stderr=subprocess.STDOUT
+                )
+
+        # Readiness, liveness and startup exactly as the Deployment declares them.
+        deadline = time.monotonic() + STARTUP_S
+        for c in ORDER:
+            container = mesh_container(deployments[name_of(c)])
+            for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+                service = container[kind]["grpc"].get("service", "")
+                while True:
+                    status = probe(health_port[c], service)
+                    if status == "SERVING":
+                        break
+                    exited = self.procs[c].poll()
+                    if exited is not None:
+                        self.fail(f"{c} exited ({exited}): {self.log(c)}")
+                    if time.monotonic() > deadline:
+                        self.fail(f"{c} {kind} ({service!r}) not SERVING after {STARTUP_S}s: {status}")
+                    time.sleep(0.2)  # the kubelet polls too; bounded by the deadline
+
+        # A real request through the gateway, over TLS verified with the gateway Secret's CA.
+        ask = subprocess.run(
+            [BIN, "ask", "--gateway", f"https://localhost:{grpc_port['gateway']}",
+             "--ca", str(secrets / "gateway" / "ca.crt"), "--image", str(IMAGE),
+             "--prompt", PROMPT, "--max-tokens", "6", "--json", "--timeout", "120"],
+            env=base_env, capture_output=True, text=True, timeout=180,
+        )
+        self.assertEqual(ask.returncode, 0, ask.stderr)
+        answer = json.loads(ask.stdout)
+        reference = subprocess.run(
+            [BIN, "generate", "--model", str(MODEL), "--image", str(IMAGE), "--prompt", PROMPT,
+             "--max-tokens", "6", "--json"],
+            env=base_env, capture_output=True, text=True, timeout=180,
+        )
+        self.assertEqual(reference.returncode, 0, reference.stderr)
+        self.assertEqual(answer["token_ids"], json.loads(reference.stdout)["token_ids"])
+        self.assertGreater(len(answer["token_ids"]), 0)
+        self.assertRegex(answer["trace_id"], r"^[0-9a-f]{32}$")
+
+        # The internal ports are mTLS: a client without a certificate gets nothing.
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port['encoder']}") as channel:
+            with self.assertRaises(grpc.RpcError):
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+
+        # SIGTERM (what Kubernetes sends): every stage drains and exits cleanly.
+        for c in reversed(ORDER):
+            self.procs[c].send_signal(signal.SIGTERM)
+        for c in ORDER:
+            try:
+                code = self.procs[c].wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.fail(f"{c} did not exit within 60 s of SIGTERM")
+            self.assertEqual(code, 0, f"{c}: {self.log(c)}")
+            self.assertNotRegex(self.log(c), re.compile(r"panicked", re.I))
+
+
+if __name__ == "__main__":
+    unittest.main()

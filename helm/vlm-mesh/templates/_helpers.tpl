@@ -1,0 +1,106 @@
+{{/* Chart name, overridable. */}}
+{{- define "vlm-mesh.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* "<release>-<chart>" (or the release alone when it already contains the chart name).
+Kept to 45 characters so "<fullname>-projector-tls" and friends stay valid names. */}}
+{{- define "vlm-mesh.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 45 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 45 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 45 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "vlm-mesh.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of one component. Call with (dict "root" $ "component" "encoder"). */}}
+{{- define "vlm-mesh.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "vlm-mesh.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* All labels of one component. Call with (dict "root" $ "component" "encoder"). */}}
+{{- define "vlm-mesh.labels" -}}
+helm.sh/chart: {{ include "vlm-mesh.chart" .root }}
+{{ include "vlm-mesh.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: vlm-mesh
+{{- end }}
+
+{{/* Name of a component's objects (Deployment, Service, HPA, PDB). */}}
+{{- define "vlm-mesh.componentName" -}}
+{{ include "vlm-mesh.fullname" .root }}-{{ .component }}
+{{- end }}
+
+{{- define "vlm-mesh.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "vlm-mesh.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "vlm-mesh.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/* The Secret with a component's certificate. Call with (dict "root" $ "component" "encoder"). */}}
+{{- define "vlm-mesh.tlsSecretName" -}}
+{{- $explicit := get .root.Values.tls.secretNames .component }}
+{{- if and $explicit (not .root.Values.certManager.enabled) }}
+{{- $explicit }}
+{{- else }}
+{{- include "vlm-mesh.componentName" . }}-tls
+{{- end }}
+{{- end }}
+
+{{/* DNS names a component's Service answers to; its certificate carries all of them. */}}
+{{- define "vlm-mesh.serviceDnsNames" -}}
+{{- $svc := include "vlm-mesh.componentName" . }}
+{{- $ns := .root.Release.Namespace }}
+- {{ $svc }}
+- {{ $svc }}.{{ $ns }}
+- {{ $svc }}.{{ $ns }}.svc
+- {{ $svc }}.{{ $ns }}.svc.{{ .root.Values.clusterDomain }}
+{{- end }}
+
+{{/* URL the gateway dials for an internal stage: the headless Service's short name, which is
+also the name the gateway verifies in the stage's certificate. */}}
+{{- define "vlm-mesh.stageUrl" -}}
+https://{{ include "vlm-mesh.componentName" . }}:{{ .root.Values.ports.grpc }}
+{{- end }}
+
+{{/* Whether the bundled Redis is deployed. */}}
+{{- define "vlm-mesh.bundledRedis" -}}
+{{- if and .Values.cache.enabled .Values.redis.bundled.enabled (not .Values.redis.externalUrl) (not .Values.redis.existingSecret.name) }}true{{ end }}
+{{- end }}
+
+{{/* OTLP endpoint for every component, or empty. */}}
+{{- define "vlm-mesh.otlpEndpoint" -}}
+{{- if .Values.otel.endpoint }}
+{{- .Values.otel.endpoint }}
+{{- else if .Values.jaeger.enabled }}
+{{- printf "http://%s-jaeger:4317" (include "vlm-mesh.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* The grpc.health.v1 service name a stage reports SERVING once loaded. */}}
+{{- define "vlm-mesh.grpcService" -}}
+{{- printf "vlm.v1.%s" (title .) }}
+{{- end }}
+
+{{/* Host part of a listen address: IPv6 literals get brackets. */}}
+{{- define "vlm-mesh.hostPort" -}}
+{{- if contains ":" . }}[{{ . }}]{{ else }}{{ . }}{{ end }}
+{{- end }}
