@@ -379,7 +379,8 @@ class PodsAndServices(unittest.TestCase):
                     self.assertEqual(svc["spec"]["clusterIP"], "None")
                     self.assertEqual(svc["spec"]["selector"]["app.kubernetes.io/component"], component)
                     url = arg(gateway, f"--{component}")
-                    m = re.fullmatch(r"https://([^:/]+):(\d+)", url)
+                    # dns://: every pod behind the headless name, re-resolved and balanced by the gateway.
+                    m = re.fullmatch(r"dns://([^:/]+):(\d+)", url)
                     self.assertIsNotNone(m, url)
                     self.assertEqual(m.group(1), name_of(component))
                     self.assertEqual(int(m.group(2)), svc["spec"]["ports"][0]["port"])
@@ -471,7 +472,7 @@ class CertificatesRedisTelemetry(unittest.TestCase):
                     self.assertEqual(arg(c, flag), f"{mount['mountPath']}/{key}")
                 if component != "gateway":
                     # The gateway verifies this name in the stage's certificate.
-                    host = re.match(r"https://([^:/]+)", arg(gateway, f"--{component}")).group(1)
+                    host = re.match(r"dns://([^:/]+)", arg(gateway, f"--{component}")).group(1)
                     self.assertIn(host, cert["dnsNames"])
                     self.assertIn(f"{host}.{NAMESPACE}.svc.cluster.local", cert["dnsNames"])
         gw = certs[name_of("gateway")]["spec"]

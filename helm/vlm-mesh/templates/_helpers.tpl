@@ -78,7 +78,7 @@ app.kubernetes.io/part-of: vlm-mesh
 {{/* URL the gateway dials for an internal stage: the headless Service's short name, which is
 also the name the gateway verifies in the stage's certificate. */}}
 {{- define "vlm-mesh.stageUrl" -}}
-https://{{ include "vlm-mesh.componentName" . }}:{{ .root.Values.ports.grpc }}
+dns://{{ include "vlm-mesh.componentName" . }}:{{ .root.Values.ports.grpc }}
 {{- end }}
 
 {{/* Whether the bundled Redis is deployed. */}}
