@@ -8,10 +8,20 @@ use clap::Args;
 use serde::Serialize;
 use vlm_model::{Device, ImageLimits, Pipeline, SamplingParams, StageTimings};
 
-/// The bundled demo checkpoint, found next to the sources this binary was built from.
+/// The bundled demo checkpoint, found next to the sources this binary was built from: a tiny model
+/// trained to describe synthetic shapes (models/shapes/train.py), so the demo answers for real.
 pub fn default_model_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llava")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/shapes-llava")
 }
+
+/// The bundled sample image `demo` asks about (a blue star at the top left and a green circle in
+/// the centre; see models/shapes-llava/samples/samples.json).
+pub fn default_demo_image() -> PathBuf {
+    default_model_dir().join("samples/demo.png")
+}
+
+/// The question `demo` asks.
+pub const DEFAULT_DEMO_PROMPT: &str = "USER: <image>\nDescribe the image. ASSISTANT:";
 
 /// Sampling flags shared by `generate` and `ask`.
 #[derive(Args, Debug, Clone)]

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 mod ask;
 mod bench;
 mod certs;
+mod eval;
 mod generate;
 mod mesh;
 mod serve;
@@ -24,6 +25,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up and matched once: boxing the larger variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Start the local mesh with the bundled model, ask it about the bundled image, stop it.
@@ -43,6 +46,8 @@ enum Command {
     /// Benchmarks that print ratios measured side by side in one run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Exact-match accuracy on a question set (models/shapes/dataset.py), in process or through a mesh.
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Args, Debug)]
@@ -75,13 +80,13 @@ struct DemoArgs {
     #[arg(long, env = "VLM_MODEL", default_value_os_t = generate::default_model_dir())]
     model: PathBuf,
     /// Image to ask about.
-    #[arg(long, env = "VLM_IMAGE", default_value_os_t = generate::default_model_dir().join("../images/shapes-48x48.png"))]
+    #[arg(long, env = "VLM_IMAGE", default_value_os_t = generate::default_demo_image())]
     image: PathBuf,
     /// Prompt (LLaVA-1.5 format).
     #[arg(
         long,
         env = "VLM_PROMPT",
-        default_value = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
+        default_value = generate::DEFAULT_DEMO_PROMPT
     )]
     prompt: String,
     /// Maximum number of tokens to generate.
@@ -208,6 +213,7 @@ fn main() -> ExitCode {
         Command::Serve(role) => serve::run(role),
         Command::Certs(args) => certs::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Eval(args) => eval::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,112 @@
+//! End-to-end with the trained demo model: `vlm-mesh up --model models/shapes-llava` as a real
+//! process tree, `vlm-mesh eval` through its gateway on the committed held-out set, and `vlm-mesh
+//! demo` with its defaults.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{MeshProc, EXE};
+
+fn model() -> PathBuf {
+    common::repo().join("models/shapes-llava")
+}
+
+fn eval_json(extra: &[&str]) -> serde_json::Value {
+    let set = model().join("heldout");
+    let out = Command::new(EXE)
+        .args(["eval", "--json", "--model"])
+        .arg(model())
+        .arg("--set")
+        .arg(&set)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "eval {extra:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn accuracy(report: &serde_json::Value, kind: &str) -> f64 {
+    let s = &report["accuracy"][kind];
+    assert!(s["total"].as_u64().unwrap() >= 15, "{kind}: {s}");
+    s["accuracy"].as_f64().unwrap()
+}
+
+#[test]
+fn held_out_accuracy_through_the_mesh_meets_the_bar_and_equals_in_process() {
+    let up = MeshProc::start_with(&model(), &[], &[]);
+    let state = up.state.path().to_str().unwrap();
+    let mesh = eval_json(&["--gateway", &up.gateway, "--state-dir", state]);
+    let local = eval_json(&[]);
+    assert_eq!(mesh["mode"], "mesh");
+    assert_eq!(local["mode"], "in-process");
+
+    let lines = std::fs::read_to_string(model().join("heldout/questions.jsonl")).unwrap();
+    let questions = lines.lines().filter(|l| !l.trim().is_empty()).count();
+    assert_eq!(mesh["questions"].as_u64().unwrap() as usize, questions);
+    eprintln!(
+        "mesh accuracy: {}",
+        serde_json::to_string(&mesh["accuracy"]).unwrap()
+    );
+    let (colour, shape, position) = (
+        accuracy(&mesh, "colour"),
+        accuracy(&mesh, "shape"),
+        accuracy(&mesh, "position"),
+    );
+    assert!(colour >= 0.9, "colour accuracy {colour}");
+    assert!(shape >= 0.9, "shape accuracy {shape}");
+    assert!(position >= 0.8, "position accuracy {position}");
+
+    // The mesh is the in-process pipeline, split: the same tokens for every question.
+    let ids = |r: &serde_json::Value| -> Vec<serde_json::Value> {
+        r["answers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["token_ids"].clone())
+            .collect()
+    };
+    assert_eq!(ids(&mesh), ids(&local));
+    assert_eq!(mesh["accuracy"], local["accuracy"]);
+}
+
+#[test]
+fn demo_describes_the_bundled_sample_correctly() {
+    let samples: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model().join("samples/samples.json")).unwrap(),
+    )
+    .unwrap();
+    let demo = samples["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["image"] == "demo.png")
+        .expect("samples.json describes demo.png");
+    let want = demo["description"].as_str().unwrap();
+    assert!(
+        want.contains(" and "),
+        "the demo image has two shapes: {want}"
+    );
+
+    // No flags: the defaults must be the shapes model, its demo image and a describe prompt.
+    let out = Command::new(EXE)
+        .arg("demo")
+        .env_remove("VLM_MODEL")
+        .env_remove("VLM_IMAGE")
+        .env_remove("VLM_PROMPT")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed: {stderr}");
+    assert!(
+        stderr.contains("samples/demo.png"),
+        "demo asked about another image: {stderr}"
+    );
+    assert_eq!(stdout.trim(), want, "stderr: {stderr}");
+}
