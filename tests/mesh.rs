@@ -134,6 +134,7 @@ async fn sixteen_concurrent_requests_each_equal_their_in_process_answer() {
                 seed: Some(p.seed),
                 stop: vec![],
             }),
+            monitor_layers: false,
         };
         async move {
             let mut stream = client.generate(req).await?.into_inner();
@@ -232,6 +233,7 @@ async fn call(
             max_tokens,
             ..Default::default()
         }),
+        monitor_layers: false,
     };
     let mut stream = client.generate(req).await?.into_inner();
     let mut ids = Vec::new();
@@ -337,6 +339,7 @@ async fn client_disconnect_mid_stream_stops_decoding() {
             max_tokens: Some(180),
             ..Default::default()
         }),
+        monitor_layers: false,
     };
     let mut stream = client.generate(req).await.unwrap().into_inner();
     let mut received = 0;

@@ -33,6 +33,7 @@ fn request(image: &[u8], p: &SamplingParams) -> GenerateRequest {
             seed: Some(p.seed),
             stop: vec![],
         }),
+        monitor_layers: false,
     }
 }
 

@@ -170,6 +170,10 @@ fn find<'a>(spans: &'a [Got], service: &str, name: &str) -> &'a Got {
 }
 
 fn request(max_tokens: u32) -> GenerateRequest {
+    request_monitored(max_tokens, false)
+}
+
+fn request_monitored(max_tokens: u32, monitor_layers: bool) -> GenerateRequest {
     GenerateRequest {
         images: vec![std::fs::read(image_path()).unwrap().into()],
         prompt: PROMPT.into(),
@@ -181,6 +185,7 @@ fn request(max_tokens: u32) -> GenerateRequest {
             seed: Some(1),
             stop: vec![],
         }),
+        monitor_layers,
     }
 }
 
@@ -190,14 +195,15 @@ fn client_ids() -> (String, String) {
     (id.clone(), id[..16].to_string())
 }
 
-/// Sends a request carrying `traceparent`; returns (token count, the final message's trace id).
+/// Sends a request carrying `traceparent`; returns (token count, the final message's trace id,
+/// its layer statistics).
 async fn generate_traced(
     mut client: vlm_proto::gateway_client::GatewayClient<tonic::transport::Channel>,
     req: GenerateRequest,
     trace_id: &str,
     parent: &str,
     seen: Option<Arc<AtomicUsize>>,
-) -> (usize, String) {
+) -> (usize, String, Vec<vlm_proto::LayerStats>) {
     let mut req = tonic::Request::new(req);
     req.metadata_mut().insert(
         "traceparent",
@@ -205,7 +211,7 @@ async fn generate_traced(
     );
     let mut stream = client.generate(req).await.unwrap().into_inner();
     let mut tokens = 0;
-    let mut final_trace = None;
+    let mut final_msg = None;
     while let Some(msg) = stream.message().await.unwrap() {
         match msg.kind {
             Some(Kind::Delta(d)) => {
@@ -214,11 +220,12 @@ async fn generate_traced(
                     seen.store(tokens, Ordering::SeqCst);
                 }
             }
-            Some(Kind::Final(f)) => final_trace = Some(f.trace_id),
+            Some(Kind::Final(f)) => final_msg = Some(f),
             None => {}
         }
     }
-    (tokens, final_trace.expect("no final message"))
+    let f = final_msg.expect("no final message");
+    (tokens, f.trace_id, f.layer_stats)
 }
 
 /// GET `/metrics` over plain HTTP/1.1; the body.
@@ -347,8 +354,15 @@ async fn one_request_is_one_trace_across_all_services_and_metrics_count() {
 
     // Request 1: a cache miss, so every stage runs.
     let (trace1, client_span) = client_ids();
-    let (tokens, returned) =
-        generate_traced(mesh.client().await, request(8), &trace1, &client_span, None).await;
+    // With intermediate-state monitoring on.
+    let (tokens, returned, layer_stats) = generate_traced(
+        mesh.client().await,
+        request_monitored(8, true),
+        &trace1,
+        &client_span,
+        None,
+    )
+    .await;
     assert!(tokens > 0);
     assert_eq!(
         returned, trace1,
@@ -429,9 +443,57 @@ async fn one_request_is_one_trace_across_all_services_and_metrics_count() {
         tokens.to_string()
     );
 
+    // monitor_layers: one row per vision layer run and per decoder layer, each also a span event
+    // on the stage span it was measured in. Layer counts come from the checkpoint's config.
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model().join("config.json")).unwrap()).unwrap();
+    let vision_layers = config["vision_config"]["num_hidden_layers"]
+        .as_i64()
+        .unwrap();
+    let feature_layer = config["vision_feature_layer"].as_i64().unwrap();
+    // hidden_states[i] is the output of layer i-1; layers after the selected one never run.
+    let vision_run = if feature_layer < 0 {
+        vision_layers + 1 + feature_layer
+    } else {
+        feature_layer
+    } as usize;
+    let decoder_layers = config["text_config"]["num_hidden_layers"].as_u64().unwrap() as usize;
+    let per = |c: &str| {
+        layer_stats
+            .iter()
+            .filter(|r| r.component == c)
+            .collect::<Vec<_>>()
+    };
+    let (vision, decoder) = (per("vision"), per("decoder"));
+    assert_eq!(vision.len(), vision_run, "{layer_stats:?}");
+    assert_eq!(decoder.len(), decoder_layers, "{layer_stats:?}");
+    assert_eq!(layer_stats.len(), vision_run + decoder_layers);
+    for (rows, (svc, span)) in [
+        (&vision, ("encoder", "vision_forward")),
+        (&decoder, ("decoder", "prefill")),
+    ] {
+        let events: Vec<_> = find(&spans, svc, span)
+            .events
+            .iter()
+            .filter(|(n, _)| n == "layer_stats")
+            .collect();
+        assert_eq!(events.len(), rows.len(), "{svc} {span}");
+        for (i, (r, (_, ev))) in rows.iter().zip(events).enumerate() {
+            assert_eq!(r.layer as usize, i);
+            assert!(
+                r.std > 0.0 && r.abs_max > 0.0 && r.mean.is_finite(),
+                "{r:?}"
+            );
+            assert_eq!((r.nan_count, r.inf_count), (0, 0));
+            assert_eq!(ev["vlm.layer"], i.to_string());
+            assert_eq!(ev["vlm.mean"], r.mean.to_string(), "{svc} layer {i}");
+            assert_eq!(ev["vlm.abs_max"], r.abs_max.to_string());
+        }
+    }
+
     // Request 2, same image: served from the cache, so no encoder span in its trace.
     let (trace2, client_span2) = client_ids();
-    let (tokens2, returned2) = generate_traced(
+    let (tokens2, returned2, layer_stats2) = generate_traced(
         mesh.client().await,
         request(8),
         &trace2,
@@ -439,6 +501,14 @@ async fn one_request_is_one_trace_across_all_services_and_metrics_count() {
         None,
     )
     .await;
+    assert!(layer_stats2.is_empty(), "monitoring is off by default");
+    assert!(
+        collector
+            .trace(&trace2)
+            .iter()
+            .all(|s| s.events.iter().all(|(n, _)| n != "layer_stats")),
+        "layer_stats events without monitor_layers"
+    );
     assert_eq!(returned2, trace2);
     assert_eq!(tokens2, tokens);
     let spans2 = collector
@@ -570,7 +640,7 @@ async fn decoder_killed_mid_stream_is_a_failover_event_on_the_same_trace() {
     let at_kill = seen.load(Ordering::SeqCst);
     // SAFETY: kill(2) on a decoder process this test's mesh started.
     assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
-    let (tokens, returned) = run.await.unwrap();
+    let (tokens, returned, _) = run.await.unwrap();
     assert!(tokens > at_kill, "the stream went on on the other replica");
     assert_eq!(returned, trace);
 

@@ -215,6 +215,7 @@ impl Decoder for DecoderService {
         let (tx, rx) = mpsc::channel(32);
         let (permits, limits, stats) = (self.permits.clone(), self.limits, self.stats.clone());
         let resume = setup.resume_token_ids;
+        let monitor_layers = setup.monitor_layers;
         let fault_delay = self.fault_decode_delay;
         let call_span = tracing::Span::current();
         let model_name = self.model_name.clone();
@@ -283,11 +284,20 @@ impl Decoder for DecoderService {
                     gen_ai.usage.input_tokens = (prepared.ids.len() + resume.len()) as i64,
                     vlm.resume_tokens = resume.len() as i64,
                 );
+                let mut monitored = Vec::new();
                 let started = prefill_span.in_scope(|| {
                     let embeds = prepared.embeddings(&model.decoder, &images)?;
-                    Generation::start(&model.decoder, &model.prompt, &embeds, &params, &resume)
+                    let gen = Generation::start_monitored(
+                        &model.decoder,
+                        &model.prompt,
+                        &embeds,
+                        &params,
+                        &resume,
+                        monitor_layers.then_some(&mut monitored),
+                    )?;
+                    Ok((gen, vlm_serving::layer_stats_rows("decoder", &monitored)))
                 });
-                let mut gen = match started {
+                let (mut gen, layers) = match started {
                     Ok(g) => g,
                     Err(e) => return fail(&tx, e),
                 };
@@ -360,6 +370,7 @@ impl Decoder for DecoderService {
                     completion_tokens: gen.token_ids().len() as u32,
                     prefill_ms,
                     decode_ms: ms(t),
+                    layers,
                 };
                 if tx
                     .blocking_send(Ok(DecodeEvent {

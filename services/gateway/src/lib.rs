@@ -174,13 +174,15 @@ impl GatewayService {
 }
 
 /// Per-image numbers the encoder reports and the gateway measures.
-#[derive(Default, Clone, Copy)]
+#[derive(Default, Clone)]
 struct ImageTimings {
     preprocess_ms: f64,
     encode_ms: f64,
     project_ms: f64,
     cache_ms: f64,
     cache: CacheStatus,
+    /// Vision layer statistics, when the request asked for them and the encoder ran.
+    layers: Vec<vlm_proto::LayerStats>,
 }
 
 /// Per-image totals of a request.
@@ -191,6 +193,7 @@ struct Totals {
     project_ms: f64,
     cache_ms: f64,
     cache: Vec<i32>,
+    layers: Vec<vlm_proto::LayerStats>,
 }
 
 impl Totals {
@@ -200,6 +203,7 @@ impl Totals {
         self.project_ms += t.project_ms;
         self.cache_ms += t.cache_ms;
         self.cache.push(t.cache as i32);
+        self.layers.extend(t.layers.iter().cloned());
     }
 }
 
@@ -487,6 +491,7 @@ async fn image_pipeline(
     stages: Arc<Stages>,
     image: Bytes,
     wire_dtype: i32,
+    monitor_layers: bool,
     deadline: TokioInstant,
     out: mpsc::Sender<Result<TensorChunk, Status>>,
 ) -> Result<ImageTimings, Status> {
@@ -575,6 +580,7 @@ async fn image_pipeline(
             cached.as_ref(),
             &mut leader,
             wire_dtype,
+            monitor_layers,
             deadline,
             &out,
             &mut forwarded,
@@ -586,6 +592,7 @@ async fn image_pipeline(
                 if let Some(s) = stats {
                     timings.preprocess_ms = s.preprocess_ms;
                     timings.encode_ms = s.encode_ms;
+                    timings.layers = s.layers;
                 }
                 timings.project_ms = ms(started);
                 return Ok(timings);
@@ -632,6 +639,7 @@ async fn image_attempt(
     cached: Option<&TensorValue>,
     leader: &mut Option<Leader>,
     wire_dtype: i32,
+    monitor_layers: bool,
     deadline: TokioInstant,
     out: &mpsc::Sender<Result<TensorChunk, Status>>,
     forwarded: &mut usize,
@@ -692,6 +700,7 @@ async fn image_attempt(
             options: Some(EncodeOptions {
                 wire_dtype,
                 chunk_bytes: 0,
+                monitor_layers,
             }),
         };
         // The encoder computes the whole image before streaming, so the first message is what the
@@ -1318,6 +1327,11 @@ impl Relay {
             }),
             trace_id: self.trace_id.clone(),
             finish_reason: d.finish_reason,
+            // Vision rows per image in request order, then the prefill's decoder rows.
+            layer_stats: std::mem::take(&mut totals.layers)
+                .into_iter()
+                .chain(d.layers)
+                .collect(),
         };
         let _ = self
             .tx
@@ -1401,16 +1415,25 @@ impl Gateway for GatewayService {
             params: Some(params),
             images: vec![ImageSlot { rows: 0 }; req.images.len()],
             resume_token_ids: vec![],
+            monitor_layers: req.monitor_layers,
         };
 
         // Start every image pipeline at once; their outputs are logged in prompt order, and every
         // decoder attempt is fed from the log.
         let wire = self.cfg.wire_dtype.map_or(0, |d| d as i32);
         let mut per_image = Vec::with_capacity(req.images.len());
-        for image in req.images {
+        for image in req.images.clone() {
             let (tx, rx) = mpsc::channel(4);
             let task = tokio::spawn(
-                image_pipeline(self.stages.clone(), image, wire, deadline, tx).in_current_span(),
+                image_pipeline(
+                    self.stages.clone(),
+                    image,
+                    wire,
+                    req.monitor_layers,
+                    deadline,
+                    tx,
+                )
+                .in_current_span(),
             );
             per_image.push((task, rx));
         }
