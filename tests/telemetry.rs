@@ -611,6 +611,8 @@ async fn decoder_killed_mid_stream_is_a_failover_event_on_the_same_trace() {
     // Slow tokens, so the stream is still running when its decoder is killed.
     env.push(("VLM_FAULT_DECODE_DELAY_MS", "100".to_string()));
     env.push(("VLM_HEALTH_INTERVAL_MS", "200".to_string()));
+    // And JSON logs (`--log-format json` through its env var), checked at the end.
+    env.push(("VLM_LOG_FORMAT", "json".to_string()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mesh = MeshProc::start_with(&model(), &["--replicas", "decoder=2"], &env);
 
@@ -671,4 +673,16 @@ async fn decoder_killed_mid_stream_is_a_failover_event_on_the_same_trace() {
         .find(|s| s.service == "decoder" && s.name == "prefill" && s.pid != victim)
         .unwrap();
     assert!(resumed.attrs["vlm.resume_tokens"].parse::<i64>().unwrap() > 0);
+
+    // Every service logged JSON objects (`up` prefixes each line with the service's label).
+    let log = mesh.log.lock().unwrap().clone();
+    for label in ["[gateway] ", "[encoder] ", "[projector] ", "[decoder] "] {
+        let lines: Vec<&String> = log.iter().filter(|l| l.starts_with(label)).collect();
+        assert!(!lines.is_empty(), "no log lines from {label}");
+        for l in lines {
+            let v: serde_json::Value = serde_json::from_str(&l[label.len()..])
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"));
+            assert!(v["level"].is_string() && v["fields"].is_object(), "{l}");
+        }
+    }
 }
