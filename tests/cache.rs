@@ -25,6 +25,7 @@ async fn generate(mesh: &MeshProc, image: &[u8]) -> Answer {
             max_tokens: Some(8),
             ..Default::default()
         }),
+        monitor_layers: false,
     };
     let mut stream = client.generate(req).await.expect("generate").into_inner();
     let mut answer = Answer {

@@ -134,6 +134,7 @@ async fn sixteen_concurrent_requests_each_equal_their_in_process_answer() {
                 seed: Some(p.seed),
                 stop: vec![],
             }),
+            monitor_layers: false,
         };
         async move {
             let mut stream = client.generate(req).await?.into_inner();
@@ -232,6 +233,7 @@ async fn call(
             max_tokens,
             ..Default::default()
         }),
+        monitor_layers: false,
     };
     let mut stream = client.generate(req).await?.into_inner();
     let mut ids = Vec::new();
@@ -337,6 +339,7 @@ async fn client_disconnect_mid_stream_stops_decoding() {
             max_tokens: Some(180),
             ..Default::default()
         }),
+        monitor_layers: false,
     };
     let mut stream = client.generate(req).await.unwrap().into_inner();
     let mut received = 0;
@@ -356,9 +359,11 @@ async fn client_disconnect_mid_stream_stops_decoding() {
             )
         });
     // It stopped early: far fewer than the 180 requested tokens were decoded.
+    // The last `tokens=` is the event's own field; the span context before it has
+    // `gen_ai.request.max_tokens=` and friends.
     let tokens: usize = line
-        .split("tokens=")
-        .nth(1)
+        .rsplit("tokens=")
+        .next()
         .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no token count in {line:?}"));

@@ -61,6 +61,8 @@ pub struct DecoderService {
     default_max_tokens: u32,
     fault_decode_delay: Option<std::time::Duration>,
     stats: Arc<DecoderStats>,
+    /// The checkpoint directory's name, for `gen_ai.request.model` on the stage spans.
+    model_name: Arc<str>,
 }
 
 impl DecoderService {
@@ -85,6 +87,14 @@ impl DecoderService {
             default_max_tokens: cfg.default_max_tokens,
             fault_decode_delay: cfg.fault_decode_delay,
             stats: Arc::new(DecoderStats::default()),
+            model_name: cfg
+                .model
+                .file_name()
+                .map_or_else(
+                    || cfg.model.display().to_string(),
+                    |n| n.to_string_lossy().into_owned(),
+                )
+                .into(),
         })
     }
 
@@ -205,8 +215,11 @@ impl Decoder for DecoderService {
         let (tx, rx) = mpsc::channel(32);
         let (permits, limits, stats) = (self.permits.clone(), self.limits, self.stats.clone());
         let resume = setup.resume_token_ids;
+        let monitor_layers = setup.monitor_layers;
         let fault_delay = self.fault_decode_delay;
-        tokio::spawn(async move {
+        let call_span = tracing::Span::current();
+        let model_name = self.model_name.clone();
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
             let images = match receive_images(
                 &mut input,
                 &rows,
@@ -260,22 +273,50 @@ impl Decoder for DecoderService {
                     return;
                 }
                 let t = Instant::now();
-                let embeds = match prepared.embeddings(&model.decoder, &images) {
-                    Ok(e) => e,
-                    Err(e) => return fail(&tx, e),
-                };
-                let mut gen = match Generation::start(
-                    &model.decoder,
-                    &model.prompt,
-                    &embeds,
-                    &params,
-                    &resume,
-                ) {
+                let prefill_span = tracing::info_span!(
+                    parent: &call_span,
+                    "prefill",
+                    gen_ai.operation.name = "chat",
+                    gen_ai.request.model = %model_name,
+                    gen_ai.request.temperature = params.temperature as f64,
+                    gen_ai.request.top_p = params.top_p as f64,
+                    gen_ai.request.max_tokens = params.max_tokens as i64,
+                    gen_ai.usage.input_tokens = (prepared.ids.len() + resume.len()) as i64,
+                    vlm.resume_tokens = resume.len() as i64,
+                );
+                let mut monitored = Vec::new();
+                let started = prefill_span.in_scope(|| {
+                    let embeds = prepared.embeddings(&model.decoder, &images)?;
+                    let gen = Generation::start_monitored(
+                        &model.decoder,
+                        &model.prompt,
+                        &embeds,
+                        &params,
+                        &resume,
+                        monitor_layers.then_some(&mut monitored),
+                    )?;
+                    Ok((gen, vlm_serving::layer_stats_rows("decoder", &monitored)))
+                });
+                let (mut gen, layers) = match started {
                     Ok(g) => g,
                     Err(e) => return fail(&tx, e),
                 };
+                drop(prefill_span);
+                vlm_telemetry::metrics::observe_stage("prefill", t.elapsed());
                 let prefill_ms = ms(t);
                 let t = Instant::now();
+                let decode_span = tracing::info_span!(
+                    parent: &call_span,
+                    "decode",
+                    gen_ai.operation.name = "chat",
+                    gen_ai.request.model = %model_name,
+                    gen_ai.request.temperature = params.temperature as f64,
+                    gen_ai.request.max_tokens = params.max_tokens as i64,
+                    gen_ai.usage.input_tokens = gen.prompt_tokens() as i64,
+                    gen_ai.usage.output_tokens = tracing::field::Empty,
+                    gen_ai.response.finish_reasons = tracing::field::Empty,
+                );
+                let _decode_entered = decode_span.enter();
                 loop {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         stats.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
@@ -316,14 +357,20 @@ impl Decoder for DecoderService {
                         return;
                     }
                 }
+                let reason = gen.finish_reason().unwrap_or(FinishReason::Length);
+                decode_span.record("gen_ai.usage.output_tokens", gen.token_ids().len() as i64);
+                decode_span.record(
+                    "gen_ai.response.finish_reasons",
+                    tracing::field::debug(&reason),
+                );
+                vlm_telemetry::metrics::observe_stage("decode", t.elapsed());
                 let done = DecodeDone {
-                    finish_reason: finish_reason(
-                        gen.finish_reason().unwrap_or(FinishReason::Length),
-                    ) as i32,
+                    finish_reason: finish_reason(reason) as i32,
                     prompt_tokens: gen.prompt_tokens() as u32,
                     completion_tokens: gen.token_ids().len() as u32,
                     prefill_ms,
                     decode_ms: ms(t),
+                    layers,
                 };
                 if tx
                     .blocking_send(Ok(DecodeEvent {
@@ -337,7 +384,7 @@ impl Decoder for DecoderService {
             if let Err(e) = join.await {
                 tracing::error!(error = %e, "decode task failed");
             }
-        });
+        }));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

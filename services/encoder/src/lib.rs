@@ -106,17 +106,32 @@ impl Encoder for EncoderService {
         let wire = WireDType::from_proto_or(options.wire_dtype, self.default_wire)?;
         let model = self.model.clone();
         let queued = Instant::now();
+        // The model runs on a blocking thread; its stage spans hang off this call's span.
+        let call_span = tracing::Span::current();
+        let monitor_layers = options.monitor_layers;
         let (features, stats) = run_model(&self.permits, move || {
             let queue_ms = ms(queued);
             let t = Instant::now();
-            let pixels = model.preprocessor.preprocess(&req.image, &model.device)?;
+            let pixels = tracing::info_span!(parent: &call_span, "preprocess", image.bytes = req.image.len())
+                .in_scope(|| model.preprocessor.preprocess(&req.image, &model.device))?;
             let preprocess_ms = ms(t);
+            vlm_telemetry::metrics::observe_stage("preprocess", t.elapsed());
             let t = Instant::now();
-            let features = model.vision.forward(&pixels)?.squeeze(0)?;
+            let mut monitored = Vec::new();
+            let (features, layers) = tracing::info_span!(parent: &call_span, "vision_forward")
+                .in_scope(|| {
+                    let monitor = monitor_layers.then_some(&mut monitored);
+                    let features = model.vision.forward_monitored(&pixels, monitor)?;
+                    let layers = vlm_serving::layer_stats_rows("vision", &monitored);
+                    Ok::<_, vlm_model::ModelError>((features, layers))
+                })?;
+            let features = features.squeeze(0)?;
+            vlm_telemetry::metrics::observe_stage("vision_forward", t.elapsed());
             let stats = EncodeStats {
                 preprocess_ms,
                 encode_ms: ms(t),
                 queue_ms,
+                layers,
             };
             Ok((features, stats))
         })

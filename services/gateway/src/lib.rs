@@ -28,6 +28,7 @@ use tokio::time::Instant as TokioInstant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use vlm_cache::{feature_key, FeatureCache, RateLimitedLog};
 use vlm_model::LlavaConfig;
 use vlm_net::{
@@ -173,13 +174,15 @@ impl GatewayService {
 }
 
 /// Per-image numbers the encoder reports and the gateway measures.
-#[derive(Default, Clone, Copy)]
+#[derive(Default, Clone)]
 struct ImageTimings {
     preprocess_ms: f64,
     encode_ms: f64,
     project_ms: f64,
     cache_ms: f64,
     cache: CacheStatus,
+    /// Vision layer statistics, when the request asked for them and the encoder ran.
+    layers: Vec<vlm_proto::LayerStats>,
 }
 
 /// Per-image totals of a request.
@@ -190,6 +193,7 @@ struct Totals {
     project_ms: f64,
     cache_ms: f64,
     cache: Vec<i32>,
+    layers: Vec<vlm_proto::LayerStats>,
 }
 
 impl Totals {
@@ -199,6 +203,7 @@ impl Totals {
         self.project_ms += t.project_ms;
         self.cache_ms += t.cache_ms;
         self.cache.push(t.cache as i32);
+        self.layers.extend(t.layers.iter().cloned());
     }
 }
 
@@ -251,6 +256,37 @@ impl CacheLayer {
 
     /// A cached value, if present and intact. Corrupt values are deleted.
     async fn lookup(&self, key: &str, limits: &TensorLimits) -> (CacheStatus, Option<TensorValue>) {
+        let span = tracing::info_span!(
+            "cache.lookup",
+            cache.backend = self.cache.kind(),
+            cache.result = tracing::field::Empty,
+        );
+        let t = Instant::now();
+        let out = self
+            .lookup_uncounted(key, limits)
+            .instrument(span.clone())
+            .await;
+        let result = match out.0 {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Error => "error",
+            _ => "off",
+        };
+        span.record("cache.result", result);
+        vlm_telemetry::Metrics::global().inc(
+            "vlm_cache_lookups_total",
+            "Feature-cache lookups, by result (hit, miss, error).",
+            &[("result", result)],
+        );
+        vlm_telemetry::metrics::observe_stage("cache.lookup", t.elapsed());
+        out
+    }
+
+    async fn lookup_uncounted(
+        &self,
+        key: &str,
+        limits: &TensorLimits,
+    ) -> (CacheStatus, Option<TensorValue>) {
         match self.cache.get(key).await {
             Ok(Some(bytes)) => match TensorValue::decode(bytes, limits) {
                 Ok(v) => (CacheStatus::Hit, Some(v)),
@@ -279,12 +315,29 @@ impl CacheLayer {
     /// encoding again.
     fn store(self: &Arc<Self>, key: String, value: Bytes, inflight: InflightGuard) {
         let this = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = this.cache.put(&key, value, this.ttl).await {
-                this.error("store", &e);
-            }
+        let span = tracing::info_span!(
+            "cache.store",
+            cache.backend = self.cache.kind(),
+            cache.bytes = value.len(),
+            cache.result = tracing::field::Empty,
+        );
+        let task = async move {
+            let result = match this.cache.put(&key, value, this.ttl).await {
+                Ok(()) => "ok",
+                Err(e) => {
+                    this.error("store", &e);
+                    "error"
+                }
+            };
+            tracing::Span::current().record("cache.result", result);
+            vlm_telemetry::Metrics::global().inc(
+                "vlm_cache_stores_total",
+                "Feature-cache writes, by result (ok, error).",
+                &[("result", result)],
+            );
             drop(inflight);
-        });
+        };
+        tokio::spawn(task.instrument(span));
     }
 }
 
@@ -438,6 +491,7 @@ async fn image_pipeline(
     stages: Arc<Stages>,
     image: Bytes,
     wire_dtype: i32,
+    monitor_layers: bool,
     deadline: TokioInstant,
     out: mpsc::Sender<Result<TensorChunk, Status>>,
 ) -> Result<ImageTimings, Status> {
@@ -526,6 +580,7 @@ async fn image_pipeline(
             cached.as_ref(),
             &mut leader,
             wire_dtype,
+            monitor_layers,
             deadline,
             &out,
             &mut forwarded,
@@ -537,6 +592,7 @@ async fn image_pipeline(
                 if let Some(s) = stats {
                     timings.preprocess_ms = s.preprocess_ms;
                     timings.encode_ms = s.encode_ms;
+                    timings.layers = s.layers;
                 }
                 timings.project_ms = ms(started);
                 return Ok(timings);
@@ -557,6 +613,7 @@ async fn image_pipeline(
                             "retrying on another replica: {}",
                             f.status.message()
                         );
+                        retry_event("retry", f.stage, attempt, &f.status);
                         tokio::time::sleep(pause).await;
                         attempt += 1;
                     }
@@ -582,6 +639,7 @@ async fn image_attempt(
     cached: Option<&TensorValue>,
     leader: &mut Option<Leader>,
     wire_dtype: i32,
+    monitor_layers: bool,
     deadline: TokioInstant,
     out: &mpsc::Sender<Result<TensorChunk, Status>>,
     forwarded: &mut usize,
@@ -642,6 +700,7 @@ async fn image_attempt(
             options: Some(EncodeOptions {
                 wire_dtype,
                 chunk_bytes: 0,
+                monitor_layers,
             }),
         };
         // The encoder computes the whole image before streaming, so the first message is what the
@@ -999,6 +1058,7 @@ async fn open_decoder_with_retry(
                         "decoder call failed, trying another replica: {}",
                         f.status.message()
                     );
+                    retry_event("retry", "decoder", *attempt, &f.status);
                     tokio::time::sleep(pause).await;
                     *attempt += 1;
                 }
@@ -1078,6 +1138,7 @@ impl Relay {
                             "decoder failed mid-stream; resuming on another replica: {}",
                             status.message()
                         );
+                        retry_event("failover", "decoder", attempt, &status);
                         tokio::time::sleep(pause).await;
                         attempt += 1;
                         current = open_decoder_with_retry(
@@ -1206,6 +1267,7 @@ impl Relay {
                 }
                 Some(EventKind::Token(t)) => {
                     let now = TokioInstant::now();
+                    token_metrics(self.produced.is_empty(), self.started, last_token, now);
                     match (last_token, prefill) {
                         (Some(prev), _) => {
                             self.stages
@@ -1265,6 +1327,11 @@ impl Relay {
             }),
             trace_id: self.trace_id.clone(),
             finish_reason: d.finish_reason,
+            // Vision rows per image in request order, then the prefill's decoder rows.
+            layer_stats: std::mem::take(&mut totals.layers)
+                .into_iter()
+                .chain(d.layers)
+                .collect(),
         };
         let _ = self
             .tx
@@ -1272,6 +1339,55 @@ impl Relay {
                 kind: Some(ResponseKind::Final(fin)),
             }))
             .await;
+    }
+}
+
+/// A retry or failover as an event on the request's span, with the reason, so the trace says
+/// why a stage was called twice.
+fn retry_event(name: &'static str, stage: &str, attempt: u32, status: &Status) {
+    vlm_telemetry::span_event(
+        name,
+        &[
+            ("vlm.stage", stage.to_string()),
+            ("vlm.attempt", attempt.to_string()),
+            ("rpc.grpc.status_code", (status.code() as i32).to_string()),
+            ("reason", status.message().to_string()),
+        ],
+    );
+    vlm_telemetry::Metrics::global().inc(
+        "vlm_gateway_retries_total",
+        "Stage calls repeated on another replica, by stage and kind (retry, failover).",
+        &[("stage", stage), ("kind", name)],
+    );
+}
+
+/// Tokens streamed to clients, time to first token and inter-token latency.
+fn token_metrics(
+    first: bool,
+    request_started: Instant,
+    last: Option<TokioInstant>,
+    now: TokioInstant,
+) {
+    let m = vlm_telemetry::Metrics::global();
+    m.inc(
+        "vlm_tokens_generated_total",
+        "Tokens generated and streamed to clients.",
+        &[],
+    );
+    if first {
+        m.observe(
+            "vlm_time_to_first_token_seconds",
+            "From receiving a request to streaming its first token.",
+            &[],
+            request_started.elapsed(),
+        );
+    } else if let Some(prev) = last {
+        m.observe(
+            "vlm_inter_token_latency_seconds",
+            "Time between consecutive tokens of one stream.",
+            &[],
+            now - prev,
+        );
     }
 }
 
@@ -1299,21 +1415,26 @@ impl Gateway for GatewayService {
             params: Some(params),
             images: vec![ImageSlot { rows: 0 }; req.images.len()],
             resume_token_ids: vec![],
+            monitor_layers: req.monitor_layers,
         };
 
         // Start every image pipeline at once; their outputs are logged in prompt order, and every
         // decoder attempt is fed from the log.
         let wire = self.cfg.wire_dtype.map_or(0, |d| d as i32);
         let mut per_image = Vec::with_capacity(req.images.len());
-        for image in req.images {
+        for image in req.images.clone() {
             let (tx, rx) = mpsc::channel(4);
-            let task = tokio::spawn(image_pipeline(
-                self.stages.clone(),
-                image,
-                wire,
-                deadline,
-                tx,
-            ));
+            let task = tokio::spawn(
+                image_pipeline(
+                    self.stages.clone(),
+                    image,
+                    wire,
+                    req.monitor_layers,
+                    deadline,
+                    tx,
+                )
+                .in_current_span(),
+            );
             per_image.push((task, rx));
         }
         let log = EmbeddingLog::new();
@@ -1321,34 +1442,37 @@ impl Gateway for GatewayService {
         // Image pipelines live as long as the sequencer: a request that ends early stops them.
         let pipelines: Vec<AbortOnDrop> =
             per_image.iter().map(|(t, _)| AbortOnDrop::new(t)).collect();
-        let sequencer = tokio::spawn(async move {
-            let _pipelines = pipelines;
-            let mut totals = Totals::default();
-            for (task, mut rx) in per_image {
-                while let Some(chunk) = rx.recv().await {
-                    match chunk {
-                        Ok(c) => seq_log.push(c),
-                        Err(s) => {
+        let sequencer = tokio::spawn(
+            async move {
+                let _pipelines = pipelines;
+                let mut totals = Totals::default();
+                for (task, mut rx) in per_image {
+                    while let Some(chunk) = rx.recv().await {
+                        match chunk {
+                            Ok(c) => seq_log.push(c),
+                            Err(s) => {
+                                seq_log.fail(s);
+                                return totals;
+                            }
+                        }
+                    }
+                    match task.await {
+                        Ok(Ok(t)) => totals.add(&t),
+                        Ok(Err(s)) => {
                             seq_log.fail(s);
+                            return totals;
+                        }
+                        Err(e) => {
+                            seq_log.fail(Status::internal(format!("image task failed: {e}")));
                             return totals;
                         }
                     }
                 }
-                match task.await {
-                    Ok(Ok(t)) => totals.add(&t),
-                    Ok(Err(s)) => {
-                        seq_log.fail(s);
-                        return totals;
-                    }
-                    Err(e) => {
-                        seq_log.fail(Status::internal(format!("image task failed: {e}")));
-                        return totals;
-                    }
-                }
+                seq_log.finish();
+                totals
             }
-            seq_log.finish();
-            totals
-        });
+            .in_current_span(),
+        );
         let sequencer_abort = AbortOnDrop::new(&sequencer);
 
         // The first decoder call is made here, so prompt errors reach the client as the call's
@@ -1376,12 +1500,13 @@ impl Gateway for GatewayService {
             log,
             deadline,
             started,
-            trace_id: vlm_net::new_request_id(),
+            // The trace this request belongs to (the caller's, if it sent a traceparent).
+            trace_id: vlm_telemetry::current_trace_id().unwrap_or_else(vlm_net::new_request_id),
             tx,
             sequencer: Some(sequencer),
             produced: Vec::new(),
         };
-        tokio::spawn(relay.run(first, tried, attempt));
+        tokio::spawn(relay.run(first, tried, attempt).in_current_span());
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).fuse())))
     }
 

@@ -718,6 +718,7 @@ impl OpenAiEndpoint {
             images,
             prompt,
             params: Some(chat.params),
+            monitor_layers: false,
         };
         let stream = Gateway::generate(self.gateway.as_ref(), tonic::Request::new(grpc_req))
             .await

@@ -67,7 +67,10 @@ impl Projector for ProjectorService {
         let device = self.device.clone();
         let permits = self.permits.clone();
         let limits = self.limits;
-        tokio::spawn(async move {
+        // One `project` span covers the whole stream (all row blocks), under this call's span.
+        let project_span = tracing::info_span!("project");
+        let started = std::time::Instant::now();
+        let task = async move {
             let result = async {
                 let mut assembler = TensorAssembler::new(limits);
                 let mut writer: Option<TensorStreamWriter> = None;
@@ -126,7 +129,9 @@ impl Projector for ProjectorService {
             if let Err(status) = result {
                 let _ = tx.send(Err(status)).await;
             }
-        });
+            vlm_telemetry::metrics::observe_stage("project", started.elapsed());
+        };
+        tokio::spawn(tracing::Instrument::instrument(task, project_span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -135,6 +135,7 @@ pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
         images,
         prompt: args.prompt.clone(),
         params: Some(params),
+        monitor_layers: false,
     });
     req.set_timeout(Duration::from_secs(args.timeout));
     let mut stream = client

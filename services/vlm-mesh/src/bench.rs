@@ -81,6 +81,7 @@ async fn ttft(
             max_tokens: Some(4),
             ..Default::default()
         }),
+        monitor_layers: false,
     };
     let t = Instant::now();
     let mut stream = client.generate(req).await?.into_inner();

@@ -28,6 +28,8 @@ struct Cli {
 // Parsed once at start-up and matched once: boxing the larger variants would buy nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
+// Parsed once per process; boxing variants would only add noise to every match.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Start the local mesh with the bundled model, ask it about the bundled image, stop it.
     Demo(DemoArgs),
@@ -197,14 +199,14 @@ fn main() -> ExitCode {
         Command::Serve(_) => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VLM_LOG")
-                .unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // `serve` sets telemetry up itself, inside its runtime (per-service name, OTLP export).
+    if !matches!(cli.command, Command::Serve(_)) {
+        if let Err(e) =
+            vlm_telemetry::init("vlm-mesh", vlm_telemetry::LogFormat::Text, default_filter)
+        {
+            eprintln!("warning: logging not set up: {e:#}");
+        }
+    }
     let result = match cli.command {
         Command::Demo(args) => demo(args),
         Command::Up(args) => up(args),

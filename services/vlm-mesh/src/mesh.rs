@@ -90,6 +90,9 @@ pub struct ServiceInfo {
     pub replica: usize,
     pub pid: u32,
     pub addr: SocketAddr,
+    /// Its Prometheus metrics endpoint (plain HTTP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ServiceInfo {
@@ -217,6 +220,8 @@ impl Mesh {
                 certs.display().to_string(),
                 "--dtype".into(),
                 opts.dtype.clone(),
+                "--metrics-listen".into(),
+                "127.0.0.1:0".into(),
             ]
         };
         let mut gw_args = common(opts.listen.to_string());
@@ -274,6 +279,7 @@ impl Mesh {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (done_tx, done_rx) = oneshot::channel::<()>();
         let first = tokio::time::timeout(START_TIMEOUT, lines.next_line()).await;
+        let mut metrics = None;
         let addr = match first {
             Ok(Ok(Some(line))) => {
                 let mut words = line
@@ -281,8 +287,13 @@ impl Mesh {
                     .unwrap_or_default()
                     .split_whitespace();
                 let addr = words.next().and_then(|a| a.parse::<SocketAddr>().ok());
-                if let Some(http) = words.find_map(|w| w.strip_prefix("http=")) {
-                    self.gateway_http = http.parse().ok();
+                for w in words {
+                    if let Some(http) = w.strip_prefix("http=") {
+                        self.gateway_http = http.parse().ok();
+                    }
+                    if let Some(m) = w.strip_prefix("metrics=") {
+                        metrics = m.parse().ok();
+                    }
                 }
                 addr.with_context(|| {
                     format!("the {role} printed {line:?} instead of `listening <addr>`")
@@ -334,6 +345,7 @@ impl Mesh {
             replica,
             pid,
             addr,
+            metrics,
         };
         self.info.services.push(info.clone());
         self.running.push(Running {

@@ -2,7 +2,8 @@
 //!
 //! Contract with launchers (`up`, tests): after binding, the process prints exactly one line
 //! `listening <addr>` on stdout, so `--listen 127.0.0.1:0` can be used and the real port learned.
-//! A gateway with `--http-listen` appends ` http=<addr>` (its OpenAI-compatible port) to that line.
+//! A gateway with `--http-listen` appends ` http=<addr>` (its OpenAI-compatible port) to that line;
+//! `--metrics-listen` appends ` metrics=<addr>` (Prometheus text over HTTP).
 //! With `--health-listen`, a second line `health-listening <addr>` follows it.
 
 use std::io::Write;
@@ -54,6 +55,12 @@ pub struct CommonArgs {
     /// that cannot present a client certificate, such as Kubernetes gRPC probes.
     #[arg(long, env = "VLM_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics (text format, any path) over plain HTTP on this address.
+    #[arg(long, env = "VLM_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log line format on stderr: text or json.
+    #[arg(long, env = "VLM_LOG_FORMAT", default_value = "text")]
+    pub log_format: vlm_telemetry::LogFormat,
 }
 
 impl CommonArgs {
@@ -132,6 +139,8 @@ fn fault_delay(var: &str) -> Option<Duration> {
 // Parsed once at start-up and matched once: boxing the larger variants would buy nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug, Clone)]
+// Parsed once per process; boxing variants would only add noise to every match.
+#[allow(clippy::large_enum_variant)]
 pub enum ServeRole {
     /// Vision encoder: image bytes → feature chunks.
     Encoder {
@@ -305,6 +314,9 @@ fn announce(grpc: &TcpListener, http: Option<&TcpListener>) -> anyhow::Result<()
     if let Some(h) = http {
         write!(out, " http={}", h.local_addr()?)?;
     }
+    if let Some(m) = METRICS_ADDR.get() {
+        write!(out, " metrics={m}")?;
+    }
     writeln!(out)?;
     out.flush()?;
     Ok(())
@@ -323,11 +335,44 @@ async fn bind_health(addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListe
     Ok(Some(listener))
 }
 
+impl ServeRole {
+    fn name_and_common(&self) -> (&'static str, &CommonArgs) {
+        match self {
+            ServeRole::Encoder { common, .. } => ("encoder", common),
+            ServeRole::Projector { common, .. } => ("projector", common),
+            ServeRole::Decoder { common, .. } => ("decoder", common),
+            ServeRole::Gateway { common, .. } => ("gateway", common),
+        }
+    }
+}
+
+/// The bound `--metrics-listen` address, announced as ` metrics=<addr>` on the `listening` line.
+static METRICS_ADDR: std::sync::OnceLock<SocketAddr> = std::sync::OnceLock::new();
+
 pub fn run(role: ServeRole) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(role))
+    let (name, common) = role.name_and_common();
+    // The OTLP exporter's channel lives on this runtime; the guard flushes the last spans after
+    // the service stops and before the runtime goes away.
+    let telemetry = {
+        let _rt = rt.enter();
+        vlm_telemetry::init(name, common.log_format, "info")?
+    };
+    let metrics_listen = common.metrics_listen;
+    let served = rt.block_on(async move {
+        if let Some(addr) = metrics_listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
+            let _ = METRICS_ADDR.set(listener.local_addr()?);
+            vlm_telemetry::serve_metrics(listener);
+        }
+        serve(role).await
+    });
+    drop(telemetry);
+    served
 }
 
 async fn serve(role: ServeRole) -> anyhow::Result<()> {

@@ -14,6 +14,7 @@ use candle_transformers::utils::repeat_kv;
 use crate::checkpoint::{Checkpoint, PartKind};
 use crate::config::{Activation, DecoderFamily, LlavaConfig, RopeScaling, TextConfig};
 use crate::error::{ModelError, Result};
+use crate::monitor::LayerStats;
 use crate::vision::softmax_f32;
 
 /// Inverse RoPE frequencies as transformers computes them, including llama3 / linear scaling, over
@@ -387,6 +388,17 @@ impl Decoder {
     /// Runs `embeds [T, hidden]` at the cache's next positions and returns the logits of the last
     /// position as f32 `[vocab]`.
     pub fn forward_embeds(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.forward_embeds_monitored(embeds, cache, None)
+    }
+
+    /// [`Self::forward_embeds`], also pushing the statistics of every decoder layer's output
+    /// (all positions of this call) to `monitor` when given.
+    pub fn forward_embeds_monitored(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        mut monitor: Option<&mut Vec<LayerStats>>,
+    ) -> Result<Tensor> {
         let (t, h) = embeds.dims2().map_err(|_| {
             ModelError::InvalidInput(format!(
                 "decoder input must be [T, hidden], got {:?}",
@@ -408,8 +420,11 @@ impl Decoder {
             )));
         }
         let mut x = embeds.to_dtype(self.dtype)?.unsqueeze(0)?;
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (i, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             x = layer.forward(&x, &self.rope, pos, slot)?;
+            if let Some(m) = monitor.as_deref_mut() {
+                m.push(LayerStats::of(i, &x)?);
+            }
         }
         cache.len = pos + t;
         let last = x.narrow(1, t - 1, 1)?;
@@ -420,5 +435,53 @@ impl Decoder {
     /// Convenience: the index of the largest logit (first on ties, as torch.argmax).
     pub fn argmax(logits: &Tensor) -> Result<u32> {
         Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?)
+    }
+}
+
+#[cfg(test)]
+mod monitor_tests {
+    use super::*;
+    use crate::vision::monitor_tests::direct_stats;
+
+    #[test]
+    fn monitor_gives_one_row_per_layer_matching_the_layer_outputs() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llava");
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let d = Decoder::load(&ckpt, DType::F32, &Device::Cpu).unwrap();
+        let embeds = d.embed_tokens(&[1, 5, 9, 12, 3]).unwrap();
+        let mut rows = Vec::new();
+        let mut cache = d.new_cache();
+        let logits = d
+            .forward_embeds_monitored(&embeds, &mut cache, Some(&mut rows))
+            .unwrap();
+        let plain = d.forward_embeds(&embeds, &mut d.new_cache()).unwrap();
+        let diff = (logits - plain)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "monitoring changed the logits");
+        assert_eq!(rows.len(), d.layers.len());
+        let mut by_hand = d.new_cache();
+        let mut x = embeds.unsqueeze(0).unwrap();
+        for (i, (layer, slot)) in d.layers.iter().zip(by_hand.layers.iter_mut()).enumerate() {
+            x = layer.forward(&x, &d.rope, 0, slot).unwrap();
+            let (mean, std, abs_max) = direct_stats(&x);
+            let r = rows[i];
+            assert_eq!(r.layer, i);
+            assert!(
+                (r.mean - mean).abs() < 1e-9,
+                "layer {i}: {r:?} vs mean {mean}"
+            );
+            assert!(
+                (r.std - std).abs() < 1e-6 * std.max(1.0),
+                "layer {i}: {r:?} vs std {std}"
+            );
+            assert_eq!(r.abs_max, abs_max, "layer {i}");
+            assert_eq!((r.nan_count, r.inf_count), (0, 0));
+        }
     }
 }

@@ -4,6 +4,7 @@ use candle_core::Tensor;
 
 use crate::decoder::{Decoder, KvCache};
 use crate::error::{ModelError, Result};
+use crate::monitor::LayerStats;
 use crate::prompt::{PromptBuilder, TextStreamer};
 use crate::sampling::{Sampler, SamplingParams};
 
@@ -64,6 +65,18 @@ impl<'a> Generation<'a> {
         params: &SamplingParams,
         resume: &[u32],
     ) -> Result<Self> {
+        Self::start_monitored(decoder, prompt, prompt_embeds, params, resume, None)
+    }
+
+    /// [`Self::start`], also pushing per-layer statistics of the prefill to `monitor`.
+    pub fn start_monitored(
+        decoder: &'a Decoder,
+        prompt: &'a PromptBuilder,
+        prompt_embeds: &Tensor,
+        params: &SamplingParams,
+        resume: &[u32],
+        monitor: Option<&mut Vec<LayerStats>>,
+    ) -> Result<Self> {
         params.validate()?;
         let prompt_tokens = prompt_embeds.dim(0)?;
         let max_tokens = params.max_tokens as usize;
@@ -99,7 +112,7 @@ impl<'a> Generation<'a> {
                 0,
             )?
         };
-        let logits = decoder.forward_embeds(&embeds, &mut cache)?;
+        let logits = decoder.forward_embeds_monitored(&embeds, &mut cache, monitor)?;
         Ok(Generation {
             decoder,
             cache,

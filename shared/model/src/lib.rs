@@ -12,6 +12,7 @@ pub mod config;
 pub mod decoder;
 pub mod error;
 pub mod generate;
+pub mod monitor;
 mod norm;
 pub mod pipeline;
 pub mod preprocess;
@@ -29,6 +30,7 @@ pub use config::{
 pub use decoder::{Decoder, KvCache};
 pub use error::{ModelError, Result};
 pub use generate::{FinishReason, Generation, TokenEvent};
+pub use monitor::LayerStats;
 pub use pipeline::{GenerateOutput, Pipeline, StageTimings};
 pub use preprocess::{ImageLimits, Preprocessor};
 pub use projector::Projector;

@@ -13,6 +13,7 @@ use candle_nn::{
 use crate::checkpoint::{Checkpoint, PartKind};
 use crate::config::{Activation, LlavaConfig, SelectStrategy, VisionConfig};
 use crate::error::{ModelError, Result};
+use crate::monitor::LayerStats;
 use crate::norm::TorchLayerNorm as LayerNorm;
 
 /// Softmax over the last dimension, in f32 when the compute dtype is half precision (as torch does
@@ -228,6 +229,16 @@ impl VisionEncoder {
 
     /// `pixel_values [B, 3, S, S]` (any float dtype) → features `[B, N, D]` in the compute dtype.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.forward_monitored(pixel_values, None)
+    }
+
+    /// [`Self::forward`], also pushing the statistics of every encoder layer's output (layers
+    /// that run; those after the last selected one never do) to `monitor` when given.
+    pub fn forward_monitored(
+        &self,
+        pixel_values: &Tensor,
+        mut monitor: Option<&mut Vec<LayerStats>>,
+    ) -> Result<Tensor> {
         let (_, ch, h, w) = pixel_values.dims4()?;
         let s = self.cfg.image_size;
         if (ch, h, w) != (3, s, s) {
@@ -251,6 +262,9 @@ impl VisionEncoder {
         take(0, &x);
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x)?;
+            if let Some(m) = monitor.as_deref_mut() {
+                m.push(LayerStats::of(i, &x)?);
+            }
             take(i + 1, &x);
         }
         states.sort_by_key(|(slot, _)| *slot);
@@ -264,5 +278,75 @@ impl VisionEncoder {
             SelectStrategy::Default => feats.narrow(1, 1, feats.dim(1)? - 1)?,
             SelectStrategy::Full => feats,
         })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod monitor_tests {
+    use super::*;
+
+    /// Mean, population std and absolute maximum with candle's own reductions, independent of
+    /// `LayerStats::of`.
+    pub(crate) fn direct_stats(t: &Tensor) -> (f64, f64, f64) {
+        let t = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+        let mean = t.mean_all().unwrap().to_scalar::<f64>().unwrap();
+        let var = t
+            .broadcast_sub(&Tensor::new(mean, t.device()).unwrap())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let abs_max = t.abs().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+        (mean, var.sqrt(), abs_max)
+    }
+
+    #[test]
+    fn monitor_gives_one_row_per_layer_matching_the_layer_outputs() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llava");
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let v = VisionEncoder::load(&ckpt, DType::F32, &Device::Cpu).unwrap();
+        let s = v.cfg.image_size;
+        let pixels = Tensor::randn(0f32, 1.0, (1, 3, s, s), &Device::Cpu).unwrap();
+        let mut rows = Vec::new();
+        let monitored = v.forward_monitored(&pixels, Some(&mut rows)).unwrap();
+        // Monitoring does not change the result.
+        let plain = v.forward(&pixels).unwrap();
+        let diff = (monitored - plain)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+        assert_eq!(rows.len(), v.layers.len());
+        assert!(!rows.is_empty());
+        // The same layers run by hand give the same statistics.
+        let mut x = v
+            .pre_ln
+            .forward(&v.embeddings.forward(&pixels).unwrap())
+            .unwrap();
+        for (i, layer) in v.layers.iter().enumerate() {
+            x = layer.forward(&x).unwrap();
+            let (mean, std, abs_max) = direct_stats(&x);
+            let r = rows[i];
+            assert_eq!(r.layer, i);
+            assert!(
+                (r.mean - mean).abs() < 1e-9,
+                "layer {i}: {r:?} vs mean {mean}"
+            );
+            assert!(
+                (r.std - std).abs() < 1e-6 * std.max(1.0),
+                "layer {i}: {r:?} vs std {std}"
+            );
+            assert_eq!(r.abs_max, abs_max, "layer {i}");
+            assert_eq!((r.nan_count, r.inf_count), (0, 0));
+        }
     }
 }

@@ -101,7 +101,8 @@ impl Shared {
             return Ok(p);
         }
         let queued = self.waiting.fetch_add(1, Ordering::AcqRel);
-        let _leave = WaitingGuard(&self.waiting);
+        let _leave = WaitingGuard(&self.waiting, self.name);
+        queue_depth(self.name, queued + 1);
         if queued >= self.limits.max_queue {
             return Err(Status::resource_exhausted(format!(
                 "{} overloaded: {} calls in flight and {} queued (limits {} and {}); retry later",
@@ -126,11 +127,21 @@ impl Shared {
     }
 }
 
-struct WaitingGuard<'a>(&'a AtomicUsize);
+struct WaitingGuard<'a>(&'a AtomicUsize, &'static str);
 impl Drop for WaitingGuard<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let before = self.0.fetch_sub(1, Ordering::AcqRel);
+        queue_depth(self.1, before.saturating_sub(1));
     }
+}
+
+fn queue_depth(service: &str, depth: usize) {
+    vlm_telemetry::Metrics::global().gauge_set(
+        "vlm_admission_queue_depth",
+        "Calls waiting for a serving slot (load shedding starts when this reaches --max-queue).",
+        &[("service", service)],
+        depth as f64,
+    );
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -166,6 +177,11 @@ where
                 Ok(p) => p,
                 Err(status) => {
                     shared.stats.shed.fetch_add(1, Ordering::Relaxed);
+                    vlm_telemetry::Metrics::global().inc(
+                        "vlm_admission_shed_total",
+                        "Calls refused because the queue was full or the deadline passed in it.",
+                        &[("service", shared.name)],
+                    );
                     return Ok(status.into_http());
                 }
             };

@@ -27,7 +27,7 @@ pub use health::{
     health_and_reflection, reflection_v1alpha, wait_until_serving, wait_until_serving_url,
 };
 pub use http_tls::HttpTlsAcceptor;
-pub use replicas::{Lease, Replica, ReplicaOptions, ReplicaSet, TlsForHost};
+pub use replicas::{Lease, Replica, ReplicaOptions, ReplicaSet, TlsForHost, TracedChannel};
 pub use retry::{is_retryable, RetryOptions, RetryPolicy};
 pub use serve::{serve_grpc, serve_grpc_with_health_port};
 pub use shutdown::shutdown_signal;

@@ -23,6 +23,10 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::{endpoint, url_host, ChannelOptions, NetError};
+use vlm_telemetry::GrpcClientTrace;
+
+/// A mesh channel with trace-context propagation (see [`vlm_telemetry::grpc`]).
+pub type TracedChannel = GrpcClientTrace<Channel>;
 
 /// Makes the client TLS config for a server name (None = plaintext, for tests without TLS).
 pub type TlsForHost =
@@ -145,8 +149,10 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub fn channel(&self) -> Channel {
-        self.replica.channel.clone()
+    /// The replica's channel, wrapped so every call through it opens a client span and carries
+    /// the W3C trace context to the server.
+    pub fn channel(&self) -> TracedChannel {
+        GrpcClientTrace::new(self.replica.channel.clone())
     }
     pub fn replica(&self) -> &Arc<Replica> {
         &self.replica

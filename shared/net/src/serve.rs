@@ -100,6 +100,8 @@ where
         None => None,
     };
     tracing::info!(service = S::NAME, %addr, tls = tls.is_some(), "serving");
+    // Every call gets a server span that continues the caller's trace (W3C traceparent).
+    let service = tower::Layer::layer(&vlm_telemetry::GrpcServerTraceLayer, service);
     let served = server_builder(tls)?
         .add_service(health)
         .add_service(reflection)

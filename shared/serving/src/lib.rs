@@ -95,3 +95,38 @@ pub fn random_seed() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(std::time::SystemTime::now())
 }
+
+/// Per-layer statistics as wire rows for `component` ("vision" or "decoder"), each also recorded
+/// as a `layer_stats` event on the current span (the stage span the layers ran in).
+pub fn layer_stats_rows(
+    component: &str,
+    rows: &[vlm_model::LayerStats],
+) -> Vec<vlm_proto::LayerStats> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::Span::current();
+    rows.iter()
+        .map(|r| {
+            span.add_event(
+                "layer_stats",
+                vec![
+                    opentelemetry::KeyValue::new("vlm.component", component.to_string()),
+                    opentelemetry::KeyValue::new("vlm.layer", r.layer as i64),
+                    opentelemetry::KeyValue::new("vlm.mean", r.mean),
+                    opentelemetry::KeyValue::new("vlm.std", r.std),
+                    opentelemetry::KeyValue::new("vlm.abs_max", r.abs_max),
+                    opentelemetry::KeyValue::new("vlm.nan_count", r.nan_count as i64),
+                    opentelemetry::KeyValue::new("vlm.inf_count", r.inf_count as i64),
+                ],
+            );
+            vlm_proto::LayerStats {
+                component: component.to_string(),
+                layer: r.layer as u32,
+                mean: r.mean,
+                std: r.std,
+                abs_max: r.abs_max,
+                nan_count: r.nan_count,
+                inf_count: r.inf_count,
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,311 @@
+//! W3C trace context over gRPC, as a tower pair: [`GrpcServerTraceLayer`] wraps a server's
+//! service, extracts `traceparent`/`tracestate` from the request metadata and runs the call
+//! inside a server span; [`GrpcClientTrace`] wraps a client channel, opens a client span and
+//! injects its context into the outgoing metadata. Both follow the OTel RPC conventions
+//! (`rpc.system`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code`) and keep the span open
+//! until the response stream ends, so a streaming call's span covers the whole stream.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame};
+use opentelemetry::propagation::{Extractor, Injector};
+use tonic::body::Body;
+use tonic::codegen::http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use tower::{Layer, Service};
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::Metrics;
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(HeaderName::as_str).collect()
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(key.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+/// Splits `/pkg.Service/Method` into (`pkg.Service`, `Method`).
+fn rpc_names(path: &str) -> (String, String) {
+    let mut parts = path.trim_start_matches('/').splitn(2, '/');
+    let service = parts.next().unwrap_or_default().to_string();
+    let method = parts.next().unwrap_or_default().to_string();
+    (service, method)
+}
+
+fn rpc_span(kind: &'static str, path: &str) -> Span {
+    let (service, method) = rpc_names(path);
+    tracing::info_span!(
+        target: "vlm_telemetry::grpc",
+        "rpc",
+        otel.name = %format!("{service}/{method}"),
+        otel.kind = kind,
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+        rpc.grpc.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    )
+}
+
+fn record_status(span: &Span, headers: &HeaderMap) -> Option<i64> {
+    let code = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok())?;
+    span.record("rpc.grpc.status_code", code);
+    if code != 0 {
+        span.record("otel.status_code", "ERROR");
+    }
+    Some(code)
+}
+
+/// A server call being measured: counted and timed when its response stream ends.
+struct ServerRpc {
+    service: String,
+    method: String,
+    start: Instant,
+    code: Option<i64>,
+}
+
+impl ServerRpc {
+    fn start(path: &str) -> ServerRpc {
+        let (service, method) = rpc_names(path);
+        Metrics::global().gauge_add(
+            "vlm_rpc_server_in_flight",
+            "Server calls in progress (including their response streams).",
+            &[("service", &service), ("method", &method)],
+            1.0,
+        );
+        ServerRpc {
+            service,
+            method,
+            start: Instant::now(),
+            code: None,
+        }
+    }
+}
+
+impl Drop for ServerRpc {
+    fn drop(&mut self) {
+        let m = Metrics::global();
+        // A stream dropped before its trailers was cancelled by the peer (CANCELLED = 1).
+        let code = self.code.unwrap_or(1).to_string();
+        let svc = [
+            ("service", self.service.as_str()),
+            ("method", self.method.as_str()),
+        ];
+        m.gauge_add(
+            "vlm_rpc_server_in_flight",
+            "Server calls in progress (including their response streams).",
+            &svc,
+            -1.0,
+        );
+        let labels = [svc[0], svc[1], ("code", code.as_str())];
+        m.inc(
+            "vlm_rpc_server_requests_total",
+            "Server calls finished, by gRPC status code.",
+            &labels,
+        );
+        m.observe(
+            "vlm_rpc_server_duration_seconds",
+            "Server call duration, request start to end of the response stream.",
+            &labels,
+            self.start.elapsed(),
+        );
+    }
+}
+
+/// A response body that holds its call's span until the stream ends and records the final
+/// `grpc-status` from the trailers (or a trailers-only response's headers).
+struct TracedBody {
+    inner: Body,
+    span: Span,
+    server: Option<ServerRpc>,
+}
+
+impl HttpBody for TracedBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(trailers) = frame.trailers_ref() {
+                let code = record_status(&self.span, trailers);
+                if let (Some(rpc), Some(code)) = (self.server.as_mut(), code) {
+                    rpc.code = Some(code);
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn traced_response(
+    resp: Response<Body>,
+    span: Span,
+    mut server: Option<ServerRpc>,
+) -> Response<Body> {
+    let code = record_status(&span, resp.headers());
+    if let (Some(rpc), Some(code)) = (server.as_mut(), code) {
+        rpc.code = Some(code);
+    }
+    resp.map(|inner| {
+        Body::new(TracedBody {
+            inner,
+            span,
+            server,
+        })
+    })
+}
+
+/// Server half: see the module docs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrpcServerTraceLayer;
+
+impl<S> Layer<S> for GrpcServerTraceLayer {
+    type Service = GrpcServerTrace<S>;
+    fn layer(&self, inner: S) -> GrpcServerTrace<S> {
+        GrpcServerTrace { inner }
+    }
+}
+
+/// A server service wrapped by [`GrpcServerTraceLayer`].
+#[derive(Debug, Clone)]
+pub struct GrpcServerTrace<S> {
+    inner: S,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for GrpcServerTrace<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S, ReqBody> Service<Request<ReqBody>> for GrpcServerTrace<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Response<Body>, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let span = rpc_span("server", req.uri().path());
+        let rpc = ServerRpc::start(req.uri().path());
+        let parent = opentelemetry::global::get_text_map_propagator(|p| {
+            p.extract(&HeaderExtractor(req.headers()))
+        });
+        // A missing or malformed traceparent leaves an invalid context: the span starts a trace.
+        let _ = span.set_parent(parent);
+        let fut = {
+            let _entered = span.enter();
+            self.inner.call(req)
+        };
+        Box::pin(async move {
+            let resp = tracing::Instrument::instrument(fut, span.clone()).await?;
+            Ok(traced_response(resp, span, Some(rpc)))
+        })
+    }
+}
+
+/// Client half: wraps a channel (`GrpcClientTrace::new(channel)`) for any generated client.
+#[derive(Debug, Clone)]
+pub struct GrpcClientTrace<T> {
+    inner: T,
+}
+
+impl<T> GrpcClientTrace<T> {
+    pub fn new(inner: T) -> Self {
+        GrpcClientTrace { inner }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T> Service<Request<Body>> for GrpcClientTrace<T>
+where
+    T: Service<Request<Body>, Response = Response<Body>>,
+    T::Future: Send + 'static,
+    T::Error: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = T::Error;
+    type Future = BoxFuture<Response<Body>, T::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let span = rpc_span("client", req.uri().path());
+        let cx = span.context();
+        opentelemetry::global::get_text_map_propagator(|p| {
+            p.inject_context(&cx, &mut HeaderInjector(req.headers_mut()))
+        });
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            match tracing::Instrument::instrument(fut, span.clone()).await {
+                Ok(resp) => Ok(traced_response(resp, span, None)),
+                Err(e) => {
+                    span.record("otel.status_code", "ERROR");
+                    Err(e)
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rpc_names_split_the_path() {
+        assert_eq!(
+            rpc_names("/vlm.v1.Encoder/Encode"),
+            ("vlm.v1.Encoder".to_string(), "Encode".to_string())
+        );
+        assert_eq!(rpc_names("/"), (String::new(), String::new()));
+    }
+}
