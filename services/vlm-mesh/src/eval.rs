@@ -230,6 +230,7 @@ async fn ask_one(
             seed: Some(0),
             stop: vec![],
         }),
+        monitor_layers: false,
     });
     req.set_timeout(timeout);
     let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());

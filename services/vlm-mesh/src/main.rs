@@ -25,8 +25,6 @@ struct Cli {
     command: Command,
 }
 
-// Parsed once at start-up and matched once: boxing the larger variants would buy nothing.
-#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 // Parsed once per process; boxing variants would only add noise to every match.
 #[allow(clippy::large_enum_variant)]

@@ -136,8 +136,6 @@ fn fault_delay(var: &str) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(ms))
 }
 
-// Parsed once at start-up and matched once: boxing the larger variants would buy nothing.
-#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug, Clone)]
 // Parsed once per process; boxing variants would only add noise to every match.
 #[allow(clippy::large_enum_variant)]
