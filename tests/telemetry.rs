@@ -253,6 +253,33 @@ fn scrape(addr: &str) -> String {
 /// TYPE lines, samples are `name{labels} value` with a valid name and a float value. Returns
 /// `series → value`.
 fn parse_prometheus(text: &str) -> HashMap<String, f64> {
+    // A second opinion from a third-party parser (prometheus-parse): every line must be a HELP,
+    // TYPE or sample line it recognises, every sample value a float, and every TYPEd metric
+    // must come back from its full scrape.
+    let mut types = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        match prometheus_parse::LineInfo::parse(line) {
+            prometheus_parse::LineInfo::Sample { value, .. } => assert!(
+                value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value),
+                "prometheus-parse: bad value in {line}"
+            ),
+            prometheus_parse::LineInfo::Type {
+                metric_name,
+                metric_alias,
+                ..
+            } => types.push(metric_alias.unwrap_or(metric_name)),
+            prometheus_parse::LineInfo::Doc { .. } => {}
+            other => panic!("prometheus-parse does not recognise {line:?}: {other:?}"),
+        }
+    }
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let metrics: HashSet<&str> = scrape.samples.iter().map(|s| s.metric.as_str()).collect();
+    for t in &types {
+        assert!(
+            metrics.contains(t.as_str()),
+            "prometheus-parse found no samples of {t}: {metrics:?}"
+        );
+    }
     let valid_name = |n: &str| {
         !n.is_empty()
             && n.chars()
