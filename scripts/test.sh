@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: starts what the tests need, runs every test in the workspace, then checks the
-# Helm chart (scripts/test-helm.sh). Works on a fresh machine with only Rust and Python 3 installed
-# (Redis is installed with apt-get if missing; the chart tools with pip into a venv under target/).
+# Helm chart (scripts/test-helm.sh). Works on a fresh machine with only Rust installed: Redis, Python 3
+# (with venv and pip) and Node.js (with npm) are installed with apt-get if missing; the client tests'
+# and chart checks' own packages come from PyPI and npm into target/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +25,24 @@ ensure_redis() {
   exit 1
 }
 
+apt_install() {
+  echo "test.sh: installing $* with apt-get" >&2
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+# tests/clients.rs runs the Python and Node clients; scripts/test-helm.sh uses a Python venv.
+ensure_python_and_node() {
+  if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    apt_install python3 python3-venv python3-pip
+  fi
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    apt_install nodejs npm
+  fi
+}
+
 ensure_redis
+ensure_python_and_node
 export VLM_TEST_REDIS_URL="${VLM_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 cargo test --workspace --locked "$@"
 
