@@ -32,6 +32,7 @@ fn bench_mesh_quick_reports_well_formed_json() {
         model.to_str().unwrap(),
     ]);
     assert_eq!(report["bench"], "mesh", "{report}");
+    assert_eq!(report["cache"], "off", "{report}");
     assert_eq!(report["rounds"], 3, "--quick runs 3 rounds: {report}");
     assert_eq!(report["max_tokens"], 4, "{report}");
     let tokens = report["tokens"].as_u64().expect("tokens");

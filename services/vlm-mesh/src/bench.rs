@@ -289,6 +289,8 @@ impl AbRow {
 struct MeshReport {
     bench: &'static str,
     model: String,
+    /// The mesh's feature cache (always off here: each request runs the encoder).
+    cache: &'static str,
     cores: usize,
     rounds: usize,
     max_tokens: u32,
@@ -347,16 +349,24 @@ async fn mesh_once(
     let mut stream = client.generate(req).await?.into_inner();
     let (mut first, mut last) = (None, 0.0);
     let mut ids = Vec::new();
+    let mut cache = Vec::new();
     while let Some(msg) = stream.message().await? {
-        if let Some(Kind::Delta(d)) = msg.kind {
-            if !d.token_ids.is_empty() {
+        match msg.kind {
+            Some(Kind::Delta(d)) if !d.token_ids.is_empty() => {
                 let now = t.elapsed().as_secs_f64() * 1e3;
                 first.get_or_insert(now);
                 last = now;
                 ids.extend(d.token_ids);
             }
+            Some(Kind::Final(f)) => cache = f.timings.unwrap_or_default().cache().collect(),
+            _ => {}
         }
     }
+    // Every image must have gone through the encoder: a cached feature would flatter the mesh.
+    anyhow::ensure!(
+        !cache.is_empty() && cache.iter().all(|c| *c == CacheStatus::Off),
+        "the mesh reported cache statuses {cache:?}; this benchmark needs the cache off"
+    );
     let first = first.context("no token")?;
     let (ttft, itl) = timing(first, last, ids.len());
     Ok((ttft, itl, ids))
@@ -394,7 +404,8 @@ async fn mesh_bench(mut args: MeshBenchArgs) -> anyhow::Result<()> {
         state_dir: state.path().to_path_buf(),
         listen: "127.0.0.1:0".parse()?,
         dtype: "f32".into(),
-        gateway_args: vec![],
+        // Cache off: every request pays for the encoder, as in process.
+        gateway_args: vec!["--no-cache".into()],
         service_log: Some("warn".into()),
         replicas: [1; 3],
     };
@@ -433,6 +444,7 @@ async fn mesh_bench(mut args: MeshBenchArgs) -> anyhow::Result<()> {
         }
         let report = MeshReport {
             bench: "mesh",
+            cache: "off",
             model: args.model.display().to_string(),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             rounds: args.rounds,
