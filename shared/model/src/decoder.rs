@@ -441,7 +441,7 @@ impl Decoder {
 #[cfg(test)]
 mod monitor_tests {
     use super::*;
-    use crate::vision::monitor_tests::direct_stats;
+    use crate::vision::monitor_tests::assert_row_matches;
 
     #[test]
     fn monitor_gives_one_row_per_layer_matching_the_layer_outputs() {
@@ -469,19 +469,7 @@ mod monitor_tests {
         let mut x = embeds.unsqueeze(0).unwrap();
         for (i, (layer, slot)) in d.layers.iter().zip(by_hand.layers.iter_mut()).enumerate() {
             x = layer.forward(&x, &d.rope, 0, slot).unwrap();
-            let (mean, std, abs_max) = direct_stats(&x);
-            let r = rows[i];
-            assert_eq!(r.layer, i);
-            assert!(
-                (r.mean - mean).abs() < 1e-9,
-                "layer {i}: {r:?} vs mean {mean}"
-            );
-            assert!(
-                (r.std - std).abs() < 1e-6 * std.max(1.0),
-                "layer {i}: {r:?} vs std {std}"
-            );
-            assert_eq!(r.abs_max, abs_max, "layer {i}");
-            assert_eq!((r.nan_count, r.inf_count), (0, 0));
+            assert_row_matches(i, &rows[i], &x);
         }
     }
 }

@@ -303,6 +303,22 @@ pub(crate) mod monitor_tests {
         (mean, var.sqrt(), abs_max)
     }
 
+    /// Asserts that `row` is layer `i`'s statistics of `hidden`, computed here directly in f64.
+    pub(crate) fn assert_row_matches(i: usize, row: &crate::LayerStats, hidden: &Tensor) {
+        let (mean, std, abs_max) = direct_stats(hidden);
+        assert_eq!(row.layer, i);
+        assert!(
+            (row.mean - mean).abs() < 1e-9,
+            "layer {i}: {row:?} vs mean {mean}"
+        );
+        assert!(
+            (row.std - std).abs() < 1e-6 * std.max(1.0),
+            "layer {i}: {row:?} vs std {std}"
+        );
+        assert_eq!(row.abs_max, abs_max, "layer {i}");
+        assert_eq!((row.nan_count, row.inf_count), (0, 0));
+    }
+
     #[test]
     fn monitor_gives_one_row_per_layer_matching_the_layer_outputs() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llava");
@@ -334,19 +350,7 @@ pub(crate) mod monitor_tests {
             .unwrap();
         for (i, layer) in v.layers.iter().enumerate() {
             x = layer.forward(&x).unwrap();
-            let (mean, std, abs_max) = direct_stats(&x);
-            let r = rows[i];
-            assert_eq!(r.layer, i);
-            assert!(
-                (r.mean - mean).abs() < 1e-9,
-                "layer {i}: {r:?} vs mean {mean}"
-            );
-            assert!(
-                (r.std - std).abs() < 1e-6 * std.max(1.0),
-                "layer {i}: {r:?} vs std {std}"
-            );
-            assert_eq!(r.abs_max, abs_max, "layer {i}");
-            assert_eq!((r.nan_count, r.inf_count), (0, 0));
+            assert_row_matches(i, &rows[i], &x);
         }
     }
 }
