@@ -123,19 +123,7 @@ async fn sixteen_concurrent_requests_each_equal_their_in_process_answer() {
     let client = mesh.client().await;
     let calls = params.iter().map(|p| {
         let mut client = client.clone();
-        let req = GenerateRequest {
-            images: vec![image.clone().into()],
-            prompt: PROMPT.into(),
-            params: Some(vlm_proto::SamplingParams {
-                max_tokens: Some(p.max_tokens),
-                temperature: p.temperature,
-                top_p: 1.0,
-                top_k: p.top_k,
-                seed: Some(p.seed),
-                stop: vec![],
-            }),
-            monitor_layers: false,
-        };
+        let req = common::request(&image, p);
         async move {
             let mut stream = client.generate(req).await?.into_inner();
             let mut ids = Vec::new();

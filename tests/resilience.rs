@@ -21,22 +21,6 @@ type Client = GatewayClient<tonic::transport::Channel>;
 /// time so one test's mesh does not eat another's CPU (other test binaries run before or after).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn request(image: &[u8], p: &SamplingParams) -> GenerateRequest {
-    GenerateRequest {
-        images: vec![image.to_vec().into()],
-        prompt: PROMPT.into(),
-        params: Some(vlm_proto::SamplingParams {
-            max_tokens: Some(p.max_tokens),
-            temperature: p.temperature,
-            top_p: 1.0,
-            top_k: p.top_k,
-            seed: Some(p.seed),
-            stop: vec![],
-        }),
-        monitor_layers: false,
-    }
-}
-
 /// Runs one request to the end; the token ids, or the status it failed with.
 async fn generate(
     client: &mut Client,

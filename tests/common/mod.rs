@@ -262,3 +262,20 @@ impl Drop for RedisProc {
         self.kill();
     }
 }
+
+/// The gateway request for one image and `PROMPT` with these sampling settings.
+pub fn request(image: &[u8], p: &vlm_model::SamplingParams) -> vlm_proto::GenerateRequest {
+    vlm_proto::GenerateRequest {
+        images: vec![image.to_vec().into()],
+        prompt: PROMPT.into(),
+        params: Some(vlm_proto::SamplingParams {
+            max_tokens: Some(p.max_tokens),
+            temperature: p.temperature,
+            top_p: 1.0,
+            top_k: p.top_k,
+            seed: Some(p.seed),
+            stop: vec![],
+        }),
+        monitor_layers: false,
+    }
+}
