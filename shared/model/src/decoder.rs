@@ -8,12 +8,13 @@
 //! `text_config.model_type`, so callers never know which family they hold.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{embedding, linear_b, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
 use candle_transformers::utils::repeat_kv;
 
 use crate::checkpoint::{Checkpoint, PartKind};
 use crate::config::{Activation, DecoderFamily, LlavaConfig, RopeScaling, TextConfig};
 use crate::error::{ModelError, Result};
+use crate::linear::{linear_b, Linear};
 use crate::monitor::LayerStats;
 use crate::vision::softmax_f32;
 

@@ -12,6 +12,7 @@ pub mod config;
 pub mod decoder;
 pub mod error;
 pub mod generate;
+mod linear;
 pub mod monitor;
 mod norm;
 pub mod pipeline;
