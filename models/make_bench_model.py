@@ -11,6 +11,8 @@ committed (it is large). Run it in a virtualenv outside the repository:
 Sizes
 - small:        CLIP ViT-B/16 @224 (12 layers, hidden 768) + LLaMA-style decoder (12 layers,
                 hidden 768, MLP 2560, vocab 32000): ~150M decoder parameters, f32 on disk.
+- small-vitl336: LLaVA-1.5's vision tower (CLIP ViT-L/14 @336, 576 features) + the small decoder,
+                f32: the encoder dominates time to first token (cache benchmarks).
 - llava-1.5-7b: the exact LLaVA-1.5-7B shapes (CLIP ViT-L/14 @336, 576 features; LLaMA-2-7B,
                 vocab 32064), f16 on disk (~14 GB; needs that much free disk and ~16 GB RAM).
 
@@ -68,6 +70,12 @@ SIZES = {
         dtype=torch.float16,
     ),
 }
+# LLaVA-1.5's own vision tower (CLIP ViT-L/14 @336, 576 features) in front of the small decoder:
+# a checkpoint whose time to first token the encoder dominates, as with LLaVA-1.5 on CPU.
+SIZES["small-vitl336"] = dict(
+    vision=SIZES["llava-1.5-7b"]["vision"], text=SIZES["small"]["text"], vocab=32000,
+    dtype=torch.float32,
+)
 
 
 def make_tokenizer(vocab_size):

@@ -1,27 +1,195 @@
-//! `vlm-mesh bench … --quick` smoke runs: the report is produced and well formed. No timing
-//! assertions (CI machines are noisy); only that each measure is a real, ordered spread and the
-//! ratios are what the medians say.
+//! `vlm-mesh bench --quick` smoke run: every section's report is produced and well formed. No
+//! timing assertions (CI machines are noisy); only that each measure is a real, ordered spread, the
+//! ratios are what the medians say, and the sizes are what was asked for.
 
 mod common;
 
 use serde_json::Value;
 
-fn spread(v: &Value, what: &str) -> (f64, f64, f64, f64) {
-    let get = |k: &str| {
-        v[k].as_f64()
-            .unwrap_or_else(|| panic!("{what}.{k} missing or not a number: {v}"))
-    };
+fn num(v: &Value, what: &str) -> f64 {
+    v.as_f64()
+        .unwrap_or_else(|| panic!("{what} missing or not a number: {v}"))
+}
+
+/// Checks an ordered p50/p90/min/max spread of positive values; returns the p50.
+fn spread(v: &Value, what: &str) -> f64 {
+    let get = |k: &str| num(&v[k], &format!("{what}.{k}"));
     let (p50, p90, min, max) = (get("p50"), get("p90"), get("min"), get("max"));
     assert!(min.is_finite() && max.is_finite(), "{what}: {v}");
     assert!(
         0.0 <= min && min <= p50 && p50 <= p90 && p90 <= max,
         "{what} is not an ordered spread: {v}"
     );
-    (p50, p90, min, max)
+    p50
+}
+
+/// `ratio` is `num / den` (as the report says it is).
+fn assert_ratio(ratio: &Value, num_: f64, den: f64, what: &str) {
+    let r = num(ratio, what);
+    assert!(num_ > 0.0 && den > 0.0, "{what}: {num_} / {den}");
+    assert!(
+        (r - num_ / den).abs() <= 1e-9 * r.abs(),
+        "{what} = {r} is not {num_} / {den} = {}",
+        num_ / den
+    );
+}
+
+fn check_mesh(m: &Value) {
+    assert_eq!(m["bench"], "mesh", "{m}");
+    assert_eq!(m["cache"], "off", "{m}");
+    assert_eq!(m["rounds"], 3, "--quick runs 3 rounds: {m}");
+    assert_eq!(m["max_tokens"], 4, "{m}");
+    let tokens = m["tokens"].as_u64().expect("tokens");
+    assert!((1..=4).contains(&tokens), "{m}");
+    assert!(m["cores"].as_u64().expect("cores") >= 1, "{m}");
+    for row in ["ttft_ms", "itl_ms"] {
+        let r = &m[row];
+        let a = spread(&r["in_process"], &format!("{row}.in_process"));
+        let b = spread(&r["mesh"], &format!("{row}.mesh"));
+        if row == "ttft_ms" || tokens > 1 {
+            assert_ratio(&r["ratio_p50"], b, a, row);
+        }
+    }
+    // The first token cannot come before the request was sent, in either setup.
+    assert!(num(&m["ttft_ms"]["mesh"]["min"], "ttft min") > 0.0);
+
+    let e = &m["encoder"];
+    assert_eq!(e["images"], 8, "{e}");
+    assert_eq!(e["concurrency"], 8, "{e}");
+    assert!(
+        e["max_concurrent"].as_u64().expect("max_concurrent") >= 1,
+        "{e}"
+    );
+    let seq = spread(&e["sequential_img_per_s"], "encoder.sequential");
+    let conc = spread(&e["concurrent_img_per_s"], "encoder.concurrent");
+    assert_ratio(
+        &e["concurrent_over_sequential_p50"],
+        conc,
+        seq,
+        "encoder concurrency",
+    );
+    let single = spread(&e["single_forwards_ms"], "encoder.single");
+    let batched = spread(&e["batched_forward_ms"], "encoder.batched");
+    assert_ratio(&e["batching_speedup_p50"], single, batched, "batching");
+
+    let peak = m["peak_rss_mib"].as_object().expect("peak_rss_mib");
+    let now = m["rss_mib"].as_object().expect("rss_mib");
+    for role in ["encoder", "projector", "decoder", "gateway"] {
+        let p = num(&peak[role], &format!("peak RSS of the {role}"));
+        let n = num(&now[role], &format!("RSS of the {role}"));
+        // A live Rust process with a runtime is well over 1 MiB; the tiny model well under 2 GiB;
+        // the peak is a peak.
+        assert!((1.0..2048.0).contains(&p), "{role}: {p} MiB");
+        assert!(1.0 <= n && n <= p, "{role}: RSS {n} MiB, peak {p} MiB");
+    }
+    assert_eq!(peak.len(), 5, "4 services and the bench process: {peak:?}");
+    assert_eq!(now.len(), 5, "{now:?}");
+}
+
+fn check_cache(c: &Value) {
+    assert_eq!(c["bench"], "cache", "{c}");
+    let rounds = c["rounds"].as_u64().expect("rounds");
+    assert!((1..=3).contains(&rounds), "miss/hit pairs counted: {c}");
+    let miss = spread(&c["ttft_miss_ms"], "ttft_miss_ms");
+    let hit = spread(&c["ttft_hit_ms"], "ttft_hit_ms");
+    assert_ratio(&c["hit_over_miss_p50"], hit, miss, "hit/miss");
+    // Every counted miss ran the encoder.
+    assert!(num(&c["encode_ms"]["min"], "encode_ms.min") > 0.0, "{c}");
+    let fetch = c["redis_fetch"].as_array().expect("redis_fetch");
+    let sizes: Vec<(u64, u64, &str)> = fetch
+        .iter()
+        .map(|f| {
+            spread(&f["fetch_ms"], "fetch_ms");
+            let bytes = f["bytes"].as_u64().unwrap();
+            let elems = f["rows"].as_u64().unwrap() * f["dim"].as_u64().unwrap();
+            let width = if f["dtype"] == "f16" { 2 } else { 4 };
+            // The stored value is the tensor plus a small header.
+            assert!(bytes > elems * width && bytes < elems * width + 1024, "{f}");
+            (
+                f["rows"].as_u64().unwrap(),
+                f["dim"].as_u64().unwrap(),
+                f["dtype"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        sizes,
+        [(25, 32, "f32"), (576, 1024, "f16"), (576, 1024, "f32")],
+        "{c}"
+    );
+}
+
+fn check_stream(s: &Value) {
+    assert_eq!(s["bench"], "stream", "{s}");
+    assert_eq!(s["rounds"], 3, "{s}");
+    let chunk = s["chunk_bytes"].as_u64().expect("chunk_bytes");
+    let cases = s["cases"].as_array().expect("cases");
+    assert_eq!(cases.len(), 2, "{s}");
+    for (case, (rows, dim)) in cases.iter().zip([(576u64, 1024u64), (576, 4096)]) {
+        assert_eq!(case["shape"], serde_json::json!([rows, dim]), "{case}");
+        assert_eq!(case["dtype"], "f16", "{case}");
+        let bytes = rows * dim * 2;
+        assert_eq!(
+            case["bytes"], bytes,
+            "every f16 element arrived once: {case}"
+        );
+        // Chunks hold whole rows, at most chunk_bytes of them.
+        let rows_per_chunk = chunk / (dim * 2);
+        assert_eq!(case["chunks"], rows.div_ceil(rows_per_chunk), "{case}");
+        let grpc = spread(&case["grpc_mtls_ms"], "grpc_mtls_ms");
+        let raw = spread(&case["raw_tls_ms"], "raw_tls_ms");
+        assert_ratio(&case["grpc_over_raw_p50"], raw, grpc, "gRPC/raw");
+        assert_ratio(
+            &case["grpc_gb_per_s"],
+            bytes as f64 / 1e6,
+            grpc,
+            "gRPC GB/s",
+        );
+        assert_ratio(&case["raw_gb_per_s"], bytes as f64 / 1e6, raw, "raw GB/s");
+    }
 }
 
 #[test]
-fn bench_mesh_quick_reports_well_formed_json() {
+fn bench_quick_reports_every_section_well_formed() {
+    let redis = common::RedisProc::start();
+    let model = common::model();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vlm-mesh"))
+        .args(["bench", "--quick", "--json", "--model"])
+        .arg(&model)
+        .args(["--redis", &redis.url()])
+        .env_remove("VLM_BENCH_PYTHON")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bench --quick failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not one JSON object ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    assert_eq!(report["bench"], "all", "{report}");
+    assert_eq!(report["quick"], true, "{report}");
+    assert_eq!(report["model"], model.to_str().unwrap(), "{report}");
+    assert!(
+        num(&report["started_unix_s"], "started_unix_s") > 1.7e9,
+        "{report}"
+    );
+    check_mesh(&report["mesh"]);
+    check_cache(&report["cache"]);
+    check_stream(&report["stream"]);
+    // No Python was named, so the comparison says so rather than vanishing.
+    let skipped = report["transformers"]["skipped"]
+        .as_str()
+        .expect("transformers.skipped");
+    assert!(skipped.contains("--python"), "{skipped}");
+}
+
+#[test]
+fn bench_mesh_alone_reports_the_mesh_section() {
     let model = common::model();
     let report = common::run_json(&[
         "bench",
@@ -31,27 +199,5 @@ fn bench_mesh_quick_reports_well_formed_json() {
         "--model",
         model.to_str().unwrap(),
     ]);
-    assert_eq!(report["bench"], "mesh", "{report}");
-    assert_eq!(report["cache"], "off", "{report}");
-    assert_eq!(report["rounds"], 3, "--quick runs 3 rounds: {report}");
-    assert_eq!(report["max_tokens"], 4, "{report}");
-    let tokens = report["tokens"].as_u64().expect("tokens");
-    assert!((1..=4).contains(&tokens), "{report}");
-    assert!(report["cores"].as_u64().expect("cores") >= 1, "{report}");
-    for row in ["ttft_ms", "itl_ms"] {
-        let r = &report[row];
-        let (a, ..) = spread(&r["in_process"], &format!("{row}.in_process"));
-        let (b, ..) = spread(&r["mesh"], &format!("{row}.mesh"));
-        if row == "ttft_ms" || tokens > 1 {
-            let ratio = r["ratio_p50"].as_f64().expect("ratio_p50");
-            assert!(a > 0.0 && b > 0.0, "{row}: {report}");
-            assert!(
-                (ratio - b / a).abs() <= 1e-9 * ratio.abs(),
-                "{row}.ratio_p50 {ratio} is not mesh/in-process = {}",
-                b / a
-            );
-        }
-    }
-    // The first token cannot come before the request was sent, in either setup.
-    assert!(report["ttft_ms"]["mesh"]["min"].as_f64().unwrap() > 0.0);
+    check_mesh(&report);
 }

@@ -43,9 +43,9 @@ enum Command {
     Serve(serve::ServeRole),
     /// Write a development CA and per-service certificates.
     Certs(certs::CertsArgs),
-    /// Benchmarks that print ratios measured side by side in one run.
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    /// Benchmarks that print ratios measured side by side in one run; with no subcommand, all of
+    /// them as one report.
+    Bench(bench::BenchArgs),
     /// Exact-match accuracy on a question set (models/shapes/dataset.py), in process or through a mesh.
     Eval(eval::EvalArgs),
 }
@@ -212,7 +212,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Serve(role) => serve::run(role),
         Command::Certs(args) => certs::run(args),
-        Command::Bench(cmd) => bench::run(cmd),
+        Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
     };
     match result {

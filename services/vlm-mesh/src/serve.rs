@@ -136,6 +136,9 @@ fn fault_delay(var: &str) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(ms))
 }
 
+/// The encoder's default `--max-concurrent` (what `up` runs with).
+pub const ENCODER_MAX_CONCURRENT: usize = 2;
+
 #[derive(Subcommand, Debug, Clone)]
 // Parsed once per process; boxing variants would only add noise to every match.
 #[allow(clippy::large_enum_variant)]
@@ -151,7 +154,7 @@ pub enum ServeRole {
         #[arg(long, env = "VLM_MAX_IMAGE_PIXELS", default_value_t = ImageLimits::default().max_pixels)]
         max_image_pixels: u64,
         /// Images encoded at once.
-        #[arg(long, env = "VLM_MAX_CONCURRENT", default_value_t = 2)]
+        #[arg(long, env = "VLM_MAX_CONCURRENT", default_value_t = ENCODER_MAX_CONCURRENT)]
         max_concurrent: usize,
     },
     /// Multimodal projector: feature chunks → embedding chunks, row-wise.

@@ -1,0 +1,247 @@
+//! Feature cache: time to first token on a hit vs a miss through the mesh, and the Redis fetch time
+//! of feature tensors.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use vlm_cache::{FeatureCache, RedisCache};
+use vlm_proto::gateway_client::GatewayClient;
+use vlm_proto::generate_response::Kind;
+use vlm_proto::{CacheStatus, GenerateRequest};
+use vlm_tensor::{TensorLimits, TensorValue, WireDType};
+
+use super::{bundled, print_ratio, print_rows, Spread};
+use crate::mesh::{certs_dir, Mesh, MeshOptions};
+
+#[derive(Args, Debug)]
+pub struct CacheBenchArgs {
+    /// Redis to use (the benchmark writes keys under vlm:feat:v1: and vlm:bench:).
+    #[arg(long, env = "VLM_REDIS", default_value = "redis://127.0.0.1:6379")]
+    pub redis: String,
+    /// Checkpoint to serve.
+    #[arg(long, env = "VLM_MODEL", default_value_os_t = bundled("tiny-llava"))]
+    pub model: PathBuf,
+    /// Image whose variants are sent (one pixel changed per round, so each round starts cold).
+    #[arg(long, default_value_os_t = bundled("images/shapes-48x48.png"))]
+    pub image: PathBuf,
+    /// Miss/hit pairs to measure.
+    #[arg(long, default_value_t = 30)]
+    pub rounds: usize,
+    /// Print one JSON object (the report) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(serde::Serialize, Debug)]
+pub struct CacheReport {
+    bench: &'static str,
+    model: String,
+    redis: String,
+    /// Rounds whose two requests reported exactly miss, then hit (only those count).
+    rounds: usize,
+    ttft_miss_ms: Spread,
+    ttft_hit_ms: Spread,
+    /// Hit p50 / miss p50.
+    hit_over_miss_p50: f64,
+    /// The encoder's own time (preprocess + forward) on the misses, as the gateway reports it:
+    /// the most a hit can save.
+    encode_ms: Spread,
+    redis_fetch: Vec<FetchRow>,
+}
+
+#[derive(serde::Serialize, Debug)]
+struct FetchRow {
+    rows: usize,
+    dim: usize,
+    dtype: &'static str,
+    bytes: usize,
+    /// GET + checksum-verified decode.
+    fetch_ms: Spread,
+    mb_per_s_p50: f64,
+}
+
+impl CacheReport {
+    pub fn print(&self) {
+        println!(
+            "model: {}  redis: {}  rounds: {} (interleaved miss/hit pairs)",
+            self.model, self.redis, self.rounds
+        );
+        let mut rows = vec![
+            (
+                "TTFT, cache miss (encoder runs)".to_string(),
+                self.ttft_miss_ms,
+            ),
+            (
+                "TTFT, cache hit (features from Redis)".to_string(),
+                self.ttft_hit_ms,
+            ),
+            (
+                "encoder (preprocess + forward) on the misses".to_string(),
+                self.encode_ms,
+            ),
+        ];
+        for f in &self.redis_fetch {
+            rows.push((
+                format!(
+                    "Redis fetch {}x{} {} ({} B)",
+                    f.rows, f.dim, f.dtype, f.bytes
+                ),
+                f.fetch_ms,
+            ));
+        }
+        print_rows("ms", &rows);
+        print_ratio("TTFT hit / miss (p50)", self.hit_over_miss_p50);
+    }
+}
+
+fn variant(base: &image::RgbImage, round: usize) -> anyhow::Result<Vec<u8>> {
+    let mut img = base.clone();
+    let p = img.get_pixel_mut(0, 0);
+    p.0 = [(round % 256) as u8, (round / 256 % 256) as u8, 77];
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)?;
+    Ok(out.into_inner())
+}
+
+/// Time to the first token, the image's cache status and the encoder's time (0 on a hit).
+async fn ttft(
+    client: &mut GatewayClient<tonic::transport::Channel>,
+    image: Vec<u8>,
+) -> anyhow::Result<(f64, CacheStatus, f64)> {
+    let req = GenerateRequest {
+        images: vec![image.into()],
+        prompt: "USER: <image>\nWhat is shown in this image? ASSISTANT:".into(),
+        params: Some(vlm_proto::SamplingParams {
+            max_tokens: Some(4),
+            ..Default::default()
+        }),
+        monitor_layers: false,
+    };
+    let t = Instant::now();
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut first = None;
+    let (mut status, mut encode_ms) = (CacheStatus::Unspecified, 0.0);
+    while let Some(msg) = stream.message().await? {
+        match msg.kind {
+            Some(Kind::Delta(_)) if first.is_none() => {
+                first = Some(t.elapsed().as_secs_f64() * 1e3)
+            }
+            Some(Kind::Final(f)) => {
+                let timings = f.timings.unwrap_or_default();
+                status = timings.cache().next().unwrap_or_default();
+                encode_ms = timings.preprocess_ms + timings.encode_ms;
+            }
+            _ => {}
+        }
+    }
+    Ok((first.context("no token")?, status, encode_ms))
+}
+
+async fn redis_fetch(
+    cache: &RedisCache,
+    rows: usize,
+    dim: usize,
+    dtype: WireDType,
+) -> anyhow::Result<FetchRow> {
+    let values: Vec<f32> = (0..rows * dim).map(|i| (i % 97) as f32 * 0.01).collect();
+    let value = TensorValue::from_f32(&values, &[rows, dim], dtype)?.encode();
+    let key = format!("vlm:bench:{rows}x{dim}:{}", dtype.name());
+    cache
+        .put(&key, value.clone().into(), Duration::from_secs(300))
+        .await?;
+    let mut samples = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        let got = cache.get(&key).await?.context("benchmark value vanished")?;
+        // A fetch is only useful once verified: include the checksum pass.
+        TensorValue::decode(got, &TensorLimits::default())?;
+        samples.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    cache.delete(&key).await?;
+    let fetch_ms = Spread::of(&mut samples)?;
+    Ok(FetchRow {
+        rows,
+        dim,
+        dtype: dtype.name(),
+        bytes: value.len(),
+        fetch_ms,
+        mb_per_s_p50: value.len() as f64 / fetch_ms.p50 / 1e3,
+    })
+}
+
+pub async fn run(args: &CacheBenchArgs) -> anyhow::Result<CacheReport> {
+    anyhow::ensure!(args.rounds > 0, "--rounds must be at least 1");
+    let cache = RedisCache::new(&args.redis, Default::default())?;
+    cache
+        .get("vlm:bench:ping")
+        .await
+        .with_context(|| format!("cannot reach Redis at {}", args.redis))?;
+    let base = image::open(&args.image)
+        .with_context(|| format!("cannot read {}", args.image.display()))?
+        .to_rgb8();
+
+    let state = tempfile::tempdir()?;
+    let opts = MeshOptions {
+        model: args.model.clone(),
+        state_dir: state.path().to_path_buf(),
+        listen: "127.0.0.1:0".parse()?,
+        dtype: "f32".into(),
+        gateway_args: vec!["--redis".into(), args.redis.clone()],
+        service_log: Some("warn".into()),
+        replicas: [1; 3],
+    };
+    let mesh = Mesh::start(&opts).await?;
+    let result = async {
+        let files = vlm_net::TlsFiles::for_role(certs_dir(state.path()), "client");
+        let channel = vlm_net::connect(
+            &mesh.info.gateway_url,
+            Some(vlm_net::client_tls(&files, "localhost")?),
+        )
+        .await?;
+        let mut client = GatewayClient::new(channel);
+        // Warm-up: connections, allocator, encoder info.
+        ttft(&mut client, variant(&base, 65_000)?).await?;
+        let salt = std::process::id() as usize * 1000;
+        let (mut miss, mut hit, mut encode) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..args.rounds {
+            let img = variant(&base, salt + round)?;
+            let (t_miss, s1, e) = ttft(&mut client, img.clone()).await?;
+            let (t_hit, s2, _) = ttft(&mut client, img).await?;
+            if s1 == CacheStatus::Miss && s2 == CacheStatus::Hit {
+                miss.push(t_miss);
+                hit.push(t_hit);
+                encode.push(e);
+            }
+        }
+        anyhow::ensure!(
+            !miss.is_empty(),
+            "no round produced a miss followed by a hit"
+        );
+        let rounds = miss.len();
+        let (ttft_miss_ms, ttft_hit_ms) = (Spread::of(&mut miss)?, Spread::of(&mut hit)?);
+        let mut redis_fetch_rows = Vec::new();
+        for (rows, dim, dtype) in [
+            (25, 32, WireDType::F32),
+            (576, 1024, WireDType::F16),
+            (576, 1024, WireDType::F32),
+        ] {
+            redis_fetch_rows.push(redis_fetch(&cache, rows, dim, dtype).await?);
+        }
+        Ok(CacheReport {
+            bench: "cache",
+            model: args.model.display().to_string(),
+            redis: args.redis.clone(),
+            rounds,
+            hit_over_miss_p50: ttft_hit_ms.p50 / ttft_miss_ms.p50,
+            ttft_miss_ms,
+            ttft_hit_ms,
+            encode_ms: Spread::of(&mut encode)?,
+            redis_fetch: redis_fetch_rows,
+        })
+    }
+    .await;
+    mesh.shutdown().await;
+    result
+}

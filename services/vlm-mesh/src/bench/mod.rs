@@ -1,0 +1,240 @@
+//! `vlm-mesh bench`: measurements printed side by side from one run (ratios, not absolute times,
+//! are what survive a noisy machine). With no subcommand every section runs and one report comes
+//! out; each section also runs alone as a subcommand.
+
+mod cache;
+mod mesh;
+mod stream;
+mod transformers;
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+/// A path under the repository's `models/` folder.
+fn bundled(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models")
+        .join(rel)
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub cmd: Option<BenchCommand>,
+    #[command(flatten)]
+    pub all: AllArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Feature cache: time to first token on a hit vs a miss through the mesh (interleaved), and the
+    /// Redis fetch time of feature tensors.
+    Cache(cache::CacheBenchArgs),
+    /// What the mesh costs: time to first token and inter-token latency through `up` (4
+    /// processes, mTLS, cache off) vs the same pipeline in this process, interleaved; encoder
+    /// throughput with 8 concurrent images vs 1 and batched vs single forwards; peak RSS of every
+    /// service.
+    Mesh(mesh::MeshBenchArgs),
+    /// Tensor-chunk streams over mTLS gRPC vs a raw TLS byte stream on the same loopback.
+    Stream(stream::StreamBenchArgs),
+}
+
+/// Every section in one run (`vlm-mesh bench`).
+#[derive(Args, Debug)]
+pub struct AllArgs {
+    /// Checkpoint to serve and run in process.
+    #[arg(long, env = "VLM_MODEL", default_value_os_t = bundled("tiny-llava"))]
+    pub model: PathBuf,
+    /// Image to ask about.
+    #[arg(long, default_value_os_t = bundled("images/shapes-48x48.png"))]
+    pub image: PathBuf,
+    /// Redis for the cache section (keys under vlm:feat:v1: and vlm:bench:).
+    #[arg(long, env = "VLM_REDIS", default_value = "redis://127.0.0.1:6379")]
+    pub redis: String,
+    /// Python with torch and transformers: also compare with Hugging Face transformers on CPU
+    /// (scripts/bench_transformers.py). Without it that section is reported as skipped.
+    #[arg(long, env = "VLM_BENCH_PYTHON")]
+    pub python: Option<PathBuf>,
+    /// Rounds (interleaved A/B pairs) per section.
+    #[arg(long, default_value_t = 15)]
+    pub rounds: usize,
+    /// Tokens per request (greedy) in the mesh and transformers sections.
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: u32,
+    /// Smoke run: 3 rounds per section, 4 tokens (for CI; its times mean little).
+    #[arg(long)]
+    pub quick: bool,
+    /// Print one JSON object (the report) instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match args.cmd {
+        Some(BenchCommand::Cache(a)) => rt.block_on(async {
+            let report = cache::run(&a).await?;
+            emit(&report, a.json, cache::CacheReport::print)
+        }),
+        Some(BenchCommand::Mesh(mut a)) => rt.block_on(async {
+            if a.quick {
+                (a.rounds, a.max_tokens) = (3, 4);
+            }
+            let report = mesh::run(&a).await?;
+            emit(&report, a.json, mesh::MeshReport::print)
+        }),
+        Some(BenchCommand::Stream(mut a)) => rt.block_on(async {
+            if a.quick {
+                a.rounds = 3;
+            }
+            let report = stream::run(&a).await?;
+            emit(&report, a.json, stream::StreamReport::print)
+        }),
+        None => rt.block_on(all(args.all)),
+    }
+}
+
+fn emit<R: serde::Serialize>(report: &R, json: bool, print: fn(&R)) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        print(report);
+    }
+    Ok(())
+}
+
+/// The report of `vlm-mesh bench`: every section, measured one after another in this run.
+#[derive(serde::Serialize, Debug)]
+struct AllReport {
+    bench: &'static str,
+    /// Seconds since the Unix epoch when the run started.
+    started_unix_s: u64,
+    cores: usize,
+    quick: bool,
+    model: String,
+    mesh: mesh::MeshReport,
+    cache: cache::CacheReport,
+    stream: stream::StreamReport,
+    transformers: transformers::TransformersReport,
+}
+
+async fn all(mut a: AllArgs) -> anyhow::Result<()> {
+    if a.quick {
+        (a.rounds, a.max_tokens) = (3, 4);
+    }
+    anyhow::ensure!(a.rounds > 0, "--rounds must be at least 1");
+    let started_unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let mesh = mesh::run(&mesh::MeshBenchArgs {
+        model: a.model.clone(),
+        image: a.image.clone(),
+        rounds: a.rounds,
+        max_tokens: a.max_tokens,
+        quick: a.quick,
+        json: a.json,
+    })
+    .await?;
+    let cache = cache::run(&cache::CacheBenchArgs {
+        redis: a.redis.clone(),
+        model: a.model.clone(),
+        image: a.image.clone(),
+        rounds: a.rounds,
+        json: a.json,
+    })
+    .await?;
+    let stream = stream::run(&stream::StreamBenchArgs {
+        rounds: a.rounds,
+        quick: a.quick,
+        json: a.json,
+    })
+    .await?;
+    let transformers = transformers::run(
+        a.python.as_deref(),
+        &a.model,
+        &a.image,
+        a.rounds,
+        a.max_tokens,
+    )
+    .await?;
+    let report = AllReport {
+        bench: "all",
+        started_unix_s,
+        cores: cores(),
+        quick: a.quick,
+        model: a.model.display().to_string(),
+        mesh,
+        cache,
+        stream,
+        transformers,
+    };
+    emit(&report, a.json, |r| {
+        println!("== mesh vs in process ==");
+        r.mesh.print();
+        println!("\n== feature cache ==");
+        r.cache.print();
+        println!("\n== tensor-chunk streams ==");
+        r.stream.print();
+        println!("\n== vs Hugging Face transformers ==");
+        r.transformers.print();
+    })
+}
+
+pub(crate) fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Median and 90th percentile.
+fn summary(samples: &mut [f64]) -> (f64, f64) {
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.9))
+}
+
+/// Median, 90th percentile, minimum and maximum of one measure.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Copy)]
+pub(crate) struct Spread {
+    pub p50: f64,
+    pub p90: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    fn of(samples: &mut [f64]) -> anyhow::Result<Spread> {
+        anyhow::ensure!(!samples.is_empty(), "no samples");
+        anyhow::ensure!(
+            samples.iter().all(|s| s.is_finite()),
+            "a sample is not finite: {samples:?}"
+        );
+        let (p50, p90) = summary(samples);
+        Ok(Spread {
+            p50,
+            p90,
+            min: samples[0],
+            max: samples[samples.len() - 1],
+        })
+    }
+}
+
+/// A table of spreads, one row per (label, spread); `unit` heads the label column.
+fn print_rows(unit: &str, rows: &[(String, Spread)]) {
+    println!(
+        "{:<44} {:>10} {:>10} {:>10} {:>10}",
+        unit, "p50", "p90", "min", "max"
+    );
+    for (label, s) in rows {
+        println!(
+            "{:<44} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
+            label, s.p50, s.p90, s.min, s.max
+        );
+    }
+}
+
+fn print_ratio(label: &str, ratio: f64) {
+    println!("{label:<44} {ratio:>10.3}");
+}
