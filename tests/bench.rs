@@ -54,6 +54,7 @@ fn check_mesh(m: &Value) {
     assert!(num(&m["ttft_ms"]["mesh"]["min"], "ttft min") > 0.0);
 
     let e = &m["encoder"];
+    assert_eq!(e["rounds"], 1, "--quick runs 1 encoder round: {e}");
     assert_eq!(e["images"], 8, "{e}");
     assert_eq!(e["concurrency"], 8, "{e}");
     assert!(

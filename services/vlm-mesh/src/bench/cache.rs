@@ -1,7 +1,6 @@
 //! Feature cache: time to first token on a hit vs a miss through the mesh, and the Redis fetch time
 //! of feature tensors.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -12,7 +11,7 @@ use vlm_proto::generate_response::Kind;
 use vlm_proto::{CacheStatus, GenerateRequest};
 use vlm_tensor::{TensorLimits, TensorValue, WireDType};
 
-use super::{bundled, print_ratio, print_rows, Spread};
+use super::{print_ratio, print_rows, Input, Spread};
 use crate::mesh::{certs_dir, Mesh, MeshOptions};
 
 #[derive(Args, Debug)]
@@ -20,12 +19,8 @@ pub struct CacheBenchArgs {
     /// Redis to use (the benchmark writes keys under vlm:feat:v1: and vlm:bench:).
     #[arg(long, env = "VLM_REDIS", default_value = "redis://127.0.0.1:6379")]
     pub redis: String,
-    /// Checkpoint to serve.
-    #[arg(long, env = "VLM_MODEL", default_value_os_t = bundled("tiny-llava"))]
-    pub model: PathBuf,
-    /// Image whose variants are sent (one pixel changed per round, so each round starts cold).
-    #[arg(long, default_value_os_t = bundled("images/shapes-48x48.png"))]
-    pub image: PathBuf,
+    #[command(flatten)]
+    pub input: Input,
     /// Miss/hit pairs to measure.
     #[arg(long, default_value_t = 30)]
     pub rounds: usize,
@@ -178,13 +173,13 @@ pub async fn run(args: &CacheBenchArgs) -> anyhow::Result<CacheReport> {
         .get("vlm:bench:ping")
         .await
         .with_context(|| format!("cannot reach Redis at {}", args.redis))?;
-    let base = image::open(&args.image)
-        .with_context(|| format!("cannot read {}", args.image.display()))?
+    let base = image::open(&args.input.image)
+        .with_context(|| format!("cannot read {}", args.input.image.display()))?
         .to_rgb8();
 
     let state = tempfile::tempdir()?;
     let opts = MeshOptions {
-        model: args.model.clone(),
+        model: args.input.model.clone(),
         state_dir: state.path().to_path_buf(),
         listen: "127.0.0.1:0".parse()?,
         dtype: "f32".into(),
@@ -231,7 +226,7 @@ pub async fn run(args: &CacheBenchArgs) -> anyhow::Result<CacheReport> {
         }
         Ok(CacheReport {
             bench: "cache",
-            model: args.model.display().to_string(),
+            model: args.input.model.display().to_string(),
             redis: args.redis.clone(),
             rounds,
             hit_over_miss_p50: ttft_hit_ms.p50 / ttft_miss_ms.p50,

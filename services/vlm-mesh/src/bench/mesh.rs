@@ -4,7 +4,6 @@
 //! process (does batching pay?), and the peak RSS of every service.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -14,24 +13,24 @@ use vlm_proto::gateway_client::GatewayClient;
 use vlm_proto::generate_response::Kind;
 use vlm_proto::{CacheStatus, EncodeRequest, GenerateRequest};
 
-use super::{bundled, cores, print_ratio, print_rows, Spread};
+use super::{cores, print_ratio, print_rows, Input, Spread};
 use crate::mesh::{certs_dir, Mesh, MeshOptions};
 
 #[derive(Args, Debug)]
 pub struct MeshBenchArgs {
-    /// Checkpoint to serve and run in process.
-    #[arg(long, env = "VLM_MODEL", default_value_os_t = bundled("tiny-llava"))]
-    pub model: PathBuf,
-    /// Image to ask about.
-    #[arg(long, default_value_os_t = bundled("images/shapes-48x48.png"))]
-    pub image: PathBuf,
-    /// Interleaved in-process/mesh pairs to measure (and encoder throughput rounds).
+    #[command(flatten)]
+    pub input: Input,
+    /// Interleaved in-process/mesh pairs to measure.
     #[arg(long, default_value_t = 30)]
     pub rounds: usize,
+    /// Encoder rounds: each sends 8 images one at a time and 8 at once, and runs 8 single vision
+    /// forwards and one batch of 8 in process.
+    #[arg(long, default_value_t = 5)]
+    pub encoder_rounds: usize,
     /// Tokens to generate per request (greedy).
     #[arg(long, default_value_t = 32)]
     pub max_tokens: u32,
-    /// Smoke run: 3 rounds of 4 tokens (for CI; its times mean little).
+    /// Smoke run: 3 rounds of 4 tokens, 1 encoder round (for CI; its times mean little).
     #[arg(long)]
     pub quick: bool,
     /// Print one JSON object (the report) instead of a table.
@@ -84,6 +83,7 @@ pub struct MeshReport {
 /// The encoder service's throughput, and whether batching would raise it.
 #[derive(serde::Serialize, Debug)]
 struct EncoderReport {
+    rounds: usize,
     /// Images per phase.
     images: usize,
     /// Requests in flight in the concurrent phase.
@@ -123,8 +123,8 @@ impl MeshReport {
         );
         let e = &self.encoder;
         println!(
-            "\nencoder service: {} images per phase, {} in flight vs 1, --max-concurrent {}",
-            e.images, e.concurrency, e.max_concurrent
+            "\nencoder service: {} rounds of {} images per phase, {} in flight vs 1, --max-concurrent {}",
+            e.rounds, e.images, e.concurrency, e.max_concurrent
         );
         print_rows(
             "images/s",
@@ -239,16 +239,19 @@ const PROMPT: &str = "USER: <image>\nWhat is shown in this image? ASSISTANT:";
 const CONCURRENCY: usize = 8;
 
 pub async fn run(args: &MeshBenchArgs) -> anyhow::Result<MeshReport> {
-    anyhow::ensure!(args.rounds > 0, "--rounds must be at least 1");
-    let image = std::fs::read(&args.image)
-        .with_context(|| format!("cannot read {}", args.image.display()))?;
+    anyhow::ensure!(
+        args.rounds > 0 && args.encoder_rounds > 0,
+        "--rounds and --encoder-rounds must be at least 1"
+    );
+    let image = std::fs::read(&args.input.image)
+        .with_context(|| format!("cannot read {}", args.input.image.display()))?;
     let pipeline = vlm_model::Pipeline::load(
-        &args.model,
+        &args.input.model,
         vlm_model::parse_dtype("f32")?,
         &vlm_model::Device::Cpu,
         Default::default(),
     )
-    .with_context(|| format!("cannot load model from {}", args.model.display()))?;
+    .with_context(|| format!("cannot load model from {}", args.input.model.display()))?;
     let params = vlm_model::SamplingParams {
         max_tokens: args.max_tokens,
         temperature: 0.0,
@@ -260,7 +263,7 @@ pub async fn run(args: &MeshBenchArgs) -> anyhow::Result<MeshReport> {
 
     let state = tempfile::tempdir()?;
     let opts = MeshOptions {
-        model: args.model.clone(),
+        model: args.input.model.clone(),
         state_dir: state.path().to_path_buf(),
         listen: "127.0.0.1:0".parse()?,
         dtype: "f32".into(),
@@ -307,8 +310,13 @@ pub async fn run(args: &MeshBenchArgs) -> anyhow::Result<MeshReport> {
             .context("the mesh has no encoder")?
             .addr;
         let channel = vlm_net::connect(&format!("https://{encoder_addr}"), Some(tls)).await?;
-        let encoder =
-            encoder_bench(EncoderClient::new(channel), &pipeline, &image, args.rounds).await?;
+        let encoder = encoder_bench(
+            EncoderClient::new(channel),
+            &pipeline,
+            &image,
+            args.encoder_rounds,
+        )
+        .await?;
         let (mut peak_rss_mib, mut rss_mib) = (BTreeMap::new(), BTreeMap::new());
         let processes = mesh
             .info
@@ -326,7 +334,7 @@ pub async fn run(args: &MeshBenchArgs) -> anyhow::Result<MeshReport> {
         Ok(MeshReport {
             bench: "mesh",
             cache: "off",
-            model: args.model.display().to_string(),
+            model: args.input.model.display().to_string(),
             cores: cores(),
             rounds: args.rounds,
             max_tokens: args.max_tokens,
@@ -445,6 +453,7 @@ async fn encoder_bench(
     let (seq, conc) = (Spread::of(&mut seq)?, Spread::of(&mut conc)?);
     let (single, batched) = (Spread::of(&mut single)?, Spread::of(&mut batched)?);
     Ok(EncoderReport {
+        rounds,
         images,
         concurrency: CONCURRENCY,
         max_concurrent: crate::serve::ENCODER_MAX_CONCURRENT,

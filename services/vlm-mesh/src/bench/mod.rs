@@ -18,6 +18,18 @@ fn bundled(rel: &str) -> PathBuf {
         .join(rel)
 }
 
+/// The checkpoint and image a section runs.
+#[derive(Args, Debug, Clone)]
+pub struct Input {
+    /// Checkpoint to serve (and run in process).
+    #[arg(long, env = "VLM_MODEL", default_value_os_t = bundled("tiny-llava"))]
+    pub model: PathBuf,
+    /// Image to ask about (the cache section sends variants of it, one pixel changed per round,
+    /// so each round starts cold).
+    #[arg(long, default_value_os_t = bundled("images/shapes-48x48.png"))]
+    pub image: PathBuf,
+}
+
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
@@ -44,12 +56,8 @@ pub enum BenchCommand {
 /// Every section in one run (`vlm-mesh bench`).
 #[derive(Args, Debug)]
 pub struct AllArgs {
-    /// Checkpoint to serve and run in process.
-    #[arg(long, env = "VLM_MODEL", default_value_os_t = bundled("tiny-llava"))]
-    pub model: PathBuf,
-    /// Image to ask about.
-    #[arg(long, default_value_os_t = bundled("images/shapes-48x48.png"))]
-    pub image: PathBuf,
+    #[command(flatten)]
+    pub input: Input,
     /// Redis for the cache section (keys under vlm:feat:v1: and vlm:bench:).
     #[arg(long, env = "VLM_REDIS", default_value = "redis://127.0.0.1:6379")]
     pub redis: String,
@@ -57,13 +65,21 @@ pub struct AllArgs {
     /// (scripts/bench_transformers.py). Without it that section is reported as skipped.
     #[arg(long, env = "VLM_BENCH_PYTHON")]
     pub python: Option<PathBuf>,
-    /// Rounds (interleaved A/B pairs) per section.
-    #[arg(long, default_value_t = 15)]
+    /// Rounds (interleaved A/B pairs) of the mesh, cache and transformers sections.
+    #[arg(long, default_value_t = 30)]
     pub rounds: usize,
+    /// Encoder rounds (each: 8 images one at a time and 8 at once; 8 single vision forwards and
+    /// one batch of 8).
+    #[arg(long, default_value_t = 5)]
+    pub encoder_rounds: usize,
+    /// Rounds per tensor size of the stream section (each transfer takes milliseconds).
+    #[arg(long, default_value_t = 100)]
+    pub stream_rounds: usize,
     /// Tokens per request (greedy) in the mesh and transformers sections.
     #[arg(long, default_value_t = 32)]
     pub max_tokens: u32,
-    /// Smoke run: 3 rounds per section, 4 tokens (for CI; its times mean little).
+    /// Smoke run: 3 rounds per section (1 encoder round), 4 tokens (for CI; its times mean
+    /// little).
     #[arg(long)]
     pub quick: bool,
     /// Print one JSON object (the report) instead of tables.
@@ -82,7 +98,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }),
         Some(BenchCommand::Mesh(mut a)) => rt.block_on(async {
             if a.quick {
-                (a.rounds, a.max_tokens) = (3, 4);
+                (a.rounds, a.encoder_rounds, a.max_tokens) = (3, 1, 4);
             }
             let report = mesh::run(&a).await?;
             emit(&report, a.json, mesh::MeshReport::print)
@@ -124,16 +140,15 @@ struct AllReport {
 
 async fn all(mut a: AllArgs) -> anyhow::Result<()> {
     if a.quick {
-        (a.rounds, a.max_tokens) = (3, 4);
+        (a.rounds, a.encoder_rounds, a.stream_rounds, a.max_tokens) = (3, 1, 3, 4);
     }
-    anyhow::ensure!(a.rounds > 0, "--rounds must be at least 1");
     let started_unix_s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
     let mesh = mesh::run(&mesh::MeshBenchArgs {
-        model: a.model.clone(),
-        image: a.image.clone(),
+        input: a.input.clone(),
         rounds: a.rounds,
+        encoder_rounds: a.encoder_rounds,
         max_tokens: a.max_tokens,
         quick: a.quick,
         json: a.json,
@@ -141,22 +156,21 @@ async fn all(mut a: AllArgs) -> anyhow::Result<()> {
     .await?;
     let cache = cache::run(&cache::CacheBenchArgs {
         redis: a.redis.clone(),
-        model: a.model.clone(),
-        image: a.image.clone(),
+        input: a.input.clone(),
         rounds: a.rounds,
         json: a.json,
     })
     .await?;
     let stream = stream::run(&stream::StreamBenchArgs {
-        rounds: a.rounds,
+        rounds: a.stream_rounds,
         quick: a.quick,
         json: a.json,
     })
     .await?;
     let transformers = transformers::run(
         a.python.as_deref(),
-        &a.model,
-        &a.image,
+        &a.input.model,
+        &a.input.image,
         a.rounds,
         a.max_tokens,
     )
@@ -166,7 +180,7 @@ async fn all(mut a: AllArgs) -> anyhow::Result<()> {
         started_unix_s,
         cores: cores(),
         quick: a.quick,
-        model: a.model.display().to_string(),
+        model: a.input.model.display().to_string(),
         mesh,
         cache,
         stream,

@@ -30,7 +30,7 @@ use super::{print_ratio, print_rows, Spread};
 #[derive(Args, Debug)]
 pub struct StreamBenchArgs {
     /// Interleaved gRPC/raw pairs per tensor size.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 100)]
     pub rounds: usize,
     /// Smoke run: 3 rounds (for CI; its times mean little).
     #[arg(long)]
