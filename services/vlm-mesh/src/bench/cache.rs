@@ -11,8 +11,7 @@ use vlm_proto::generate_response::Kind;
 use vlm_proto::{CacheStatus, GenerateRequest};
 use vlm_tensor::{TensorLimits, TensorValue, WireDType};
 
-use super::{print_ratio, print_rows, Input, Spread};
-use crate::mesh::{certs_dir, Mesh, MeshOptions};
+use super::{print_ratio, print_rows, BenchMesh, Input, Spread};
 
 #[derive(Args, Debug)]
 pub struct CacheBenchArgs {
@@ -177,25 +176,13 @@ pub async fn run(args: &CacheBenchArgs) -> anyhow::Result<CacheReport> {
         .with_context(|| format!("cannot read {}", args.input.image.display()))?
         .to_rgb8();
 
-    let state = tempfile::tempdir()?;
-    let opts = MeshOptions {
-        model: args.input.model.clone(),
-        state_dir: state.path().to_path_buf(),
-        listen: "127.0.0.1:0".parse()?,
-        dtype: "f32".into(),
-        gateway_args: vec!["--redis".into(), args.redis.clone()],
-        service_log: Some("warn".into()),
-        replicas: [1; 3],
-    };
-    let mesh = Mesh::start(&opts).await?;
+    let bench_mesh = BenchMesh::start(
+        &args.input.model,
+        vec!["--redis".into(), args.redis.clone()],
+    )
+    .await?;
     let result = async {
-        let files = vlm_net::TlsFiles::for_role(certs_dir(state.path()), "client");
-        let channel = vlm_net::connect(
-            &mesh.info.gateway_url,
-            Some(vlm_net::client_tls(&files, "localhost")?),
-        )
-        .await?;
-        let mut client = GatewayClient::new(channel);
+        let mut client = bench_mesh.gateway.clone();
         // Warm-up: connections, allocator, encoder info.
         ttft(&mut client, variant(&base, 65_000)?).await?;
         let salt = std::process::id() as usize * 1000;
@@ -237,6 +224,6 @@ pub async fn run(args: &CacheBenchArgs) -> anyhow::Result<CacheReport> {
         })
     }
     .await;
-    mesh.shutdown().await;
+    bench_mesh.mesh.shutdown().await;
     result
 }

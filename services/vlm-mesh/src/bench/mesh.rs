@@ -13,8 +13,7 @@ use vlm_proto::gateway_client::GatewayClient;
 use vlm_proto::generate_response::Kind;
 use vlm_proto::{CacheStatus, EncodeRequest, GenerateRequest};
 
-use super::{cores, print_ratio, print_rows, Input, Spread};
-use crate::mesh::{certs_dir, Mesh, MeshOptions};
+use super::{cores, print_ratio, print_rows, BenchMesh, Input, Spread};
 
 #[derive(Args, Debug)]
 pub struct MeshBenchArgs {
@@ -261,23 +260,11 @@ pub async fn run(args: &MeshBenchArgs) -> anyhow::Result<MeshReport> {
         stop: vec![],
     };
 
-    let state = tempfile::tempdir()?;
-    let opts = MeshOptions {
-        model: args.input.model.clone(),
-        state_dir: state.path().to_path_buf(),
-        listen: "127.0.0.1:0".parse()?,
-        dtype: "f32".into(),
-        // Cache off: every request pays for the encoder, as in process.
-        gateway_args: vec!["--no-cache".into()],
-        service_log: Some("warn".into()),
-        replicas: [1; 3],
-    };
-    let mesh = Mesh::start(&opts).await?;
+    // Cache off: every request pays for the encoder, as in process.
+    let bench_mesh = BenchMesh::start(&args.input.model, vec!["--no-cache".into()]).await?;
+    let mesh = &bench_mesh.mesh;
     let result = async {
-        let files = vlm_net::TlsFiles::for_role(certs_dir(state.path()), "client");
-        let tls = vlm_net::client_tls(&files, "localhost")?;
-        let channel = vlm_net::connect(&mesh.info.gateway_url, Some(tls.clone())).await?;
-        let mut client = GatewayClient::new(channel);
+        let mut client = bench_mesh.gateway.clone();
         // Warm-up both sides (connections, allocator, lazily loaded weights), and check that
         // they answer the same: a comparison of different work would mean nothing.
         let (_, _, reference) = in_process_once(&pipeline, &image, &params)?;
@@ -309,7 +296,11 @@ pub async fn run(args: &MeshBenchArgs) -> anyhow::Result<MeshReport> {
             .find(|s| s.role == "encoder")
             .context("the mesh has no encoder")?
             .addr;
-        let channel = vlm_net::connect(&format!("https://{encoder_addr}"), Some(tls)).await?;
+        let channel = vlm_net::connect(
+            &format!("https://{encoder_addr}"),
+            Some(bench_mesh.client_tls.clone()),
+        )
+        .await?;
         let encoder = encoder_bench(
             EncoderClient::new(channel),
             &pipeline,
@@ -347,7 +338,7 @@ pub async fn run(args: &MeshBenchArgs) -> anyhow::Result<MeshReport> {
         })
     }
     .await;
-    mesh.shutdown().await;
+    bench_mesh.mesh.shutdown().await;
     result
 }
 

@@ -7,9 +7,13 @@ mod mesh;
 mod stream;
 mod transformers;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
+use tonic::transport::{Channel, ClientTlsConfig};
+use vlm_proto::gateway_client::GatewayClient;
+
+use crate::mesh::{certs_dir, Mesh, MeshOptions};
 
 /// A path under the repository's `models/` folder.
 fn bundled(rel: &str) -> PathBuf {
@@ -196,6 +200,52 @@ async fn all(mut a: AllArgs) -> anyhow::Result<()> {
         println!("\n== vs Hugging Face transformers ==");
         r.transformers.print();
     })
+}
+
+/// A mesh started for a benchmark (`up` on loopback with dev mTLS, f32, one replica per stage,
+/// services logging warnings only) and a client of its gateway.
+struct BenchMesh {
+    mesh: Mesh,
+    /// Certificates and mesh.json; removed when this is dropped.
+    _state: tempfile::TempDir,
+    /// The client identity, for calling a stage directly.
+    client_tls: ClientTlsConfig,
+    gateway: GatewayClient<Channel>,
+}
+
+impl BenchMesh {
+    async fn start(model: &Path, gateway_args: Vec<String>) -> anyhow::Result<BenchMesh> {
+        let state = tempfile::tempdir()?;
+        let opts = MeshOptions {
+            model: model.to_path_buf(),
+            state_dir: state.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse()?,
+            dtype: "f32".into(),
+            gateway_args,
+            service_log: Some("warn".into()),
+            replicas: [1; 3],
+        };
+        let mesh = Mesh::start(&opts).await?;
+        let connected = async {
+            let files = vlm_net::TlsFiles::for_role(certs_dir(state.path()), "client");
+            let tls = vlm_net::client_tls(&files, "localhost")?;
+            let channel = vlm_net::connect(&mesh.info.gateway_url, Some(tls.clone())).await?;
+            Ok::<_, anyhow::Error>((tls, GatewayClient::new(channel)))
+        }
+        .await;
+        match connected {
+            Ok((client_tls, gateway)) => Ok(BenchMesh {
+                mesh,
+                _state: state,
+                client_tls,
+                gateway,
+            }),
+            Err(e) => {
+                mesh.shutdown().await;
+                Err(e)
+            }
+        }
+    }
 }
 
 pub(crate) fn cores() -> usize {
