@@ -116,19 +116,7 @@ fn python(script: &str) -> Command {
 }
 
 fn generate(sampling: &[&str]) -> Value {
-    let (model, image) = (model(), image_path());
-    let mut args = vec![
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--image",
-        image.to_str().unwrap(),
-        "--prompt",
-        PROMPT,
-        "--json",
-    ];
-    args.extend(sampling);
-    run_json(&args)
+    generate_json(&model(), &image_path(), PROMPT, sampling)
 }
 
 const GREEDY: &[&str] = &["--max-tokens", "16"];

@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 mod common;
-use common::{repo, run_json, MeshProc, EXE};
+use common::{ask_json, generate_json, repo, MeshProc, EXE};
 
 struct Reference {
     image: PathBuf,
@@ -39,8 +39,6 @@ fn mesh_equals_generate(fixture: &str) {
     let model = repo().join("models").join(fixture);
     let r = reference(&model);
     let mesh = MeshProc::start_with(&model, &[], &[]);
-    let state = mesh.state.path().to_str().unwrap().to_string();
-    let image = r.image.to_str().unwrap();
     for sampling in [
         vec!["--max-tokens", "16"],
         vec![
@@ -54,30 +52,8 @@ fn mesh_equals_generate(fixture: &str) {
             "7",
         ],
     ] {
-        let mut ask = vec![
-            "ask",
-            "--state-dir",
-            &state,
-            "--image",
-            image,
-            "--prompt",
-            &r.prompt,
-            "--json",
-        ];
-        ask.extend(&sampling);
-        let mut generate = vec![
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--image",
-            image,
-            "--prompt",
-            &r.prompt,
-            "--json",
-        ];
-        generate.extend(&sampling);
-        let mesh_out = run_json(&ask);
-        let local_out = run_json(&generate);
+        let mesh_out = ask_json(mesh.state.path(), &r.image, &r.prompt, &sampling);
+        let local_out = generate_json(&model, &r.image, &r.prompt, &sampling);
         eprintln!(
             "{fixture} {sampling:?}: mesh {} generate {}",
             mesh_out["token_ids"], local_out["token_ids"]

@@ -41,7 +41,6 @@ fn ask_over_mtls_equals_generate_and_services_are_separate_processes() {
 
     let image = image_path();
     let model = model();
-    let state = mesh.state.path().to_str().unwrap().to_string();
     let mut seen_cache = vec![];
     for sampling in [
         vec!["--max-tokens", "16"],
@@ -56,30 +55,8 @@ fn ask_over_mtls_equals_generate_and_services_are_separate_processes() {
             "42",
         ],
     ] {
-        let mut ask = vec![
-            "ask",
-            "--state-dir",
-            &state,
-            "--image",
-            image.to_str().unwrap(),
-            "--prompt",
-            PROMPT,
-            "--json",
-        ];
-        ask.extend(&sampling);
-        let mut generate = vec![
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--image",
-            image.to_str().unwrap(),
-            "--prompt",
-            PROMPT,
-            "--json",
-        ];
-        generate.extend(&sampling);
-        let mesh_out = run_json(&ask);
-        let local_out = run_json(&generate);
+        let mesh_out = ask_json(mesh.state.path(), &image, PROMPT, &sampling);
+        let local_out = generate_json(&model, &image, PROMPT, &sampling);
         assert_eq!(
             mesh_out["token_ids"], local_out["token_ids"],
             "{sampling:?}"

@@ -152,6 +152,39 @@ pub fn run_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// `vlm-mesh generate --json`: one image and prompt through the model in process (the reference),
+/// with extra flags such as sampling settings.
+pub fn generate_json(
+    model: &Path,
+    image: &Path,
+    prompt: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let (model, image) = (model.to_str().unwrap(), image.to_str().unwrap());
+    let mut args = vec![
+        "generate", "--model", model, "--image", image, "--prompt", prompt, "--json",
+    ];
+    args.extend(extra);
+    run_json(&args)
+}
+
+/// `vlm-mesh ask --json` against the mesh described in `state` (its `--state-dir`).
+pub fn ask_json(state: &Path, image: &Path, prompt: &str, extra: &[&str]) -> serde_json::Value {
+    let (state, image) = (state.to_str().unwrap(), image.to_str().unwrap());
+    let mut args = vec![
+        "ask",
+        "--state-dir",
+        state,
+        "--image",
+        image,
+        "--prompt",
+        prompt,
+        "--json",
+    ];
+    args.extend(extra);
+    run_json(&args)
+}
+
 pub fn pid_alive(pid: u64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
