@@ -105,15 +105,16 @@ impl GatewayService {
             context_length: model_cfg.text.max_position_embeddings as u32,
             compute_dtype: cfg.wire_dtype.unwrap_or(vlm_proto::DType::DtypeUnspecified) as i32,
         };
-        let stage = |replicas: &Arc<ReplicaSet>, unit: &'static str| StageClient {
+        let stage = |name, replicas: &Arc<ReplicaSet>, unit| StageClient {
+            name,
             replicas: replicas.clone(),
             retry: RetryPolicy::new(cfg.retry.clone()),
             timeout: AdaptiveTimeout::new(unit, cfg.timeouts.clone()),
         };
         let stages = Arc::new(Stages {
-            encoder: stage(&cfg.encoder, "image"),
-            projector: stage(&cfg.projector, "row block"),
-            decoder: stage(&cfg.decoder, "decode step"),
+            encoder: stage("encoder", &cfg.encoder, "image"),
+            projector: stage("projector", &cfg.projector, "row block"),
+            decoder: stage("decoder", &cfg.decoder, "decode step"),
             prefill: AdaptiveTimeout::new("prefill token", cfg.timeouts.clone()),
             cache: cfg
                 .cache
@@ -359,9 +360,21 @@ impl Drop for InflightGuard {
 
 /// One stage as the gateway calls it: its replicas, its retry policy and its adaptive timeout.
 struct StageClient {
+    /// "encoder", "projector" or "decoder": prefixes this stage's errors.
+    name: &'static str,
     replicas: Arc<ReplicaSet>,
     retry: RetryPolicy,
     timeout: AdaptiveTimeout,
+}
+
+impl StageClient {
+    /// A healthy replica not in `tried`, or this stage's reason why there is none.
+    fn pick(&self, tried: &[u64]) -> Result<Lease, StageFailure> {
+        self.replicas.pick(tried).map_err(|status| StageFailure {
+            stage: self.name,
+            status,
+        })
+    }
 }
 
 /// Everything a request needs; shared by all requests.
@@ -458,9 +471,8 @@ impl Stages {
                 loop {
                     let lease = self
                         .encoder
-                        .replicas
                         .pick(&tried)
-                        .map_err(|s| stage_status("encoder", s))?;
+                        .map_err(StageFailure::into_status)?;
                     let mut client = EncoderClient::new(lease.channel());
                     let call = client.info(with_deadline(EncoderInfoRequest {}, deadline));
                     let status = match tokio::time::timeout_at(deadline, call).await {
@@ -649,14 +661,7 @@ async fn image_attempt(
         encoder: tried_encoders,
         projector: tried_projectors,
     } = tried;
-    let proj = stages
-        .projector
-        .replicas
-        .pick(tried_projectors)
-        .map_err(|status| StageFailure {
-            stage: "projector",
-            status,
-        })?;
+    let proj = stages.projector.pick(tried_projectors)?;
     let (to_projector, projector_in) = mpsc::channel::<TensorChunk>(4);
     let mut client = ProjectorClient::new(proj.channel());
     let call = client.project(with_deadline(ReceiverStream::new(projector_in), deadline));
@@ -687,14 +692,7 @@ async fn image_attempt(
             }
             return Ok::<_, StageFailure>(stats);
         }
-        let enc = stages
-            .encoder
-            .replicas
-            .pick(tried_encoders)
-            .map_err(|status| StageFailure {
-                stage: "encoder",
-                status,
-            })?;
+        let enc = stages.encoder.pick(tried_encoders)?;
         let req = EncodeRequest {
             image: image.clone(),
             options: Some(EncodeOptions {
@@ -1000,14 +998,7 @@ async fn open_decoder(
     tried: &mut Vec<u64>,
     deadline: TokioInstant,
 ) -> Result<DecoderAttempt, StageFailure> {
-    let lease = stages
-        .decoder
-        .replicas
-        .pick(tried)
-        .map_err(|status| StageFailure {
-            stage: "decoder",
-            status,
-        })?;
+    let lease = stages.decoder.pick(tried)?;
     let (tx, rx) = mpsc::channel::<DecodeRequest>(8);
     let mut setup = setup.clone();
     setup.resume_token_ids = resume.to_vec();
