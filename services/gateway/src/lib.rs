@@ -1084,6 +1084,9 @@ struct Relay {
     produced: Vec<u32>,
 }
 
+/// How long the gateway waits for a decoder's trailers after its `done` event.
+const DRAIN_AFTER_DONE: Duration = Duration::from_secs(1);
+
 impl Relay {
     async fn run(mut self, mut current: DecoderAttempt, mut tried: Vec<u64>, mut attempt: u32) {
         let deadline = self.deadline;
@@ -1289,6 +1292,9 @@ impl Relay {
                 }
                 Some(EventKind::Done(d)) => {
                     self.finish(d).await;
+                    // Read the call to its end (the decoder's OK trailers follow `done` at once):
+                    // dropping it first would cancel it, and both sides would record CANCELLED.
+                    let _ = tokio::time::timeout(DRAIN_AFTER_DONE, a.events.message()).await;
                     return AttemptEnd::Over;
                 }
                 None => return AttemptEnd::Fatal(Status::internal("decoder sent an empty event")),
