@@ -3,36 +3,49 @@
 
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::Stream;
-use tokio::sync::{mpsc, Semaphore};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use vlm_model::{
-    Checkpoint, DType, Decoder as DecoderModel, Device, FinishReason, Generation, PromptBuilder,
-    Tensor,
+    Checkpoint, DType, Decoder as DecoderModel, Device, EngineConfig, FinishReason, PromptBuilder,
+    SeqRequest, Tensor,
 };
-use vlm_proto::decode_event::Kind as EventKind;
 use vlm_proto::decode_request::Kind as RequestKind;
 use vlm_proto::decoder_server::{Decoder, DecoderServer};
-use vlm_proto::{DecodeDone, DecodeEvent, DecodeRequest, DecodeStarted, TokenEvent};
+use vlm_proto::{DecodeEvent, DecodeRequest};
 use vlm_serving::{model_status, params_from_proto, to_model_tensor};
 use vlm_tensor::{TensorCollector, TensorLimits};
+
+mod budget;
+mod metrics;
+mod scheduler;
+
+use scheduler::{Job, Scheduler};
 
 #[derive(Debug, Clone)]
 pub struct DecoderConfig {
     pub model: PathBuf,
     pub dtype: DType,
     pub limits: TensorLimits,
-    /// Sequences decoded at the same time; further requests wait for a slot.
+    /// Most sequences in one batch step; further requests wait in the queue.
     pub max_concurrent: usize,
+    /// KV-cache budget in bytes; `None`: derived from the model and the machine's memory
+    /// ([`budget::default_kv_bytes`]).
+    pub kv_cache_bytes: Option<usize>,
+    /// Prompt positions per prefill chunk (interleaved with decode steps).
+    pub prefill_chunk: usize,
+    /// Longest a request waits for KV memory when its deadline allows more (or it has none).
+    pub max_queue_wait: Duration,
     /// `max_tokens` when a request does not set it.
     pub default_max_tokens: u32,
-    /// Test-only fault hook: sleep this long after every token, so tests can act "mid-stream" on a
-    /// model that is otherwise faster than any client. Set from `VLM_FAULT_DECODE_DELAY_MS`.
+    /// Test-only fault hook: sleep this long after every decode step, so tests can act
+    /// "mid-stream" on a model that is otherwise faster than any client. Set from
+    /// `VLM_FAULT_DECODE_DELAY_MS`.
     pub fault_decode_delay: Option<std::time::Duration>,
 }
 
@@ -48,21 +61,22 @@ pub struct DecoderStats {
     pub tokens: AtomicU64,
 }
 
-struct Model {
-    decoder: DecoderModel,
-    prompt: PromptBuilder,
-    image_tokens: usize,
+pub(crate) struct Model {
+    pub decoder: DecoderModel,
+    pub prompt: PromptBuilder,
+    pub image_tokens: usize,
+    /// The checkpoint directory's name, for `gen_ai.request.model` on the stage spans.
+    pub name: Arc<str>,
 }
 
 pub struct DecoderService {
     model: Arc<Model>,
-    permits: Arc<Semaphore>,
+    scheduler: Scheduler,
+    engine: EngineConfig,
+    block_bytes: usize,
     limits: TensorLimits,
     default_max_tokens: u32,
-    fault_decode_delay: Option<std::time::Duration>,
     stats: Arc<DecoderStats>,
-    /// The checkpoint directory's name, for `gen_ai.request.model` on the stage spans.
-    model_name: Arc<str>,
 }
 
 impl DecoderService {
@@ -70,31 +84,67 @@ impl DecoderService {
         if let Some(d) = cfg.fault_decode_delay {
             tracing::warn!(
                 delay_ms = d.as_millis() as u64,
-                "FAULT HOOK ACTIVE: every token is delayed (test use only)"
+                "FAULT HOOK ACTIVE: every decode step is delayed (test use only)"
             );
         }
         let ckpt = Checkpoint::open(&cfg.model)?;
         let decoder = DecoderModel::load(&ckpt, cfg.dtype, &Device::Cpu)?;
         let prompt = PromptBuilder::from_dir(&cfg.model, ckpt.config())?;
+        let max_batch = cfg.max_concurrent.max(1);
+        let kv_bytes = match cfg.kv_cache_bytes {
+            Some(b) => b,
+            None => budget::default_kv_bytes(&decoder, max_batch),
+        };
+        let engine = EngineConfig::with_budget(&decoder, kv_bytes, max_batch, cfg.prefill_chunk);
+        let shape = decoder.kv_shape(engine.block_size);
+        if engine.blocks == 0 {
+            anyhow::bail!(
+                "--kv-cache-bytes {kv_bytes} is less than one KV block ({} bytes) of this model",
+                shape.block_bytes()
+            );
+        }
+        tracing::info!(
+            kv_cache_bytes = engine.blocks * shape.block_bytes(),
+            kv_cache_mib = (engine.blocks * shape.block_bytes()) >> 20,
+            kv_cache_tokens = engine.blocks * engine.block_size,
+            kv_blocks = engine.blocks,
+            block_tokens = engine.block_size,
+            bytes_per_token = shape.bytes_per_token(),
+            max_batch,
+            prefill_chunk = engine.prefill_chunk,
+            context = decoder.max_positions(),
+            "decoder KV cache budget"
+        );
+        let name: Arc<str> = cfg
+            .model
+            .file_name()
+            .map_or_else(
+                || cfg.model.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+            .into();
+        let model = Arc::new(Model {
+            decoder,
+            prompt,
+            image_tokens: ckpt.config().image_tokens(),
+            name,
+        });
+        let stats = Arc::new(DecoderStats::default());
+        let scheduler = Scheduler::start(
+            model.clone(),
+            engine,
+            cfg.max_queue_wait,
+            cfg.fault_decode_delay,
+            stats.clone(),
+        )?;
         Ok(DecoderService {
-            model: Arc::new(Model {
-                decoder,
-                prompt,
-                image_tokens: ckpt.config().image_tokens(),
-            }),
-            permits: Arc::new(Semaphore::new(cfg.max_concurrent.max(1))),
+            model,
+            scheduler,
+            engine,
+            block_bytes: shape.block_bytes(),
             limits: cfg.limits,
             default_max_tokens: cfg.default_max_tokens,
-            fault_decode_delay: cfg.fault_decode_delay,
-            stats: Arc::new(DecoderStats::default()),
-            model_name: cfg
-                .model
-                .file_name()
-                .map_or_else(
-                    || cfg.model.display().to_string(),
-                    |n| n.to_string_lossy().into_owned(),
-                )
-                .into(),
+            stats,
         })
     }
 
@@ -105,11 +155,25 @@ impl DecoderService {
     pub fn into_server(self) -> DecoderServer<Self> {
         DecoderServer::new(self)
     }
+
+    /// Refuses at once a request whose KV could never fit the budget.
+    fn check_budget(&self, positions: usize) -> Result<(), Status> {
+        let need = positions.div_ceil(self.engine.block_size);
+        if need > self.engine.blocks {
+            return Err(Status::invalid_argument(format!(
+                "prompt + max_tokens ({positions} positions) need {} bytes of KV cache, more than this decoder's whole budget of {} bytes ({} tokens; --kv-cache-bytes)",
+                need * self.block_bytes,
+                self.engine.blocks * self.block_bytes,
+                self.engine.blocks * self.engine.block_size
+            )));
+        }
+        Ok(())
+    }
 }
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<DecodeEvent, Status>> + Send>>;
 
-fn finish_reason(r: FinishReason) -> vlm_proto::FinishReason {
+pub(crate) fn finish_reason(r: FinishReason) -> vlm_proto::FinishReason {
     match r {
         FinishReason::Eos => vlm_proto::FinishReason::Stop,
         FinishReason::Length => vlm_proto::FinishReason::Length,
@@ -212,13 +276,14 @@ impl Decoder for DecoderService {
             )));
         }
 
-        let (tx, rx) = mpsc::channel(32);
-        let (permits, limits, stats) = (self.permits.clone(), self.limits, self.stats.clone());
+        self.check_budget(needed)?;
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let limits = self.limits;
         let resume = setup.resume_token_ids;
-        let monitor_layers = setup.monitor_layers;
-        let fault_delay = self.fault_decode_delay;
-        let call_span = tracing::Span::current();
-        let model_name = self.model_name.clone();
+        let monitor = setup.monitor_layers;
+        let span = tracing::Span::current();
+        let jobs = self.scheduler.clone();
         tokio::spawn(tracing::Instrument::in_current_span(async move {
             let images = match receive_images(
                 &mut input,
@@ -230,165 +295,46 @@ impl Decoder for DecoderService {
             {
                 Ok(images) => images,
                 Err(status) => {
-                    let _ = tx.send(Err(status)).await;
+                    let _ = tx.send(Err(status));
                     return;
                 }
             };
-            let acquire = permits.acquire_owned();
-            let permit = match deadline {
-                Some(d) => match tokio::time::timeout_at(d.into(), acquire).await {
-                    Ok(p) => p,
-                    Err(_) => {
-                        stats.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!("deadline exceeded while queued; not decoding");
-                        let _ = tx
-                            .send(Err(Status::deadline_exceeded(
-                                "decoder: deadline exceeded while queued",
-                            )))
-                            .await;
-                        return;
-                    }
-                },
-                None => acquire.await,
-            };
-            let Ok(permit) = permit else {
-                return;
-            };
-            stats.started.fetch_add(1, Ordering::Relaxed);
-            let join = tokio::task::spawn_blocking(move || {
-                let _permit = permit;
-                let fail = |tx: &mpsc::Sender<_>, e| {
-                    let _ = tx.blocking_send(Err(model_status(e)));
-                };
-                let started = DecodeStarted {
-                    prefill_tokens: (prepared.ids.len() + resume.len()) as u32,
-                };
-                if tx
-                    .blocking_send(Ok(DecodeEvent {
-                        kind: Some(EventKind::Started(started)),
-                    }))
-                    .is_err()
-                {
-                    stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            let prepared_len = prepared.ids.len();
+            let req = tokio::task::spawn_blocking(move || {
+                let embeds = prepared.embeddings(&model.decoder, &images)?;
+                let keys = prepared.position_keys(&images)?;
+                Ok::<_, vlm_model::ModelError>(SeqRequest {
+                    embeds,
+                    keys,
+                    params,
+                    resume,
+                    monitor,
+                })
+            })
+            .await;
+            let req = match req {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    let _ = tx.send(Err(model_status(e)));
                     return;
                 }
-                let t = Instant::now();
-                let prefill_span = tracing::info_span!(
-                    parent: &call_span,
-                    "prefill",
-                    gen_ai.operation.name = "chat",
-                    gen_ai.request.model = %model_name,
-                    gen_ai.request.temperature = params.temperature as f64,
-                    gen_ai.request.top_p = params.top_p as f64,
-                    gen_ai.request.max_tokens = params.max_tokens as i64,
-                    gen_ai.usage.input_tokens = (prepared.ids.len() + resume.len()) as i64,
-                    vlm.resume_tokens = resume.len() as i64,
-                );
-                let mut monitored = Vec::new();
-                let started = prefill_span.in_scope(|| {
-                    let embeds = prepared.embeddings(&model.decoder, &images)?;
-                    let gen = Generation::start_monitored(
-                        &model.decoder,
-                        &model.prompt,
-                        &embeds,
-                        &params,
-                        &resume,
-                        monitor_layers.then_some(&mut monitored),
-                    )?;
-                    Ok((gen, vlm_serving::layer_stats_rows("decoder", &monitored)))
-                });
-                let (mut gen, layers) = match started {
-                    Ok(g) => g,
-                    Err(e) => return fail(&tx, e),
-                };
-                drop(prefill_span);
-                vlm_telemetry::metrics::observe_stage("prefill", t.elapsed());
-                let prefill_ms = ms(t);
-                let t = Instant::now();
-                let decode_span = tracing::info_span!(
-                    parent: &call_span,
-                    "decode",
-                    gen_ai.operation.name = "chat",
-                    gen_ai.request.model = %model_name,
-                    gen_ai.request.temperature = params.temperature as f64,
-                    gen_ai.request.max_tokens = params.max_tokens as i64,
-                    gen_ai.usage.input_tokens = gen.prompt_tokens() as i64,
-                    gen_ai.usage.output_tokens = tracing::field::Empty,
-                    gen_ai.response.finish_reasons = tracing::field::Empty,
-                );
-                let _decode_entered = decode_span.enter();
-                loop {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        stats.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(
-                            tokens = gen.token_ids().len(),
-                            "deadline exceeded; decoding stopped"
-                        );
-                        let _ = tx.blocking_send(Err(Status::deadline_exceeded(
-                            "decoder: deadline exceeded while decoding",
-                        )));
-                        return;
-                    }
-                    let ev = match gen.next_token() {
-                        Ok(Some(ev)) => ev,
-                        Ok(None) => break,
-                        Err(e) => return fail(&tx, e),
-                    };
-                    stats.tokens.fetch_add(1, Ordering::Relaxed);
-                    if let Some(d) = fault_delay {
-                        std::thread::sleep(d);
-                    }
-                    let event = TokenEvent {
-                        id: ev.id,
-                        text_delta: ev.text,
-                        index: ev.index as u32,
-                    };
-                    if tx
-                        .blocking_send(Ok(DecodeEvent {
-                            kind: Some(EventKind::Token(event)),
-                        }))
-                        .is_err()
-                    {
-                        stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(
-                            tokens = gen.token_ids().len(),
-                            "generation cancelled by the client; decoding stopped"
-                        );
-                        return;
-                    }
+                Err(e) => {
+                    let _ = tx.send(Err(Status::internal(format!("decoder: {e}"))));
+                    return;
                 }
-                let reason = gen.finish_reason().unwrap_or(FinishReason::Length);
-                decode_span.record("gen_ai.usage.output_tokens", gen.token_ids().len() as i64);
-                decode_span.record(
-                    "gen_ai.response.finish_reasons",
-                    tracing::field::debug(&reason),
-                );
-                vlm_telemetry::metrics::observe_stage("decode", t.elapsed());
-                let done = DecodeDone {
-                    finish_reason: finish_reason(reason) as i32,
-                    prompt_tokens: gen.prompt_tokens() as u32,
-                    completion_tokens: gen.token_ids().len() as u32,
-                    prefill_ms,
-                    decode_ms: ms(t),
-                    layers,
-                };
-                if tx
-                    .blocking_send(Ok(DecodeEvent {
-                        kind: Some(EventKind::Done(done)),
-                    }))
-                    .is_ok()
-                {
-                    stats.completed.fetch_add(1, Ordering::Relaxed);
-                }
-            });
-            if let Err(e) = join.await {
-                tracing::error!(error = %e, "decode task failed");
+            };
+            let job = Job {
+                req,
+                prompt_tokens: prepared_len,
+                tx: tx.clone(),
+                deadline,
+                span,
+                queued: Instant::now(),
+            };
+            if let Err(status) = jobs.submit(job) {
+                let _ = tx.send(Err(status));
             }
         }));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
     }
-}
-
-fn ms(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
 }

@@ -1311,6 +1311,7 @@ impl Relay {
             usage: Some(Usage {
                 prompt_tokens: d.prompt_tokens,
                 completion_tokens: d.completion_tokens,
+                cached_prompt_tokens: d.cached_prompt_tokens,
             }),
             timings: Some(StageTimings {
                 preprocess_ms: totals.preprocess_ms,

@@ -518,6 +518,16 @@ impl ChatRequest {
     }
 }
 
+/// OpenAI's `usage` object, with the prefix-cache hits as `prompt_tokens_details.cached_tokens`.
+fn openai_usage(u: &vlm_proto::Usage) -> serde_json::Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
+    })
+}
+
 fn openai_finish_reason(r: i32) -> &'static str {
     match FinishReason::try_from(r).unwrap_or(FinishReason::Unspecified) {
         FinishReason::Length | FinishReason::ContextLength => "length",
@@ -760,11 +770,7 @@ impl OpenAiEndpoint {
                                 "logprobs": null,
                                 "finish_reason": openai_finish_reason(f.finish_reason),
                             }],
-                            "usage": {
-                                "prompt_tokens": usage.prompt_tokens,
-                                "completion_tokens": usage.completion_tokens,
-                                "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-                            },
+                            "usage": openai_usage(&usage),
                             "system_fingerprint": null,
                             // Not part of OpenAI's schema (clients ignore it): what the gRPC API reports.
                             "vlm": {"token_ids": token_ids, "trace_id": f.trace_id},
@@ -845,11 +851,7 @@ impl OpenAiEndpoint {
                             let last = json!({
                                 "id": id, "object": "chat.completion.chunk", "created": created,
                                 "model": model, "system_fingerprint": null, "choices": [],
-                                "usage": {
-                                    "prompt_tokens": usage.prompt_tokens,
-                                    "completion_tokens": usage.completion_tokens,
-                                    "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-                                },
+                                "usage": openai_usage(&usage),
                             });
                             if tx.send(sse(&last)).await.is_err() {
                                 return;

@@ -169,9 +169,23 @@ pub enum ServeRole {
     Decoder {
         #[command(flatten)]
         common: CommonArgs,
-        /// Sequences decoded at once.
-        #[arg(long, env = "VLM_MAX_CONCURRENT", default_value_t = 4)]
+        /// Most sequences advanced together in one batch step (continuous batching); further
+        /// requests wait in the queue.
+        #[arg(long, env = "VLM_MAX_CONCURRENT", default_value_t = 16)]
         max_concurrent: usize,
+        /// KV-cache budget in bytes (admission is by this memory: a request is admitted when its
+        /// prompt + max_tokens fit). Default: 2 × --max-concurrent × the model's context, capped
+        /// at half the memory available to the process (cgroup-aware); reported at start-up.
+        #[arg(long, env = "VLM_KV_CACHE_BYTES")]
+        kv_cache_bytes: Option<usize>,
+        /// Prompt positions per prefill chunk; chunks are interleaved with decode steps so a long
+        /// prompt does not freeze running streams.
+        #[arg(long, env = "VLM_PREFILL_CHUNK", default_value_t = vlm_model::engine::DEFAULT_PREFILL_CHUNK)]
+        prefill_chunk: usize,
+        /// Longest a request waits in the queue for KV memory when its deadline allows more
+        /// (then RESOURCE_EXHAUSTED), in milliseconds.
+        #[arg(long, env = "VLM_MAX_QUEUE_WAIT_MS", default_value_t = 30_000)]
+        max_queue_wait_ms: u64,
         /// max_tokens for requests that do not set it.
         #[arg(long, env = "VLM_DEFAULT_MAX_TOKENS", default_value_t = 64)]
         default_max_tokens: u32,
@@ -439,6 +453,9 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
         ServeRole::Decoder {
             common,
             max_concurrent,
+            kv_cache_bytes,
+            prefill_chunk,
+            max_queue_wait_ms,
             default_max_tokens,
         } => {
             let tls = vlm_net::server_tls(&common.tls_files("decoder")?)?;
@@ -447,6 +464,9 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
                 dtype: common.dtype()?,
                 limits: TensorLimits::default(),
                 max_concurrent,
+                kv_cache_bytes,
+                prefill_chunk,
+                max_queue_wait: std::time::Duration::from_millis(max_queue_wait_ms),
                 default_max_tokens,
                 fault_decode_delay: fault_delay("VLM_FAULT_DECODE_DELAY_MS"),
             };

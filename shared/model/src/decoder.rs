@@ -2,7 +2,10 @@
 //! cache.
 //!
 //! The forward takes embeddings rather than token ids because LLaVA splices projected image rows into
-//! the prompt. Each request owns its [`KvCache`], so one loaded [`Decoder`] serves many sequences.
+//! the prompt. [`Decoder::forward_batch`] runs the rows of many sequences in one forward over the
+//! paged KV cache ([`crate::kv`]), as the step engine ([`crate::engine`]) schedules them;
+//! [`Decoder::forward_embeds`] runs one sequence with its own [`KvCache`] of growing tensors, the
+//! plain reference the batched path is tested against.
 //! The families share one pre-norm transformer; where they differ (RoPE layout and width, biases,
 //! fused MLP, GLM-4's extra norms) the layer parts branch on [`DecoderFamily`], chosen by
 //! `text_config.model_type`, so callers never know which family they hold.
@@ -10,11 +13,13 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
 use candle_transformers::utils::repeat_kv;
+use rayon::prelude::*;
 
 use crate::checkpoint::{Checkpoint, PartKind};
 use crate::config::{Activation, DecoderFamily, LlavaConfig, RopeScaling, TextConfig};
 use crate::error::{ModelError, Result};
-use crate::linear::{linear_b, Linear};
+use crate::kv::{BlockId, KvPool, KvShape};
+use crate::linear::{dot, linear_b, Linear};
 use crate::monitor::LayerStats;
 use crate::vision::softmax_f32;
 
@@ -87,17 +92,32 @@ impl Rope {
         })
     }
 
-    /// Rotates `[B, H, T, D]` at positions `pos..pos+T`: LLaMA pairs value i with i + D/2
-    /// (rotate-half); GLM pairs 2i with 2i+1 and rotates only the first `rotary_dim` values.
+    /// Rotates `[B, H, T, D]` at positions `pos..pos+T`.
     fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        let (t, d) = (x.dim(2)?, x.dim(3)?);
+        let t = x.dim(2)?;
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
+        self.apply_with(x, &cos, &sin)
+    }
+
+    /// `cos` and `sin` rows `[T, rotary/2]` at the given positions (one per row of a batch).
+    fn at(&self, positions: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((
+            self.cos.index_select(positions, 0)?,
+            self.sin.index_select(positions, 0)?,
+        ))
+    }
+
+    /// Rotates `[B, H, T, D]` with row t at the angle of `cos[t]`, `sin[t]`: LLaMA pairs value i
+    /// with i + D/2 (rotate-half); GLM pairs 2i with 2i+1 and rotates only the first `rotary_dim`
+    /// values.
+    fn apply_with(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+        let d = x.dim(3)?;
         let rotate = |x: &Tensor| {
             if self.interleaved {
-                candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
+                candle_nn::rotary_emb::rope_i(&x.contiguous()?, cos, sin)
             } else {
-                candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+                candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)
             }
         };
         if self.rotary_dim == d {
@@ -164,6 +184,142 @@ impl Attention {
             &y.transpose(1, 2)?
                 .reshape((b, t, self.heads * self.head_dim))?,
         )
+    }
+}
+
+impl Attention {
+    /// Attention for the rows of several sequences at once (`x` is `[N, hidden]`, each sequence's
+    /// rows consecutive): the projections run on all rows together, the new keys and values go
+    /// into each sequence's blocks, and each sequence attends over its own cache.
+    fn forward_batch(
+        &self,
+        x: &Tensor,
+        rope: (&Rope, &Tensor, &Tensor),
+        layer: usize,
+        seqs: &[BatchSeq],
+        pool: &mut KvPool,
+    ) -> candle_core::Result<Tensor> {
+        let (rope, cos, sin) = rope;
+        let n = x.dim(0)?;
+        let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        // [N, heads*d] → [1, heads, N, d] for the rotation, and back to f32 rows.
+        let heads = |y: Tensor, count: usize| y.reshape((1, n, count, d))?.transpose(1, 2);
+        let rows = |y: &Tensor, count: usize| {
+            y.transpose(1, 2)?
+                .reshape((n, count * d))?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()
+        };
+        let q = rope.apply_with(&heads(self.q.forward(x)?, h)?, cos, sin)?;
+        let k = rope.apply_with(&heads(self.k.forward(x)?, kvh)?, cos, sin)?;
+        let v = self.v.forward(x)?;
+        let (qs, ks) = (rows(&q, h)?, rows(&k, kvh)?);
+        let vs = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut r = 0;
+        for s in seqs {
+            for i in 0..s.rows {
+                let (row, p) = (r + i, s.pos + i);
+                let at = row * kvh * d..(row + 1) * kvh * d;
+                let bs = pool.shape().block_size;
+                pool.write(layer, s.blocks[p / bs], p % bs, &ks[at.clone()], &vs[at]);
+            }
+            r += s.rows;
+        }
+        let mut out = vec![0f32; n * h * d];
+        let pool = &*pool;
+        // Single-row sequences (decode steps): a kernel reading the blocks in place, one task per
+        // (row, head). Each row's result depends only on its own sequence.
+        let mut single = vec![None; n];
+        let mut r = 0;
+        for s in seqs {
+            if s.rows == 1 {
+                single[r] = Some((s.blocks, s.pos + 1));
+            }
+            r += s.rows;
+        }
+        let rep = h / kvh;
+        out.par_chunks_mut(d).enumerate().for_each(|(task, o)| {
+            let (row, head) = (task / h, task % h);
+            if let Some((blocks, len)) = single[row] {
+                let q = &qs[(row * h + head) * d..(row * h + head + 1) * d];
+                attend(pool, layer, blocks, head / rep, len, q, o);
+            }
+        });
+        // Prefill chunks: dense products over the gathered cache, with the causal mask.
+        let mut r = 0;
+        for s in seqs {
+            if s.rows > 1 {
+                let y = self.dense_prefill(&q.narrow(2, r, s.rows)?, pool, layer, s)?;
+                out[r * h * d..(r + s.rows) * h * d].copy_from_slice(&y);
+            }
+            r += s.rows;
+        }
+        let out = Tensor::from_vec(out, (n, h * d), x.device())?.to_dtype(x.dtype())?;
+        self.o.forward(&out)
+    }
+
+    /// Attention of `q [1, H, t, d]` (positions `s.pos..s.pos+t`) over the sequence's cache,
+    /// as `[t, H*d]` f32 rows.
+    fn dense_prefill(
+        &self,
+        q: &Tensor,
+        pool: &KvPool,
+        layer: usize,
+        s: &BatchSeq,
+    ) -> candle_core::Result<Vec<f32>> {
+        let (t, total) = (s.rows, s.pos + s.rows);
+        let (k, v) = pool.gather(layer, s.blocks, total);
+        let shape = (1, self.kv_heads, total, self.head_dim);
+        let dev = q.device();
+        let rep = self.heads / self.kv_heads;
+        let k = repeat_kv(Tensor::from_vec(k, shape, dev)?, rep)?.contiguous()?;
+        let v = repeat_kv(Tensor::from_vec(v, shape, dev)?, rep)?.contiguous()?;
+        let q = q.to_dtype(DType::F32)?.contiguous()?;
+        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?
+            .broadcast_add(&causal_mask(t, s.pos, DType::F32, dev)?)?;
+        softmax_f32(&scores)?
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((t, self.heads * self.head_dim))?
+            .flatten_all()?
+            .to_vec1::<f32>()
+    }
+}
+
+/// One query row's attention over positions `0..len` of one KV head, reading the blocks in place:
+/// scores scaled by 1/√d, softmax in f32, weighted sum of the values into `out`.
+fn attend(
+    pool: &KvPool,
+    layer: usize,
+    blocks: &[BlockId],
+    kv_head: usize,
+    len: usize,
+    q: &[f32],
+    out: &mut [f32],
+) {
+    let d = q.len();
+    let scale = (d as f32).sqrt();
+    let mut scores = Vec::with_capacity(len);
+    for keys in pool.head_slices(false, layer, blocks, kv_head, len) {
+        scores.extend(keys.chunks_exact(d).map(|k| dot(q, k) / scale));
+    }
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    out.fill(0.0);
+    let mut j = 0;
+    for values in pool.head_slices(true, layer, blocks, kv_head, len) {
+        for v in values.chunks_exact(d) {
+            let p = scores[j] / sum;
+            for (o, x) in out.iter_mut().zip(v) {
+                *o += p * x;
+            }
+            j += 1;
+        }
     }
 }
 
@@ -277,7 +433,43 @@ impl Layer {
     }
 }
 
-/// Per-sequence attention cache. Create one per request with [`Decoder::new_cache`].
+impl Layer {
+    fn forward_batch(
+        &self,
+        x: &Tensor,
+        rope: (&Rope, &Tensor, &Tensor),
+        layer: usize,
+        seqs: &[BatchSeq],
+        pool: &mut KvPool,
+    ) -> candle_core::Result<Tensor> {
+        let mut h =
+            self.attn
+                .forward_batch(&self.input_norm.forward(x)?, rope, layer, seqs, pool)?;
+        if let Some(n) = &self.post_attn_out_norm {
+            h = n.forward(&h)?;
+        }
+        let x = (x + h)?;
+        let mut h = self.mlp.forward(&self.post_norm.forward(&x)?)?;
+        if let Some(n) = &self.post_mlp_norm {
+            h = n.forward(&h)?;
+        }
+        x + h
+    }
+}
+
+/// One sequence's share of a batched forward ([`Decoder::forward_batch`]).
+#[derive(Debug, Clone, Copy)]
+pub struct BatchSeq<'b> {
+    /// Its KV blocks, covering at least positions `0..pos + rows`.
+    pub blocks: &'b [BlockId],
+    /// Positions already in its cache: its first row goes at this position.
+    pub pos: usize,
+    /// Its rows of the batch input (consecutive, in `seqs` order).
+    pub rows: usize,
+}
+
+/// Per-sequence attention cache of [`Decoder::forward_embeds`], the single-sequence reference
+/// path. Create one per sequence with [`Decoder::new_cache`].
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
@@ -431,6 +623,67 @@ impl Decoder {
         let last = x.narrow(1, t - 1, 1)?;
         let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
         Ok(logits.squeeze(0)?.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    /// Shape of this model's paged KV cache with `block_size` positions per block.
+    pub fn kv_shape(&self, block_size: usize) -> KvShape {
+        KvShape {
+            layers: self.layers.len(),
+            kv_heads: self.cfg.num_key_value_heads,
+            head_dim: self.cfg.head_dim,
+            block_size,
+        }
+    }
+
+    /// Runs the rows of several sequences in one forward: `embeds [N, hidden]` holds each
+    /// sequence's rows in `seqs` order, its keys and values go into its blocks in `pool`, and the
+    /// result is the f32 logits `[S, vocab]` of each sequence's last row. The linear layers see all
+    /// N rows at once (the weights are read once); attention is per sequence. `monitor` gets the
+    /// statistics of every layer's output over all N rows.
+    pub fn forward_batch(
+        &self,
+        embeds: &Tensor,
+        seqs: &[BatchSeq],
+        pool: &mut KvPool,
+        mut monitor: Option<&mut Vec<LayerStats>>,
+    ) -> Result<Tensor> {
+        let (n, h) = embeds.dims2()?;
+        let total: usize = seqs.iter().map(|s| s.rows).sum();
+        if h != self.cfg.hidden_size || n == 0 || n != total || seqs.iter().any(|s| s.rows == 0) {
+            return Err(ModelError::InvalidInput(format!(
+                "batched decoder input [{n}, {h}] for {} sequences of {total} rows; expected [N>0, {}]",
+                seqs.len(),
+                self.cfg.hidden_size
+            )));
+        }
+        let bs = pool.shape().block_size;
+        let mut positions = Vec::with_capacity(n);
+        let mut last = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            let end = s.pos + s.rows;
+            if end > self.cfg.max_position_embeddings || s.blocks.len() * bs < end {
+                return Err(ModelError::InvalidParams(format!(
+                    "sequence of {end} positions exceeds the model's context of {} or its {} KV blocks",
+                    self.cfg.max_position_embeddings,
+                    s.blocks.len()
+                )));
+            }
+            positions.extend((s.pos..end).map(|p| p as u32));
+            last.push(positions.len() as u32 - 1);
+        }
+        let (cos, sin) = self
+            .rope
+            .at(&Tensor::from_vec(positions, n, &self.device)?)?;
+        let mut x = embeds.to_dtype(self.dtype)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward_batch(&x, (&self.rope, &cos, &sin), i, seqs, pool)?;
+            if let Some(m) = monitor.as_deref_mut() {
+                m.push(LayerStats::of(i, &x)?);
+            }
+        }
+        let last = x.index_select(&Tensor::from_vec(last, seqs.len(), &self.device)?, 0)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        Ok(logits.to_dtype(DType::F32)?)
     }
 
     /// Convenience: the index of the largest logit (first on ties, as torch.argmax).

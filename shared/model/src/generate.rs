@@ -1,9 +1,13 @@
-//! The token loop shared by the in-process pipeline and the decoder service.
+//! Per-sequence output (sampling, text, stop conditions) and the in-process generation loop.
+
+use std::collections::VecDeque;
 
 use candle_core::Tensor;
 
-use crate::decoder::{Decoder, KvCache};
+use crate::decoder::Decoder;
+use crate::engine::{Admission, Engine, EngineConfig, SeqId, SeqRequest, StepEvent};
 use crate::error::{ModelError, Result};
+use crate::kv::PosKey;
 use crate::monitor::LayerStats;
 use crate::prompt::{PromptBuilder, TextStreamer};
 use crate::sampling::{Sampler, SamplingParams};
@@ -40,20 +44,120 @@ pub struct TokenEvent {
     pub finish: Option<FinishReason>,
 }
 
-/// A running generation: prefill happens in [`Generation::start`], then each
-/// [`Generation::next_token`] samples one token and (unless it is the last) runs it through the model.
-pub struct Generation<'a> {
-    decoder: &'a Decoder,
-    cache: KvCache,
+/// What one sequence has produced so far and how it stops: sampling state, incremental text
+/// (stop strings), end-of-sequence and `max_tokens`. The batched [`crate::engine::Engine`] keeps
+/// one per running sequence and feeds it that sequence's logits row after every forward.
+pub struct Completion<'a> {
     sampler: Sampler,
     streamer: TextStreamer<'a>,
     eos: &'a [u32],
-    logits: Option<Tensor>,
     generated: Vec<u32>,
     max_tokens: usize,
+    finished: Option<FinishReason>,
+}
+
+impl<'a> Completion<'a> {
+    /// Checks `params` and `resume` (tokens an earlier replica already delivered, replayed as if
+    /// sampled here) for a prompt of `prompt_tokens` positions on a model of `context` positions.
+    pub fn new(
+        prompt: &'a PromptBuilder,
+        params: &SamplingParams,
+        resume: &[u32],
+        prompt_tokens: usize,
+        context: usize,
+    ) -> Result<Self> {
+        params.validate()?;
+        let max_tokens = params.max_tokens as usize;
+        let needed = prompt_tokens + max_tokens;
+        if needed > context {
+            return Err(ModelError::InvalidParams(format!(
+                "prompt ({prompt_tokens} tokens incl. image rows) + max_tokens ({max_tokens}) = {needed} exceeds the model's context of {context} tokens"
+            )));
+        }
+        if resume.len() >= max_tokens {
+            return Err(ModelError::InvalidParams(format!(
+                "{} resumed tokens leave nothing to generate with max_tokens {max_tokens}",
+                resume.len()
+            )));
+        }
+        if resume.iter().any(|t| prompt.eos_ids().contains(t)) {
+            return Err(ModelError::InvalidParams(
+                "resumed tokens contain end-of-sequence".into(),
+            ));
+        }
+        let mut streamer = TextStreamer::new(prompt, params.stop.clone());
+        streamer.preload(resume)?;
+        Ok(Completion {
+            sampler: Sampler::new(params.clone()),
+            streamer,
+            eos: prompt.eos_ids(),
+            generated: resume.to_vec(),
+            max_tokens,
+            finished: None,
+        })
+    }
+
+    /// All generated ids so far (resumed ones first).
+    pub fn token_ids(&self) -> &[u32] {
+        &self.generated
+    }
+
+    pub fn text(&self) -> &str {
+        self.streamer.text()
+    }
+
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finished
+    }
+
+    /// Samples the next token from `logits` (the vocabulary's scores at the last position); the
+    /// draw depends only on (seed, step). The event's `finish` is set on the last token.
+    pub fn accept(&mut self, logits: &[f32]) -> Result<TokenEvent> {
+        debug_assert!(self.finished.is_none(), "accept after the last token");
+        let step = self.generated.len();
+        let id = self.sampler.sample(logits, step as u64);
+        self.generated.push(id);
+        let mut finish = None;
+        let mut text = String::new();
+        if self.eos.contains(&id) {
+            finish = Some(FinishReason::Eos);
+        } else {
+            let s = self.streamer.push(id)?;
+            text = s.delta;
+            if s.stopped {
+                finish = Some(FinishReason::StopString);
+            }
+        }
+        if finish.is_none() && self.generated.len() >= self.max_tokens {
+            finish = Some(FinishReason::Length);
+        }
+        if let Some(reason) = finish {
+            if reason != FinishReason::StopString {
+                text.push_str(&self.streamer.flush()?);
+            }
+            self.finished = Some(reason);
+        }
+        Ok(TokenEvent {
+            id,
+            index: step,
+            text,
+            finish,
+        })
+    }
+}
+
+/// One generation in process: the [`Engine`] with a single sequence (the same step code the
+/// decoder service batches, so in-process output is the mesh's reference). Prefill happens in
+/// [`Generation::start`], then each [`Generation::next_token`] yields one token.
+pub struct Generation<'a> {
+    engine: Engine<'a>,
+    pending: VecDeque<TokenEvent>,
+    generated: Vec<u32>,
     prompt_tokens: usize,
     finished: Option<FinishReason>,
 }
+
+const SEQ: SeqId = 0;
 
 impl<'a> Generation<'a> {
     /// Prefills `prompt_embeds [T, hidden]` (plus `resume` tokens already delivered by an earlier
@@ -77,54 +181,63 @@ impl<'a> Generation<'a> {
         resume: &[u32],
         monitor: Option<&mut Vec<LayerStats>>,
     ) -> Result<Self> {
-        params.validate()?;
         let prompt_tokens = prompt_embeds.dim(0)?;
-        let max_tokens = params.max_tokens as usize;
-        let needed = prompt_tokens + max_tokens;
-        if needed > decoder.max_positions() {
-            return Err(ModelError::InvalidParams(format!(
-                "prompt ({prompt_tokens} tokens incl. image rows) + max_tokens ({max_tokens}) = {needed} exceeds the model's context of {} tokens",
-                decoder.max_positions()
-            )));
-        }
-        if resume.len() >= max_tokens {
-            return Err(ModelError::InvalidParams(format!(
-                "{} resumed tokens leave nothing to generate with max_tokens {max_tokens}",
-                resume.len()
-            )));
-        }
-        if resume.iter().any(|t| prompt.eos_ids().contains(t)) {
-            return Err(ModelError::InvalidParams(
-                "resumed tokens contain end-of-sequence".into(),
-            ));
-        }
-        let mut streamer = TextStreamer::new(prompt, params.stop.clone());
-        streamer.preload(resume)?;
-        let mut cache = decoder.new_cache();
-        let embeds = if resume.is_empty() {
-            prompt_embeds.clone()
-        } else {
-            Tensor::cat(
-                &[
-                    &prompt_embeds.to_dtype(decoder.dtype())?,
-                    &decoder.embed_tokens(resume)?,
-                ],
-                0,
-            )?
+        // Exactly the blocks this one sequence can use; no prefix is shared in process.
+        // (Capped at the context: a longer request is refused by the engine's own check.)
+        let positions = prompt_tokens.saturating_add(params.max_tokens as usize);
+        let cfg = EngineConfig::for_one(positions.min(decoder.max_positions()));
+        let mut engine = Engine::new(decoder, prompt, cfg);
+        // A fresh pool per generation shares nothing, so the keys need only be distinct.
+        let keys = (0..prompt_tokens as u32).map(PosKey::Token).collect();
+        let req = SeqRequest {
+            embeds: prompt_embeds.clone(),
+            keys,
+            params: params.clone(),
+            resume: resume.to_vec(),
+            monitor: monitor.is_some(),
         };
-        let logits = decoder.forward_embeds_monitored(&embeds, &mut cache, monitor)?;
-        Ok(Generation {
-            decoder,
-            cache,
-            sampler: Sampler::new(params.clone()),
-            streamer,
-            eos: prompt.eos_ids(),
-            logits: Some(logits),
+        match engine.try_admit(SEQ, req)? {
+            Admission::Admitted { .. } => {}
+            Admission::Wait(_) => {
+                return Err(ModelError::InvalidParams(
+                    "the sequence does not fit its own KV cache".into(),
+                ))
+            }
+        }
+        let mut gen = Generation {
+            engine,
+            pending: VecDeque::new(),
             generated: resume.to_vec(),
-            max_tokens,
             prompt_tokens,
             finished: None,
-        })
+        };
+        let mut monitor = monitor;
+        while gen.pending.is_empty() && gen.finished.is_none() {
+            for ev in gen.engine.step()? {
+                match ev {
+                    StepEvent::Prefilled { layers, .. } => {
+                        if let Some(m) = monitor.as_deref_mut() {
+                            m.extend(layers);
+                        }
+                    }
+                    other => gen.take(other)?,
+                }
+            }
+        }
+        Ok(gen)
+    }
+
+    fn take(&mut self, ev: StepEvent) -> Result<()> {
+        match ev {
+            StepEvent::Token { token, .. } => {
+                self.generated.push(token.id);
+                self.finished = token.finish;
+                self.pending.push_back(token);
+                Ok(())
+            }
+            StepEvent::Failed { error, .. } => Err(error),
+            StepEvent::Prefilled { .. } => Ok(()),
+        }
     }
 
     pub fn prompt_tokens(&self) -> usize {
@@ -136,57 +249,17 @@ impl<'a> Generation<'a> {
         &self.generated
     }
 
-    pub fn text(&self) -> &str {
-        self.streamer.text()
-    }
-
     pub fn finish_reason(&self) -> Option<FinishReason> {
         self.finished
     }
 
-    /// Samples the next token; `None` once finished.
+    /// The next token; `None` once finished.
     pub fn next_token(&mut self) -> Result<Option<TokenEvent>> {
-        if self.finished.is_some() {
-            return Ok(None);
-        }
-        let logits = self
-            .logits
-            .take()
-            .expect("logits are present until finished");
-        let step = self.generated.len();
-        let id = self.sampler.sample(&logits.to_vec1::<f32>()?, step as u64);
-        self.generated.push(id);
-        let mut finish = None;
-        let mut text = String::new();
-        if self.eos.contains(&id) {
-            finish = Some(FinishReason::Eos);
-        } else {
-            let s = self.streamer.push(id)?;
-            text = s.delta;
-            if s.stopped {
-                finish = Some(FinishReason::StopString);
+        while self.pending.is_empty() && self.finished.is_none() {
+            for ev in self.engine.step()? {
+                self.take(ev)?;
             }
         }
-        if finish.is_none() && self.generated.len() >= self.max_tokens {
-            finish = Some(FinishReason::Length);
-        }
-        match finish {
-            Some(reason) => {
-                if reason != FinishReason::StopString {
-                    text.push_str(&self.streamer.flush()?);
-                }
-                self.finished = Some(reason);
-            }
-            None => {
-                let emb = self.decoder.embed_tokens(&[id])?;
-                self.logits = Some(self.decoder.forward_embeds(&emb, &mut self.cache)?);
-            }
-        }
-        Ok(Some(TokenEvent {
-            id,
-            index: step,
-            text,
-            finish,
-        }))
+        Ok(self.pending.pop_front())
     }
 }

@@ -10,8 +10,10 @@
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
+pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod kv;
 mod linear;
 pub mod monitor;
 mod norm;
@@ -28,9 +30,11 @@ pub use checkpoint::{Checkpoint, CheckpointPart};
 pub use config::{
     Activation, ImageProcessorConfig, LlavaConfig, SelectStrategy, TextConfig, VisionConfig,
 };
-pub use decoder::{Decoder, KvCache};
+pub use decoder::{BatchSeq, Decoder, KvCache};
+pub use engine::{Admission, Engine, EngineConfig, EngineUsage, SeqId, SeqRequest, StepEvent};
 pub use error::{ModelError, Result};
-pub use generate::{FinishReason, Generation, TokenEvent};
+pub use generate::{Completion, FinishReason, Generation, TokenEvent};
+pub use kv::{KvShape, PosKey};
 pub use monitor::LayerStats;
 pub use pipeline::{GenerateOutput, Pipeline, StageTimings};
 pub use preprocess::{ImageLimits, Preprocessor};

@@ -1,12 +1,15 @@
-//! A linear layer whose one-row products (a decode step) run as a multi-threaded matrix-vector
-//! product.
+//! A linear layer whose few-row products (a decode step of a batch of sequences) run as a
+//! multi-threaded product that reads each weight once.
 //!
 //! candle sends a `[1, k] × [k, n]` product to the `gemm` crate's matrix-vector path, which runs on
-//! one thread. Decoding one token is a chain of such products over every decoder weight: bound by
-//! memory bandwidth, which one core cannot use up. Here the weight's rows (`[n, k]`, row-major as
-//! stored) are split across the rayon pool (the same pool candle's own matmuls use, sized by
-//! `RAYON_NUM_THREADS`), each output element a dot product over a contiguous row. Every other input
-//! (several rows, other dtypes or devices, non-contiguous weights) takes candle's path unchanged.
+//! one thread. Decoding is a chain of such products over every decoder weight: bound by memory
+//! bandwidth, which one core cannot use up. Here the weight's rows (`[n, k]`, row-major as stored)
+//! are split across the rayon pool (the same pool candle's own matmuls use, sized by
+//! `RAYON_NUM_THREADS`); each weight row is read once and multiplied with every input row while it
+//! sits in cache, so a batch of up to [`MAX_FAST_ROWS`] sequences costs one pass over the weights.
+//! Every output element is the same [`dot`] whatever the number of rows, so a sequence decoded in a
+//! batch gets bit-identical results to the same sequence decoded alone. Every other input (more
+//! rows, other dtypes or devices, non-contiguous weights) takes candle's path unchanged.
 
 use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 use candle_nn::VarBuilder;
@@ -22,6 +25,10 @@ pub struct Linear {
 /// `ROWS_PER_TASK × k` weights each task streams, small enough to balance two to a few dozen cores.
 const ROWS_PER_TASK: usize = 64;
 
+/// Input rows up to which a product reads the weight once and reuses it from cache; beyond this a
+/// prefill chunk is compute-bound and candle's blocked matmul is the faster path.
+pub const MAX_FAST_ROWS: usize = 32;
+
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Linear {
         Linear {
@@ -29,7 +36,8 @@ impl Linear {
         }
     }
 
-    /// The product for one input row of f32 on the CPU, or `None` where candle's path applies.
+    /// The product for at most [`MAX_FAST_ROWS`] input rows of f32 on the CPU, or `None` where
+    /// candle's path applies.
     fn matvec(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let w = self.inner.weight();
         let Ok((n, k)) = w.dims2() else {
@@ -38,13 +46,17 @@ impl Linear {
         if !matches!(x.device(), Device::Cpu)
             || x.dtype() != DType::F32
             || w.dtype() != DType::F32
-            || x.elem_count() != k
             || x.dims().last() != Some(&k)
+            || x.elem_count() == 0
+            || x.elem_count() > MAX_FAST_ROWS * k
         {
             return Ok(None);
         }
+        let m = x.elem_count() / k;
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let mut out = vec![0f32; n];
+        // Output laid out [task][row][j] while computing, so each task owns one contiguous slice.
+        let tasks = n.div_ceil(ROWS_PER_TASK);
+        let mut blocked = vec![0f32; tasks * m * ROWS_PER_TASK];
         {
             let (storage, layout) = w.storage_and_layout();
             let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
@@ -53,14 +65,27 @@ impl Linear {
                 return Ok(None);
             };
             let w = &data[start..end];
-            out.par_chunks_mut(ROWS_PER_TASK)
+            blocked
+                .par_chunks_mut(m * ROWS_PER_TASK)
                 .enumerate()
                 .for_each(|(task, out)| {
-                    let rows = &w[task * ROWS_PER_TASK * k..];
-                    for (j, o) in out.iter_mut().enumerate() {
-                        *o = dot(&rows[j * k..(j + 1) * k], &xs);
+                    let first = task * ROWS_PER_TASK;
+                    for j in 0..ROWS_PER_TASK.min(n - first) {
+                        let row = &w[(first + j) * k..(first + j + 1) * k];
+                        for r in 0..m {
+                            out[r * ROWS_PER_TASK + j] = dot(row, &xs[r * k..(r + 1) * k]);
+                        }
                     }
                 });
+        }
+        let mut out = vec![0f32; m * n];
+        for (task, block) in blocked.chunks(m * ROWS_PER_TASK).enumerate() {
+            let first = task * ROWS_PER_TASK;
+            let width = ROWS_PER_TASK.min(n - first);
+            for r in 0..m {
+                out[r * n + first..r * n + first + width]
+                    .copy_from_slice(&block[r * ROWS_PER_TASK..r * ROWS_PER_TASK + width]);
+            }
         }
         let mut dims = x.dims().to_vec();
         *dims.last_mut().expect("x has k elements on its last axis") = n;
@@ -119,7 +144,8 @@ fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_lanes(a, b)
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// Dot product of two equal-length f32 slices (AVX2+FMA where the CPU has them).
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -157,8 +183,24 @@ mod tests {
                 assert!(diff < 1e-4, "{shape:?}: max |diff| {diff}");
             }
         }
-        // Several rows take candle's path.
-        let x = Tensor::randn(0f32, 1.0, (1, 3, k), &dev)?;
+        // A batch of rows: each row's result is bit-identical to that row alone.
+        let ours = Linear::new(w.clone(), None);
+        let x = Tensor::randn(0f32, 1.0, (5, k), &dev)?;
+        let batched = ours.forward(&x)?;
+        let theirs = candle_nn::Linear::new(w.clone(), None).forward(&x)?;
+        let diff = (&batched - theirs)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "5 rows: max |diff| {diff}");
+        for r in 0..5 {
+            let alone = ours.forward(&x.narrow(0, r, 1)?)?;
+            let row = batched.narrow(0, r, 1)?;
+            assert_eq!(alone.to_vec2::<f32>()?, row.to_vec2::<f32>()?, "row {r}");
+        }
+        // More rows than the fast path takes go to candle.
+        let x = Tensor::randn(0f32, 1.0, (1, MAX_FAST_ROWS + 1, k), &dev)?;
         assert!(Linear::new(w, None).matvec(&x)?.is_none());
         Ok(())
     }

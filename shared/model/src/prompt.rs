@@ -2,12 +2,13 @@
 
 use std::path::Path;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::config::{read_json, token_id_list, LlavaConfig};
 use crate::decoder::Decoder;
 use crate::error::{ModelError, Result};
+use crate::kv::PosKey;
 
 /// Tokenises prompts and splices image rows in, as transformers' `LlavaProcessor` does.
 #[derive(Clone)]
@@ -167,6 +168,34 @@ impl PreparedPrompt {
             parts.push(decoder.embed_tokens(&self.ids[at..])?);
         }
         Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+impl PreparedPrompt {
+    /// What each position is, for prefix sharing in the KV cache: text tokens by id, image rows by
+    /// a digest of that image's embeddings (`images[i]`, as spliced in) and the row index, so equal
+    /// prompts with equal image embeddings get equal keys and nothing else does.
+    pub fn position_keys(&self, images: &[Tensor]) -> Result<Vec<PosKey>> {
+        let mut keys: Vec<PosKey> = self.ids.iter().map(|&id| PosKey::Token(id)).collect();
+        for (&(start, rows), img) in self.image_spans.iter().zip(images) {
+            let values = img.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut h = blake3::Hasher::new();
+            h.update(&(img.dims().len() as u32).to_le_bytes());
+            for d in img.dims() {
+                h.update(&(*d as u64).to_le_bytes());
+            }
+            for v in values {
+                h.update(&v.to_le_bytes());
+            }
+            let digest = *h.finalize().as_bytes();
+            for (r, key) in keys[start..start + rows].iter_mut().enumerate() {
+                *key = PosKey::Image {
+                    digest,
+                    row: r as u32,
+                };
+            }
+        }
+        Ok(keys)
     }
 }
 

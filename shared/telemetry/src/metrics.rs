@@ -48,6 +48,8 @@ struct Histogram {
 struct Family {
     help: &'static str,
     kind: Kind,
+    /// Histogram bucket upper bounds.
+    buckets: &'static [f64],
     values: BTreeMap<String, f64>,
     histograms: BTreeMap<String, Histogram>,
 }
@@ -90,6 +92,7 @@ impl Metrics {
         let fam = families.entry(name).or_insert_with(|| Family {
             help,
             kind,
+            buckets: LATENCY_BUCKETS,
             values: BTreeMap::new(),
             histograms: BTreeMap::new(),
         });
@@ -142,13 +145,28 @@ impl Metrics {
         labels: &[(&str, &str)],
         value: Duration,
     ) {
-        let v = value.as_secs_f64();
+        self.observe_in(name, help, labels, LATENCY_BUCKETS, value.as_secs_f64());
+    }
+
+    /// Records one observation in a histogram with its own bucket bounds (sizes, counts); the
+    /// first call for a name fixes its buckets.
+    pub fn observe_in(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&str, &str)],
+        buckets: &'static [f64],
+        v: f64,
+    ) {
         self.with_family(name, help, Kind::Histogram, |f| {
+            if f.histograms.is_empty() {
+                f.buckets = buckets;
+            }
             let h = f.histograms.entry(label_string(labels)).or_default();
             if h.counts.is_empty() {
-                h.counts = vec![0; LATENCY_BUCKETS.len()];
+                h.counts = vec![0; f.buckets.len()];
             }
-            for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+            for (i, le) in f.buckets.iter().enumerate() {
                 if v <= *le {
                     h.counts[i] += 1;
                 }
@@ -174,7 +192,7 @@ impl Metrics {
             }
             for (labels, h) in &f.histograms {
                 let sep = if labels.is_empty() { "" } else { "," };
-                for (le, c) in LATENCY_BUCKETS.iter().zip(&h.counts) {
+                for (le, c) in f.buckets.iter().zip(&h.counts) {
                     let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {c}");
                 }
                 let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
