@@ -20,6 +20,10 @@ use crate::{finish_reason, metrics, DecoderStats, Model};
 
 pub(crate) type EventTx = mpsc::UnboundedSender<Result<DecodeEvent, Status>>;
 
+/// How long before the caller's deadline a queued request is refused, so the refusal reaches the
+/// caller before it times out by itself.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
+
 /// One request for the step loop.
 pub(crate) struct Job {
     pub req: SeqRequest,
@@ -166,9 +170,12 @@ impl StepLoop<'_> {
         true
     }
 
+    /// When a queued job gives up: its max queue wait, or just before the caller's deadline, so
+    /// the caller hears RESOURCE_EXHAUSTED (the KV budget was full) rather than its own timeout.
     fn queue_deadline(&self, j: &Job) -> Instant {
         let cap = j.queued + self.max_queue_wait;
-        j.deadline.map_or(cap, |d| d.min(cap))
+        let before = |d: Instant| d.checked_sub(DEADLINE_MARGIN).unwrap_or(d).max(j.queued);
+        j.deadline.map_or(cap, |d| before(d).min(cap))
     }
 
     /// Drops queued jobs whose caller left, and refuses those that waited past their deadline.
@@ -188,8 +195,7 @@ impl StepLoop<'_> {
                 metrics::queue_wait(waited, "expired");
                 tracing::info!(parent: &j.span, waited_ms = waited.as_millis() as u64, "KV cache full until the deadline; not decoding");
                 let _ = j.tx.send(Err(Status::resource_exhausted(format!(
-                    "decoder: the KV cache budget ({} MiB, {} tokens; --kv-cache-bytes) stayed full for the {} ms this request could wait in the queue",
-                    bytes >> 20,
+                    "decoder: the KV cache budget ({bytes} bytes, {} tokens; --kv-cache-bytes) stayed full for the {} ms this request could wait in the queue",
                     cfg.blocks * cfg.block_size,
                     waited.as_millis()
                 ))));
