@@ -150,14 +150,127 @@ fn check_stream(s: &Value) {
     }
 }
 
+/// The concurrency section of a `--quick` run (1 round, levels 1 and 2, 4 tokens, a 100-token
+/// prefix); `plot` is the `--plot` path given, if any.
+fn check_concurrency(c: &Value, plot: Option<&std::path::Path>) {
+    assert_eq!(c["bench"], "concurrency", "{c}");
+    assert_eq!(c["cache"], "off", "{c}");
+    assert_eq!(c["rounds"], 1, "--quick runs 1 round: {c}");
+    assert_eq!(c["max_tokens"], 4, "{c}");
+    assert!(c["cores"].as_u64().expect("cores") >= 1, "{c}");
+    let levels = c["levels"].as_array().expect("levels");
+    let ns: Vec<u64> = levels
+        .iter()
+        .map(|l| l["concurrency"].as_u64().expect("concurrency"))
+        .collect();
+    assert_eq!(ns, [1, 2], "--quick measures levels 1 and 2: {c}");
+    for l in levels {
+        let n = l["concurrency"].as_u64().unwrap();
+        let what = |k: &str| format!("concurrency {n}: {k}");
+        // n requests per phase, each 1 to 4 tokens (greedy answers may end early).
+        for k in [
+            "completion_tokens_at_once",
+            "completion_tokens_one_at_a_time",
+        ] {
+            let tokens = l[k].as_u64().unwrap_or_else(|| panic!("{}", what(k)));
+            assert!((n..=4 * n).contains(&tokens), "{}: {l}", what(k));
+        }
+        let at_once = spread(&l["at_once_tok_per_s"], &what("at_once_tok_per_s"));
+        let one = spread(
+            &l["one_at_a_time_tok_per_s"],
+            &what("one_at_a_time_tok_per_s"),
+        );
+        assert_ratio(
+            &l["at_once_over_one_at_a_time_p50"],
+            at_once,
+            one,
+            &what("tokens/s ratio"),
+        );
+        let itl = spread(&l["itl_at_once_ms"], &what("itl_at_once_ms"));
+        let alone = spread(&l["itl_alone_ms"], &what("itl_alone_ms"));
+        assert_ratio(
+            &l["itl_at_once_over_alone_p50"],
+            itl,
+            alone,
+            &what("ITL ratio"),
+        );
+        // A first token cannot come before its request was sent.
+        for k in ["ttft_at_once_ms", "ttft_alone_ms"] {
+            spread(&l[k], &what(k));
+            assert!(num(&l[k]["min"], &what(k)) > 0.0, "{l}");
+        }
+    }
+
+    let p = &c["prefix"];
+    assert_eq!(
+        p["prefix_tokens_asked"], 100,
+        "--quick asks for a 100-token prefix: {p}"
+    );
+    assert_eq!(
+        p["prefix_tokens"], 100,
+        "which fits the tiny model's context: {p}"
+    );
+    assert_eq!(p["rounds"], 1, "{p}");
+    let image_tokens = p["image_tokens"].as_u64().expect("image_tokens");
+    let context = p["context_length"].as_u64().expect("context_length");
+    let (min, max) = (
+        p["prompt_tokens_min"].as_u64().expect("prompt_tokens_min"),
+        p["prompt_tokens_max"].as_u64().expect("prompt_tokens_max"),
+    );
+    assert!(image_tokens >= 1 && min <= max && max < context, "{p}");
+    // The text part of the measured prompt is what was asked for, give or take the calibration's
+    // tolerance and the per-round marker.
+    let text = min - image_tokens;
+    assert!((90..=110).contains(&text), "text tokens {text}: {p}");
+    let cold = spread(&p["ttft_cold_ms"], "prefix.ttft_cold_ms");
+    let warm = spread(&p["ttft_warm_ms"], "prefix.ttft_warm_ms");
+    assert_ratio(&p["warm_over_cold_p50"], warm, cold, "prefix warm/cold");
+    assert!(num(&p["ttft_warm_ms"]["min"], "warm TTFT") > 0.0, "{p}");
+    spread(&p["prefill_cold_ms"], "prefix.prefill_cold_ms");
+    spread(&p["prefill_warm_ms"], "prefix.prefill_warm_ms");
+    // A prompt that starts unlike any before it shares no cached prefix.
+    assert_eq!(
+        p["cached_prompt_tokens_cold"],
+        serde_json::json!([0]),
+        "{p}"
+    );
+    let warm_cached = p["cached_prompt_tokens_warm"]
+        .as_array()
+        .expect("cached_prompt_tokens_warm");
+    assert_eq!(warm_cached.len(), 1, "one per round: {p}");
+    // The identical prompt sent again reuses most of its prefix (whole KV blocks of 16, less than
+    // the prompt: its last position is always computed).
+    for w in warm_cached {
+        let w = w.as_u64().expect("cached_prompt_tokens_warm");
+        assert!(w > 0 && w < min && w % 16 == 0, "{p}");
+    }
+
+    match plot {
+        Some(path) => {
+            assert_eq!(c["plot"], path.to_str().unwrap(), "{c}");
+            let svg = std::fs::read_to_string(path).expect("the plot was written");
+            assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+            for text in ["N at once", "N one at a time", "aggregate decode tokens/s"] {
+                assert!(svg.contains(text), "the plot has no {text:?}: {svg}");
+            }
+            assert_eq!(svg.matches("<polyline").count(), 2, "{svg}");
+        }
+        None => assert!(c["plot"].is_null(), "{c}"),
+    }
+}
+
 #[test]
 fn bench_quick_reports_every_section_well_formed() {
     let redis = common::RedisProc::start();
     let model = common::model();
+    let plot_dir = tempfile::tempdir().unwrap();
+    let plot = plot_dir.path().join("concurrency.svg");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vlm-mesh"))
         .args(["bench", "--quick", "--json", "--model"])
         .arg(&model)
         .args(["--redis", &redis.url()])
+        .arg("--plot")
+        .arg(&plot)
         .env_remove("VLM_BENCH_PYTHON")
         .output()
         .unwrap();
@@ -181,6 +294,7 @@ fn bench_quick_reports_every_section_well_formed() {
     );
     check_mesh(&report["mesh"]);
     check_cache(&report["cache"]);
+    check_concurrency(&report["concurrency"], Some(&plot));
     check_stream(&report["stream"]);
     // No Python was named, so the comparison says so rather than vanishing.
     let skipped = report["transformers"]["skipped"]
@@ -201,4 +315,18 @@ fn bench_mesh_alone_reports_the_mesh_section() {
         model.to_str().unwrap(),
     ]);
     check_mesh(&report);
+}
+
+#[test]
+fn bench_concurrency_alone_reports_the_concurrency_section() {
+    let model = common::model();
+    let report = common::run_json(&[
+        "bench",
+        "concurrency",
+        "--quick",
+        "--json",
+        "--model",
+        model.to_str().unwrap(),
+    ]);
+    check_concurrency(&report, None);
 }

@@ -331,4 +331,15 @@ fn openai_sdk_gets_the_text_and_usage_of_generate_and_openai_shaped_errors() {
         out["after"]["usage"]["prompt_tokens"],
         expected["prompt_tokens"]
     );
+    // A repeated request reports the decoder's prefix-cache hits as OpenAI does.
+    let again = &out["again"];
+    assert_eq!(again["text"], expected["text"]);
+    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no usage.prompt_tokens_details.cached_tokens: {again}"));
+    let prompt = again["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        cached > 0 && cached < prompt && cached % 16 == 0,
+        "cached_tokens {cached} of {prompt}"
+    );
 }

@@ -60,6 +60,10 @@ def main():
         model=args.model, messages=user(text, good_image), max_tokens=16, temperature=0)
     out["after"] = {"text": completion.choices[0].message.content,
                     "usage": completion.usage.model_dump()}
+    # The same request again: its prompt prefix is in the decoder's prefix cache now.
+    again = client.chat.completions.create(
+        model=args.model, messages=user(text, good_image), max_tokens=16, temperature=0)
+    out["again"] = {"text": again.choices[0].message.content, "usage": again.usage.model_dump()}
     print(json.dumps(out))
 
 

@@ -3,7 +3,9 @@
 //! out; each section also runs alone as a subcommand.
 
 mod cache;
+mod concurrency;
 mod mesh;
+mod plot;
 mod stream;
 mod transformers;
 
@@ -48,6 +50,10 @@ pub enum BenchCommand {
     /// Feature cache: time to first token on a hit vs a miss through the mesh (interleaved), and the
     /// Redis fetch time of feature tensors.
     Cache(cache::CacheBenchArgs),
+    /// Decoding N requests at once vs one at a time (aggregate tokens/s, inter-token latency) for
+    /// N in --levels, interleaved; time to first token of a long prompt sent cold vs again (prefix
+    /// reuse); optionally an SVG plot of tokens/s against N.
+    Concurrency(concurrency::ConcurrencyBenchArgs),
     /// What the mesh costs: time to first token and inter-token latency through `up` (4
     /// processes, mTLS, cache off) vs the same pipeline in this process, interleaved; encoder
     /// throughput with 8 concurrent images vs 1 and batched vs single forwards; peak RSS of every
@@ -79,11 +85,24 @@ pub struct AllArgs {
     /// Rounds per tensor size of the stream section (each transfer takes milliseconds).
     #[arg(long, default_value_t = 100)]
     pub stream_rounds: usize,
-    /// Tokens per request (greedy) in the mesh and transformers sections.
+    /// Rounds of the concurrency section (each: every level at once and one at a time, and one
+    /// cold/warm pair of the long prompt).
+    #[arg(long, default_value_t = 3)]
+    pub concurrency_rounds: usize,
+    /// Requests in flight the concurrency section measures, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = concurrency::DEFAULT_LEVELS)]
+    pub levels: Vec<usize>,
+    /// Text tokens of the long prompt in the concurrency section's prefix-reuse measurement.
+    #[arg(long, default_value_t = 1000)]
+    pub prefix_tokens: u32,
+    /// Write an SVG plot of the concurrency section's tokens/s against concurrency to this file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Tokens per request (greedy) in the mesh, concurrency and transformers sections.
     #[arg(long, default_value_t = 32)]
     pub max_tokens: u32,
-    /// Smoke run: 3 rounds per section (1 encoder round), 4 tokens (for CI; its times mean
-    /// little).
+    /// Smoke run: 3 rounds per section (1 encoder round; 1 concurrency round of levels 1 and 2
+    /// with a 100-token prefix), 4 tokens (for CI; its times mean little).
     #[arg(long)]
     pub quick: bool,
     /// Print one JSON object (the report) instead of tables.
@@ -99,6 +118,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(BenchCommand::Cache(a)) => rt.block_on(async {
             let report = cache::run(&a).await?;
             emit(&report, a.json, cache::CacheReport::print)
+        }),
+        Some(BenchCommand::Concurrency(mut a)) => rt.block_on(async {
+            if a.quick {
+                a.apply_quick();
+            }
+            let report = concurrency::run(&a).await?;
+            emit(&report, a.json, concurrency::ConcurrencyReport::print)
         }),
         Some(BenchCommand::Mesh(mut a)) => rt.block_on(async {
             if a.quick {
@@ -138,6 +164,7 @@ struct AllReport {
     model: String,
     mesh: mesh::MeshReport,
     cache: cache::CacheReport,
+    concurrency: concurrency::ConcurrencyReport,
     stream: stream::StreamReport,
     transformers: transformers::TransformersReport,
 }
@@ -165,6 +192,20 @@ async fn all(mut a: AllArgs) -> anyhow::Result<()> {
         json: a.json,
     })
     .await?;
+    let mut concurrency_args = concurrency::ConcurrencyBenchArgs {
+        input: a.input.clone(),
+        levels: a.levels.clone(),
+        rounds: a.concurrency_rounds,
+        max_tokens: a.max_tokens,
+        prefix_tokens: a.prefix_tokens,
+        plot: a.plot.clone(),
+        quick: a.quick,
+        json: a.json,
+    };
+    if a.quick {
+        concurrency_args.apply_quick();
+    }
+    let concurrency = concurrency::run(&concurrency_args).await?;
     let stream = stream::run(&stream::StreamBenchArgs {
         rounds: a.stream_rounds,
         quick: a.quick,
@@ -187,6 +228,7 @@ async fn all(mut a: AllArgs) -> anyhow::Result<()> {
         model: a.input.model.display().to_string(),
         mesh,
         cache,
+        concurrency,
         stream,
         transformers,
     };
@@ -195,6 +237,8 @@ async fn all(mut a: AllArgs) -> anyhow::Result<()> {
         r.mesh.print();
         println!("\n== feature cache ==");
         r.cache.print();
+        println!("\n== concurrency and prefix reuse ==");
+        r.concurrency.print();
         println!("\n== tensor-chunk streams ==");
         r.stream.print();
         println!("\n== vs Hugging Face transformers ==");
