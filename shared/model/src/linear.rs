@@ -70,10 +70,45 @@ impl Linear {
                 .enumerate()
                 .for_each(|(task, out)| {
                     let first = task * ROWS_PER_TASK;
-                    for j in 0..ROWS_PER_TASK.min(n - first) {
-                        let row = &w[(first + j) * k..(first + j + 1) * k];
-                        for r in 0..m {
-                            out[r * ROWS_PER_TASK + j] = dot(row, &xs[r * k..(r + 1) * k]);
+                    let rows = ROWS_PER_TASK.min(n - first);
+                    let w = |j: usize| &w[(first + j) * k..(first + j + 1) * k];
+                    let x = |r: usize| &xs[r * k..(r + 1) * k];
+                    let mut put = |j: usize, r: usize, v: f32| out[r * ROWS_PER_TASK + j] = v;
+                    // Groups of four input rows against pairs of weight rows, the rest of the
+                    // input rows one at a time against four weight rows: every element is the
+                    // same `products` chain whatever the grouping.
+                    let mut r = 0;
+                    while r + 4 <= m {
+                        let xr = [x(r), x(r + 1), x(r + 2), x(r + 3)];
+                        let mut j = 0;
+                        while j + 2 <= rows {
+                            let d = products::<2, 4>([w(j), w(j + 1)], xr);
+                            for (dj, row) in d.iter().enumerate() {
+                                for (dr, &v) in row.iter().enumerate() {
+                                    put(j + dj, r + dr, v);
+                                }
+                            }
+                            j += 2;
+                        }
+                        if j < rows {
+                            let d = products::<1, 4>([w(j)], xr);
+                            for (dr, &v) in d[0].iter().enumerate() {
+                                put(j, r + dr, v);
+                            }
+                        }
+                        r += 4;
+                    }
+                    for r in r..m {
+                        let mut j = 0;
+                        while j + 4 <= rows {
+                            let d = products::<4, 1>([w(j), w(j + 1), w(j + 2), w(j + 3)], [x(r)]);
+                            for (dj, row) in d.iter().enumerate() {
+                                put(j + dj, r, row[0]);
+                            }
+                            j += 4;
+                        }
+                        for j in j..rows {
+                            put(j, r, products::<1, 1>([w(j)], [x(r)])[0][0]);
                         }
                     }
                 });
@@ -144,6 +179,102 @@ fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_lanes(a, b)
 }
 
+/// Lanes of one accumulator register (AVX2: 8 f32).
+const PRODUCT_LANES: usize = 8;
+
+/// Dot products of `R` weight rows with `C` input rows: `out[r][c] = w[r] · x[c]`. Each element is
+/// one chain: fused multiply-adds over 8 lanes in order, then the lanes summed in order, then the
+/// tail, so it is bit-identical for any `R` and `C`: a row's result never depends on which rows
+/// it was grouped with (a sequence decodes the same in a batch as alone). The `R × C` independent
+/// accumulators keep the FMA units busy while each loaded weight chunk is used `C` times.
+fn products_lanes<const R: usize, const C: usize>(w: [&[f32]; R], x: [&[f32]; C]) -> [[f32; C]; R] {
+    const L: usize = PRODUCT_LANES;
+    let k = w[0].len();
+    let body = k / L * L;
+    let mut acc = [[[0f32; L]; C]; R];
+    let mut at = 0;
+    while at < body {
+        for (ar, wr) in acc.iter_mut().zip(&w) {
+            let wc: &[f32; L] = wr[at..at + L].try_into().expect("L lanes");
+            for (a, xr) in ar.iter_mut().zip(&x) {
+                let xc: &[f32; L] = xr[at..at + L].try_into().expect("L lanes");
+                for i in 0..L {
+                    a[i] = wc[i].mul_add(xc[i], a[i]);
+                }
+            }
+        }
+        at += L;
+    }
+    let mut out = [[0f32; C]; R];
+    for ((o, ar), wr) in out.iter_mut().zip(&acc).zip(&w) {
+        for ((o, a), xr) in o.iter_mut().zip(ar).zip(&x) {
+            let tail: f32 = wr[body..].iter().zip(&xr[body..]).map(|(p, q)| p * q).sum();
+            *o = a.iter().sum::<f32>() + tail;
+        }
+    }
+    out
+}
+
+/// [`products_lanes`] with AVX2 registers: the same per-element operations (lane-wise fused
+/// multiply-adds over 8 lanes, then the lanes summed in order, then the tail).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn products_avx2<const R: usize, const C: usize>(
+    w: [&[f32]; R],
+    x: [&[f32]; C],
+) -> [[f32; C]; R] {
+    use std::arch::x86_64::*;
+    const L: usize = PRODUCT_LANES;
+    let k = w[0].len();
+    let body = k / L * L;
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let mut at = 0;
+    while at < body {
+        let mut xv = [_mm256_setzero_ps(); C];
+        for c in 0..C {
+            // SAFETY: at + L <= body <= x[c].len() (every row has k elements).
+            xv[c] = unsafe { _mm256_loadu_ps(x[c].as_ptr().add(at)) };
+        }
+        for r in 0..R {
+            // SAFETY: as above, for the weight rows.
+            let wv = unsafe { _mm256_loadu_ps(w[r].as_ptr().add(at)) };
+            for c in 0..C {
+                acc[r][c] = _mm256_fmadd_ps(wv, xv[c], acc[r][c]);
+            }
+        }
+        at += L;
+    }
+    let mut out = [[0f32; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            let mut lanes = [0f32; L];
+            // SAFETY: `lanes` holds L f32.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][c]) };
+            let tail: f32 = w[r][body..]
+                .iter()
+                .zip(&x[c][body..])
+                .map(|(p, q)| p * q)
+                .sum();
+            out[r][c] = lanes.iter().sum::<f32>() + tail;
+        }
+    }
+    out
+}
+
+/// [`products_lanes`], compiled for AVX2+FMA where the CPU has them (elsewhere `mul_add` is a
+/// correctly rounded software FMA: the same numbers, slower).
+fn products<const R: usize, const C: usize>(w: [&[f32]; R], x: [&[f32]; C]) -> [[f32; C]; R] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has the features products_avx2 is compiled for.
+            return unsafe { products_avx2(w, x) };
+        }
+    }
+    products_lanes(w, x)
+}
+
 /// Dot product of two equal-length f32 slices (AVX2+FMA where the CPU has them).
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -185,7 +316,7 @@ mod tests {
         }
         // A batch of rows: each row's result is bit-identical to that row alone.
         let ours = Linear::new(w.clone(), None);
-        let x = Tensor::randn(0f32, 1.0, (5, k), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (9, k), &dev)?;
         let batched = ours.forward(&x)?;
         let theirs = candle_nn::Linear::new(w.clone(), None).forward(&x)?;
         let diff = (&batched - theirs)?
@@ -193,8 +324,8 @@ mod tests {
             .flatten_all()?
             .max(0)?
             .to_scalar::<f32>()?;
-        assert!(diff < 1e-4, "5 rows: max |diff| {diff}");
-        for r in 0..5 {
+        assert!(diff < 1e-4, "9 rows: max |diff| {diff}");
+        for r in 0..9 {
             let alone = ours.forward(&x.narrow(0, r, 1)?)?;
             let row = batched.narrow(0, r, 1)?;
             assert_eq!(alone.to_vec2::<f32>()?, row.to_vec2::<f32>()?, "row {r}");
