@@ -207,26 +207,18 @@ impl StepLoop<'_> {
 
     /// Admits queued jobs in order while they fit.
     fn admit(&mut self) {
-        while let Some(job) = self.queue.pop_front() {
+        while let Some(mut job) = self.queue.pop_front() {
             let id = self.next_id;
-            let Job {
-                req,
-                prompt_tokens,
-                tx,
-                deadline,
-                span,
-                queued,
-            } = job;
-            let resumed = req.resume.len();
-            let params = req.params.clone();
-            match self.engine.try_admit(id, req) {
+            let resumed = job.req.resume.len();
+            let params = job.req.params.clone();
+            match self.engine.try_admit(id, job.req) {
                 Ok(Admission::Admitted { cached_tokens }) => {
                     self.next_id += 1;
                     self.stats.started.fetch_add(1, Ordering::Relaxed);
-                    metrics::queue_wait(queued.elapsed(), "admitted");
-                    let prefill_tokens = prompt_tokens + resumed;
+                    metrics::queue_wait(job.queued.elapsed(), "admitted");
+                    let prefill_tokens = job.prompt_tokens + resumed;
                     let prefill = tracing::info_span!(
-                        parent: &span,
+                        parent: &job.span,
                         "prefill",
                         gen_ai.operation.name = "chat",
                         gen_ai.request.model = %self.model_name,
@@ -242,17 +234,17 @@ impl StepLoop<'_> {
                             prefill_tokens: prefill_tokens as u32,
                         })),
                     };
-                    let _ = tx.send(Ok(started));
+                    let _ = job.tx.send(Ok(started));
                     self.live.insert(
                         id,
                         Live {
-                            tx,
-                            deadline,
-                            call: span,
+                            tx: job.tx,
+                            deadline: job.deadline,
+                            call: job.span,
                             prefill: Some((prefill, Instant::now())),
                             decode: None,
                             prefill_ms: 0.0,
-                            prompt_tokens,
+                            prompt_tokens: job.prompt_tokens,
                             cached_tokens,
                             tokens: resumed,
                             layers: Vec::new(),
@@ -263,18 +255,12 @@ impl StepLoop<'_> {
                     );
                 }
                 Ok(Admission::Wait(req)) => {
-                    self.queue.push_front(Job {
-                        req,
-                        prompt_tokens,
-                        tx,
-                        deadline,
-                        span,
-                        queued,
-                    });
+                    job.req = req;
+                    self.queue.push_front(job);
                     return;
                 }
                 Err(e) => {
-                    let _ = tx.send(Err(model_status(e)));
+                    let _ = job.tx.send(Err(model_status(e)));
                 }
             }
         }

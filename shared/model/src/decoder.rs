@@ -418,9 +418,17 @@ impl Layer {
         pos: usize,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> candle_core::Result<Tensor> {
-        let mut h = self
-            .attn
-            .forward(&self.input_norm.forward(x)?, rope, pos, cache)?;
+        self.around(x, |h| self.attn.forward(h, rope, pos, cache))
+    }
+
+    /// The pre-norm block around an attention: norm, attention, (GLM-4 norm,) residual, norm, MLP,
+    /// (GLM-4 norm,) residual.
+    fn around(
+        &self,
+        x: &Tensor,
+        attend: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let mut h = attend(&self.input_norm.forward(x)?)?;
         if let Some(n) = &self.post_attn_out_norm {
             h = n.forward(&h)?;
         }
@@ -442,18 +450,7 @@ impl Layer {
         seqs: &[BatchSeq],
         pool: &mut KvPool,
     ) -> candle_core::Result<Tensor> {
-        let mut h =
-            self.attn
-                .forward_batch(&self.input_norm.forward(x)?, rope, layer, seqs, pool)?;
-        if let Some(n) = &self.post_attn_out_norm {
-            h = n.forward(&h)?;
-        }
-        let x = (x + h)?;
-        let mut h = self.mlp.forward(&self.post_norm.forward(&x)?)?;
-        if let Some(n) = &self.post_mlp_norm {
-            h = n.forward(&h)?;
-        }
-        x + h
+        self.around(x, |h| self.attn.forward_batch(h, rope, layer, seqs, pool))
     }
 }
 
