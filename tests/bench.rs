@@ -242,7 +242,7 @@ fn check_concurrency(c: &Value, plot: Option<&std::path::Path>) {
     // the prompt: its last position is always computed).
     for w in warm_cached {
         let w = w.as_u64().expect("cached_prompt_tokens_warm");
-        assert!(w > 0 && w < min && w % 16 == 0, "{p}");
+        assert!(w > 0 && w < min && w.is_multiple_of(16), "{p}");
     }
 
     match plot {

@@ -339,7 +339,7 @@ fn openai_sdk_gets_the_text_and_usage_of_generate_and_openai_shaped_errors() {
         .unwrap_or_else(|| panic!("no usage.prompt_tokens_details.cached_tokens: {again}"));
     let prompt = again["usage"]["prompt_tokens"].as_u64().unwrap();
     assert!(
-        cached > 0 && cached < prompt && cached % 16 == 0,
+        cached > 0 && cached < prompt && cached.is_multiple_of(16),
         "cached_tokens {cached} of {prompt}"
     );
 }
