@@ -18,8 +18,9 @@ use rayon::prelude::*;
 use crate::checkpoint::{Checkpoint, PartKind};
 use crate::config::{Activation, DecoderFamily, LlavaConfig, RopeScaling, TextConfig};
 use crate::error::{ModelError, Result};
+use crate::kernels::{row_dots, weighted_sum};
 use crate::kv::{BlockId, KvPool, KvShape};
-use crate::linear::{dot, linear_b, Linear};
+use crate::linear::{linear_b, Linear};
 use crate::monitor::LayerStats;
 use crate::vision::softmax_f32;
 
@@ -302,7 +303,11 @@ fn attend(
     let scale = (d as f32).sqrt();
     let mut scores = Vec::with_capacity(len);
     for keys in pool.head_slices(false, layer, blocks, kv_head, len) {
-        scores.extend(keys.chunks_exact(d).map(|k| dot(q, k) / scale));
+        let from = scores.len();
+        row_dots(q, keys, &mut scores);
+        for s in &mut scores[from..] {
+            *s /= scale;
+        }
     }
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
@@ -310,16 +315,15 @@ fn attend(
         *s = (*s - max).exp();
         sum += *s;
     }
+    for s in scores.iter_mut() {
+        *s /= sum;
+    }
     out.fill(0.0);
     let mut j = 0;
     for values in pool.head_slices(true, layer, blocks, kv_head, len) {
-        for v in values.chunks_exact(d) {
-            let p = scores[j] / sum;
-            for (o, x) in out.iter_mut().zip(v) {
-                *o += p * x;
-            }
-            j += 1;
-        }
+        let n = values.len() / d;
+        weighted_sum(&scores[j..j + n], values, out);
+        j += n;
     }
 }
 

@@ -13,6 +13,7 @@ pub mod decoder;
 pub mod engine;
 pub mod error;
 pub mod generate;
+mod kernels;
 pub mod kv;
 mod linear;
 pub mod monitor;
