@@ -150,13 +150,13 @@ fn check_stream(s: &Value) {
     }
 }
 
-/// The concurrency section of a `--quick` run (1 round, levels 1 and 2, 4 tokens, a 100-token
-/// prefix); `plot` is the `--plot` path given, if any.
+/// The concurrency section of a `--quick` run (1 round, levels 1 and 2, 8 tokens, a 100-token
+/// prefix, 3 in-process steps); `plot` is the `--plot` path given, if any.
 fn check_concurrency(c: &Value, plot: Option<&std::path::Path>) {
     assert_eq!(c["bench"], "concurrency", "{c}");
-    assert_eq!(c["cache"], "off", "{c}");
+    assert_eq!(c["cache"], "hit", "{c}");
     assert_eq!(c["rounds"], 1, "--quick runs 1 round: {c}");
-    assert_eq!(c["max_tokens"], 4, "{c}");
+    assert_eq!(c["max_tokens"], 8, "{c}");
     assert!(c["cores"].as_u64().expect("cores") >= 1, "{c}");
     let levels = c["levels"].as_array().expect("levels");
     let ns: Vec<u64> = levels
@@ -167,38 +167,87 @@ fn check_concurrency(c: &Value, plot: Option<&std::path::Path>) {
     for l in levels {
         let n = l["concurrency"].as_u64().unwrap();
         let what = |k: &str| format!("concurrency {n}: {k}");
-        // n requests per phase, each 1 to 4 tokens (greedy answers may end early).
+        // n requests per phase, each 1 to 8 tokens (greedy answers may end early).
         for k in [
             "completion_tokens_at_once",
             "completion_tokens_one_at_a_time",
         ] {
             let tokens = l[k].as_u64().unwrap_or_else(|| panic!("{}", what(k)));
-            assert!((n..=4 * n).contains(&tokens), "{}: {l}", what(k));
+            assert!((n..=8 * n).contains(&tokens), "{}: {l}", what(k));
         }
-        let at_once = spread(&l["at_once_tok_per_s"], &what("at_once_tok_per_s"));
         let one = spread(
             &l["one_at_a_time_tok_per_s"],
             &what("one_at_a_time_tok_per_s"),
         );
-        assert_ratio(
-            &l["at_once_over_one_at_a_time_p50"],
-            at_once,
-            one,
-            &what("tokens/s ratio"),
-        );
-        let itl = spread(&l["itl_at_once_ms"], &what("itl_at_once_ms"));
         let alone = spread(&l["itl_alone_ms"], &what("itl_alone_ms"));
-        assert_ratio(
-            &l["itl_at_once_over_alone_p50"],
-            itl,
-            alone,
-            &what("ITL ratio"),
+        spread(
+            &l["itl_at_once_all_gaps_ms"],
+            &what("itl_at_once_all_gaps_ms"),
         );
+        spread(
+            &l["busy_at_once_tok_per_s"],
+            &what("busy_at_once_tok_per_s"),
+        );
+        // The steady window (every stream decoding) exists whenever the streams overlapped; one
+        // stream always overlaps itself.
+        let steady = l["steady_rounds"].as_u64().expect("steady_rounds");
+        assert!(steady <= 1, "{l}");
+        if n == 1 {
+            assert_eq!(steady, 1, "a lone stream is its own steady window: {l}");
+        }
+        if steady == 1 {
+            let at_once = spread(&l["at_once_tok_per_s"], &what("at_once_tok_per_s"));
+            assert_ratio(
+                &l["at_once_over_one_at_a_time_p50"],
+                at_once,
+                one,
+                &what("tokens/s ratio"),
+            );
+            let itl = spread(&l["itl_at_once_ms"], &what("itl_at_once_ms"));
+            assert_ratio(
+                &l["itl_at_once_over_alone_p50"],
+                itl,
+                alone,
+                &what("ITL ratio"),
+            );
+        } else {
+            for k in [
+                "at_once_tok_per_s",
+                "at_once_over_one_at_a_time_p50",
+                "itl_at_once_ms",
+            ] {
+                assert!(
+                    l[k].is_null(),
+                    "{}: no steady window, no number: {l}",
+                    what(k)
+                );
+            }
+        }
         // A first token cannot come before its request was sent.
         for k in ["ttft_at_once_ms", "ttft_alone_ms"] {
             spread(&l[k], &what(k));
             assert!(num(&l[k]["min"], &what(k)) > 0.0, "{l}");
         }
+    }
+
+    // The in-process decode step: batch 1 is the base of both ratios.
+    let steps = c["step"].as_array().expect("step");
+    let batches: Vec<u64> = steps.iter().map(|s| s["batch"].as_u64().unwrap()).collect();
+    assert_eq!(batches, [1, 2], "{c}");
+    let base = spread(&steps[0]["step_ms"], "step[0].step_ms");
+    for s in steps {
+        let b = s["batch"].as_u64().unwrap() as f64;
+        let ms = spread(&s["step_ms"], "step.step_ms");
+        assert!(s["context"].as_u64().expect("context") >= 1, "{s}");
+        assert_ratio(&s["step_over_batch_1"], ms, base, "step / batch 1");
+        let tps = num(&s["tok_per_s"], "tok_per_s");
+        assert!((tps - b * 1e3 / ms).abs() <= 1e-9 * tps, "{s}");
+        assert_ratio(
+            &s["tok_per_s_over_batch_1"],
+            tps,
+            1e3 / base,
+            "tok/s / batch 1",
+        );
     }
 
     let p = &c["prefix"];
@@ -250,10 +299,15 @@ fn check_concurrency(c: &Value, plot: Option<&std::path::Path>) {
             assert_eq!(c["plot"], path.to_str().unwrap(), "{c}");
             let svg = std::fs::read_to_string(path).expect("the plot was written");
             assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-            for text in ["N at once", "N one at a time", "aggregate decode tokens/s"] {
+            for text in [
+                "N at once, all decoding",
+                "N at once, incl. their prefills",
+                "N one at a time",
+                "decode tokens/s",
+            ] {
                 assert!(svg.contains(text), "the plot has no {text:?}: {svg}");
             }
-            assert_eq!(svg.matches("<polyline").count(), 2, "{svg}");
+            assert_eq!(svg.matches("<polyline").count(), 3, "{svg}");
         }
         None => assert!(c["plot"].is_null(), "{c}"),
     }

@@ -11,7 +11,7 @@ use clap::Args;
 use vlm_proto::encoder_client::EncoderClient;
 use vlm_proto::gateway_client::GatewayClient;
 use vlm_proto::generate_response::Kind;
-use vlm_proto::{CacheStatus, EncodeRequest, GenerateRequest};
+use vlm_proto::{CacheStatus, EncodeRequest};
 
 use super::{cores, print_ratio, print_rows, BenchMesh, Input, Spread};
 
@@ -193,18 +193,7 @@ async fn mesh_once(
     image: &[u8],
     max_tokens: u32,
 ) -> anyhow::Result<(f64, f64, Vec<u32>)> {
-    let req = GenerateRequest {
-        images: vec![image.to_vec().into()],
-        prompt: PROMPT.into(),
-        params: Some(vlm_proto::SamplingParams {
-            max_tokens: Some(max_tokens),
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: Some(0),
-            ..Default::default()
-        }),
-        monitor_layers: false,
-    };
+    let req = super::greedy_request(image.to_vec(), PROMPT.into(), max_tokens);
     let t = Instant::now();
     let mut stream = client.generate(req).await?.into_inner();
     let (mut first, mut last) = (None, 0.0);

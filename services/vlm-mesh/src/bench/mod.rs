@@ -92,13 +92,16 @@ pub struct AllArgs {
     /// Requests in flight the concurrency section measures, comma separated.
     #[arg(long, value_delimiter = ',', default_values_t = concurrency::DEFAULT_LEVELS)]
     pub levels: Vec<usize>,
+    /// Tokens per request (greedy) in the concurrency section.
+    #[arg(long, default_value_t = concurrency::DEFAULT_MAX_TOKENS)]
+    pub concurrency_max_tokens: u32,
     /// Text tokens of the long prompt in the concurrency section's prefix-reuse measurement.
     #[arg(long, default_value_t = 1000)]
     pub prefix_tokens: u32,
     /// Write an SVG plot of the concurrency section's tokens/s against concurrency to this file.
     #[arg(long)]
     pub plot: Option<PathBuf>,
-    /// Tokens per request (greedy) in the mesh, concurrency and transformers sections.
+    /// Tokens per request (greedy) in the mesh and transformers sections.
     #[arg(long, default_value_t = 32)]
     pub max_tokens: u32,
     /// Smoke run: 3 rounds per section (1 encoder round; 1 concurrency round of levels 1 and 2
@@ -194,10 +197,12 @@ async fn all(mut a: AllArgs) -> anyhow::Result<()> {
     .await?;
     let mut concurrency_args = concurrency::ConcurrencyBenchArgs {
         input: a.input.clone(),
+        redis: a.redis.clone(),
         levels: a.levels.clone(),
         rounds: a.concurrency_rounds,
-        max_tokens: a.max_tokens,
+        max_tokens: a.concurrency_max_tokens,
         prefix_tokens: a.prefix_tokens,
+        steps: 20,
         plot: a.plot.clone(),
         quick: a.quick,
         json: a.json,
@@ -301,6 +306,26 @@ fn summary(samples: &mut [f64]) -> (f64, f64) {
     samples.sort_by(f64::total_cmp);
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
     (at(0.5), at(0.9))
+}
+
+/// A greedy request (seed 0) for `max_tokens` tokens about one image: what every bench section sends.
+pub(crate) fn greedy_request(
+    image: Vec<u8>,
+    prompt: String,
+    max_tokens: u32,
+) -> vlm_proto::GenerateRequest {
+    vlm_proto::GenerateRequest {
+        images: vec![image.into()],
+        prompt,
+        params: Some(vlm_proto::SamplingParams {
+            max_tokens: Some(max_tokens),
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: Some(0),
+            ..Default::default()
+        }),
+        monitor_layers: false,
+    }
 }
 
 /// Median, 90th percentile, minimum and maximum of one measure.
