@@ -2,7 +2,8 @@
 //! real processes, mTLS): concurrent requests share decode steps and each still equals
 //! `generate`; a repeated prompt is served from the prefix cache with the same tokens; a full KV
 //! budget queues, then serves, or refuses with RESOURCE_EXHAUSTED before the caller's deadline; a
-//! request larger than the budget is refused at once.
+//! request larger than the budget is refused at once; a budget larger than the machine is refused
+//! at start-up.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -257,4 +258,44 @@ async fn a_full_kv_budget_queues_then_serves_or_refuses_and_never_hangs() {
     // And the mesh still serves.
     let (ids, _, _, _) = run(&mut client, request(&image, &c), None).await.unwrap();
     assert_eq!(ids, want);
+}
+
+/// An explicit KV budget larger than the memory the decoder can get stops `up` at start-up with a
+/// message naming the flag (not an allocation abort, nor a pool that is OOM-killed once filled).
+#[test]
+fn a_kv_budget_larger_than_the_machine_is_refused_at_start_up() {
+    let state = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(EXE)
+        .args(["up", "--listen", "127.0.0.1:0", "--model"])
+        .arg(model())
+        .arg("--state-dir")
+        .arg(state.path())
+        // 1 EiB: more than any machine this runs on.
+        .env("VLM_KV_CACHE_BYTES", (1u64 << 60).to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut log = String::new();
+        let _ = stderr.read_to_string(&mut log);
+        let _ = tx.send(log);
+    });
+    // stderr closes when `up` exits; it must exit on its own, well before any request timeout.
+    let log = rx
+        .recv_timeout(Duration::from_secs(120))
+        .unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("`up` with an impossible KV budget did not exit within 120 s")
+        });
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "{status}: {log}");
+    assert!(
+        log.contains("--kv-cache-bytes 1152921504606846976")
+            && log.contains("more than the memory this process can get"),
+        "{log}"
+    );
+    assert!(log.contains("the decoder exited"), "{log}");
 }

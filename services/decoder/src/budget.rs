@@ -28,6 +28,31 @@ pub(crate) fn default_kv_bytes(decoder: &Decoder, max_batch: usize) -> usize {
     budget
 }
 
+/// An explicit `--kv-cache-bytes`, refused at start-up when it is more than this process can get
+/// (the pool would fail to allocate, or be killed for memory once filled).
+pub(crate) fn check_explicit(bytes: usize) -> anyhow::Result<usize> {
+    match available_memory() {
+        Some(available) if bytes > available => anyhow::bail!(
+            "--kv-cache-bytes {bytes} ({} MiB) is more than the memory this process can get \
+             ({} MiB available{}); lower it, or leave it unset for the default (half of what is \
+             available at most)",
+            bytes >> 20,
+            available >> 20,
+            if cgroup_limited() {
+                ", within its cgroup's limit"
+            } else {
+                ""
+            }
+        ),
+        _ => Ok(bytes),
+    }
+}
+
+fn cgroup_limited() -> bool {
+    std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .is_ok_and(|v| v.trim().parse::<usize>().is_ok())
+}
+
 /// Memory this process can still allocate: `MemAvailable`, capped by the cgroup v2 limit minus
 /// current usage when one is set.
 fn available_memory() -> Option<usize> {

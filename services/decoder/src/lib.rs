@@ -92,7 +92,7 @@ impl DecoderService {
         let prompt = PromptBuilder::from_dir(&cfg.model, ckpt.config())?;
         let max_batch = cfg.max_concurrent.max(1);
         let kv_bytes = match cfg.kv_cache_bytes {
-            Some(b) => b,
+            Some(b) => budget::check_explicit(b)?,
             None => budget::default_kv_bytes(&decoder, max_batch),
         };
         let engine = EngineConfig::with_budget(&decoder, kv_bytes, max_batch, cfg.prefill_chunk);
