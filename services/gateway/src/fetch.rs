@@ -1,24 +1,24 @@
 //! Fetching `http(s)://` image URLs for the OpenAI endpoint, only with `--allow-image-urls` (a
 //! server that fetches URLs its callers choose can be pointed at internal addresses).
 //!
-//! One GET over HTTP/1.1, no redirects, bounded in time and size. HTTPS verifies the server
-//! against the system's CA bundle (`SSL_CERT_FILE`, else the usual Linux locations).
+//! One GET with `reqwest` (rustls on ring, HTTP/1.1), no redirects, no proxy from the environment,
+//! bounded in time and size: a `Content-Length` over the limit is refused before the body is read,
+//! and the body is read chunk by chunk and refused as soon as it passes the limit. HTTPS verifies the
+//! server against the system's CA bundle (`SSL_CERT_FILE`, else the usual Linux locations).
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::Request;
-use hyper_util::rt::TokioIo;
+use bytes::{Bytes, BytesMut};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
+use rustls_pki_types::CertificateDer;
 use tokio_rustls::rustls;
 
 /// The whole fetch (connect, handshake, headers, body) must finish within this.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(20);
+/// Connecting (TCP and TLS) must finish within this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 const CA_BUNDLES: &[&str] = &[
     "/etc/ssl/certs/ca-certificates.crt",
@@ -27,99 +27,127 @@ const CA_BUNDLES: &[&str] = &[
     "/etc/ssl/cert.pem",
 ];
 
-fn tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
-    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let path = std::env::var("SSL_CERT_FILE")
-                .ok()
-                .or_else(|| {
-                    CA_BUNDLES
-                        .iter()
-                        .find(|p| std::path::Path::new(p).exists())
-                        .map(|p| p.to_string())
-                })
-                .ok_or("no system CA bundle found for https image URLs (set SSL_CERT_FILE)")?;
-            let pem = std::fs::read(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_slice_iter(&pem).flatten() {
-                let _ = roots.add(cert); // a bundle may hold certificates rustls cannot use
-            }
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            Ok(Arc::new(config))
-        })
-        .clone()
-        .map(tokio_rustls::TlsConnector::from)
-}
-
-async fn get<S>(io: S, uri: &hyper::Uri, max_bytes: usize) -> Result<Bytes, String>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let host = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let req = Request::get(path)
-        .header(hyper::header::HOST, host)
-        .header(hyper::header::USER_AGENT, "vlm-mesh-gateway")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    if !resp.status().is_success() {
-        return Err(format!("the server answered {}", resp.status()));
-    }
-    let body = Limited::new(resp.into_body(), max_bytes)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                format!("the image is larger than {max_bytes} bytes")
-            } else {
-                e.to_string()
-            }
-        })?
-        .to_bytes();
-    if body.is_empty() {
-        return Err("the server sent an empty body".into());
-    }
-    Ok(body)
-}
-
-/// GETs `url` (http or https), refusing bodies over `max_bytes`.
-pub async fn fetch_image(url: &str, max_bytes: usize) -> Result<Bytes, String> {
-    let fetch = async {
-        let uri: hyper::Uri = url.parse().map_err(|e| format!("invalid URL: {e}"))?;
-        let https = uri.scheme_str() == Some("https");
-        let host = uri.host().ok_or("the URL has no host")?.to_string();
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let tcp = TcpStream::connect((host.trim_matches(['[', ']']), port))
-            .await
-            .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
-        if https {
-            let name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())
-                .map_err(|e| e.to_string())?;
-            let tls = tls_connector()?
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("TLS with {host}: {e}"))?;
-            get(tls, &uri, max_bytes).await
-        } else {
-            get(tcp, &uri, max_bytes).await
-        }
+/// The CA roots in `bundle` (a PEM file), else in the system's bundle (`SSL_CERT_FILE`, else the
+/// usual Linux locations), or why there are none.
+fn roots(bundle: Option<&Path>) -> Result<rustls::RootCertStore, String> {
+    let path = match bundle {
+        Some(p) => p.to_path_buf(),
+        None => std::env::var_os("SSL_CERT_FILE")
+            .map(PathBuf::from)
+            .or_else(|| CA_BUNDLES.iter().map(PathBuf::from).find(|p| p.exists()))
+            .ok_or("no system CA bundle found for https image URLs (set SSL_CERT_FILE)")?,
     };
-    match tokio::time::timeout(FETCH_TIMEOUT, fetch).await {
-        Ok(r) => r.map_err(|e| format!("cannot fetch the image: {e}")),
-        Err(_) => Err(format!(
-            "cannot fetch the image: no complete answer within {FETCH_TIMEOUT:?}"
-        )),
+    let pem = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem).flatten() {
+        let _ = roots.add(cert); // a bundle may hold certificates rustls cannot use
+    }
+    Ok(roots)
+}
+
+/// An HTTP client for image URLs, and why https URLs cannot be fetched (no CA bundle), if so.
+pub struct Fetcher {
+    client: reqwest::Client,
+    no_https: Option<String>,
+}
+
+impl Fetcher {
+    /// A client trusting the CAs in `bundle`, or the system's with `None`.
+    pub fn new(bundle: Option<&Path>) -> Result<Fetcher, String> {
+        let (roots, no_https) = match roots(bundle) {
+            Ok(r) => (r, None),
+            Err(e) => (rustls::RootCertStore::empty(), Some(e)),
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(FETCH_TIMEOUT)
+            .user_agent("vlm-mesh-gateway")
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {}", vlm_net::error_chain(&e)))?;
+        Ok(Fetcher { client, no_https })
+    }
+
+    /// GETs `url` (http or https), refusing bodies over `max_bytes`.
+    pub async fn fetch(&self, url: &str, max_bytes: usize) -> Result<Bytes, String> {
+        let fetch = async {
+            let url = reqwest::Url::parse(url).map_err(|e| format!("invalid URL: {e}"))?;
+            if url.host_str().is_none() {
+                return Err("the URL has no host".to_string());
+            }
+            self.get(url, max_bytes).await
+        };
+        match tokio::time::timeout(FETCH_TIMEOUT, fetch).await {
+            Ok(r) => r.map_err(|e| format!("cannot fetch the image: {e}")),
+            Err(_) => Err(format!(
+                "cannot fetch the image: no complete answer within {FETCH_TIMEOUT:?}"
+            )),
+        }
+    }
+
+    async fn get(&self, url: reqwest::Url, max_bytes: usize) -> Result<Bytes, String> {
+        match url.scheme() {
+            "http" => {}
+            "https" => {
+                if let Some(why) = &self.no_https {
+                    return Err(why.clone());
+                }
+            }
+            other => return Err(format!("unsupported URL scheme {other:?} (http or https)")),
+        }
+        let (host, port) = (
+            url.host_str().unwrap_or_default().to_string(),
+            url.port_or_known_default().unwrap_or_default(),
+        );
+        let mut resp = self.client.get(url).send().await.map_err(|e| {
+            if e.is_connect() {
+                format!(
+                    "cannot connect to {host}:{port}: {}",
+                    vlm_net::error_chain(&e)
+                )
+            } else {
+                vlm_net::error_chain(&e)
+            }
+        })?;
+        if !resp.status().is_success() {
+            return Err(format!("the server answered {}", resp.status()));
+        }
+        if resp.content_length().is_some_and(|n| n > max_bytes as u64) {
+            return Err(too_large(max_bytes));
+        }
+        let mut body = BytesMut::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| vlm_net::error_chain(&e))? {
+            if body.len() + chunk.len() > max_bytes {
+                return Err(too_large(max_bytes));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if body.is_empty() {
+            return Err("the server sent an empty body".into());
+        }
+        Ok(body.freeze())
+    }
+}
+
+fn too_large(max_bytes: usize) -> String {
+    format!("the image is larger than {max_bytes} bytes")
+}
+
+/// GETs `url` (http or https) with the process's one [`Fetcher`] (the system's CAs), refusing
+/// bodies over `max_bytes`.
+pub async fn fetch_image(url: &str, max_bytes: usize) -> Result<Bytes, String> {
+    static FETCHER: OnceLock<Result<Fetcher, String>> = OnceLock::new();
+    match FETCHER.get_or_init(|| Fetcher::new(None)) {
+        Ok(f) => f.fetch(url, max_bytes).await,
+        Err(e) => Err(format!("cannot fetch the image: {e}")),
     }
 }
 
@@ -196,5 +224,69 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.contains("cannot connect"), "{e}");
+
+        // No Content-Length (read to the end of the connection): refused once past the limit.
+        let mut big = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".to_vec();
+        big.extend(std::iter::repeat_n(b'y', 4096));
+        let (url, _server) = serve_once(big).await;
+        let e = fetch_image(&url, 1024).await.unwrap_err();
+        assert!(e.contains("larger than 1024 bytes"), "{e}");
+
+        // Redirects are not followed (the target could be an internal address).
+        let (url, _server) = serve_once(
+            b"HTTP/1.1 302 Found\r\nlocation: http://127.0.0.1:1/x.png\r\ncontent-length: 0\r\n\r\n"
+                .to_vec(),
+        )
+        .await;
+        let e = fetch_image(&url, 1024).await.unwrap_err();
+        assert!(e.contains("302"), "{e}");
+
+        let e = fetch_image("ftp://127.0.0.1/a.png", 1024)
+            .await
+            .unwrap_err();
+        assert!(e.contains("unsupported URL scheme"), "{e}");
+    }
+
+    /// HTTPS: the server is verified against the given CA (and refused without it), and the body
+    /// comes back as over http.
+    #[tokio::test]
+    async fn https_verifies_the_server_against_the_ca() {
+        let pki = tempfile::tempdir().unwrap();
+        vlm_net::certs::generate_dev_certs(pki.path(), &[]).unwrap();
+        let files = vlm_net::TlsFiles::for_role(pki.path(), "gateway");
+        let acceptor =
+            vlm_net::HttpTlsAcceptor::new(&files, vlm_net::ClientAuth::Optional).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            // Two connections: the trusting client's, then the other's (refused in the handshake).
+            for _ in 0..2 {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = tls.read(&mut buf).await.unwrap();
+                    assert!(n > 0);
+                    req.extend_from_slice(&buf[..n]);
+                }
+                tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nJPEG")
+                    .await
+                    .unwrap();
+                let _ = tls.shutdown().await;
+            }
+        });
+        let url = format!("https://localhost:{port}/pic.jpg");
+        let trusting = Fetcher::new(Some(&pki.path().join("ca.pem"))).unwrap();
+        assert_eq!(&trusting.fetch(&url, 1024).await.unwrap()[..], b"JPEG");
+        // Another CA: the server's certificate is not trusted.
+        let other = tempfile::tempdir().unwrap();
+        vlm_net::certs::generate_dev_certs(other.path(), &[]).unwrap();
+        let wary = Fetcher::new(Some(&other.path().join("ca.pem"))).unwrap();
+        let e = wary.fetch(&url, 1024).await.unwrap_err();
+        assert!(e.to_lowercase().contains("certificate"), "{e}");
+        server.await.unwrap();
     }
 }
