@@ -64,7 +64,9 @@ impl Linear {
             return Ok(None);
         }
         let m = x.elem_count() / k;
-        let xs = AlignedRows::new(&x.flatten_all()?.to_vec1::<f32>()?);
+        let Some(xs) = AlignedRows::of(x)? else {
+            return Ok(None);
+        };
         let xs = xs.as_slice();
         let out = SCRATCH.with(|cell| match cell.try_borrow_mut() {
             Ok(mut blocked) => self.product_rows(&mut blocked, xs, m),
@@ -146,13 +148,11 @@ const LINE_F32: usize = CACHE_LINE / std::mem::size_of::<f32>();
 /// this most 64-byte loads of a weight row straddle two cache lines and cost two loads. `None`
 /// for other dtypes and devices.
 fn aligned(t: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    if !matches!(t.device(), Device::Cpu) || t.dtype() != DType::F32 {
+    let Some(rows) = AlignedRows::of(t)? else {
         return Ok(None);
-    }
-    let n = t.elem_count();
-    let data = AlignedRows::new(&t.flatten_all()?.to_vec1::<f32>()?);
-    let Tensor1 { buf, start } = data.into_parts();
-    let flat = Tensor::from_vec(buf, n + LINE_F32, t.device())?.narrow(0, start, n)?;
+    };
+    let n = rows.len;
+    let flat = Tensor::from_vec(rows.buf, n + LINE_F32, t.device())?.narrow(0, rows.start, n)?;
     Ok(Some(flat.reshape(t.dims())?))
 }
 
@@ -163,12 +163,23 @@ struct AlignedRows {
     len: usize,
 }
 
-struct Tensor1 {
-    buf: Vec<f32>,
-    start: usize,
-}
-
 impl AlignedRows {
+    /// The elements of an f32 CPU tensor, copied once from its storage (`None` for other dtypes
+    /// and devices).
+    fn of(t: &Tensor) -> candle_core::Result<Option<Self>> {
+        if !matches!(t.device(), Device::Cpu) || t.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let t = t.contiguous()?;
+        let (storage, layout) = t.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        Ok(Some(Self::new(&data[start..end])))
+    }
+
     fn new(src: &[f32]) -> Self {
         let mut buf = vec![0f32; src.len() + LINE_F32];
         let misalign = (buf.as_ptr() as usize % CACHE_LINE) / std::mem::size_of::<f32>();
@@ -183,13 +194,6 @@ impl AlignedRows {
 
     fn as_slice(&self) -> &[f32] {
         &self.buf[self.start..self.start + self.len]
-    }
-
-    fn into_parts(self) -> Tensor1 {
-        Tensor1 {
-            buf: self.buf,
-            start: self.start,
-        }
     }
 }
 
