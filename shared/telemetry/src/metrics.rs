@@ -222,6 +222,60 @@ pub fn observe_stage(stage: &str, took: Duration) {
     );
 }
 
+/// One feature-cache lookup, by `result`: `hit`, `miss` or `error`.
+pub fn cache_lookup(result: &str) {
+    Metrics::global().inc(
+        "vlm_cache_lookups_total",
+        "Feature-cache lookups, by result (hit, miss, error).",
+        &[("result", result)],
+    );
+}
+
+/// One feature-cache write, by `result`: `ok` or `error`.
+pub fn cache_store(result: &str) {
+    Metrics::global().inc(
+        "vlm_cache_stores_total",
+        "Feature-cache writes, by result (ok, error).",
+        &[("result", result)],
+    );
+}
+
+/// A stage call repeated on another replica; `kind` is `retry` or `failover`.
+pub fn stage_retry(stage: &str, kind: &str) {
+    Metrics::global().inc(
+        "vlm_gateway_retries_total",
+        "Stage calls repeated on another replica, by stage and kind (retry, failover).",
+        &[("stage", stage), ("kind", kind)],
+    );
+}
+
+/// One token streamed to a client: `ttft` for a request's first token (from receiving the
+/// request), `itl` for every later one (since the previous token).
+pub fn token_streamed(ttft: Option<Duration>, itl: Option<Duration>) {
+    let m = Metrics::global();
+    m.inc(
+        "vlm_tokens_generated_total",
+        "Tokens generated and streamed to clients.",
+        &[],
+    );
+    if let Some(d) = ttft {
+        m.observe(
+            "vlm_time_to_first_token_seconds",
+            "From receiving a request to streaming its first token.",
+            &[],
+            d,
+        );
+    }
+    if let Some(d) = itl {
+        m.observe(
+            "vlm_inter_token_latency_seconds",
+            "Time between consecutive tokens of one stream.",
+            &[],
+            d,
+        );
+    }
+}
+
 /// Serves [`Metrics::global`] as Prometheus text (any path) on `listener` until the process ends.
 pub fn serve_metrics(listener: TcpListener) -> JoinHandle<()> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
