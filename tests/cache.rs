@@ -17,6 +17,12 @@ struct Answer {
 }
 
 async fn generate(mesh: &MeshProc, image: &[u8]) -> Answer {
+    let answer = try_generate(mesh, image).await.expect("generate");
+    assert_eq!(answer.ids.len(), 8);
+    answer
+}
+
+async fn try_generate(mesh: &MeshProc, image: &[u8]) -> Result<Answer, tonic::Status> {
     let mut client = mesh.client().await;
     let req = GenerateRequest {
         images: vec![image.to_vec().into()],
@@ -27,13 +33,13 @@ async fn generate(mesh: &MeshProc, image: &[u8]) -> Answer {
         }),
         monitor_layers: false,
     };
-    let mut stream = client.generate(req).await.expect("generate").into_inner();
+    let mut stream = client.generate(req).await?.into_inner();
     let mut answer = Answer {
         ids: vec![],
         cache: vec![],
         encode_ms: -1.0,
     };
-    while let Some(msg) = stream.message().await.expect("stream") {
+    while let Some(msg) = stream.message().await? {
         match msg.kind {
             Some(Kind::Delta(d)) => answer.ids.extend(d.token_ids),
             Some(Kind::Final(f)) => {
@@ -44,8 +50,7 @@ async fn generate(mesh: &MeshProc, image: &[u8]) -> Answer {
             None => {}
         }
     }
-    assert_eq!(answer.ids.len(), 8);
-    answer
+    Ok(answer)
 }
 
 /// Encode calls the mesh's encoder has accepted (its own counter, read over mTLS).
@@ -259,4 +264,166 @@ async fn concurrent_identical_misses_call_the_encoder_once() {
         misses, 1,
         "exactly one request encoded; the others shared its features"
     );
+}
+
+/// A copy of `model()` with one vision weight changed: an encoder of other weights, same shapes,
+/// same preprocessing (so a feature key can differ only through the encoder's fingerprint).
+fn model_with_other_vision_weights() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(model()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let path = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let name = "vision_tower.embeddings.patch_embedding.weight";
+    let start = header[name]["data_offsets"][0]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{name} not in the checkpoint")) as usize;
+    assert_eq!(header[name]["dtype"], "F32");
+    let at = 8 + header_len + start;
+    let v = f32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) + 0.5;
+    bytes[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    dir
+}
+
+/// Each stage's own `Info` fingerprint, asked over mTLS as a client.
+async fn stage_fingerprints(mesh: &MeshProc) -> [String; 3] {
+    use vlm_proto::decoder_client::DecoderClient;
+    use vlm_proto::projector_client::ProjectorClient;
+    let files = vlm_net::TlsFiles::for_role(mesh.certs(), "client");
+    let tls = vlm_net::client_tls(&files, "localhost").unwrap();
+    let channel = |role: &str| {
+        let url = format!("https://{}", mesh.service_addr(role));
+        let tls = tls.clone();
+        async move { vlm_net::connect(&url, Some(tls)).await.unwrap() }
+    };
+    let encoder = EncoderClient::new(channel("encoder").await)
+        .info(EncoderInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .model_fingerprint;
+    let projector = ProjectorClient::new(channel("projector").await)
+        .info(vlm_proto::ProjectorInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .model_fingerprint;
+    let decoder = DecoderClient::new(channel("decoder").await)
+        .info(vlm_proto::DecoderInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .model_fingerprint;
+    [encoder, projector, decoder]
+}
+
+async fn model_info(mesh: &MeshProc) -> vlm_proto::ModelInfo {
+    let mut client = mesh.client().await;
+    client
+        .get_model_info(vlm_proto::GetModelInfoRequest {})
+        .await
+        .expect("GetModelInfo")
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encoder_swapped_for_other_weights_never_gets_the_old_features() {
+    let redis = RedisProc::start();
+    let mesh = MeshProc::start_with(
+        &model(),
+        &["--redis", &redis.url()],
+        &[("VLM_HEALTH_INTERVAL_MS", "100")],
+    );
+    // GetModelInfo reports the stages' own fingerprints.
+    let [enc, proj, dec] = stage_fingerprints(&mesh).await;
+    let info = model_info(&mesh).await;
+    for (got, want) in [
+        (&info.encoder_fingerprint, &enc),
+        (&info.projector_fingerprint, &proj),
+        (&info.decoder_fingerprint, &dec),
+    ] {
+        assert_eq!(got.len(), 64, "{info:?}");
+        assert_eq!(got, want);
+    }
+    assert_eq!(info.fingerprint.len(), 64);
+    assert!(info.context_length > 0 && info.image_tokens > 0, "{info:?}");
+
+    let img = image();
+    assert_eq!(generate(&mesh, &img).await.cache, [CacheStatus::Miss]);
+    wait_for_keys(&redis, 1);
+    assert_eq!(generate(&mesh, &img).await.cache, [CacheStatus::Hit]);
+
+    // Swap the encoder under the running gateway: same address, other weights.
+    let other = model_with_other_vision_weights();
+    let addr = mesh.service_addr("encoder");
+    let pid = mesh.mesh_json()["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["role"] == "encoder")
+        .unwrap()["pid"]
+        .as_u64()
+        .unwrap();
+    // SAFETY: kill(2) on the encoder process this test's mesh started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    while pid_alive(pid) {
+        std::thread::yield_now(); // until the kernel has reaped it and freed the port
+    }
+    let mut swapped = std::process::Command::new(EXE)
+        .args(["serve", "encoder", "--listen", &addr, "--model"])
+        .arg(other.path())
+        .arg("--tls-dir")
+        .arg(mesh.certs())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(swapped.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("listening "), "{line:?}");
+
+    // The gateway may first see the dead connection (UNAVAILABLE) until it re-admits the
+    // replica; every answer it gives must come from the new encoder's features.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        match try_generate(&mesh, &img).await {
+            Ok(a) => break a,
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                assert!(std::time::Instant::now() < deadline, "{s:?}");
+                mesh.wait_for_log(&["[gateway]", "healthy again"], Duration::from_secs(2));
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    };
+    assert_eq!(
+        first.cache,
+        [CacheStatus::Miss],
+        "the old encoder's features must not be used"
+    );
+    assert!(first.encode_ms > 0.0);
+    assert_eq!(generate(&mesh, &img).await.cache, [CacheStatus::Hit]);
+    let keys = wait_for_keys(&redis, 2);
+    assert_eq!(keys.len(), 2, "a second key, for the new weights: {keys:?}");
+    assert_eq!(
+        encoder_requests(&mesh).await,
+        1,
+        "the new encoder encoded the image once (the old features were not used)"
+    );
+    let info = model_info(&mesh).await;
+    let [new_enc, _, _] = stage_fingerprints(&mesh).await;
+    assert_ne!(new_enc, enc);
+    assert_eq!(info.encoder_fingerprint, new_enc, "identity asked again");
+    let _ = swapped.kill();
+    let _ = swapped.wait();
 }

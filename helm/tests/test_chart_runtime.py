@@ -93,7 +93,7 @@ class RenderedPodsRun(unittest.TestCase):
         return root
 
     def test_rendered_pods_become_ready_and_answer(self):
-        values = {"model": {"dir": str(MODEL), "dtype": "f32"}, "gateway": {"defaultMaxTokens": 6}}
+        values = {"model": {"dir": str(MODEL), "dtype": "f32"}, "decoder": {"defaultMaxTokens": 6}}
         docs = render(values)
         deployments = objects(docs, "Deployment")
         secrets = self.secrets()

@@ -17,7 +17,7 @@ use vlm_model::{
 };
 use vlm_proto::decode_request::Kind as RequestKind;
 use vlm_proto::decoder_server::{Decoder, DecoderServer};
-use vlm_proto::{DecodeEvent, DecodeRequest};
+use vlm_proto::{DecodeEvent, DecodeRequest, DecoderInfo, DecoderInfoRequest};
 use vlm_serving::{model_status, params_from_proto, to_model_tensor};
 use vlm_tensor::{TensorCollector, TensorLimits};
 
@@ -65,6 +65,7 @@ pub(crate) struct Model {
     pub decoder: DecoderModel,
     pub prompt: PromptBuilder,
     pub image_tokens: usize,
+    pub info: DecoderInfo,
     /// The checkpoint directory's name, for `gen_ai.request.model` on the stage spans.
     pub name: Arc<str>,
 }
@@ -123,10 +124,20 @@ impl DecoderService {
                 |n| n.to_string_lossy().into_owned(),
             )
             .into();
+        let info = DecoderInfo {
+            model_fingerprint: decoder.fingerprint().to_string(),
+            text_model_type: decoder.config().model_type.clone(),
+            image_tokens: ckpt.config().image_tokens() as u32,
+            text_hidden_size: decoder.hidden_size() as u32,
+            context_length: decoder.max_positions() as u32,
+            default_max_tokens: cfg.default_max_tokens,
+            compute_dtype: vlm_serving::wire_dtype_for(cfg.dtype).to_proto() as i32,
+        };
         let model = Arc::new(Model {
             decoder,
             prompt,
             image_tokens: ckpt.config().image_tokens(),
+            info,
             name,
         });
         let stats = Arc::new(DecoderStats::default());
@@ -335,6 +346,16 @@ impl Decoder for DecoderService {
                 let _ = tx.send(Err(status));
             }
         }));
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        Ok(vlm_net::with_fingerprint(
+            Response::new(Box::pin(UnboundedReceiverStream::new(rx))),
+            &self.model.info.model_fingerprint,
+        ))
+    }
+
+    async fn info(
+        &self,
+        _req: Request<DecoderInfoRequest>,
+    ) -> Result<Response<DecoderInfo>, Status> {
+        Ok(Response::new(self.model.info.clone()))
     }
 }

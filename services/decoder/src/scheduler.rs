@@ -232,6 +232,7 @@ impl StepLoop<'_> {
                     let started = DecodeEvent {
                         kind: Some(EventKind::Started(DecodeStarted {
                             prefill_tokens: prefill_tokens as u32,
+                            resolved_params: Some(vlm_serving::params_to_proto(&params)),
                         })),
                     };
                     let _ = job.tx.send(Ok(started));

@@ -151,7 +151,11 @@ impl Encoder for EncoderService {
             .chain(std::iter::once(Ok(EncodeResponse {
                 kind: Some(Kind::Stats(stats)),
             })));
-        Ok(Response::new(Box::pin(tokio_stream::iter(out))))
+        let fingerprint = self.model.vision.fingerprint();
+        Ok(vlm_net::with_fingerprint(
+            Response::new(Box::pin(tokio_stream::iter(out))),
+            fingerprint,
+        ))
     }
 
     async fn info(
@@ -171,6 +175,8 @@ impl EncoderService {
             feature_rows: self.model.vision.num_features() as u32,
             feature_dim: self.model.vision.feature_dim() as u32,
             default_wire_dtype: self.default_wire.to_proto() as i32,
+            image_size: self.model.vision.image_size() as u32,
+            vision_model_type: "clip_vision_model".into(),
         }
     }
 }

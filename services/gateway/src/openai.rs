@@ -31,7 +31,7 @@ use tonic::{Code, Status};
 use vlm_net::HttpTlsAcceptor;
 use vlm_proto::gateway_server::Gateway;
 use vlm_proto::generate_response::Kind as ResponseKind;
-use vlm_proto::{FinishReason, GenerateRequest, GetModelInfoRequest};
+use vlm_proto::{FinishReason, GenerateRequest};
 
 use crate::chat_template::{ChatTemplate, TemplateMessage, TemplatePart};
 use crate::GatewayService;
@@ -544,17 +544,13 @@ impl OpenAiEndpoint {
     pub async fn new(gateway: Arc<GatewayService>, cfg: OpenAiConfig) -> anyhow::Result<Self> {
         let template = ChatTemplate::from_model_dir(&cfg.model_dir)?;
         tracing::info!(source = %template.source, "chat template");
-        let info = Gateway::get_model_info(
-            gateway.as_ref(),
-            tonic::Request::new(GetModelInfoRequest {}),
-        )
-        .await
-        .map_err(|s| anyhow::anyhow!("model info: {}", s.message()))?
-        .into_inner();
+        // The served name is the gateway's own: the endpoint starts before (or without) the
+        // stages being up.
+        let model_id = gateway.model_id().to_string();
         Ok(OpenAiEndpoint {
             gateway,
             template,
-            model_id: info.model_id,
+            model_id,
             created: unix_now(),
             cfg,
         })

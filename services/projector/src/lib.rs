@@ -12,7 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use vlm_model::{Checkpoint, DType, Device, Projector as ProjectorModel, Tensor};
 use vlm_proto::projector_server::{Projector, ProjectorServer};
-use vlm_proto::TensorChunk;
+use vlm_proto::{ProjectorInfo, ProjectorInfoRequest, TensorChunk};
 use vlm_serving::{from_model_tensor, run_model};
 use vlm_tensor::{TensorAssembler, TensorLimits, TensorStreamWriter};
 
@@ -132,6 +132,20 @@ impl Projector for ProjectorService {
             vlm_telemetry::metrics::observe_stage("project", started.elapsed());
         };
         tokio::spawn(tracing::Instrument::instrument(task, project_span));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(vlm_net::with_fingerprint(
+            Response::new(Box::pin(ReceiverStream::new(rx))),
+            self.model.fingerprint(),
+        ))
+    }
+
+    async fn info(
+        &self,
+        _req: Request<ProjectorInfoRequest>,
+    ) -> Result<Response<ProjectorInfo>, Status> {
+        Ok(Response::new(ProjectorInfo {
+            model_fingerprint: self.model.fingerprint().to_string(),
+            input_dim: self.model.in_dim() as u32,
+            output_dim: self.model.out_dim() as u32,
+        }))
     }
 }

@@ -213,9 +213,6 @@ pub enum ServeRole {
         /// Most images per request.
         #[arg(long, env = "VLM_MAX_IMAGES", default_value_t = 8)]
         max_images: usize,
-        /// max_tokens for requests that do not set it.
-        #[arg(long, env = "VLM_DEFAULT_MAX_TOKENS", default_value_t = 64)]
-        default_max_tokens: u32,
         /// Deadline in seconds for requests that set none (a client's grpc-timeout is capped by it).
         #[arg(long, env = "VLM_REQUEST_TIMEOUT", default_value_t = 300)]
         request_timeout: u64,
@@ -278,14 +275,20 @@ pub struct CacheArgs {
 }
 
 impl CacheArgs {
-    pub fn build(&self) -> anyhow::Result<Option<std::sync::Arc<dyn vlm_cache::FeatureCache>>> {
+    pub fn build(&self) -> anyhow::Result<Option<std::sync::Arc<vlm_cache::FeatureCache>>> {
         if self.no_cache {
             return Ok(None);
         }
-        Ok(Some(match &self.redis {
+        let backend: std::sync::Arc<dyn vlm_cache::CacheBackend> = match &self.redis {
             Some(url) => std::sync::Arc::new(vlm_cache::RedisCache::new(url, Default::default())?),
             None => std::sync::Arc::new(vlm_cache::MemoryCache::new(self.cache_max_bytes)),
-        }))
+        };
+        let ttl = Duration::from_secs(self.cache_ttl);
+        Ok(Some(vlm_cache::FeatureCache::new(
+            backend,
+            ttl,
+            TensorLimits::default(),
+        )))
     }
 
     /// The same settings as `serve gateway` arguments.
@@ -309,6 +312,15 @@ impl CacheArgs {
 /// Messages larger than this are refused by the transport; the gateway's own limits (images,
 /// prompt) are checked first for anything below it, with clearer errors.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The served model's name: the checkpoint directory's name (the gateway reads nothing in it
+/// but the chat template, for the OpenAI endpoint).
+fn model_id(dir: &std::path::Path) -> String {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
 
 async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     let listener = bind_quietly(addr).await?;
@@ -489,7 +501,6 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
             decoder,
             max_image_bytes,
             max_images,
-            default_max_tokens,
             request_timeout,
             wire_dtype,
             plaintext,
@@ -521,7 +532,7 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
                 }),
             };
             let cfg = vlm_gateway::GatewayConfig {
-                model: common.model.clone(),
+                model_id: model_id(&common.model),
                 encoder: replicas("encoder", &encoder)?,
                 projector: replicas("projector", &projector)?,
                 decoder: replicas("decoder", &decoder)?,
@@ -538,11 +549,9 @@ async fn serve(role: ServeRole) -> anyhow::Result<()> {
                 max_image_bytes,
                 max_images,
                 max_prompt_bytes: 1 << 20,
-                default_max_tokens,
                 default_timeout: Duration::from_secs(request_timeout),
                 wire_dtype,
                 cache: cache.build()?,
-                cache_ttl: Duration::from_secs(cache.cache_ttl),
             };
             let svc = std::sync::Arc::new(vlm_gateway::GatewayService::new(cfg)?);
             let tls = if plaintext {

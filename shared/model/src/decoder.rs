@@ -335,6 +335,7 @@ pub struct Decoder {
     cfg: TextConfig,
     dtype: DType,
     device: Device,
+    fingerprint: String,
 }
 
 impl Decoder {
@@ -367,15 +368,22 @@ impl Decoder {
             cfg: c.clone(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
+            fingerprint: String::new(),
         })
     }
 
     /// Loads the language model (and nothing else) from a checkpoint.
     pub fn load(ckpt: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
         let part = ckpt.part(PartKind::Decoder, dtype, device)?;
-        let d = Self::new(ckpt.config(), part.vb())?;
+        let mut d = Self::new(ckpt.config(), part.vb())?;
+        d.fingerprint = part.fingerprint(&format!("{:?}|{dtype:?}", ckpt.config().text))?;
         part.finish();
         Ok(d)
+    }
+
+    /// Digest of the loaded weights and text config (empty when built with [`Self::new`]).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     pub fn config(&self) -> &TextConfig {

@@ -20,6 +20,7 @@ pub struct Projector {
     in_dim: usize,
     out_dim: usize,
     dtype: DType,
+    fingerprint: String,
 }
 
 impl Projector {
@@ -45,15 +46,26 @@ impl Projector {
             in_dim,
             out_dim,
             dtype: vb.dtype(),
+            fingerprint: String::new(),
         })
     }
 
     /// Loads the projector (and nothing else) from a checkpoint.
     pub fn load(ckpt: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
         let part = ckpt.part(PartKind::Projector, dtype, device)?;
-        let p = Self::new(ckpt.config(), part.vb())?;
+        let mut p = Self::new(ckpt.config(), part.vb())?;
+        let c = ckpt.config();
+        p.fingerprint = part.fingerprint(&format!(
+            "{}|{}|{:?}|{}|{dtype:?}",
+            p.in_dim, p.out_dim, c.projector_hidden_act, c.projector_bias
+        ))?;
         part.finish();
         Ok(p)
+    }
+
+    /// Digest of the loaded weights and projector config (empty when built with [`Self::new`]).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     pub fn in_dim(&self) -> usize {

@@ -35,4 +35,7 @@ pub use tls::{
     client_tls, client_tls_without_identity, server_tls, server_tls_client_auth_optional,
     ClientAuth, TlsFiles, TlsPems,
 };
-pub use util::{new_request_id, parse_grpc_timeout, request_deadline, url_host, with_deadline};
+pub use util::{
+    fingerprint_of, new_request_id, parse_grpc_timeout, request_deadline, url_host, with_deadline,
+    with_fingerprint, FINGERPRINT_HEADER,
+};

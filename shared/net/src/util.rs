@@ -90,3 +90,21 @@ pub fn with_deadline<T>(msg: T, deadline: Instant) -> tonic::Request<T> {
     req.set_timeout(deadline.saturating_duration_since(Instant::now()));
     req
 }
+
+/// Response header in which a stage names the weights that served a call (its model
+/// fingerprint, as its `Info` reports it), so a caller learns of a replica swapped for other
+/// weights from the very call that the new weights answered.
+pub const FINGERPRINT_HEADER: &str = "vlm-fingerprint";
+
+/// `resp` with this replica's model fingerprint in [`FINGERPRINT_HEADER`].
+pub fn with_fingerprint<T>(mut resp: tonic::Response<T>, fingerprint: &str) -> tonic::Response<T> {
+    if let Ok(v) = tonic::metadata::MetadataValue::try_from(fingerprint) {
+        resp.metadata_mut().insert(FINGERPRINT_HEADER, v);
+    }
+    resp
+}
+
+/// The model fingerprint a stage put in its response headers, if any.
+pub fn fingerprint_of(md: &tonic::metadata::MetadataMap) -> Option<&str> {
+    md.get(FINGERPRINT_HEADER).and_then(|v| v.to_str().ok())
+}

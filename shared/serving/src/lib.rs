@@ -90,6 +90,19 @@ pub fn params_from_proto(
     Ok(params)
 }
 
+/// The wire form of resolved sampling parameters (every default filled in), e.g. for a caller
+/// that must send the same parameters to another replica.
+pub fn params_to_proto(p: &vlm_model::SamplingParams) -> vlm_proto::SamplingParams {
+    vlm_proto::SamplingParams {
+        max_tokens: Some(p.max_tokens),
+        temperature: p.temperature,
+        top_p: p.top_p,
+        top_k: p.top_k,
+        seed: Some(p.seed),
+        stop: p.stop.clone(),
+    }
+}
+
 /// A seed for requests that did not bring one.
 pub fn random_seed() -> u64 {
     use std::hash::{BuildHasher, RandomState};

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use vlm_cache::{FeatureCache, RedisCache};
+use vlm_cache::{CacheBackend, RedisCache};
 use vlm_proto::gateway_client::GatewayClient;
 use vlm_proto::generate_response::Kind;
 use vlm_proto::{CacheStatus, GenerateRequest};

@@ -1,0 +1,143 @@
+//! The gRPC face: request limits, then `Generate` wires the image pipelines, the embedding log and
+//! the decoder relay together; `GetModelInfo` answers from the stages' own description.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use vlm_proto::gateway_server::{Gateway, GatewayServer};
+use vlm_proto::{
+    DecodeSetup, GenerateRequest, GenerateResponse, GetModelInfoRequest, ImageSlot, ModelInfo,
+};
+
+use crate::decode::{open_decoder, Relay};
+use crate::embeddings::{self, AbortOnDrop};
+use crate::{GatewayConfig, Stages};
+
+pub struct GatewayService {
+    cfg: GatewayConfig,
+    stages: Arc<Stages>,
+}
+
+impl GatewayService {
+    pub fn new(cfg: GatewayConfig) -> anyhow::Result<Self> {
+        let stages = Arc::new(Stages::new(&cfg));
+        Ok(GatewayService { cfg, stages })
+    }
+
+    /// The served model's name (`ModelInfo.model_id`).
+    pub fn model_id(&self) -> &str {
+        self.stages.identity.model_id()
+    }
+
+    pub fn into_server(self) -> GatewayServer<Self> {
+        GatewayServer::new(self)
+    }
+
+    /// The gateway's own limits; everything about the prompt and sampling is the decoder's.
+    fn validate(&self, req: &GenerateRequest) -> Result<(), Status> {
+        let c = &self.cfg;
+        if req.prompt.trim().is_empty() {
+            return Err(Status::invalid_argument("prompt is empty"));
+        }
+        if req.prompt.len() > c.max_prompt_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "prompt of {} bytes exceeds the limit of {} bytes",
+                req.prompt.len(),
+                c.max_prompt_bytes
+            )));
+        }
+        if req.images.len() > c.max_images {
+            return Err(Status::invalid_argument(format!(
+                "{} images given; at most {} per request",
+                req.images.len(),
+                c.max_images
+            )));
+        }
+        for (i, img) in req.images.iter().enumerate() {
+            if img.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "image {} is empty (0 bytes)",
+                    i + 1
+                )));
+            }
+            if img.len() > c.max_image_bytes {
+                return Err(Status::resource_exhausted(format!(
+                    "image {} is {} bytes, over the limit of {} bytes",
+                    i + 1,
+                    img.len(),
+                    c.max_image_bytes
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Gateway for GatewayService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        req: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
+        let started = Instant::now();
+        let deadline = vlm_net::request_deadline(req.metadata(), self.cfg.default_timeout);
+        let req = req.into_inner();
+        self.validate(&req)?;
+        let setup = DecodeSetup {
+            prompt: req.prompt,
+            params: req.params,
+            images: vec![ImageSlot { rows: 0 }; req.images.len()],
+            resume_token_ids: vec![],
+            monitor_layers: req.monitor_layers,
+        };
+        let (log, sequencer) =
+            embeddings::start(&self.stages, req.images, req.monitor_layers, deadline);
+        let sequencer_abort = AbortOnDrop::new(&sequencer);
+
+        // The first decoder call is made here, so prompt and sampling errors (the decoder checks
+        // them) reach the client as the call's status; once it streams, the relay handles
+        // failures.
+        let mut calls = self.stages.decoder.call(deadline);
+        let first = open_decoder(&self.stages, &mut calls, &setup, &[], &log).await?;
+        sequencer_abort.disarm(); // the relay owns the sequencer from here
+
+        let (tx, rx) = mpsc::channel(32);
+        let relay = Relay {
+            stages: self.stages.clone(),
+            calls,
+            setup,
+            log,
+            started,
+            // The trace this request belongs to (the caller's, if it sent a traceparent).
+            trace_id: vlm_telemetry::current_trace_id().unwrap_or_else(vlm_net::new_request_id),
+            tx,
+            sequencer: Some(sequencer),
+            produced: Vec::new(),
+        };
+        tokio::spawn(relay.run(first).in_current_span());
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).fuse())))
+    }
+
+    async fn get_model_info(
+        &self,
+        req: Request<GetModelInfoRequest>,
+    ) -> Result<Response<ModelInfo>, Status> {
+        let deadline = vlm_net::request_deadline(req.metadata(), self.cfg.default_timeout);
+        let info = self
+            .stages
+            .identity
+            .model_info(&self.stages, deadline)
+            .await?;
+        Ok(Response::new(info))
+    }
+}

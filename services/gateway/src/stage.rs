@@ -1,0 +1,268 @@
+//! The one way the gateway calls a stage. A [`Stage`] is a replica set with its retry policy and
+//! adaptive timeout; a [`StageCall`] is one request's calls to it: it picks replicas (never one
+//! this request already gave up on), bounds waits by the adaptive timeout while another replica is
+//! left, books failures against replicas, and decides, with the retry budget and backoff, whether
+//! to try again; every retry is logged, counted and recorded as a span event here.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::Status;
+use vlm_net::{
+    is_retryable, AdaptiveTimeout, AdaptiveTimeoutOptions, Lease, ReplicaSet, RetryOptions,
+    RetryPolicy,
+};
+
+/// One stage as the gateway calls it: its replicas, its retry policy and its adaptive timeout.
+pub(crate) struct Stage {
+    /// "encoder", "projector" or "decoder": prefixes this stage's errors.
+    pub name: &'static str,
+    replicas: Arc<ReplicaSet>,
+    retry: RetryPolicy,
+    /// Per unit of work (image, row block, decode step).
+    pub timeout: AdaptiveTimeout,
+}
+
+impl Stage {
+    pub fn new(
+        name: &'static str,
+        replicas: Arc<ReplicaSet>,
+        retry: RetryOptions,
+        timeouts: AdaptiveTimeoutOptions,
+        unit: &'static str,
+    ) -> Self {
+        Stage {
+            name,
+            replicas,
+            retry: RetryPolicy::new(retry),
+            timeout: AdaptiveTimeout::new(unit, timeouts),
+        }
+    }
+
+    /// A request's calls to this stage, bounded by `deadline`; counts towards the retry budget.
+    pub fn call(self: &Arc<Self>, deadline: Instant) -> StageCall {
+        self.retry.record_call();
+        StageCall {
+            stage: self.clone(),
+            tried: Vec::new(),
+            attempt: 1,
+            deadline,
+        }
+    }
+}
+
+/// A failed attempt at one stage; `status` says whether another replica may do better.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub stage: &'static str,
+    pub status: Status,
+}
+
+impl Failure {
+    pub fn new(stage: &'static str, status: Status) -> Self {
+        Failure { stage, status }
+    }
+
+    /// The request itself went away (not a stage's fault; never retried).
+    pub fn cancelled() -> Self {
+        Failure::new("gateway", Status::cancelled("request cancelled"))
+    }
+
+    pub fn into_status(self) -> Status {
+        stage_status(self.stage, self.status)
+    }
+}
+
+/// Marks which stage failed; keeps the code (UNAVAILABLE, DEADLINE_EXCEEDED, INVALID_ARGUMENT…).
+pub(crate) fn stage_status(stage: &str, s: Status) -> Status {
+    if stage == "gateway" || s.message().starts_with(stage) {
+        return s;
+    }
+    Status::new(s.code(), format!("{stage}: {}", s.message()))
+}
+
+/// One request's calls to one stage.
+pub(crate) struct StageCall {
+    pub stage: Arc<Stage>,
+    /// Replicas this request has given up on.
+    tried: Vec<u64>,
+    attempt: u32,
+    pub deadline: Instant,
+}
+
+impl StageCall {
+    /// A healthy replica this request has not given up on, or the stage's reason why none is.
+    pub fn pick(&self) -> Result<Lease, Failure> {
+        self.stage
+            .replicas
+            .pick(&self.tried)
+            .map_err(|status| Failure::new(self.stage.name, status))
+    }
+
+    /// How long `units` of work on `current` may take by `timeout`, if another healthy replica is
+    /// left to go to; otherwise only the deadline bounds the wait (abandoning a slow call to queue
+    /// again on the same replica would only make it slower).
+    pub fn limit(&self, current: &Lease, timeout: &AdaptiveTimeout, units: f64) -> Duration {
+        if self.has_alternative(current) {
+            timeout.limit(units, self.deadline)
+        } else {
+            self.remaining()
+        }
+    }
+
+    /// Like [`Self::limit`] with the clamp's maximum: for waits that say little about the replica
+    /// (queueing for a slot).
+    pub fn max_limit(&self, current: &Lease, timeout: &AdaptiveTimeout) -> Duration {
+        if self.has_alternative(current) {
+            timeout.max_limit(self.deadline)
+        } else {
+            self.remaining()
+        }
+    }
+
+    fn has_alternative(&self, current: &Lease) -> bool {
+        let mut exclude = self.tried.clone();
+        exclude.push(current.id());
+        self.stage.replicas.has_alternative(&exclude)
+    }
+
+    fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Books a failed call: a retryable failure excludes the replica from this request's further
+    /// attempts and ejects it from the set until a health check passes.
+    pub fn failed(&mut self, lease: Lease, status: Status) -> Failure {
+        if is_retryable(&status) {
+            self.tried.push(lease.id());
+            lease.unreachable(&format!("{:?}: {}", status.code(), status.message()));
+        }
+        Failure::new(self.stage.name, status)
+    }
+
+    /// Books a call given up on after `limit` (the replica answers, but too slowly), or the
+    /// request's deadline passing.
+    pub fn too_slow(&mut self, lease: Lease, limit: Duration, what: &str) -> Failure {
+        if Instant::now() >= self.deadline {
+            return self.deadline_failure();
+        }
+        tracing::warn!(
+            stage = self.stage.name,
+            replica = lease.url(),
+            limit_ms = limit.as_millis() as u64,
+            "replica slower than the adaptive timeout; call abandoned"
+        );
+        let status = Status::unavailable(format!(
+            "replica {} {what} within the adaptive timeout of {} ms",
+            lease.url(),
+            limit.as_millis()
+        ));
+        self.tried.push(lease.id());
+        lease.abandoned();
+        Failure::new(self.stage.name, status)
+    }
+
+    pub fn deadline_failure(&self) -> Failure {
+        Failure::new(
+            self.stage.name,
+            Status::deadline_exceeded("request deadline exceeded"),
+        )
+    }
+
+    /// After a failed attempt: waits the backoff and returns Ok when another attempt may follow
+    /// (`kind`: `retry` before any output reached the client, `failover` after), or the status to
+    /// give up with.
+    pub async fn again(&mut self, f: Failure, kind: &'static str) -> Result<(), Status> {
+        if f.stage == "gateway" {
+            return Err(f.status);
+        }
+        let Some(pause) = self
+            .stage
+            .retry
+            .next_retry(self.attempt, &f.status, self.deadline)
+        else {
+            return Err(self.final_status(f));
+        };
+        tracing::info!(
+            stage = f.stage,
+            attempt = self.attempt,
+            kind,
+            "{} failed; trying another replica: {}",
+            f.stage,
+            f.status.message()
+        );
+        retry_event(kind, f.stage, self.attempt, &f.status);
+        tokio::time::sleep(pause).await;
+        self.attempt += 1;
+        Ok(())
+    }
+
+    /// The status to give up with: once the deadline has passed, whatever a hop said (tonic's own
+    /// client timer reports CANCELLED), the answer is DEADLINE_EXCEEDED.
+    fn final_status(&self, f: Failure) -> Status {
+        if Instant::now() >= self.deadline {
+            return Status::deadline_exceeded(format!(
+                "request deadline exceeded ({}: {})",
+                f.stage,
+                f.status.message()
+            ));
+        }
+        if self.attempt > 1 && is_retryable(&f.status) {
+            let msg = format!(
+                "{} (gave up after {} attempts)",
+                f.status.message(),
+                self.attempt
+            );
+            return stage_status(f.stage, Status::new(f.status.code(), msg));
+        }
+        f.into_status()
+    }
+
+    /// Opens a call with `open` on a replica, retrying on others while failures are retryable;
+    /// the lease of the replica that answered comes back with the call.
+    pub async fn open<T, F, Fut>(&mut self, mut open: F) -> Result<(Lease, T), Status>
+    where
+        F: FnMut(&Lease) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        loop {
+            let failure = match self.pick() {
+                Err(f) => f,
+                Ok(lease) => match tokio::time::timeout_at(self.deadline, open(&lease)).await {
+                    Ok(Ok(v)) => return Ok((lease, v)),
+                    Ok(Err(s)) => self.failed(lease, s),
+                    Err(_) => self.deadline_failure(),
+                },
+            };
+            self.again(failure, "retry").await?;
+        }
+    }
+
+    /// A unary call, retried like [`Self::open`]; the replica is credited with the success.
+    pub async fn unary<T, F, Fut>(&mut self, call: F) -> Result<T, Status>
+    where
+        F: FnMut(&Lease) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let (lease, v) = self.open(call).await?;
+        lease.success();
+        Ok(v)
+    }
+}
+
+/// A retry or failover as an event on the request's span, with the reason, so the trace says
+/// why a stage was called twice; and in `vlm_gateway_retries_total`.
+fn retry_event(kind: &'static str, stage: &str, attempt: u32, status: &Status) {
+    vlm_telemetry::span_event(
+        kind,
+        &[
+            ("vlm.stage", stage.to_string()),
+            ("vlm.attempt", attempt.to_string()),
+            ("rpc.grpc.status_code", (status.code() as i32).to_string()),
+            ("reason", status.message().to_string()),
+        ],
+    );
+    vlm_telemetry::metrics::stage_retry(stage, kind);
+}
