@@ -129,10 +129,11 @@ impl Relay {
                     .await;
                     return Ok(());
                 }
+                let reason = failure.status.message().to_string();
                 self.calls.again(failure, "failover").await?;
                 tracing::warn!(
                     tokens = self.produced.len(),
-                    "resuming the decode on another replica"
+                    "decoder failed mid-stream; resuming on another replica: {reason}"
                 );
                 current = open_decoder(
                     &self.stages,

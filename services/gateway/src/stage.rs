@@ -152,7 +152,8 @@ impl StageCall {
             stage = self.stage.name,
             replica = lease.url(),
             limit_ms = limit.as_millis() as u64,
-            "replica slower than the adaptive timeout; call abandoned"
+            "{} slower than its adaptive timeout; call abandoned",
+            self.stage.name
         );
         let status = Status::unavailable(format!(
             "replica {} {what} within the adaptive timeout of {} ms",
