@@ -15,6 +15,7 @@ use vlm_model::{Admission, Engine, EngineConfig, SeqId, SeqRequest, StepEvent};
 use vlm_proto::decode_event::Kind as EventKind;
 use vlm_proto::{DecodeDone, DecodeEvent, DecodeStarted, TokenEvent};
 use vlm_serving::model_status;
+use vlm_telemetry::metrics::labels::QueueOutcome;
 
 use crate::{finish_reason, metrics, DecoderStats, Model};
 
@@ -192,7 +193,7 @@ impl StepLoop<'_> {
             } else if now >= self.queue_deadline(j) {
                 let j = self.queue.remove(i).expect("index in range");
                 let waited = now.duration_since(j.queued);
-                metrics::queue_wait(waited, "expired");
+                metrics::queue_wait(waited, QueueOutcome::expired);
                 tracing::info!(parent: &j.span, waited_ms = waited.as_millis() as u64, "KV cache full until the deadline; not decoding");
                 let _ = j.tx.send(Err(Status::resource_exhausted(format!(
                     "decoder: the KV cache budget ({bytes} bytes, {} tokens; --kv-cache-bytes) stayed full for the {} ms this request could wait in the queue",
@@ -215,7 +216,7 @@ impl StepLoop<'_> {
                 Ok(Admission::Admitted { cached_tokens }) => {
                     self.next_id += 1;
                     self.stats.started.fetch_add(1, Ordering::Relaxed);
-                    metrics::queue_wait(job.queued.elapsed(), "admitted");
+                    metrics::queue_wait(job.queued.elapsed(), QueueOutcome::admitted);
                     let prefill_tokens = job.prompt_tokens + resumed;
                     let prefill = tracing::info_span!(
                         parent: &job.span,

@@ -21,6 +21,8 @@ use tonic::codegen::http::{Request, Response};
 use tonic::codegen::Service;
 use tonic::server::NamedService;
 use tonic::Status;
+use vlm_telemetry::metrics::labels::ServiceLabels;
+use vlm_telemetry::MeshMetrics;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AdmissionLimits {
@@ -135,13 +137,11 @@ impl Drop for WaitingGuard<'_> {
     }
 }
 
-fn queue_depth(service: &str, depth: usize) {
-    vlm_telemetry::Metrics::global().gauge_set(
-        "vlm_admission_queue_depth",
-        "Calls waiting for a serving slot (load shedding starts when this reaches --max-queue).",
-        &[("service", service)],
-        depth as f64,
-    );
+fn queue_depth(service: &'static str, depth: usize) {
+    MeshMetrics::global()
+        .admission_queue_depth
+        .get_or_create(&ServiceLabels { service })
+        .set(i64::try_from(depth).unwrap_or(i64::MAX));
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -177,11 +177,12 @@ where
                 Ok(p) => p,
                 Err(status) => {
                     shared.stats.shed.fetch_add(1, Ordering::Relaxed);
-                    vlm_telemetry::Metrics::global().inc(
-                        "vlm_admission_shed_total",
-                        "Calls refused because the queue was full or the deadline passed in it.",
-                        &[("service", shared.name)],
-                    );
+                    MeshMetrics::global()
+                        .admission_shed
+                        .get_or_create(&ServiceLabels {
+                            service: shared.name,
+                        })
+                        .inc();
                     return Ok(status.into_http());
                 }
             };

@@ -19,7 +19,8 @@ use tower::{Layer, Service};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::Metrics;
+use crate::metrics::labels::{RpcCallLabels, RpcLabels};
+use crate::MeshMetrics;
 
 struct HeaderExtractor<'a>(&'a HeaderMap);
 
@@ -82,8 +83,7 @@ fn record_status(span: &Span, headers: &HeaderMap) -> Option<i64> {
 
 /// A server call being measured: counted and timed when its response stream ends.
 struct ServerRpc {
-    service: String,
-    method: String,
+    labels: RpcLabels,
     start: Instant,
     code: Option<i64>,
 }
@@ -91,15 +91,13 @@ struct ServerRpc {
 impl ServerRpc {
     fn start(path: &str) -> ServerRpc {
         let (service, method) = rpc_names(path);
-        Metrics::global().gauge_add(
-            "vlm_rpc_server_in_flight",
-            "Server calls in progress (including their response streams).",
-            &[("service", &service), ("method", &method)],
-            1.0,
-        );
+        let labels = RpcLabels { service, method };
+        MeshMetrics::global()
+            .rpc_server_in_flight
+            .get_or_create(&labels)
+            .inc();
         ServerRpc {
-            service,
-            method,
+            labels,
             start: Instant::now(),
             code: None,
         }
@@ -108,31 +106,17 @@ impl ServerRpc {
 
 impl Drop for ServerRpc {
     fn drop(&mut self) {
-        let m = Metrics::global();
-        // A stream dropped before its trailers was cancelled by the peer (CANCELLED = 1).
-        let code = self.code.unwrap_or(1).to_string();
-        let svc = [
-            ("service", self.service.as_str()),
-            ("method", self.method.as_str()),
-        ];
-        m.gauge_add(
-            "vlm_rpc_server_in_flight",
-            "Server calls in progress (including their response streams).",
-            &svc,
-            -1.0,
-        );
-        let labels = [svc[0], svc[1], ("code", code.as_str())];
-        m.inc(
-            "vlm_rpc_server_requests_total",
-            "Server calls finished, by gRPC status code.",
-            &labels,
-        );
-        m.observe(
-            "vlm_rpc_server_duration_seconds",
-            "Server call duration, request start to end of the response stream.",
-            &labels,
-            self.start.elapsed(),
-        );
+        let m = MeshMetrics::global();
+        m.rpc_server_in_flight.get_or_create(&self.labels).dec();
+        let call = RpcCallLabels {
+            rpc: self.labels.clone(),
+            // A stream dropped before its trailers was cancelled by the peer (CANCELLED = 1).
+            code: self.code.unwrap_or(1),
+        };
+        m.rpc_server_requests.get_or_create(&call).inc();
+        m.rpc_server_duration
+            .get_or_create(&call)
+            .observe(self.start.elapsed().as_secs_f64());
     }
 }
 

@@ -1,0 +1,156 @@
+//! The label sets of the mesh's metric families: one type per set of label names, and an enum
+//! wherever the values are a closed set (its variants are spelled as the exposed values).
+
+// The derive writes a variant's identifier as the label value, so variants are the values.
+#![allow(non_camel_case_types)]
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelSetEncoder};
+
+/// No labels. Unlabelled series are families keyed by this, so that, like labelled ones, they
+/// appear in a process's exposition only once that process records them.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct NoLabels;
+
+impl EncodeLabelSet for NoLabels {
+    fn encode(&self, _encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        Ok(())
+    }
+}
+
+/// `{stage}`: a pipeline stage (`preprocess`, `vision_forward`, `cache.lookup`, `project`,
+/// `prefill`, `decode`) or, for retries, the stage called (`encoder`, `projector`, `decoder`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub stage: String,
+}
+
+/// `{service,method}` of a gRPC call (`vlm.v1.Encoder`, `Encode`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    pub service: String,
+    pub method: String,
+}
+
+/// `{service,method,code}` of a finished gRPC call; `code` is its numeric gRPC status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcCallLabels {
+    #[prometheus(flatten)]
+    pub rpc: RpcLabels,
+    pub code: i64,
+}
+
+/// `{service}`: the gRPC service name a load-shedding layer guards.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: &'static str,
+}
+
+/// Outcome of a feature-cache lookup; `off` when the gateway runs without a cache.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum CacheLookup {
+    hit,
+    miss,
+    error,
+    off,
+}
+
+impl CacheLookup {
+    pub fn parse(s: &str) -> Option<CacheLookup> {
+        Some(match s {
+            "hit" => CacheLookup::hit,
+            "miss" => CacheLookup::miss,
+            "error" => CacheLookup::error,
+            "off" => CacheLookup::off,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLookupLabels {
+    pub result: CacheLookup,
+}
+
+/// Outcome of a feature-cache write.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum CacheStore {
+    ok,
+    error,
+}
+
+impl CacheStore {
+    pub fn parse(s: &str) -> Option<CacheStore> {
+        Some(match s {
+            "ok" => CacheStore::ok,
+            "error" => CacheStore::error,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheStoreLabels {
+    pub result: CacheStore,
+}
+
+/// Why a stage call went to another replica: a retry after a failed call, or a failover of a
+/// stream that broke midway.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum RetryKind {
+    retry,
+    failover,
+}
+
+impl RetryKind {
+    pub fn parse(s: &str) -> Option<RetryKind> {
+        Some(match s {
+            "retry" => RetryKind::retry,
+            "failover" => RetryKind::failover,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub stage: String,
+    pub kind: RetryKind,
+}
+
+/// State of a KV-cache block: held by a running sequence, cached (an unreferenced prefix block,
+/// reclaimable) or free.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum KvBlockState {
+    used,
+    cached,
+    free,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KvBlockLabels {
+    pub state: KvBlockState,
+}
+
+/// Whether a prompt position's KV came from the prefix cache (`hit`) or was computed (`miss`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum PrefixLookup {
+    hit,
+    miss,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PrefixLabels {
+    pub result: PrefixLookup,
+}
+
+/// How a request's wait in the decoder's queue ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum QueueOutcome {
+    admitted,
+    expired,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueWaitLabels {
+    pub outcome: QueueOutcome,
+}

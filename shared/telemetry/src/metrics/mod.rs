@@ -1,0 +1,261 @@
+//! Prometheus metrics on `prometheus-client`: every family the mesh exports is declared once, with
+//! its help text, label set and buckets, in [`MeshMetrics`], registered in one registry per
+//! process, and served as Prometheus text by [`serve_metrics`]. Series appear in a process's
+//! exposition once it records them, so each service shows only its own.
+//!
+//! Recording goes through the typed families (`MeshMetrics::global().kv_cache_blocks
+//! .get_or_create(&KvBlockLabels { state: KvBlockState::free }).set(n)`) or the named helpers
+//! below, which the gateway uses.
+
+mod http;
+pub mod labels;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Metric, Registry};
+
+pub use http::{serve_metrics, CONTENT_TYPE};
+use labels::*;
+
+/// Upper bounds (seconds) of the latency histograms: 1 ms to 60 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Upper bounds of `vlm_decoder_batch_size`: sequences per decode step.
+pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
+/// A histogram family whose histograms all have the same buckets.
+pub type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS.iter().copied())
+}
+
+fn batch_histogram() -> Histogram {
+    Histogram::new(BATCH_BUCKETS.iter().copied())
+}
+
+fn latency<L: Clone + Eq + std::hash::Hash>() -> Histograms<L> {
+    Family::new_with_constructor(latency_histogram)
+}
+
+/// Every metric family of the mesh. Counter names are registered without `_total`, which the
+/// encoder appends.
+#[derive(Debug)]
+pub struct MeshMetrics {
+    // Every service.
+    pub rpc_server_requests: Family<RpcCallLabels, Counter>,
+    pub rpc_server_duration: Histograms<RpcCallLabels>,
+    pub rpc_server_in_flight: Family<RpcLabels, Gauge>,
+    pub admission_queue_depth: Family<ServiceLabels, Gauge>,
+    pub admission_shed: Family<ServiceLabels, Counter>,
+    pub stage_duration: Histograms<StageLabels>,
+    // The gateway.
+    pub cache_lookups: Family<CacheLookupLabels, Counter>,
+    pub cache_stores: Family<CacheStoreLabels, Counter>,
+    pub gateway_retries: Family<RetryLabels, Counter>,
+    pub tokens_generated: Family<NoLabels, Counter>,
+    pub time_to_first_token: Histograms<NoLabels>,
+    pub inter_token_latency: Histograms<NoLabels>,
+    // The decoder's step loop.
+    pub decoder_batch_size: Histograms<NoLabels>,
+    pub kv_cache_blocks: Family<KvBlockLabels, Gauge>,
+    pub decoder_running_sequences: Family<NoLabels, Gauge>,
+    pub decoder_queued_requests: Family<NoLabels, Gauge>,
+    pub prefix_cache_tokens: Family<PrefixLabels, Counter>,
+    pub decoder_queue_wait: Histograms<QueueWaitLabels>,
+    registry: Registry,
+}
+
+/// Registers `metric` under `name` and hands back its handle (families share their series
+/// between clones).
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+impl MeshMetrics {
+    /// The process-wide families every service records into and [`serve_metrics`] serves.
+    pub fn global() -> &'static MeshMetrics {
+        static GLOBAL: OnceLock<MeshMetrics> = OnceLock::new();
+        GLOBAL.get_or_init(MeshMetrics::new)
+    }
+
+    /// A fresh registry with every family registered (help texts get their final period from
+    /// the registry).
+    pub(crate) fn new() -> MeshMetrics {
+        let r = &mut Registry::default();
+        MeshMetrics {
+            rpc_server_requests: registered(r, "vlm_rpc_server_requests",
+                "Server calls finished, by gRPC status code", Family::default()),
+            rpc_server_duration: registered(r, "vlm_rpc_server_duration_seconds",
+                "Server call duration, request start to end of the response stream", latency()),
+            rpc_server_in_flight: registered(r, "vlm_rpc_server_in_flight",
+                "Server calls in progress (including their response streams)", Family::default()),
+            admission_queue_depth: registered(r, "vlm_admission_queue_depth",
+                "Calls waiting for a serving slot (load shedding starts when this reaches --max-queue)",
+                Family::default()),
+            admission_shed: registered(r, "vlm_admission_shed",
+                "Calls refused because the queue was full or the deadline passed in it",
+                Family::default()),
+            stage_duration: registered(r, "vlm_stage_duration_seconds",
+                "Time spent in one pipeline stage", latency()),
+            cache_lookups: registered(r, "vlm_cache_lookups",
+                "Feature-cache lookups, by result (hit, miss, error)", Family::default()),
+            cache_stores: registered(r, "vlm_cache_stores",
+                "Feature-cache writes, by result (ok, error)", Family::default()),
+            gateway_retries: registered(r, "vlm_gateway_retries",
+                "Stage calls repeated on another replica, by stage and kind (retry, failover)",
+                Family::default()),
+            tokens_generated: registered(r, "vlm_tokens_generated",
+                "Tokens generated and streamed to clients", Family::default()),
+            time_to_first_token: registered(r, "vlm_time_to_first_token_seconds",
+                "From receiving a request to streaming its first token", latency()),
+            inter_token_latency: registered(r, "vlm_inter_token_latency_seconds",
+                "Time between consecutive tokens of one stream", latency()),
+            decoder_batch_size: registered(r, "vlm_decoder_batch_size",
+                "Sequences advanced together by one decode step",
+                Family::new_with_constructor(batch_histogram)),
+            kv_cache_blocks: registered(r, "vlm_kv_cache_blocks",
+                "KV-cache blocks: used by running sequences, cached (unreferenced prefix blocks, reclaimable), free",
+                Family::default()),
+            decoder_running_sequences: registered(r, "vlm_decoder_running_sequences",
+                "Sequences in the decoder's batch", Family::default()),
+            decoder_queued_requests: registered(r, "vlm_decoder_queued_requests",
+                "Requests waiting for KV-cache memory or a batch slot", Family::default()),
+            prefix_cache_tokens: registered(r, "vlm_prefix_cache_tokens",
+                "Prompt positions whose KV came from the prefix cache (hit) or was computed (miss)",
+                Family::default()),
+            decoder_queue_wait: registered(r, "vlm_decoder_queue_wait_seconds",
+                "Time from a request reaching the decoder's queue to its admission (or expiry)",
+                latency()),
+            registry: std::mem::take(r),
+        }
+    }
+
+    /// Everything recorded so far, in the Prometheus text exposition format (0.0.4).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_text::encode(&mut out, &self.registry).expect("writing to a String never fails");
+        out
+    }
+}
+
+/// Times one pipeline stage (`preprocess`, `vision_forward`, `project`, `prefill`, `decode`,
+/// `cache.lookup`…) in `vlm_stage_duration_seconds`.
+pub fn observe_stage(stage: &str, took: Duration) {
+    MeshMetrics::global()
+        .stage_duration
+        .get_or_create(&StageLabels {
+            stage: stage.to_string(),
+        })
+        .observe(took.as_secs_f64());
+}
+
+/// One feature-cache lookup, by `result`: `hit`, `miss`, `error` (or `off`: no cache).
+pub fn cache_lookup(result: &str) {
+    let Some(result) = CacheLookup::parse(result) else {
+        return unknown("vlm_cache_lookups_total", result);
+    };
+    MeshMetrics::global()
+        .cache_lookups
+        .get_or_create(&CacheLookupLabels { result })
+        .inc();
+}
+
+/// One feature-cache write, by `result`: `ok` or `error`.
+pub fn cache_store(result: &str) {
+    let Some(result) = CacheStore::parse(result) else {
+        return unknown("vlm_cache_stores_total", result);
+    };
+    MeshMetrics::global()
+        .cache_stores
+        .get_or_create(&CacheStoreLabels { result })
+        .inc();
+}
+
+/// A stage call repeated on another replica; `kind` is `retry` or `failover`.
+pub fn stage_retry(stage: &str, kind: &str) {
+    let Some(kind) = RetryKind::parse(kind) else {
+        return unknown("vlm_gateway_retries_total", kind);
+    };
+    MeshMetrics::global()
+        .gateway_retries
+        .get_or_create(&RetryLabels {
+            stage: stage.to_string(),
+            kind,
+        })
+        .inc();
+}
+
+/// One token streamed to a client: `ttft` for a request's first token (from receiving the
+/// request), `itl` for every later one (since the previous token).
+pub fn token_streamed(ttft: Option<Duration>, itl: Option<Duration>) {
+    let m = MeshMetrics::global();
+    m.tokens_generated.get_or_create(&NoLabels).inc();
+    if let Some(d) = ttft {
+        m.time_to_first_token
+            .get_or_create(&NoLabels)
+            .observe(d.as_secs_f64());
+    }
+    if let Some(d) = itl {
+        m.inter_token_latency
+            .get_or_create(&NoLabels)
+            .observe(d.as_secs_f64());
+    }
+}
+
+/// A label value outside its closed set is a caller's bug; it is logged, not exported.
+fn unknown(series: &'static str, value: &str) {
+    tracing::warn!(series, value, "unknown label value; not counted");
+}
+
+/// The gateway's former way in, `Metrics::global().inc(name, help, labels)` and `.observe(…)`,
+/// routed by series name to the helpers above. Kept only until the gateway calls those helpers;
+/// nothing else may use it.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Metrics(());
+
+impl Metrics {
+    pub fn global() -> &'static Metrics {
+        static SHIM: Metrics = Metrics(());
+        &SHIM
+    }
+
+    pub fn inc(&self, name: &str, _help: &str, labels: &[(&str, &str)]) {
+        let label = |k: &str| labels.iter().find(|(n, _)| *n == k).map_or("", |l| l.1);
+        match name {
+            "vlm_cache_lookups_total" => cache_lookup(label("result")),
+            "vlm_cache_stores_total" => cache_store(label("result")),
+            "vlm_gateway_retries_total" => stage_retry(label("stage"), label("kind")),
+            "vlm_tokens_generated_total" => {
+                MeshMetrics::global()
+                    .tokens_generated
+                    .get_or_create(&NoLabels)
+                    .inc();
+            }
+            other => unknown("counter", other),
+        }
+    }
+
+    pub fn observe(&self, name: &str, _help: &str, _labels: &[(&str, &str)], took: Duration) {
+        let m = MeshMetrics::global();
+        let family = match name {
+            "vlm_time_to_first_token_seconds" => &m.time_to_first_token,
+            "vlm_inter_token_latency_seconds" => &m.inter_token_latency,
+            other => return unknown("histogram", other),
+        };
+        family.get_or_create(&NoLabels).observe(took.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests;
