@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,18 +48,6 @@ pub struct DecoderConfig {
     pub fault_decode_delay: Option<std::time::Duration>,
 }
 
-/// Counters other code (tests, metrics) can read.
-#[derive(Debug, Default)]
-pub struct DecoderStats {
-    pub started: AtomicU64,
-    pub completed: AtomicU64,
-    /// Generations stopped because the caller went away.
-    pub cancelled: AtomicU64,
-    /// Generations stopped because the caller's deadline (`grpc-timeout`) passed.
-    pub deadline_exceeded: AtomicU64,
-    pub tokens: AtomicU64,
-}
-
 pub(crate) struct Model {
     pub decoder: DecoderModel,
     pub prompt: PromptBuilder,
@@ -77,7 +64,6 @@ pub struct DecoderService {
     block_bytes: usize,
     limits: TensorLimits,
     default_max_tokens: u32,
-    stats: Arc<DecoderStats>,
 }
 
 impl DecoderService {
@@ -140,13 +126,11 @@ impl DecoderService {
             info,
             name,
         });
-        let stats = Arc::new(DecoderStats::default());
         let scheduler = Scheduler::start(
             model.clone(),
             engine,
             cfg.max_queue_wait,
             cfg.fault_decode_delay,
-            stats.clone(),
         )?;
         Ok(DecoderService {
             model,
@@ -155,12 +139,7 @@ impl DecoderService {
             block_bytes: shape.block_bytes(),
             limits: cfg.limits,
             default_max_tokens: cfg.default_max_tokens,
-            stats,
         })
-    }
-
-    pub fn stats(&self) -> Arc<DecoderStats> {
-        self.stats.clone()
     }
 
     pub fn into_server(self) -> DecoderServer<Self> {

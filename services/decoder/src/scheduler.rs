@@ -5,7 +5,6 @@
 //! `max_tokens`), so a slow reader never stalls the batch.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,7 @@ use vlm_proto::{DecodeDone, DecodeEvent, DecodeStarted, TokenEvent};
 use vlm_serving::model_status;
 use vlm_telemetry::metrics::labels::QueueOutcome;
 
-use crate::{finish_reason, metrics, DecoderStats, Model};
+use crate::{finish_reason, metrics, Model};
 
 pub(crate) type EventTx = mpsc::UnboundedSender<Result<DecodeEvent, Status>>;
 
@@ -50,7 +49,6 @@ impl Scheduler {
         cfg: EngineConfig,
         max_queue_wait: Duration,
         fault_delay: Option<Duration>,
-        stats: Arc<DecoderStats>,
     ) -> std::io::Result<Self> {
         let (jobs, rx) = std_mpsc::channel();
         std::thread::Builder::new()
@@ -66,7 +64,6 @@ impl Scheduler {
                     next_id: 0,
                     max_queue_wait,
                     fault_delay,
-                    stats,
                 }
                 .run()
             })?;
@@ -107,7 +104,6 @@ struct StepLoop<'a> {
     next_id: SeqId,
     max_queue_wait: Duration,
     fault_delay: Option<Duration>,
-    stats: Arc<DecoderStats>,
 }
 
 impl StepLoop<'_> {
@@ -188,7 +184,6 @@ impl StepLoop<'_> {
         while i < self.queue.len() {
             let j = &self.queue[i];
             if j.tx.is_closed() {
-                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 self.queue.remove(i);
             } else if now >= self.queue_deadline(j) {
                 let j = self.queue.remove(i).expect("index in range");
@@ -215,7 +210,6 @@ impl StepLoop<'_> {
             match self.engine.try_admit(id, job.req) {
                 Ok(Admission::Admitted { cached_tokens }) => {
                     self.next_id += 1;
-                    self.stats.started.fetch_add(1, Ordering::Relaxed);
                     metrics::queue_wait(job.queued.elapsed(), QueueOutcome::admitted);
                     let prefill_tokens = job.prompt_tokens + resumed;
                     let prefill = tracing::info_span!(
@@ -327,7 +321,6 @@ impl StepLoop<'_> {
         let Some(l) = self.live.get_mut(&id) else {
             return;
         };
-        self.stats.tokens.fetch_add(1, Ordering::Relaxed);
         l.tokens += 1;
         l.batch_min = l.batch_min.min(batch);
         l.batch_max = l.batch_max.max(batch);
@@ -368,14 +361,9 @@ impl StepLoop<'_> {
             layers: l.layers,
             cached_prompt_tokens: l.cached_tokens as u32,
         };
-        if l.tx
-            .send(Ok(DecodeEvent {
-                kind: Some(EventKind::Done(done)),
-            }))
-            .is_ok()
-        {
-            self.stats.completed.fetch_add(1, Ordering::Relaxed);
-        }
+        let _ = l.tx.send(Ok(DecodeEvent {
+            kind: Some(EventKind::Done(done)),
+        }));
     }
 
     /// Stops running sequences whose caller went away or whose deadline passed.
@@ -400,13 +388,11 @@ impl StepLoop<'_> {
             let span = l.decode.as_ref().or(l.prefill.as_ref()).map(|(s, _)| s);
             let span = span.unwrap_or(&l.call);
             if deadline {
-                self.stats.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(parent: span, tokens = l.tokens, "deadline exceeded; decoding stopped");
                 let _ = l.tx.send(Err(Status::deadline_exceeded(
                     "decoder: deadline exceeded while decoding",
                 )));
             } else {
-                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     parent: span,
                     tokens = l.tokens,

@@ -9,7 +9,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -32,19 +32,11 @@ pub struct AdmissionLimits {
     pub max_queue: usize,
 }
 
-/// Counters for tests and metrics.
-#[derive(Debug, Default)]
-pub struct AdmissionStats {
-    pub admitted: AtomicU64,
-    pub shed: AtomicU64,
-}
-
 #[derive(Debug)]
 struct Shared {
     limits: AdmissionLimits,
     slots: Arc<Semaphore>,
     waiting: AtomicUsize,
-    stats: Arc<AdmissionStats>,
     name: &'static str,
 }
 
@@ -63,14 +55,9 @@ impl<S: NamedService> Admission<S> {
                 limits,
                 slots: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
                 waiting: AtomicUsize::new(0),
-                stats: Arc::new(AdmissionStats::default()),
                 name: S::NAME,
             }),
         }
-    }
-
-    pub fn stats(&self) -> Arc<AdmissionStats> {
-        self.shared.stats.clone()
     }
 }
 
@@ -176,7 +163,6 @@ where
             let permit = match shared.admit(deadline).await {
                 Ok(p) => p,
                 Err(status) => {
-                    shared.stats.shed.fetch_add(1, Ordering::Relaxed);
                     MeshMetrics::global()
                         .admission_shed
                         .get_or_create(&ServiceLabels {
@@ -186,7 +172,6 @@ where
                     return Ok(status.into_http());
                 }
             };
-            shared.stats.admitted.fetch_add(1, Ordering::Relaxed);
             let resp = inner.call(req).await?;
             Ok(resp.map(|body| {
                 Body::new(PermitBody {

@@ -20,7 +20,7 @@ mod tls;
 mod util;
 
 pub use adaptive::{AdaptiveTimeout, AdaptiveTimeoutOptions};
-pub use admission::{Admission, AdmissionLayer, AdmissionLimits, AdmissionStats};
+pub use admission::{Admission, AdmissionLayer, AdmissionLimits};
 pub use channel::{connect, connect_lazy, endpoint, server_builder, ChannelOptions};
 pub use error::{error_chain, NetError};
 pub use health::{
