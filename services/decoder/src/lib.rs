@@ -14,6 +14,7 @@ use vlm_model::{
     Checkpoint, DType, Decoder as DecoderModel, Device, EngineConfig, FinishReason, PromptBuilder,
     SeqRequest, Tensor,
 };
+use vlm_net::DeadlineSource;
 use vlm_proto::decode_request::Kind as RequestKind;
 use vlm_proto::decoder_server::{Decoder, DecoderServer};
 use vlm_proto::{DecodeEvent, DecodeRequest, DecoderInfo, DecoderInfoRequest};
@@ -221,14 +222,9 @@ impl Decoder for DecoderService {
         &self,
         req: Request<Streaming<DecodeRequest>>,
     ) -> Result<Response<GenerateStream>, Status> {
-        // The caller's remaining budget: decoding stops when it is spent, whether or not the caller
-        // is still there to say so.
-        let deadline = req
-            .metadata()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(vlm_net::parse_grpc_timeout)
-            .map(|t| Instant::now() + t);
+        // The caller's deadline: decoding stops when it passes, whether or not the caller is still
+        // there to say so.
+        let deadline = req.call_deadline().map(|d| d.into_std());
         let mut input = req.into_inner();
         let setup = match input.message().await?.and_then(|m| m.kind) {
             Some(RequestKind::Setup(s)) => s,

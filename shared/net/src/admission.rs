@@ -4,7 +4,8 @@
 //! its memory stays bounded by the limits, whatever the offered load).
 //!
 //! A streaming call holds its slot until its response body ends or is dropped, not just until the
-//! response headers, since that is when a stream's work is done.
+//! response headers, since that is when a stream's work is done. A queued call waits at most
+//! until its deadline ([`DeadlineSource`]: fixed on arrival behind a `DeadlineLayer`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,10 +13,10 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use http_body::Frame;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tonic::body::Body;
 use tonic::codegen::http::{Request, Response};
 use tonic::codegen::Service;
@@ -23,6 +24,8 @@ use tonic::server::NamedService;
 use tonic::Status;
 use vlm_telemetry::metrics::labels::ServiceLabels;
 use vlm_telemetry::MeshMetrics;
+
+use crate::DeadlineSource;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AdmissionLimits {
@@ -85,7 +88,7 @@ impl<S: NamedService> NamedService for Admission<S> {
 impl Shared {
     /// A slot now, a slot after waiting in the bounded queue (at most until the caller's
     /// deadline), or the status to answer with.
-    async fn admit(&self, deadline: Option<Duration>) -> Result<OwnedSemaphorePermit, Status> {
+    async fn admit(&self, deadline: Option<Instant>) -> Result<OwnedSemaphorePermit, Status> {
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
             return Ok(p);
         }
@@ -104,7 +107,7 @@ impl Shared {
         }
         let acquire = self.slots.clone().acquire_owned();
         let permit = match deadline {
-            Some(d) => tokio::time::timeout(d, acquire).await.map_err(|_| {
+            Some(at) => tokio::time::timeout_at(at, acquire).await.map_err(|_| {
                 Status::deadline_exceeded(format!(
                     "{}: deadline passed while queued for a slot",
                     self.name
@@ -155,11 +158,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
         Box::pin(async move {
-            let deadline = req
-                .headers()
-                .get("grpc-timeout")
-                .and_then(|v| v.to_str().ok())
-                .and_then(crate::parse_grpc_timeout);
+            let deadline = req.call_deadline();
             let permit = match shared.admit(deadline).await {
                 Ok(p) => p,
                 Err(status) => {

@@ -8,6 +8,7 @@ pub mod adaptive;
 pub mod admission;
 pub mod certs;
 mod channel;
+mod deadline;
 mod error;
 mod health;
 mod http_tls;
@@ -22,6 +23,7 @@ mod util;
 pub use adaptive::{AdaptiveTimeout, AdaptiveTimeoutOptions};
 pub use admission::{Admission, AdmissionLayer, AdmissionLimits};
 pub use channel::{connect, connect_lazy, endpoint, server_builder, ChannelOptions};
+pub use deadline::{CallDeadline, Deadline, DeadlineLayer, DeadlineSource};
 pub use error::{error_chain, NetError};
 pub use health::{
     health_and_reflection, reflection_v1alpha, wait_until_serving, wait_until_serving_url,

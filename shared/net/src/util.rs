@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::NetError;
+use crate::{DeadlineSource, NetError};
 
 /// The host of a URL, as a TLS client must name it: `https://[::1]:80` gives
 /// `::1`, `https://decoder.vlm:9000` gives `decoder.vlm`.
@@ -72,15 +72,13 @@ pub fn new_request_id() -> String {
     format!("{hi:016x}{lo:016x}")
 }
 
-/// The deadline of an incoming call: now + its `grpc-timeout`, capped by `max` (the server's own
-/// limit, also used when the caller set none).
-pub fn request_deadline(metadata: &tonic::metadata::MetadataMap, max: Duration) -> Instant {
-    let budget = metadata
-        .get("grpc-timeout")
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_grpc_timeout)
-        .map_or(max, |t| t.min(max));
-    Instant::now() + budget
+/// The deadline of an incoming call, capped by `max` from now (the server's own limit, also used
+/// when the caller set none). Given the request, that is the deadline fixed when the call arrived
+/// (see [`DeadlineLayer`](crate::DeadlineLayer)); given its metadata alone, now + its
+/// `grpc-timeout`.
+pub fn request_deadline(call: &impl DeadlineSource, max: Duration) -> Instant {
+    let cap = Instant::now() + max;
+    call.call_deadline().map_or(cap, |d| d.min(cap))
 }
 
 /// An outgoing request carrying the remaining budget until `deadline` as its `grpc-timeout`, so
