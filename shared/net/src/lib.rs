@@ -31,7 +31,7 @@ pub use health::{
 pub use http_tls::HttpTlsAcceptor;
 pub use replicas::{Lease, Replica, ReplicaOptions, ReplicaSet, TlsForHost, TracedChannel};
 pub use retry::{is_retryable, RetryOptions, RetryPolicy};
-pub use serve::{serve_grpc, serve_grpc_with_health_port};
+pub use serve::{serve_grpc, serve_grpc_with_health_port, server_layers, ServerLayers};
 pub use shutdown::shutdown_signal;
 pub use tls::{
     client_tls, client_tls_without_identity, server_tls, server_tls_client_auth_optional,

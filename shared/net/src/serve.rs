@@ -1,4 +1,5 @@
-//! Running a mesh service: one call that adds the standard services, binds
+//! Running a mesh service: the standard layers every service is wrapped in
+//! ([`server_layers`]), and one call that adds the standard services, binds
 //! TLS, and drains on shutdown.
 
 use std::convert::Infallible;
@@ -14,14 +15,34 @@ use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::ServerTlsConfig;
 use tonic_health::ServingStatus;
+use tower::layer::util::{Identity, Stack};
+use tower::ServiceBuilder;
+use vlm_telemetry::GrpcServerTraceLayer;
 
 use crate::{
-    error_chain, health_and_reflection, reflection_v1alpha, server_builder, ChannelOptions,
-    NetError,
+    error_chain, health_and_reflection, reflection_v1alpha, server_builder, AdmissionLayer,
+    AdmissionLimits, ChannelOptions, DeadlineLayer, NetError,
 };
 
-/// Serves `service` plus health and reflection on an already-bound
-/// `listener` until `shutdown` completes, then drains open calls.
+/// [`server_layers`]' stack.
+pub type ServerLayers = ServiceBuilder<
+    Stack<AdmissionLayer, Stack<DeadlineLayer, Stack<GrpcServerTraceLayer, Identity>>>,
+>;
+
+/// The layers a mesh service is served behind, outermost first: a server span and the RPC
+/// metrics for every call, continuing the caller's W3C trace; the caller's deadline, fixed from
+/// `grpc-timeout` as the call arrives; load shedding at `limits`, whose queue waits at most until
+/// that deadline. `server_layers(limits).service(svc)` is ready for [`serve_grpc`].
+pub fn server_layers(limits: AdmissionLimits) -> ServerLayers {
+    ServiceBuilder::new()
+        .layer(GrpcServerTraceLayer)
+        .layer(DeadlineLayer)
+        .layer(AdmissionLayer::new(limits))
+}
+
+/// Serves `service` (as it is: wrap it in [`server_layers`] for tracing,
+/// deadlines and load shedding) plus health and reflection on an
+/// already-bound `listener` until `shutdown` completes, then drains open calls.
 ///
 /// Binding first (port 0 is fine) lets the caller learn the address and
 /// announce it before serving; connections that arrive in between queue in
@@ -100,8 +121,6 @@ where
         None => None,
     };
     tracing::info!(service = S::NAME, %addr, tls = tls.is_some(), "serving");
-    // Every call gets a server span that continues the caller's trace (W3C traceparent).
-    let service = tower::Layer::layer(&vlm_telemetry::GrpcServerTraceLayer, service);
     let served = server_builder(tls)?
         .add_service(health)
         .add_service(reflection)

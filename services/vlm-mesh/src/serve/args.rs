@@ -1,0 +1,311 @@
+//! `vlm-mesh serve` arguments: those every role takes ([`CommonArgs`]) and each role's own.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use vlm_model::ImageLimits;
+use vlm_net::TlsFiles;
+
+use crate::generate::default_model_dir;
+
+#[derive(Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, env = "VLM_LISTEN")]
+    pub listen: SocketAddr,
+    /// Checkpoint directory in the Hugging Face llava-hf layout.
+    #[arg(long, env = "VLM_MODEL", default_value_os_t = default_model_dir())]
+    pub model: PathBuf,
+    /// Directory with `ca.pem`, `<role>.pem` and `<role>.key` (as written by `vlm-mesh certs`).
+    #[arg(long, env = "VLM_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Mesh CA certificate (overrides the one in --tls-dir).
+    #[arg(long, env = "VLM_TLS_CA")]
+    pub ca: Option<PathBuf>,
+    /// This service's certificate (overrides the one in --tls-dir).
+    #[arg(long, env = "VLM_TLS_CERT")]
+    pub cert: Option<PathBuf>,
+    /// This service's private key (overrides the one in --tls-dir).
+    #[arg(long, env = "VLM_TLS_KEY")]
+    pub key: Option<PathBuf>,
+    /// Compute dtype: f32, f16 or bf16.
+    #[arg(long, env = "VLM_DTYPE", default_value = "f32")]
+    pub dtype: String,
+    /// Calls this service serves at once; see --max-queue.
+    #[arg(long, env = "VLM_MAX_IN_FLIGHT", default_value_t = 64)]
+    pub max_in_flight: usize,
+    /// Calls that may wait for a slot beyond --max-in-flight; more are refused at once with
+    /// RESOURCE_EXHAUSTED (load shedding), so memory stays bounded under overload.
+    #[arg(long, env = "VLM_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+    /// Also serve grpc.health.v1 (and nothing else) without TLS on this address, for probes
+    /// that cannot present a client certificate, such as Kubernetes gRPC probes.
+    #[arg(long, env = "VLM_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics (text format, any path) over plain HTTP on this address.
+    #[arg(long, env = "VLM_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log line format on stderr: text or json.
+    #[arg(long, env = "VLM_LOG_FORMAT", default_value = "text")]
+    pub log_format: vlm_telemetry::LogFormat,
+}
+
+impl CommonArgs {
+    /// TLS files for `role`: explicit paths win over `--tls-dir`; one of them is required.
+    pub fn tls_files(&self, role: &str) -> anyhow::Result<TlsFiles> {
+        let from_dir = self.tls_dir.as_ref().map(|d| TlsFiles::for_role(d, role));
+        let pick = |explicit: &Option<PathBuf>, dir: Option<PathBuf>, what: &str| {
+            explicit.clone().or(dir).with_context(|| {
+                format!("no TLS {what}: pass --tls-dir (see `vlm-mesh certs`) or --{what}")
+            })
+        };
+        Ok(TlsFiles {
+            ca: pick(&self.ca, from_dir.as_ref().map(|f| f.ca.clone()), "ca")?,
+            cert: pick(
+                &self.cert,
+                from_dir.as_ref().map(|f| f.cert.clone()),
+                "cert",
+            )?,
+            key: pick(&self.key, from_dir.as_ref().map(|f| f.key.clone()), "key")?,
+        })
+    }
+
+    pub(super) fn dtype(&self) -> anyhow::Result<vlm_model::DType> {
+        Ok(vlm_model::parse_dtype(&self.dtype)?)
+    }
+
+    /// The load-shedding limits every service is served with.
+    pub(super) fn admission_limits(&self) -> vlm_net::AdmissionLimits {
+        vlm_net::AdmissionLimits {
+            max_in_flight: self.max_in_flight,
+            max_queue: self.max_queue,
+        }
+    }
+}
+
+/// How the gateway copes with failing, slow and overloaded stages.
+#[derive(Args, Debug, Clone)]
+pub struct ResilienceArgs {
+    /// Attempts per stage call, the first included (retries go to other replicas).
+    #[arg(long, env = "VLM_RETRY_ATTEMPTS", default_value_t = 3)]
+    pub retry_attempts: u32,
+    /// Retries allowed on top of calls, in percent of the calls of the last 10 s (plus 10/s).
+    #[arg(long, env = "VLM_RETRY_BUDGET_PERCENT", default_value_t = 20.0)]
+    pub retry_budget_percent: f32,
+    /// Adaptive timeout = factor × the fastest replica's high-percentile latency per unit of work…
+    #[arg(long, env = "VLM_TIMEOUT_FACTOR", default_value_t = 5.0)]
+    pub timeout_factor: f64,
+    /// …but at least this many milliseconds…
+    #[arg(long, env = "VLM_TIMEOUT_MIN_MS", default_value_t = 500)]
+    pub timeout_min_ms: u64,
+    /// …and at most this many (also the limit before any latency was observed).
+    #[arg(long, env = "VLM_TIMEOUT_MAX_MS", default_value_t = 60_000)]
+    pub timeout_max_ms: u64,
+    /// Interval of the health checks that eject and re-admit replicas, in milliseconds.
+    #[arg(long, env = "VLM_HEALTH_INTERVAL_MS", default_value_t = 1000)]
+    pub health_interval_ms: u64,
+    /// How often `dns://host:port` replica names are re-resolved, in seconds.
+    #[arg(long, env = "VLM_DNS_REFRESH_SECS", default_value_t = 5)]
+    pub dns_refresh_secs: u64,
+}
+
+/// The encoder's default `--max-concurrent` (what `up` runs with).
+pub const ENCODER_MAX_CONCURRENT: usize = 2;
+
+#[derive(Subcommand, Debug, Clone)]
+// Parsed once per process; boxing variants would only add noise to every match.
+#[allow(clippy::large_enum_variant)]
+pub enum ServeRole {
+    /// Vision encoder: image bytes → feature chunks.
+    Encoder(EncoderArgs),
+    /// Multimodal projector: feature chunks → embedding chunks, row-wise.
+    Projector(ProjectorArgs),
+    /// Language decoder: prompt + embeddings → tokens.
+    Decoder(DecoderArgs),
+    /// Public gateway: orchestrates the stages per request.
+    Gateway(GatewayArgs),
+}
+
+// `serve encoder`'s arguments (the variant's doc comment is the subcommand's help).
+#[derive(Args, Debug, Clone)]
+pub struct EncoderArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Largest encoded image accepted, in bytes.
+    #[arg(long, env = "VLM_MAX_IMAGE_BYTES", default_value_t = 20 << 20)]
+    pub max_image_bytes: usize,
+    /// Largest image accepted, in pixels, checked from the header before decoding.
+    #[arg(long, env = "VLM_MAX_IMAGE_PIXELS", default_value_t = ImageLimits::default().max_pixels)]
+    pub max_image_pixels: u64,
+    /// Images encoded at once.
+    #[arg(long, env = "VLM_MAX_CONCURRENT", default_value_t = ENCODER_MAX_CONCURRENT)]
+    pub max_concurrent: usize,
+}
+
+// `serve projector`'s arguments.
+#[derive(Args, Debug, Clone)]
+pub struct ProjectorArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Chunks projected at once.
+    #[arg(long, env = "VLM_MAX_CONCURRENT", default_value_t = 2)]
+    pub max_concurrent: usize,
+}
+
+// `serve decoder`'s arguments.
+#[derive(Args, Debug, Clone)]
+pub struct DecoderArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Most sequences advanced together in one batch step (continuous batching); further
+    /// requests wait in the queue.
+    #[arg(long, env = "VLM_MAX_CONCURRENT", default_value_t = 16)]
+    pub max_concurrent: usize,
+    /// KV-cache budget in bytes (admission is by this memory: a request is admitted when its
+    /// prompt + max_tokens fit). Default: 2 × --max-concurrent × the model's context, capped
+    /// at half the memory available to the process (cgroup-aware); reported at start-up.
+    #[arg(long, env = "VLM_KV_CACHE_BYTES")]
+    pub kv_cache_bytes: Option<usize>,
+    /// Prompt positions per prefill chunk; chunks are interleaved with decode steps so a long
+    /// prompt does not freeze running streams.
+    #[arg(long, env = "VLM_PREFILL_CHUNK", default_value_t = vlm_model::engine::DEFAULT_PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
+    /// Longest a request waits in the queue for KV memory when its deadline allows more
+    /// (then RESOURCE_EXHAUSTED), in milliseconds.
+    #[arg(long, env = "VLM_MAX_QUEUE_WAIT_MS", default_value_t = 30_000)]
+    pub max_queue_wait_ms: u64,
+    /// max_tokens for requests that do not set it.
+    #[arg(long, env = "VLM_DEFAULT_MAX_TOKENS", default_value_t = 64)]
+    pub default_max_tokens: u32,
+}
+
+// `serve gateway`'s arguments.
+#[derive(Args, Debug, Clone)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Encoder replicas: `https://host:port[,https://host:port…]`, or `dns://name:port` for
+    /// every address the name resolves to, re-resolved periodically (a Kubernetes headless
+    /// Service). The same forms work for --projector and --decoder.
+    #[arg(long, env = "VLM_ENCODER")]
+    pub encoder: String,
+    /// Projector replicas (see --encoder).
+    #[arg(long, env = "VLM_PROJECTOR")]
+    pub projector: String,
+    /// Decoder replicas (see --encoder).
+    #[arg(long, env = "VLM_DECODER")]
+    pub decoder: String,
+    #[command(flatten)]
+    pub resilience: ResilienceArgs,
+    /// Largest encoded image accepted, in bytes (larger: RESOURCE_EXHAUSTED).
+    #[arg(long, env = "VLM_MAX_IMAGE_BYTES", default_value_t = 20 << 20)]
+    pub max_image_bytes: usize,
+    /// Most images per request.
+    #[arg(long, env = "VLM_MAX_IMAGES", default_value_t = 8)]
+    pub max_images: usize,
+    /// Deadline in seconds for requests that set none (a client's grpc-timeout is capped by it).
+    #[arg(long, env = "VLM_REQUEST_TIMEOUT", default_value_t = 300)]
+    pub request_timeout: u64,
+    /// Element type of tensors on internal hops: f32, f16 or bf16 (default: the compute dtype).
+    #[arg(long, env = "VLM_WIRE_DTYPE")]
+    pub wire_dtype: Option<String>,
+    /// Serve the public port without TLS (internal hops stay mTLS). For local debugging only.
+    #[arg(long, env = "VLM_PLAINTEXT")]
+    pub plaintext: bool,
+    #[command(flatten)]
+    pub http: HttpArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+/// The gateway's OpenAI-compatible HTTP endpoint (also accepted by `up`, which passes them through).
+#[derive(Args, Debug, Clone, Default)]
+pub struct HttpArgs {
+    /// Also serve the OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) over
+    /// HTTP/1.1 on this address, with the same TLS as the gRPC port (port 0 picks a free port).
+    #[arg(long, env = "VLM_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Let the OpenAI endpoint fetch http(s):// image URLs (otherwise they get a 400; only
+    /// inline data: URLs are accepted).
+    #[arg(long, env = "VLM_ALLOW_IMAGE_URLS")]
+    pub allow_image_urls: bool,
+}
+
+impl HttpArgs {
+    /// The same settings as `serve gateway` arguments.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec![];
+        if let Some(addr) = self.http_listen {
+            args.extend(["--http-listen".to_string(), addr.to_string()]);
+        }
+        if self.allow_image_urls {
+            args.push("--allow-image-urls".into());
+        }
+        args
+    }
+}
+
+/// Feature-cache flags of the gateway (also accepted by `up`, which passes them through).
+#[derive(Args, Debug, Clone, Default)]
+pub struct CacheArgs {
+    /// Redis URL for the shared feature cache (e.g. redis://127.0.0.1:6379). Without it, an
+    /// in-memory LRU of --cache-max-bytes is used.
+    #[arg(long, env = "VLM_REDIS")]
+    pub redis: Option<String>,
+    /// Lifetime of cached features, in seconds.
+    #[arg(long, env = "VLM_CACHE_TTL", default_value_t = 3600)]
+    pub cache_ttl: u64,
+    /// Size bound of the in-memory cache, in bytes.
+    #[arg(long, env = "VLM_CACHE_MAX_BYTES", default_value_t = 256 << 20)]
+    pub cache_max_bytes: usize,
+    /// Disable the feature cache.
+    #[arg(long, env = "VLM_NO_CACHE", conflicts_with = "redis")]
+    pub no_cache: bool,
+}
+
+impl CacheArgs {
+    pub fn build(&self) -> anyhow::Result<Option<std::sync::Arc<vlm_cache::FeatureCache>>> {
+        if self.no_cache {
+            return Ok(None);
+        }
+        let backend: std::sync::Arc<dyn vlm_cache::CacheBackend> = match &self.redis {
+            Some(url) => std::sync::Arc::new(vlm_cache::RedisCache::new(url, Default::default())?),
+            None => std::sync::Arc::new(vlm_cache::MemoryCache::new(self.cache_max_bytes)),
+        };
+        Ok(Some(vlm_cache::FeatureCache::new(
+            backend,
+            std::time::Duration::from_secs(self.cache_ttl),
+            vlm_tensor::TensorLimits::default(),
+        )))
+    }
+
+    /// The same settings as `serve gateway` arguments.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--cache-ttl".to_string(),
+            self.cache_ttl.to_string(),
+            "--cache-max-bytes".into(),
+            self.cache_max_bytes.to_string(),
+        ];
+        if let Some(url) = &self.redis {
+            args.extend(["--redis".to_string(), url.clone()]);
+        }
+        if self.no_cache {
+            args.push("--no-cache".into());
+        }
+        args
+    }
+}
+
+impl ServeRole {
+    pub(super) fn name_and_common(&self) -> (&'static str, &CommonArgs) {
+        match self {
+            ServeRole::Encoder(a) => ("encoder", &a.common),
+            ServeRole::Projector(a) => ("projector", &a.common),
+            ServeRole::Decoder(a) => ("decoder", &a.common),
+            ServeRole::Gateway(a) => ("gateway", &a.common),
+        }
+    }
+}
