@@ -217,45 +217,5 @@ fn unknown(series: &'static str, value: &str) {
     tracing::warn!(series, value, "unknown label value; not counted");
 }
 
-/// The gateway's former way in, `Metrics::global().inc(name, help, labels)` and `.observe(…)`,
-/// routed by series name to the helpers above. Kept only until the gateway calls those helpers;
-/// nothing else may use it.
-#[doc(hidden)]
-#[derive(Debug)]
-pub struct Metrics(());
-
-impl Metrics {
-    pub fn global() -> &'static Metrics {
-        static SHIM: Metrics = Metrics(());
-        &SHIM
-    }
-
-    pub fn inc(&self, name: &str, _help: &str, labels: &[(&str, &str)]) {
-        let label = |k: &str| labels.iter().find(|(n, _)| *n == k).map_or("", |l| l.1);
-        match name {
-            "vlm_cache_lookups_total" => cache_lookup(label("result")),
-            "vlm_cache_stores_total" => cache_store(label("result")),
-            "vlm_gateway_retries_total" => stage_retry(label("stage"), label("kind")),
-            "vlm_tokens_generated_total" => {
-                MeshMetrics::global()
-                    .tokens_generated
-                    .get_or_create(&NoLabels)
-                    .inc();
-            }
-            other => unknown("counter", other),
-        }
-    }
-
-    pub fn observe(&self, name: &str, _help: &str, _labels: &[(&str, &str)], took: Duration) {
-        let m = MeshMetrics::global();
-        let family = match name {
-            "vlm_time_to_first_token_seconds" => &m.time_to_first_token,
-            "vlm_inter_token_latency_seconds" => &m.inter_token_latency,
-            other => return unknown("histogram", other),
-        };
-        family.get_or_create(&NoLabels).observe(took.as_secs_f64());
-    }
-}
-
 #[cfg(test)]
 mod tests;
