@@ -95,16 +95,20 @@ async fn openai_port(
     svc: Arc<vlm_gateway::GatewayService>,
     addr: SocketAddr,
 ) -> anyhow::Result<HttpPort> {
+    let model_id = svc.model_id().to_string();
     let endpoint = vlm_gateway::openai::OpenAiEndpoint::new(
         svc,
         vlm_gateway::openai::OpenAiConfig {
+            model_id,
             model_dir: a.common.model.clone(),
             allow_image_urls: a.http.allow_image_urls,
             max_body_bytes: MAX_MESSAGE_BYTES,
             max_image_bytes: a.max_image_bytes,
+            // The same bound as the gRPC port's admission (served + queued): the HTTP port does
+            // not queue, it refuses beyond this with 503.
+            max_concurrent_requests: a.common.max_in_flight + a.common.max_queue,
         },
-    )
-    .await?;
+    )?;
     let http_tls = if a.plaintext {
         None
     } else {

@@ -1,0 +1,213 @@
+//! Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the HTTP status
+//! that matches the failure (a gateway status maps to the same class as on the gRPC port).
+
+use axum::http::header::RETRY_AFTER;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use tonic::{Code, Status};
+
+/// An error in OpenAI's shape.
+#[derive(Debug)]
+pub struct ApiError {
+    pub(super) status: StatusCode,
+    pub(super) message: String,
+    kind: &'static str,
+    pub(super) param: Option<String>,
+    code: Option<&'static str>,
+    /// Seconds after which a retry may succeed (`Retry-After`), for refusals under load.
+    retry_after: Option<&'static str>,
+}
+
+/// The JSON body of an [`ApiError`].
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorDetail<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorDetail<'a> {
+    pub message: &'a str,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub param: Option<&'a str>,
+    pub code: Option<&'a str>,
+}
+
+impl ApiError {
+    pub(super) fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    /// A 400 `invalid_request_error` naming the offending parameter (a JSON path).
+    pub(super) fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message).param(param)
+    }
+
+    pub(super) fn param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    pub(super) fn code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub(super) fn body(&self) -> ErrorBody<'_> {
+        ErrorBody {
+            error: ErrorDetail {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code,
+            },
+        }
+    }
+
+    /// The HTTP view of a gateway status: the same classes of failure as on the gRPC port.
+    pub(super) fn from_status(s: &Status) -> Self {
+        let (status, kind, code) = match s.code() {
+            Code::InvalidArgument | Code::OutOfRange => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_argument",
+            ),
+            Code::ResourceExhausted => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "resource_exhausted",
+            ),
+            Code::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "unavailable",
+            ),
+            Code::DeadlineExceeded => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "server_error",
+                "deadline_exceeded",
+            ),
+            Code::Cancelled => (
+                StatusCode::from_u16(499).expect("499 is a valid status"),
+                "server_error",
+                "cancelled",
+            ),
+            _ => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal",
+            ),
+        };
+        ApiError::new(status, kind, s.message()).code(code)
+    }
+
+    /// A request body that is no JSON, or JSON of the wrong shape: the message and `param` name
+    /// the field it failed on (`messages[0].content[1].image_url`), as OpenAI's do.
+    pub(super) fn from_json(e: serde_path_to_error::Error<serde_json::Error>) -> Self {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if !inner.is_data() {
+            return Self::not_json(&inner);
+        }
+        // serde_json appends the position; the path says more.
+        let text = inner.to_string();
+        let text = text.rsplit_once(" at line ").map_or(text.as_str(), |t| t.0);
+        if path == "." {
+            let message = if text.starts_with("invalid type") {
+                "the request body must be a JSON object".to_string()
+            } else {
+                format!("the request body is invalid: {text}")
+            };
+            return Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message);
+        }
+        Self::invalid(path.clone(), format!("{path}: {text}"))
+    }
+
+    pub(super) fn not_json(e: &serde_json::Error) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            format!("the request body is not valid JSON: {e}"),
+        )
+    }
+
+    /// The generation's stream ended without its final message.
+    pub(super) fn no_final() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "the generation ended without a final message",
+        )
+    }
+
+    /// Refused at once because `limit` requests are being served.
+    pub(super) fn overloaded(limit: usize) -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            format!(
+                "this server is serving its limit of {limit} chat completions at once; retry later"
+            ),
+        )
+        .code("overloaded");
+        e.retry_after = Some("1");
+        e
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static(secs));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_codes_map_to_http_statuses() {
+        for (code, http) in [
+            (Code::InvalidArgument, 400),
+            (Code::ResourceExhausted, 413),
+            (Code::Unavailable, 503),
+            (Code::DeadlineExceeded, 504),
+            (Code::Cancelled, 499),
+            (Code::Internal, 500),
+        ] {
+            let e = ApiError::from_status(&Status::new(code, "decoder: boom"));
+            assert_eq!(e.status.as_u16(), http);
+            assert_eq!(e.body().error.message, "decoder: boom");
+        }
+    }
+
+    #[test]
+    fn the_body_has_every_field_of_openais_shape_even_when_null() {
+        let e = ApiError::invalid("n", "n = 2 is not supported").code("x");
+        let v = serde_json::to_value(e.body()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"error": {
+                "message": "n = 2 is not supported", "type": "invalid_request_error",
+                "param": "n", "code": "x",
+            }})
+        );
+        let v = serde_json::to_value(ApiError::no_final().body()).unwrap();
+        assert!(v["error"]["param"].is_null() && v["error"]["code"].is_null());
+        assert!(v["error"].as_object().unwrap().contains_key("param"));
+    }
+}

@@ -1,0 +1,274 @@
+//! The OpenAI-compatible HTTP endpoint: `POST /v1/chat/completions` and `GET /v1/models` over
+//! HTTP/1.1 + JSON on its own port, for the clients that speak OpenAI's API (the `openai` SDKs,
+//! agents that send screenshots as base64 `image_url` parts).
+//!
+//! A chat request becomes a `GenerateRequest` ([`convert`]): the messages go through the model's
+//! chat template (see [`crate::chat_template`]), every `image_url` part becomes one image in message
+//! order, and the request runs through the very same [`Gateway::generate`] as a gRPC call (same
+//! cache, limits, deadlines and trace). Errors use OpenAI's shape ([`error`]) with the HTTP status
+//! that matches the gRPC code.
+//!
+//! An axum router behind hyper's HTTP/1.1 server, which bounds the time to send request headers
+//! (axum's own `serve` cannot) and runs behind the optional TLS acceptor.
+
+mod convert;
+mod error;
+mod limits;
+mod stream;
+#[cfg(test)]
+mod tests;
+mod types;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{DefaultBodyLimit, FromRef, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{middleware, Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tower_http::normalize_path::NormalizePath;
+use vlm_net::HttpTlsAcceptor;
+use vlm_proto::gateway_server::Gateway;
+use vlm_proto::GenerateRequest;
+
+use crate::chat_template::ChatTemplate;
+use crate::GatewayService;
+use error::ApiError;
+use limits::{BodyLimits, ChatBody, Slots};
+
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send its request body (up to 64 MiB of base64 images).
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone)]
+pub struct OpenAiConfig {
+    /// The served model's name, which clients pass as `model` (the gateway's own, so the endpoint
+    /// starts before, or without, the stages being up).
+    pub model_id: String,
+    /// Checkpoint directory: the chat template and special tokens are read from it.
+    pub model_dir: PathBuf,
+    /// Fetch `http(s)://` image URLs (off: they are refused with 400).
+    pub allow_image_urls: bool,
+    /// Largest request body accepted, in bytes (base64 images included); larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Largest image accepted, in bytes (also bounds fetched URLs).
+    pub max_image_bytes: usize,
+    /// Chat completions served at once (a streamed one until its last chunk); more are refused at
+    /// once with 503 and `Retry-After`. This bounds the memory of request bodies and images.
+    pub max_concurrent_requests: usize,
+}
+
+/// The endpoint, sharing its gateway (a [`GatewayService`] but in tests) with the gRPC server.
+pub struct OpenAiEndpoint<G = GatewayService> {
+    gateway: Arc<G>,
+    template: ChatTemplate,
+    model_id: String,
+    created: u64,
+    cfg: OpenAiConfig,
+    body: BodyLimits,
+}
+
+impl<G> FromRef<Arc<OpenAiEndpoint<G>>> for BodyLimits {
+    fn from_ref(endpoint: &Arc<OpenAiEndpoint<G>>) -> Self {
+        endpoint.body
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl<G: Gateway> OpenAiEndpoint<G> {
+    pub fn new(gateway: Arc<G>, cfg: OpenAiConfig) -> anyhow::Result<Self> {
+        let template = ChatTemplate::from_model_dir(&cfg.model_dir)?;
+        tracing::info!(source = %template.source, "chat template");
+        Ok(OpenAiEndpoint {
+            gateway,
+            template,
+            model_id: cfg.model_id.clone(),
+            created: unix_now(),
+            body: BodyLimits {
+                max_bytes: cfg.max_body_bytes,
+                read_timeout: BODY_READ_TIMEOUT,
+            },
+            cfg,
+        })
+    }
+
+    /// The id clients pass as `model`.
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    /// Serves HTTP/1.1 on `listener` (TLS when `tls` is set) until `shutdown` completes.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<HttpTlsAcceptor>,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, tls = tls.is_some(), model = %self.model_id, "serving the OpenAI-compatible endpoint");
+        let service = TowerToHyperService::new(self.app());
+        tokio::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                accepted = listener.accept() => match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!("accept on {addr} failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let service = service.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let mut http = hyper::server::conn::http1::Builder::new();
+                http.timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT);
+                let result = match tls {
+                    Some(acceptor) => match acceptor.accept(tcp).await {
+                        Ok(stream) => http.serve_connection(TokioIo::new(stream), service).await,
+                        Err(e) => {
+                            tracing::debug!(%peer, "TLS handshake failed: {e}");
+                            return;
+                        }
+                    },
+                    None => http.serve_connection(TokioIo::new(tcp), service).await,
+                };
+                if let Err(e) = result {
+                    tracing::debug!(%peer, "HTTP connection ended: {e}");
+                }
+            });
+        }
+    }
+
+    /// The routes, with trailing slashes trimmed first (`/v1/models/` is `/v1/models`).
+    fn app(self: &Arc<Self>) -> NormalizePath<Router> {
+        let chat = post(chat::<G>)
+            .fallback(method_not_allowed)
+            .route_layer(middleware::from_fn_with_state(
+                Slots::new(self.cfg.max_concurrent_requests),
+                limits::admit,
+            ))
+            .layer(DefaultBodyLimit::max(self.cfg.max_body_bytes));
+        let router = Router::new()
+            .route("/v1/chat/completions", chat)
+            .route("/v1/models", get(models::<G>).fallback(method_not_allowed))
+            .route("/v1/models/{*id}", get(model::<G>).fallback(unknown_url))
+            .fallback(unknown_url)
+            .with_state(self.clone());
+        NormalizePath::trim_trailing_slash(router)
+    }
+
+    fn model_object(&self) -> types::Model<'_> {
+        types::Model {
+            id: &self.model_id,
+            object: "model",
+            created: self.created,
+            owned_by: "vlm-mesh",
+        }
+    }
+
+    /// A checked chat request, run through the gateway.
+    async fn complete(&self, body: types::ChatCompletionRequest) -> Result<Response, ApiError> {
+        let chat = convert::ChatRequest::check(body, &self.model_id, &self.template.image_token)?;
+        let images = convert::load_images(
+            chat.images,
+            self.cfg.allow_image_urls,
+            self.cfg.max_image_bytes,
+        )
+        .await?;
+        let prompt = self
+            .template
+            .render(&chat.messages)
+            .map_err(|e| ApiError::invalid("messages", e))?;
+        let request = GenerateRequest {
+            images,
+            prompt,
+            params: Some(chat.params),
+            monitor_layers: false,
+        };
+        let grpc = Gateway::generate(self.gateway.as_ref(), tonic::Request::new(request))
+            .await
+            .map_err(|s| ApiError::from_status(&s))?
+            .into_inner();
+        let pieces = stream::pieces(grpc);
+        let created = unix_now();
+        Ok(if chat.stream {
+            stream::sse(pieces, &self.model_id, created, chat.include_usage).into_response()
+        } else {
+            Json(stream::completion(pieces, &self.model_id, created).await?).into_response()
+        })
+    }
+}
+
+async fn chat<G: Gateway>(
+    State(endpoint): State<Arc<OpenAiEndpoint<G>>>,
+    ChatBody(body): ChatBody,
+) -> Response {
+    endpoint.complete(body).await.unwrap_or_else(|e| {
+        tracing::debug!(status = %e.status, "chat completion refused: {}", e.message);
+        e.into_response()
+    })
+}
+
+async fn models<G: Gateway>(State(endpoint): State<Arc<OpenAiEndpoint<G>>>) -> Response {
+    Json(types::ModelList {
+        object: "list",
+        data: [endpoint.model_object()],
+    })
+    .into_response()
+}
+
+async fn model<G: Gateway>(State(endpoint): State<Arc<OpenAiEndpoint<G>>>, uri: Uri) -> Response {
+    let id = uri.path().strip_prefix("/v1/models/").unwrap_or_default();
+    if id == endpoint.model_id {
+        return Json(endpoint.model_object()).into_response();
+    }
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!(
+            "The model `{id}` does not exist; this server serves `{}`",
+            endpoint.model_id
+        ),
+    )
+    .code("model_not_found")
+    .into_response()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+async fn unknown_url(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!(
+            "Invalid URL ({method} {}); this server has POST /v1/chat/completions and GET /v1/models",
+            uri.path()
+        ),
+    )
+    .code("unknown_url")
+}
