@@ -21,7 +21,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 pub use grpc::{GrpcClientTrace, GrpcServerTrace, GrpcServerTraceLayer};
-pub use metrics::{serve_metrics, MeshMetrics, Metrics};
+pub use metrics::{serve_metrics, MeshMetrics};
 
 /// How log lines are written to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

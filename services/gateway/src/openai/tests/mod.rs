@@ -13,7 +13,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tower::ServiceExt;
 use vlm_proto::generate_response::Kind;
-use vlm_proto::{FinishReason, GenerateFinal, GenerateResponse, ModelInfo, TextDelta, Usage};
+use vlm_proto::{
+    FinishReason, GenerateFinal, GenerateResponse, GetModelInfoRequest, ModelInfo, TextDelta, Usage,
+};
 
 use super::*;
 
