@@ -336,9 +336,10 @@ async fn model_info(mesh: &MeshProc) -> vlm_proto::ModelInfo {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_encoder_swapped_for_other_weights_never_gets_the_old_features() {
     let redis = RedisProc::start();
+    // The test replaces the encoder itself (`up` would restart the old one on its address).
     let mesh = MeshProc::start_with(
         &model(),
-        &["--redis", &redis.url()],
+        &["--redis", &redis.url(), "--restart", "never"],
         &[("VLM_HEALTH_INTERVAL_MS", "100")],
     );
     // GetModelInfo reports the stages' own fingerprints.

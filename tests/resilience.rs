@@ -375,12 +375,59 @@ impl Drop for ServiceProc {
     }
 }
 
+/// `up` starts a stage that died again on its address (as Kubernetes restarts a container), the
+/// gateway takes it back, and requests that need it succeed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_encoder_down_is_retried_around_all_down_fail_fast_with_unavailable_then_recover() {
+async fn up_starts_a_dead_stage_again_on_its_address_and_the_gateway_takes_it_back() {
     let _serial = SERIAL.lock().await;
     let mesh = MeshProc::start_with(
         &model(),
-        &["--replicas", "encoder=2", "--no-cache"],
+        &["--no-cache"],
+        &[("VLM_HEALTH_INTERVAL_MS", "200")],
+    );
+    let image = std::fs::read(image_path()).unwrap();
+    let p = SamplingParams {
+        max_tokens: 4,
+        ..Default::default()
+    };
+    let want = reference(&pipeline(), &image, &p);
+    let (pid, addr) = replicas(&mesh, "encoder")[0].clone();
+    kill9(pid);
+    let back = mesh
+        .wait_for_log(&["the encoder is back: pid"], Duration::from_secs(120))
+        .unwrap_or_else(|| panic!("no restart: {:?}", mesh.log.lock().unwrap()));
+    let now = replicas(&mesh, "encoder");
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now[0].0, pid, "mesh.json still names the dead process");
+    assert_eq!(now[0].1, addr, "restarted on another address");
+    assert!(back.contains(&format!("pid {}", now[0].0)), "{back}");
+    assert!(
+        pid_alive(now[0].0 as u64),
+        "the restarted encoder is not running"
+    );
+    assert!(!pid_alive(pid as u64));
+    mesh.wait_for_log(&["[gateway]", "healthy again"], Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("never re-admitted: {:?}", mesh.log.lock().unwrap()));
+    let mut client = mesh.client().await;
+    let got = generate(&mut client, request(&image, &p), None, || {})
+        .await
+        .unwrap();
+    assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_encoder_down_is_retried_around_all_down_fail_fast_with_unavailable_then_recover() {
+    let _serial = SERIAL.lock().await;
+    // The replicas stay down until the test starts one by hand (`up` would restart them).
+    let mesh = MeshProc::start_with(
+        &model(),
+        &[
+            "--replicas",
+            "encoder=2",
+            "--no-cache",
+            "--restart",
+            "never",
+        ],
         &[("VLM_HEALTH_INTERVAL_MS", "200")],
     );
     let image = std::fs::read(image_path()).unwrap();

@@ -421,7 +421,7 @@ class PodsAndServices(unittest.TestCase):
         """Helm may hold numbers as float64, which print as 2.097152e+07: clap would refuse that."""
         big = {
             "gateway": {"maxImageBytes": 104857600, "requestTimeoutSeconds": 86400000},
-            "encoder": {"maxImageBytes": 20971520, "maxImagePixels": 100000000},
+            "encoder": {"maxImageBytes": 20971520, "maxImagePixels": 100000000, "maxImageAspectRatio": 1000},
             "cache": {"ttlSeconds": 2592000, "maxBytes": 4294967296},
         }
         numeric = re.compile(r"--(max-[a-z-]+|cache-ttl|cache-max-bytes|request-timeout|default-max-tokens)")
@@ -436,6 +436,7 @@ class PodsAndServices(unittest.TestCase):
                         self.assertRegex(arg({"args": args}, flag), r"^[0-9]+$")
         encoder = mesh_container(objects(render(big), "Deployment")[name_of("encoder")])
         self.assertEqual(arg(encoder, "--max-image-pixels"), "100000000")
+        self.assertEqual(arg(encoder, "--max-image-aspect-ratio"), "1000")
 
     def test_topology_spread_and_resources(self):
         for label, _, docs in self.each_render():

@@ -109,19 +109,20 @@ impl Encoder for EncoderService {
         // The model runs on a blocking thread; its stage spans hang off this call's span.
         let call_span = tracing::Span::current();
         let monitor_layers = options.monitor_layers;
-        let (features, stats) = run_model(&self.permits, move || {
+        let (features, stats) = run_model(&self.permits, move |cancel| {
             let queue_ms = ms(queued);
             let t = Instant::now();
             let pixels = tracing::info_span!(parent: &call_span, "preprocess", image.bytes = req.image.len())
                 .in_scope(|| model.preprocessor.preprocess(&req.image, &model.device))?;
             let preprocess_ms = ms(t);
+            cancel.check()?;
             vlm_telemetry::metrics::observe_stage("preprocess", t.elapsed());
             let t = Instant::now();
             let mut monitored = Vec::new();
             let (features, layers) = tracing::info_span!(parent: &call_span, "vision_forward")
                 .in_scope(|| {
                     let monitor = monitor_layers.then_some(&mut monitored);
-                    let features = model.vision.forward_monitored(&pixels, monitor)?;
+                    let features = model.vision.forward_monitored(&pixels, monitor, cancel)?;
                     let layers = vlm_serving::layer_stats_rows("vision", &monitored);
                     Ok::<_, vlm_model::ModelError>((features, layers))
                 })?;

@@ -99,7 +99,7 @@ impl Projector for ProjectorService {
                         continue;
                     }
                     let (model, device) = (model.clone(), device.clone());
-                    let rows = run_model(&permits, move || {
+                    let rows = run_model(&permits, move |_| {
                         let x =
                             Tensor::from_vec(block.values, (block.rows, block.row_len), &device)?;
                         model.forward(&x)

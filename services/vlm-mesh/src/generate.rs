@@ -84,6 +84,10 @@ pub struct GenerateArgs {
     /// Largest image accepted, in pixels (width × height), checked before decoding.
     #[arg(long, env = "VLM_MAX_IMAGE_PIXELS", default_value_t = ImageLimits::default().max_pixels)]
     pub max_image_pixels: u64,
+    /// Largest long side : short side ratio accepted (e.g. 200 refuses a 201×1 image), checked
+    /// from the header before decoding; it also bounds the resize target.
+    #[arg(long, env = "VLM_MAX_IMAGE_ASPECT_RATIO", default_value_t = vlm_model::DEFAULT_MAX_ASPECT_RATIO, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_image_aspect_ratio: u32,
     /// Print one JSON object instead of streaming text.
     #[arg(long, env = "VLM_JSON")]
     pub json: bool,
@@ -108,6 +112,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let limits = ImageLimits {
         max_pixels: args.max_image_pixels,
+        max_aspect_ratio: args.max_image_aspect_ratio,
     };
     let pipeline = Pipeline::load(&args.model, dtype, &Device::Cpu, limits)
         .with_context(|| format!("cannot load model from {}", args.model.display()))?;

@@ -13,6 +13,7 @@ mod eval;
 mod generate;
 mod mesh;
 mod serve;
+mod supervise;
 
 #[derive(Parser)]
 #[command(
@@ -68,6 +69,11 @@ struct UpArgs {
     /// gateway balances over them and routes around replicas that fail.
     #[arg(long, env = "VLM_REPLICAS", default_value = "")]
     replicas: String,
+    /// What to do when a stage process dies: start it again on its address with backoff
+    /// (1 s doubling to 30 s, as Kubernetes restarts a container), or leave it down. The gateway
+    /// routes around it meanwhile; if the gateway itself exits, the mesh stops.
+    #[arg(long, env = "VLM_RESTART", value_enum, default_value_t = supervise::RestartPolicy::OnFailure)]
+    restart: supervise::RestartPolicy,
     #[command(flatten)]
     cache: serve::CacheArgs,
     #[command(flatten)]
@@ -112,7 +118,12 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
             replicas: mesh::parse_replicas(&args.replicas)?,
         };
         let mut mesh = mesh::Mesh::start(&opts).await?;
-        let pids: Vec<String> = mesh.info.services.iter().map(|s| format!("{}={}", s.label(), s.pid)).collect();
+        let pids: Vec<String> = mesh
+            .info
+            .services
+            .iter()
+            .map(|s| format!("{}={}", s.label(), s.pid))
+            .collect();
         let openai = match &mesh.info.openai_url {
             Some(url) => format!(" openai={url}"),
             None => String::new(),
@@ -125,22 +136,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         );
         use std::io::Write;
         std::io::stdout().flush()?;
-        // A stage replica that dies is not fatal: the gateway routes around it, and a process
-        // started again on its address is taken back (as Kubernetes would restart a pod). Without
-        // the gateway, though, the mesh is gone.
-        let shutdown = vlm_net::shutdown_signal();
-        tokio::pin!(shutdown);
-        let result = loop {
-            tokio::select! {
-                _ = &mut shutdown => break Ok(()),
-                (role, status) = mesh.child_exited() => {
-                    if role == "gateway" {
-                        break Err(anyhow::anyhow!("the gateway exited ({status}); stopping the mesh"));
-                    }
-                    eprintln!("warning: the {role} exited ({status}); the gateway routes around it");
-                }
-            }
-        };
+        let result = supervise::supervise(&mut mesh, args.restart).await;
         mesh.shutdown().await;
         result
     })

@@ -123,12 +123,15 @@ pub struct MeshInfo {
 
 struct Running {
     info: ServiceInfo,
+    /// Its `serve <role>` arguments, to start it again on the same address.
+    args: Vec<String>,
     stop: Option<oneshot::Sender<()>>,
     done: Option<oneshot::Receiver<()>>,
 }
 
 pub struct Mesh {
     running: Vec<Running>,
+    exit_tx: mpsc::UnboundedSender<(String, ExitStatus)>,
     exits: mpsc::UnboundedReceiver<(String, ExitStatus)>,
     pub info: MeshInfo,
     state_dir: PathBuf,
@@ -199,6 +202,7 @@ impl Mesh {
         let (exit_tx, exits) = mpsc::unbounded_channel();
         let mut mesh = Mesh {
             running: Vec::new(),
+            exit_tx,
             exits,
             info: MeshInfo {
                 gateway_url: String::new(),
@@ -229,7 +233,7 @@ impl Mesh {
             let mut urls = Vec::new();
             for replica in 0..n.max(1) {
                 let addr = mesh
-                    .launch(role, replica, &common("127.0.0.1:0".into()), &exit_tx)
+                    .launch(role, replica, &common("127.0.0.1:0".into()))
                     .await?;
                 urls.push(format!("https://{addr}"));
             }
@@ -237,7 +241,7 @@ impl Mesh {
             gw_args.push(urls.join(","));
         }
         gw_args.extend(opts.gateway_args.iter().cloned());
-        let gw = mesh.launch("gateway", 0, &gw_args, &exit_tx).await?;
+        let gw = mesh.launch("gateway", 0, &gw_args).await?;
         mesh.info.gateway_url = format!("https://{gw}");
         mesh.info.openai_url = mesh.gateway_http.map(|a| format!("https://{a}/v1"));
 
@@ -253,11 +257,48 @@ impl Mesh {
                 Some((role, status)) = mesh.exits.recv() => bail!("the {role} exited during start-up ({status})"),
             }
         }
-        std::fs::write(
-            mesh_file(&opts.state_dir),
-            serde_json::to_vec_pretty(&mesh.info)?,
-        )?;
+        mesh.write_mesh_file()?;
         Ok(mesh)
+    }
+
+    fn write_mesh_file(&self) -> anyhow::Result<()> {
+        std::fs::write(
+            mesh_file(&self.state_dir),
+            serde_json::to_vec_pretty(&self.info)?,
+        )?;
+        Ok(())
+    }
+
+    /// Starts the service `label` (`encoder`, `decoder#1`…) that exited again, on the address it
+    /// had, so the gateway's health checks take it back; `mesh.json` gets its new pid. Returns
+    /// once it listens.
+    pub async fn restart(&mut self, label: &str) -> anyhow::Result<ServiceInfo> {
+        let i = self
+            .running
+            .iter()
+            .position(|r| r.info.label() == label)
+            .with_context(|| format!("no service {label}"))?;
+        let old = &self.running[i];
+        let (role, replica, addr) = (old.info.role.clone(), old.info.replica, old.info.addr);
+        let mut args = old.args.clone();
+        if let Some(at) = args.iter().position(|a| a == "--listen") {
+            args[at + 1] = addr.to_string();
+        }
+        self.launch(&role, replica, &args).await?;
+        // launch() appended it; put it back in its place (shutdown order is start order reversed).
+        let new = self.running.pop().expect("launch pushed it");
+        let info = new.info.clone();
+        self.running[i] = new;
+        let j = self
+            .info
+            .services
+            .iter()
+            .position(|s| s.label() == label)
+            .expect("listed at start");
+        self.info.services.pop();
+        self.info.services[j] = info.clone();
+        self.write_mesh_file()?;
+        Ok(info)
     }
 
     async fn launch(
@@ -265,7 +306,6 @@ impl Mesh {
         role: &str,
         replica: usize,
         args: &[String],
-        exit_tx: &mpsc::UnboundedSender<(String, ExitStatus)>,
     ) -> anyhow::Result<SocketAddr> {
         let (mut child, pid) = spawn_service(role, replica, args, self.service_log.as_deref())?;
         let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
@@ -322,7 +362,7 @@ impl Mesh {
         let remaining = BufReader::new(lines.into_inner().into_inner());
         drop(relay_lines(role.to_string(), remaining)); // runs until the child closes stdout
         let role_s = role.to_string();
-        let exit_tx = exit_tx.clone();
+        let exit_tx = self.exit_tx.clone();
         tokio::spawn(async move {
             tokio::select! {
                 status = child.wait() => {
@@ -350,6 +390,7 @@ impl Mesh {
         self.info.services.push(info.clone());
         self.running.push(Running {
             info,
+            args: args.to_vec(),
             stop: Some(stop_tx),
             done: Some(done_rx),
         });

@@ -19,6 +19,17 @@ pub enum ModelError {
         pixels: u64,
         limit: u64,
     },
+    /// The image is too narrow for its length (checked on the header, before decoding).
+    #[error(
+        "image aspect ratio too extreme: {width}x{height} exceeds the limit of {limit}:1 (long side : short side)"
+    )]
+    ImageAspect { width: u32, height: u32, limit: u32 },
+    /// Memory for an intermediate buffer could not be allocated (the process stays up).
+    #[error("out of memory: cannot allocate {bytes} bytes for {what}")]
+    OutOfMemory { what: &'static str, bytes: u64 },
+    /// The caller went away; the work was abandoned at the next checkpoint.
+    #[error("cancelled: the caller went away")]
+    Cancelled,
     /// The prompt is empty or does not fit the images given with it.
     #[error("invalid prompt: {0}")]
     InvalidPrompt(String),
@@ -46,15 +57,20 @@ impl ModelError {
         matches!(
             self,
             ModelError::InvalidImage(_)
+                | ModelError::ImageAspect { .. }
                 | ModelError::InvalidPrompt(_)
                 | ModelError::InvalidParams(_)
                 | ModelError::InvalidInput(_)
         )
     }
 
-    /// True when the input is well-formed but exceeds a configured size limit.
+    /// True when the input is well-formed but exceeds a configured size limit, or needs more
+    /// memory than the process can get.
     pub fn is_too_large(&self) -> bool {
-        matches!(self, ModelError::ImageTooLarge { .. })
+        matches!(
+            self,
+            ModelError::ImageTooLarge { .. } | ModelError::OutOfMemory { .. }
+        )
     }
 
     pub(crate) fn checkpoint(path: impl AsRef<std::path::Path>, msg: impl Into<String>) -> Self {

@@ -7,6 +7,7 @@
 //!
 //! Nothing here knows about networking.
 
+pub mod cancel;
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
@@ -26,6 +27,7 @@ pub mod resize;
 pub mod sampling;
 pub mod vision;
 
+pub use cancel::{Cancel, CancelOnDrop};
 pub use candle_core::{DType, Device, Tensor};
 pub use checkpoint::{Checkpoint, CheckpointPart};
 pub use config::{
@@ -38,7 +40,7 @@ pub use generate::{Completion, FinishReason, Generation, TokenEvent};
 pub use kv::{KvShape, PosKey};
 pub use monitor::LayerStats;
 pub use pipeline::{GenerateOutput, Pipeline, StageTimings};
-pub use preprocess::{ImageLimits, Preprocessor};
+pub use preprocess::{ImageLimits, Preprocessor, DEFAULT_MAX_ASPECT_RATIO};
 pub use projector::Projector;
 pub use prompt::{PreparedPrompt, PromptBuilder, TextStreamer};
 pub use sampling::{Sampler, SamplingParams};

@@ -10,18 +10,28 @@ use crate::config::{ImageProcessorConfig, ResizeTarget};
 use crate::error::{ModelError, Result};
 use crate::resize::{resize, Filter};
 
-/// Limits checked against the image header before any pixel is decoded.
+/// Limits checked against the image header before any pixel is decoded, and against the resize
+/// target before anything is resized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageLimits {
-    /// Largest width × height accepted.
+    /// Largest width × height accepted, for the decoded image and for its resized copy.
     pub max_pixels: u64,
+    /// Largest long side : short side ratio accepted. Resizing scales the short side to the
+    /// vision tower's size, so without this bound a 67,108,864×1 image asks for a resize target
+    /// of billions of pixels.
+    pub max_aspect_ratio: u32,
 }
+
+/// The default [`ImageLimits::max_aspect_ratio`]: transformers' GLM-4V processor refuses ratios
+/// over 200 too.
+pub const DEFAULT_MAX_ASPECT_RATIO: u32 = 200;
 
 impl Default for ImageLimits {
     fn default() -> Self {
         // 64 MP: larger than any camera photo, small enough that a decoded RGBA frame stays < 256 MiB.
         ImageLimits {
             max_pixels: 64 << 20,
+            max_aspect_ratio: DEFAULT_MAX_ASPECT_RATIO,
         }
     }
 }
@@ -94,6 +104,14 @@ impl Preprocessor {
                 limit: self.limits.max_pixels,
             });
         }
+        let (long, short) = (width.max(height) as u64, width.min(height) as u64);
+        if long > short * self.limits.max_aspect_ratio as u64 {
+            return Err(ModelError::ImageAspect {
+                width,
+                height,
+                limit: self.limits.max_aspect_ratio,
+            });
+        }
         let mut limits = image::Limits::default();
         // The header was checked; this bounds what a lying header could make the decoder allocate.
         limits.max_alloc = Some(self.limits.max_pixels.saturating_mul(8).max(1 << 20));
@@ -106,22 +124,35 @@ impl Preprocessor {
     }
 
     /// Resize + centre crop (still 8-bit), exactly as the HF processor does before rescaling.
-    pub fn resize_and_crop(&self, img: &RgbImage) -> RgbImage {
+    /// The resize target is checked against [`ImageLimits::max_pixels`] before anything is
+    /// allocated, and allocation failures are errors, not aborts.
+    pub fn resize_and_crop(&self, img: &RgbImage) -> Result<RgbImage> {
         let c = &self.cfg;
         let mut img = if c.do_resize {
             let (w, h) = img.dimensions();
             let (nw, nh) = match c.size {
-                ResizeTarget::Exact { height, width } => (width, height),
-                ResizeTarget::ShortestEdge(s) => shortest_edge_size(w, h, s),
+                ResizeTarget::Exact { height, width } => (width as u64, height as u64),
+                ResizeTarget::ShortestEdge(s) => shortest_edge_size_u64(w, h, s),
             };
-            resize(img, nw, nh, self.filter)
+            let limit = self.limits.max_pixels;
+            match (u32::try_from(nw), u32::try_from(nh)) {
+                (Ok(nw), Ok(nh)) if nw as u64 * nh as u64 <= limit && nw > 0 && nh > 0 => {
+                    resize(img, nw, nh, self.filter)?
+                }
+                _ => {
+                    return Err(ModelError::InvalidImage(format!(
+                        "a {w}x{h} image would be resized to {nw}x{nh} for the vision tower, \
+                         over the limit of {limit} pixels"
+                    )))
+                }
+            }
         } else {
             img.clone()
         };
         if c.do_center_crop {
             img = center_crop(&img, c.crop_size.0, c.crop_size.1);
         }
-        img
+        Ok(img)
     }
 
     /// Rescale and normalise into CHW f32, with transformers' arithmetic (rescale in f64, cast to f32,
@@ -149,7 +180,7 @@ impl Preprocessor {
     /// Full pipeline: bytes → `pixel_values` `[1, 3, H, W]` f32.
     pub fn preprocess(&self, bytes: &[u8], device: &Device) -> Result<Tensor> {
         let img = self.decode(bytes)?;
-        let img = self.resize_and_crop(&img);
+        let img = self.resize_and_crop(&img)?;
         let (w, h) = img.dimensions();
         let data = self.normalize(&img);
         Ok(Tensor::from_vec(
@@ -162,17 +193,24 @@ impl Preprocessor {
 
 /// transformers' `get_resize_output_image_size(default_to_square=False)`: the short side becomes `size`,
 /// the long side `int(size * long / short)` (truncated).
+/// Saturates at `u32::MAX`; [`Preprocessor`] uses the exact `u64` size and refuses what does
+/// not fit its limits.
 pub fn shortest_edge_size(width: u32, height: u32, size: u32) -> (u32, u32) {
+    let (w, h) = shortest_edge_size_u64(width, height, size);
+    (w.min(u32::MAX as u64) as u32, h.min(u32::MAX as u64) as u32)
+}
+
+fn shortest_edge_size_u64(width: u32, height: u32, size: u32) -> (u64, u64) {
     let (short, long) = if width <= height {
         (width, height)
     } else {
         (height, width)
     };
-    let new_long = ((size as u64 * long as u64) as f64 / short as f64) as u32;
+    let new_long = ((size as u64 * long as u64) as f64 / short.max(1) as f64) as u64;
     if width <= height {
-        (size, new_long)
+        (size as u64, new_long)
     } else {
-        (new_long, size)
+        (new_long, size as u64)
     }
 }
 

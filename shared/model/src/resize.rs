@@ -9,6 +9,8 @@
 
 use image::RgbImage;
 
+use crate::error::{ModelError, Result};
+
 /// Fixed-point precision of PIL's 8-bit resampling coefficients (`PRECISION_BITS = 32 - 8 - 2`).
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
@@ -69,14 +71,16 @@ struct Coeffs {
 }
 
 /// `precompute_coeffs` + `normalize_coeffs_8bpc` for the full input range `[0, in_size)`.
-fn precompute(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
+fn precompute(in_size: usize, out_size: usize, filter: Filter) -> Result<Coeffs> {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = filter.support() * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
-    let mut bounds = Vec::with_capacity(out_size);
-    let mut weights = vec![0i32; out_size * ksize];
-    let mut k = vec![0f64; ksize];
+    let mut bounds = zeroed::<(usize, usize)>(out_size, "resize bounds")?;
+    bounds.clear();
+    let weight_count = out_size.saturating_mul(ksize);
+    let mut weights = zeroed::<i32>(weight_count, "resize coefficients")?;
+    let mut k = zeroed::<f64>(ksize, "resize kernel")?;
     for xx in 0..out_size {
         let center = (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
@@ -106,11 +110,36 @@ fn precompute(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
         }
         bounds.push((xmin, xmax));
     }
-    Coeffs {
+    Ok(Coeffs {
         ksize,
         bounds,
         weights,
-    }
+    })
+}
+
+/// `n` default values, or [`ModelError::OutOfMemory`] when they cannot be allocated (instead of
+/// the abort a failed `vec!` is).
+fn zeroed<T: Clone + Default>(n: usize, what: &'static str) -> Result<Vec<T>> {
+    let oom = || ModelError::OutOfMemory {
+        what,
+        bytes: (n as u64).saturating_mul(std::mem::size_of::<T>() as u64),
+    };
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| oom())?;
+    v.resize(n, T::default());
+    Ok(v)
+}
+
+/// A black `width` × `height` image, allocated fallibly.
+fn blank(width: u32, height: u32) -> Result<RgbImage> {
+    let bytes = (width as usize)
+        .saturating_mul(height as usize)
+        .saturating_mul(3);
+    let raw = zeroed::<u8>(bytes, "resized image")?;
+    RgbImage::from_raw(width, height, raw).ok_or(ModelError::OutOfMemory {
+        what: "resized image",
+        bytes: bytes as u64,
+    })
 }
 
 #[inline]
@@ -124,10 +153,9 @@ fn clip8(v: i64) -> u8 {
     }
 }
 
-fn horizontal(src: &RgbImage, out_w: u32, c: &Coeffs) -> RgbImage {
-    let (w, h) = src.dimensions();
-    let _ = w;
-    let mut out = RgbImage::new(out_w, h);
+fn horizontal(src: &RgbImage, out_w: u32, c: &Coeffs) -> Result<RgbImage> {
+    let h = src.height();
+    let mut out = blank(out_w, h)?;
     let sraw = src.as_raw();
     let stride = src.width() as usize * 3;
     let oraw: &mut [u8] = &mut out;
@@ -149,12 +177,12 @@ fn horizontal(src: &RgbImage, out_w: u32, c: &Coeffs) -> RgbImage {
             }
         }
     }
-    out
+    Ok(out)
 }
 
-fn vertical(src: &RgbImage, out_h: u32, c: &Coeffs) -> RgbImage {
+fn vertical(src: &RgbImage, out_h: u32, c: &Coeffs) -> Result<RgbImage> {
     let w = src.width() as usize;
-    let mut out = RgbImage::new(w as u32, out_h);
+    let mut out = blank(w as u32, out_h)?;
     let sraw = src.as_raw();
     let stride = w * 3;
     let oraw: &mut [u8] = &mut out;
@@ -175,18 +203,20 @@ fn vertical(src: &RgbImage, out_h: u32, c: &Coeffs) -> RgbImage {
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Resizes exactly as `PIL.Image.resize((width, height), resample=filter)` does for RGB images.
-pub fn resize(src: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage {
+/// Buffers are allocated fallibly: a size the process cannot hold is [`ModelError::OutOfMemory`].
+/// Callers bound `width` × `height` first (see [`crate::ImageLimits`]).
+pub fn resize(src: &RgbImage, width: u32, height: u32, filter: Filter) -> Result<RgbImage> {
     let (w, h) = src.dimensions();
     if (w, h) == (width, height) {
-        return src.clone();
+        return Ok(src.clone());
     }
     // PIL runs the horizontal pass first and skips a pass whose size does not change.
     let tmp = if width != w {
-        horizontal(src, width, &precompute(w as usize, width as usize, filter))
+        horizontal(src, width, &precompute(w as usize, width as usize, filter)?)?
     } else {
         src.clone()
     };
@@ -194,9 +224,9 @@ pub fn resize(src: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbIma
         vertical(
             &tmp,
             height,
-            &precompute(h as usize, height as usize, filter),
+            &precompute(h as usize, height as usize, filter)?,
         )
     } else {
-        tmp
+        Ok(tmp)
     }
 }

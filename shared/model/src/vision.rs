@@ -10,6 +10,7 @@ use candle_nn::{
     conv2d_no_bias, embedding, linear, Conv2d, Conv2dConfig, Embedding, Linear, VarBuilder,
 };
 
+use crate::cancel::Cancel;
 use crate::checkpoint::{Checkpoint, PartKind};
 use crate::config::{Activation, LlavaConfig, SelectStrategy, VisionConfig};
 use crate::error::{ModelError, Result};
@@ -229,15 +230,17 @@ impl VisionEncoder {
 
     /// `pixel_values [B, 3, S, S]` (any float dtype) → features `[B, N, D]` in the compute dtype.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.forward_monitored(pixel_values, None)
+        self.forward_monitored(pixel_values, None, &Cancel::never())
     }
 
     /// [`Self::forward`], also pushing the statistics of every encoder layer's output (layers
-    /// that run; those after the last selected one never do) to `monitor` when given.
+    /// that run; those after the last selected one never do) to `monitor` when given, and
+    /// stopping with [`ModelError::Cancelled`] before the next layer once `cancel` is set.
     pub fn forward_monitored(
         &self,
         pixel_values: &Tensor,
         mut monitor: Option<&mut Vec<LayerStats>>,
+        cancel: &Cancel,
     ) -> Result<Tensor> {
         let (_, ch, h, w) = pixel_values.dims4()?;
         let s = self.cfg.image_size;
@@ -261,6 +264,7 @@ impl VisionEncoder {
         };
         take(0, &x);
         for (i, layer) in self.layers.iter().enumerate() {
+            cancel.check()?;
             x = layer.forward(&x)?;
             if let Some(m) = monitor.as_deref_mut() {
                 m.push(LayerStats::of(i, &x)?);
@@ -327,7 +331,9 @@ pub(crate) mod monitor_tests {
         let s = v.cfg.image_size;
         let pixels = Tensor::randn(0f32, 1.0, (1, 3, s, s), &Device::Cpu).unwrap();
         let mut rows = Vec::new();
-        let monitored = v.forward_monitored(&pixels, Some(&mut rows)).unwrap();
+        let monitored = v
+            .forward_monitored(&pixels, Some(&mut rows), &Cancel::never())
+            .unwrap();
         // Monitoring does not change the result.
         let plain = v.forward(&pixels).unwrap();
         let diff = (monitored - plain)

@@ -29,7 +29,7 @@ fn bicubic_resize_equals_pil_exactly() {
             c["width"].as_u64().unwrap() as u32,
             c["height"].as_u64().unwrap() as u32,
         );
-        let got = resize(&src, w, h, Filter::Bicubic);
+        let got = resize(&src, w, h, Filter::Bicubic).unwrap();
         assert_eq!(got.dimensions(), want.dimensions());
         let max = got
             .as_raw()
@@ -47,10 +47,14 @@ fn bicubic_resize_equals_pil_exactly() {
 }
 
 fn clip_preprocessor(max_pixels: u64) -> Preprocessor {
+    shortest_edge_preprocessor(30, max_pixels)
+}
+
+fn shortest_edge_preprocessor(size: u32, max_pixels: u64) -> Preprocessor {
     let cfg = ImageProcessorConfig {
         do_convert_rgb: true,
         do_resize: true,
-        size: ResizeTarget::ShortestEdge(30),
+        size: ResizeTarget::ShortestEdge(size),
         resample: 3,
         do_center_crop: true,
         crop_size: (30, 30),
@@ -60,7 +64,11 @@ fn clip_preprocessor(max_pixels: u64) -> Preprocessor {
         image_mean: [0.5; 3],
         image_std: [0.5; 3],
     };
-    Preprocessor::new(cfg, ImageLimits { max_pixels }).unwrap()
+    let limits = ImageLimits {
+        max_pixels,
+        ..ImageLimits::default()
+    };
+    Preprocessor::new(cfg, limits).unwrap()
 }
 
 fn png_bytes(w: u32, h: u32) -> Vec<u8> {
@@ -118,15 +126,21 @@ fn garbage_bytes_are_invalid() {
     assert!(err.to_string().contains("format"), "{err}");
 }
 
+/// A small PNG whose header claims `w`×`h` (its pixel data is a 4×4 image's).
+fn forged_png(w: u32, h: u32) -> Vec<u8> {
+    let mut png = png_bytes(4, 4);
+    // IHDR data starts at byte 16: width and height as big-endian u32, then the chunk CRC at 29..33.
+    png[16..20].copy_from_slice(&w.to_be_bytes());
+    png[20..24].copy_from_slice(&h.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    png
+}
+
 /// A PNG whose header claims 100000×100000 is refused from the header alone, before decoding.
 #[test]
 fn huge_header_is_rejected_before_decoding() {
-    let mut png = png_bytes(4, 4);
-    // IHDR data starts at byte 16: width and height as big-endian u32, then the chunk CRC at 29..33.
-    png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
-    png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
-    let crc = crc32(&png[12..29]);
-    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    let png = forged_png(100_000, 100_000);
     let err = clip_preprocessor(64 << 20).decode(&png).unwrap_err();
     match err {
         ModelError::ImageTooLarge { width, height, .. } => {
@@ -144,6 +158,65 @@ fn pixel_limit_is_configurable() {
         clip_preprocessor(799).decode(&png),
         Err(ModelError::ImageTooLarge { .. })
     ));
+}
+
+/// 67,108,864×1 is exactly the default pixel limit, and resizing its short side to the tower's
+/// size once asked for a 68 GB buffer (and 1×67,108,864 for 19 GB), killing the encoder. The
+/// aspect ratio is refused from the header, before decoding or resizing.
+#[test]
+fn extreme_aspect_ratios_are_refused_from_the_header() {
+    let pre = shortest_edge_preprocessor(336, ImageLimits::default().max_pixels);
+    for (w, h) in [
+        (67_108_864, 1),
+        (1, 67_108_864),
+        (1, 65_535),
+        (201, 1),
+        (2, 401),
+    ] {
+        match pre.decode(&forged_png(w, h)).unwrap_err() {
+            ModelError::ImageAspect {
+                width,
+                height,
+                limit,
+            } => assert_eq!((width, height, limit), (w, h, 200)),
+            other => panic!("{w}x{h}: expected ImageAspect, got {other}"),
+        }
+    }
+    let err = pre.decode(&forged_png(1, 65_535)).unwrap_err();
+    assert!(err.is_invalid_input(), "{err}");
+    assert!(err.to_string().contains("200:1"), "{err}");
+}
+
+/// At the limit an image is decoded and resized (a 200:1 strip becomes 6,000×30, then its crop).
+#[test]
+fn an_aspect_ratio_at_the_limit_is_encoded() {
+    let pre = clip_preprocessor(ImageLimits::default().max_pixels);
+    let img = pre.decode(&png_bytes(400, 2)).unwrap();
+    let out = pre.resize_and_crop(&img).unwrap();
+    assert_eq!(out.dimensions(), (30, 30));
+    let narrow = Preprocessor::new(
+        pre.config().clone(),
+        ImageLimits {
+            max_aspect_ratio: 199,
+            ..ImageLimits::default()
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        narrow.decode(&png_bytes(400, 2)),
+        Err(ModelError::ImageAspect { .. })
+    ));
+}
+
+/// A resize target over the pixel limit is refused before anything is allocated, even when the
+/// image itself is within every limit (a processor config with a huge shortest edge).
+#[test]
+fn a_resize_target_over_the_pixel_limit_is_refused() {
+    let pre = shortest_edge_preprocessor(100_000, 64 << 20);
+    let img = pre.decode(&png_bytes(100, 1)).unwrap();
+    let err = pre.resize_and_crop(&img).unwrap_err();
+    assert!(matches!(err, ModelError::InvalidImage(_)), "{err}");
+    assert!(err.to_string().contains("10000000x100000"), "{err}");
 }
 
 /// The PNG CRC (ISO-HDLC), so the forged header is otherwise well-formed.

@@ -7,13 +7,15 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 use tonic::Status;
-use vlm_model::{DType, Device, ModelError, Tensor};
+use vlm_model::{Cancel, DType, Device, ModelError, Tensor};
 use vlm_tensor::{F32Tensor, WireDType};
 
 /// The gRPC status for a model error: the caller's mistakes are INVALID_ARGUMENT, size limits
 /// RESOURCE_EXHAUSTED, everything else INTERNAL (and logged, since it is our fault).
 pub fn model_status(e: ModelError) -> Status {
-    if e.is_invalid_input() {
+    if matches!(e, ModelError::Cancelled) {
+        Status::cancelled(e.to_string())
+    } else if e.is_invalid_input() {
         Status::invalid_argument(e.to_string())
     } else if e.is_too_large() {
         Status::resource_exhausted(e.to_string())
@@ -25,19 +27,26 @@ pub fn model_status(e: ModelError) -> Status {
 
 /// Runs a model call on the blocking pool while holding one of `permits`, so the async runtime keeps
 /// serving health checks and streams while the CPU computes, and at most N calls compute at once.
+///
+/// `f` gets a [`Cancel`] token that is set when the returned future is dropped (the RPC was
+/// cancelled: the client went away or the gateway retried elsewhere); it should check it between
+/// steps so abandoned work stops, and its permit is freed, within one step.
 pub async fn run_model<T, F>(permits: &Arc<Semaphore>, f: F) -> Result<T, Status>
 where
     T: Send + 'static,
-    F: FnOnce() -> Result<T, ModelError> + Send + 'static,
+    F: FnOnce(&Cancel) -> Result<T, ModelError> + Send + 'static,
 {
     let permit = permits
         .clone()
         .acquire_owned()
         .await
         .map_err(|_| Status::unavailable("the service is shutting down"))?;
+    let cancel = Cancel::never();
+    let _cancel_when_dropped = cancel.on_drop();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        f()
+        cancel.check()?;
+        f(&cancel)
     })
     .await
     .map_err(|e| Status::internal(format!("model task failed: {e}")))?
@@ -142,4 +151,46 @@ pub fn layer_stats_rows(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The gateway gives up on a slow replica by dropping its call; the blocking work behind it
+    /// must stop and give its permit back, not run to the end.
+    #[tokio::test]
+    async fn dropping_the_call_stops_the_blocking_work_and_frees_its_permit() {
+        let permits = Arc::new(Semaphore::new(1));
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
+        let call = run_model(&permits, move |cancel| {
+            started_tx.send(()).unwrap();
+            while !cancel.is_cancelled() {
+                std::thread::yield_now();
+            }
+            stopped_tx.send(()).unwrap();
+            cancel.check()
+        });
+        tokio::select! {
+            _ = call => panic!("the call ended before it was dropped"),
+            _ = started_rx => {}
+        }
+        // `call` was dropped by select!.
+        stopped_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the blocking work saw the cancellation");
+        let permit = tokio::time::timeout(Duration::from_secs(60), permits.acquire())
+            .await
+            .expect("the permit was given back");
+        assert!(permit.is_ok());
+    }
+
+    #[test]
+    fn a_cancelled_computation_is_cancelled_not_internal() {
+        let s = model_status(ModelError::Cancelled);
+        assert_eq!(s.code(), tonic::Code::Cancelled);
+    }
 }

@@ -139,6 +139,10 @@ pub struct EncoderArgs {
     /// Largest image accepted, in pixels, checked from the header before decoding.
     #[arg(long, env = "VLM_MAX_IMAGE_PIXELS", default_value_t = ImageLimits::default().max_pixels)]
     pub max_image_pixels: u64,
+    /// Largest long side : short side ratio accepted (e.g. 200 refuses a 201×1 image), checked
+    /// from the header before decoding; it also bounds the resize target.
+    #[arg(long, env = "VLM_MAX_IMAGE_ASPECT_RATIO", default_value_t = vlm_model::DEFAULT_MAX_ASPECT_RATIO, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_image_aspect_ratio: u32,
     /// Images encoded at once.
     #[arg(long, env = "VLM_MAX_CONCURRENT", default_value_t = ENCODER_MAX_CONCURRENT)]
     pub max_concurrent: usize,

@@ -70,6 +70,7 @@ async fn encoder(a: EncoderArgs) -> anyhow::Result<()> {
         dtype: a.common.dtype()?,
         image_limits: ImageLimits {
             max_pixels: a.max_image_pixels,
+            max_aspect_ratio: a.max_image_aspect_ratio,
         },
         max_image_bytes: a.max_image_bytes,
         max_concurrent: a.max_concurrent,

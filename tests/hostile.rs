@@ -1,0 +1,165 @@
+//! Hostile input against a real mesh (`up --replicas encoder=2`): each attack gets its documented
+//! status, every stage process survives it with bounded memory (peak RSS read from /proc), and a
+//! normal request succeeds during and after it.
+
+use std::time::Duration;
+
+use tonic::Code;
+use vlm_proto::generate_response::Kind;
+use vlm_proto::{GenerateRequest, SamplingParams};
+
+mod common;
+use common::*;
+
+/// Peak resident memory any stage of the tiny model may reach while being attacked. A healthy
+/// tiny-model stage peaks around 100–200 MiB; the attacks below once asked for 2–68 GB.
+const STAGE_PEAK_RSS_BOUND_KIB: u64 = 1 << 20;
+
+/// A PNG whose header declares `w`×`h` pixels. Its pixel data is a 4×4 image's, so the forgery
+/// is tiny, but every check that matters runs on the header before any pixel is decoded (a real
+/// 67,108,864×1 PNG is 195,785 bytes and reaches the same checks).
+fn png_declaring(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(4, 4, image::Rgb([200, 30, 30]));
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let mut png = png.into_inner();
+    // IHDR data starts at byte 16: width, height (big-endian u32); its CRC is at 29..33.
+    png[16..20].copy_from_slice(&w.to_be_bytes());
+    png[20..24].copy_from_slice(&h.to_be_bytes());
+    let crc = crc32fast::hash(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    png
+}
+
+fn ask(image: Vec<u8>, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        images: vec![image.into()],
+        prompt: PROMPT.into(),
+        params: Some(SamplingParams {
+            max_tokens: Some(max_tokens),
+            top_p: 1.0,
+            ..Default::default()
+        }),
+        monitor_layers: false,
+    }
+}
+
+/// The request's answer (its token count), or the status it failed with.
+async fn run(mesh: &MeshProc, req: GenerateRequest) -> Result<usize, tonic::Status> {
+    let mut client = mesh.client().await;
+    let mut r = tonic::Request::new(req);
+    r.set_timeout(Duration::from_secs(120));
+    let mut stream = client.generate(r).await?.into_inner();
+    let mut tokens = 0;
+    while let Some(msg) = stream.message().await? {
+        if let Some(Kind::Delta(d)) = msg.kind {
+            tokens += d.token_ids.len();
+        }
+    }
+    Ok(tokens)
+}
+
+/// (label, pid) of every service `up` started.
+fn services(mesh: &MeshProc) -> Vec<(String, u64)> {
+    mesh.mesh_json()["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                format!("{}#{}", s["role"].as_str().unwrap(), s["replica"]),
+                s["pid"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Peak resident set size (VmHWM) of a live process, in KiB.
+fn peak_rss_kib(pid: u64) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("VmHWM in /proc/PID/status")
+}
+
+/// Every service started is still the same live process, and none peaked above the bound.
+fn assert_all_alive_and_bounded(mesh: &MeshProc, before: &[(String, u64)]) {
+    assert_eq!(services(mesh), before, "a service was restarted");
+    for (label, pid) in before {
+        assert!(pid_alive(*pid), "{label} (pid {pid}) died");
+        let peak = peak_rss_kib(*pid);
+        eprintln!("{label}: peak RSS {} MiB", peak / 1024);
+        assert!(
+            peak < STAGE_PEAK_RSS_BOUND_KIB,
+            "{label} peaked at {peak} KiB (bound {STAGE_PEAK_RSS_BOUND_KIB} KiB)"
+        );
+    }
+}
+
+/// Attack 1: extreme aspect ratios, which once made every encoder replica abort in turn (the
+/// resize target of 67,108,864×1 was a 68 GB buffer) or spend 22 s and 2 GB each (1×65,535).
+/// Now: INVALID_ARGUMENT from the header, no retry on the other replica, nothing allocated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn extreme_aspect_ratios_are_refused_and_no_encoder_dies() {
+    let mesh = MeshProc::start_with(&model(), &["--replicas", "encoder=2", "--no-cache"], &[]);
+    let before = services(&mesh);
+    let normal = std::fs::read(image_path()).unwrap();
+    let during = tokio::spawn({
+        let (gateway, certs) = (mesh.gateway.clone(), mesh.certs());
+        let req = ask(normal.clone(), 8);
+        async move {
+            let files = vlm_net::TlsFiles::for_role(certs, "client");
+            let tls = vlm_net::client_tls(&files, "localhost").unwrap();
+            let channel = vlm_net::connect(&gateway, Some(tls)).await.unwrap();
+            let mut client = vlm_proto::gateway_client::GatewayClient::new(channel);
+            let mut stream = client.generate(req).await?.into_inner();
+            let mut tokens = 0;
+            while let Some(msg) = stream.message().await? {
+                if let Some(Kind::Delta(d)) = msg.kind {
+                    tokens += d.token_ids.len();
+                }
+            }
+            Ok::<_, tonic::Status>(tokens)
+        }
+    });
+    for (w, h) in [
+        (67_108_864, 1),
+        (1, 67_108_864),
+        (1, 65_535),
+        (65_535, 1),
+        (201, 1),
+    ] {
+        for _ in 0..2 {
+            let err = run(&mesh, ask(png_declaring(w, h), 4))
+                .await
+                .expect_err("an extreme aspect ratio was accepted");
+            assert_eq!(err.code(), Code::InvalidArgument, "{w}x{h}: {err:?}");
+            assert!(err.message().contains("aspect ratio"), "{w}x{h}: {err:?}");
+            assert!(err.message().contains(&format!("{w}x{h}")), "{err:?}");
+        }
+    }
+    assert_eq!(
+        during.await.unwrap().unwrap(),
+        8,
+        "a normal request during the attack"
+    );
+    assert_eq!(
+        run(&mesh, ask(normal, 8)).await.unwrap(),
+        8,
+        "after the attack"
+    );
+    // The refusal is the caller's fault: the gateway did not try the image on the other replica.
+    let retried = mesh
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("[gateway]") && l.contains("trying another replica"))
+        .cloned()
+        .collect::<Vec<_>>();
+    assert!(retried.is_empty(), "{retried:?}");
+    assert_all_alive_and_bounded(&mesh, &before);
+}
