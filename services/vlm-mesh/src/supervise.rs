@@ -35,8 +35,10 @@ struct Backoff {
 impl Backoff {
     /// The delay before the next start, after a crash now.
     fn after_crash(&mut self, now: Instant) -> Duration {
+        // It ran since its last start: a long run means it was healthy, not crash-looping.
         if self
             .started
+            .take()
             .is_some_and(|t| now.duration_since(t) >= HEALTHY_RUN)
         {
             self.crashes = 0;
