@@ -163,3 +163,90 @@ async fn extreme_aspect_ratios_are_refused_and_no_encoder_dies() {
     assert!(retried.is_empty(), "{retried:?}");
     assert_all_alive_and_bounded(&mesh, &before);
 }
+
+/// A message that is not a valid `GenerateRequest`: field 1 (`images`, bytes) sent as a varint.
+#[derive(Clone, PartialEq, prost::Message)]
+struct NotAGenerateRequest {
+    #[prost(uint64, tag = "1")]
+    images: u64,
+}
+
+/// Attack 7: input that used to come back as the wrong status or grow the server's state: a
+/// 100 kB stop string (echoed into the error, past the peer's header limit: a transport error),
+/// a request that is not valid protobuf (INTERNAL), made-up method names (one metric series each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_clear_statuses_and_bounded_state() {
+    let mesh = MeshProc::start_with(&model(), &["--no-cache"], &[]);
+    let before = services(&mesh);
+    let normal = std::fs::read(image_path()).unwrap();
+
+    let mut huge_stop = ask(normal.clone(), 4);
+    huge_stop.params.as_mut().unwrap().stop = vec!["x".repeat(100_000)];
+    let err = run(&mesh, huge_stop).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("stop[0] is 100000 bytes"), "{err:?}");
+    assert!(err.message().len() <= 1024, "{} bytes", err.message().len());
+
+    let files = vlm_net::TlsFiles::for_role(mesh.certs(), "client");
+    let tls = vlm_net::client_tls(&files, "localhost").unwrap();
+    let channel = vlm_net::connect(&mesh.gateway, Some(tls)).await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let call = |path: &'static str| {
+        let mut grpc = grpc.clone();
+        async move {
+            grpc.ready().await.unwrap();
+            let codec = tonic_prost::ProstCodec::<NotAGenerateRequest, vlm_proto::GenerateResponse>::default();
+            let req = tonic::Request::new(NotAGenerateRequest { images: 7 });
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+            match grpc.server_streaming(req, path, codec).await {
+                Ok(resp) => resp.into_inner().message().await.map(|_| ()),
+                Err(s) => Err(s),
+            }
+        }
+    };
+    let err = call("/vlm.v1.Gateway/Generate").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("decode"), "{err:?}");
+
+    let made_up = [
+        "/vlm.v1.Gateway/Aq1",
+        "/vlm.v1.Gateway/Bz2",
+        "/vlm.v1.Gateway/Cx3",
+        "/vlm.v1.Gateway/Dw4",
+        "/vlm.v1.Gateway/Ev5",
+    ];
+    for path in made_up {
+        let err = call(path).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unimplemented, "{path}: {err:?}");
+    }
+    grpc.ready().await.unwrap();
+    let metrics_addr = mesh.mesh_json()["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["role"] == "gateway")
+        .and_then(|s| s["metrics"].as_str())
+        .expect("the gateway's metrics address")
+        .to_string();
+    let text = scrape(&metrics_addr);
+    for path in made_up {
+        let method = path.rsplit('/').next().unwrap();
+        assert!(
+            !text.contains(&format!("method=\"{method}\"")),
+            "{method} has its own series"
+        );
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("vlm_rpc_server_requests_total")
+                && l.contains("method=\"unknown\"")
+                && l.contains("code=\"12\"")),
+        "no `unknown` series for the made-up methods:\n{text}"
+    );
+    assert_eq!(
+        run(&mesh, ask(normal, 4)).await.unwrap(),
+        4,
+        "after the attack"
+    );
+    assert_all_alive_and_bounded(&mesh, &before);
+}

@@ -5,7 +5,6 @@
 //! and every service's Prometheus endpoint must parse and count.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -226,27 +225,6 @@ async fn generate_traced(
     }
     let f = final_msg.expect("no final message");
     (tokens, f.trace_id, f.layer_stats)
-}
-
-/// GET `/metrics` over plain HTTP/1.1; the body.
-fn scrape(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("no HTTP header end");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("content-type: text/plain"),
-        "{head}"
-    );
-    body.to_string()
 }
 
 /// Parses Prometheus text format strictly enough to catch malformed output: comments are HELP or

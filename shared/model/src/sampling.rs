@@ -67,14 +67,17 @@ impl SamplingParams {
                 self.stop.len()
             ));
         }
-        if let Some(s) = self
+        // The message names the string by index and length, never echoes it: it is input of
+        // any size.
+        if let Some((i, s)) = self
             .stop
             .iter()
-            .find(|s| s.is_empty() || s.len() > MAX_STOP_LEN)
+            .enumerate()
+            .find(|(_, s)| s.is_empty() || s.len() > MAX_STOP_LEN)
         {
             return bad(format!(
-                "stop strings must be 1..={MAX_STOP_LEN} bytes, got {:?}",
-                s
+                "stop strings must be 1..={MAX_STOP_LEN} bytes; stop[{i}] is {} bytes",
+                s.len()
             ));
         }
         Ok(())
@@ -236,5 +239,13 @@ mod tests {
         p.temperature = 0.5;
         p.stop = vec![String::new()];
         assert!(p.validate().unwrap_err().to_string().contains("stop"));
+        p.stop = vec!["ok".into(), "x".repeat(100_000)];
+        let msg = p.validate().unwrap_err().to_string();
+        assert!(msg.contains("stop[1] is 100000 bytes"), "{msg}");
+        assert!(
+            msg.len() < 200,
+            "the message echoes the input: {} bytes",
+            msg.len()
+        );
     }
 }

@@ -17,6 +17,7 @@ pub mod replicas;
 pub mod retry;
 mod serve;
 mod shutdown;
+mod status_hygiene;
 mod tls;
 mod util;
 
@@ -33,6 +34,7 @@ pub use replicas::{Lease, Replica, ReplicaOptions, ReplicaSet, TlsForHost, Trace
 pub use retry::{is_retryable, RetryOptions, RetryPolicy};
 pub use serve::{serve_grpc, serve_grpc_with_health_port, server_layers, ServerLayers};
 pub use shutdown::shutdown_signal;
+pub use status_hygiene::{StatusHygiene, StatusHygieneLayer, MAX_STATUS_MESSAGE_BYTES};
 pub use tls::{
     client_tls, client_tls_without_identity, server_tls, server_tls_client_auth_optional,
     ClientAuth, TlsFiles, TlsPems,

@@ -21,21 +21,27 @@ use vlm_telemetry::GrpcServerTraceLayer;
 
 use crate::{
     error_chain, health_and_reflection, reflection_v1alpha, server_builder, AdmissionLayer,
-    AdmissionLimits, ChannelOptions, DeadlineLayer, NetError,
+    AdmissionLimits, ChannelOptions, DeadlineLayer, NetError, StatusHygieneLayer,
 };
 
 /// [`server_layers`]' stack.
 pub type ServerLayers = ServiceBuilder<
-    Stack<AdmissionLayer, Stack<DeadlineLayer, Stack<GrpcServerTraceLayer, Identity>>>,
+    Stack<
+        AdmissionLayer,
+        Stack<DeadlineLayer, Stack<StatusHygieneLayer, Stack<GrpcServerTraceLayer, Identity>>>,
+    >,
 >;
 
 /// The layers a mesh service is served behind, outermost first: a server span and the RPC
-/// metrics for every call, continuing the caller's W3C trace; the caller's deadline, fixed from
+/// metrics for every call, continuing the caller's W3C trace (methods outside `vlm.v1` are
+/// labelled `unknown`); bounded status messages, and INVALID_ARGUMENT for requests that are not
+/// valid protobuf ([`StatusHygieneLayer`]); the caller's deadline, fixed from
 /// `grpc-timeout` as the call arrives; load shedding at `limits`, whose queue waits at most until
 /// that deadline. `server_layers(limits).service(svc)` is ready for [`serve_grpc`].
 pub fn server_layers(limits: AdmissionLimits) -> ServerLayers {
     ServiceBuilder::new()
-        .layer(GrpcServerTraceLayer)
+        .layer(GrpcServerTraceLayer::serving(vlm_proto::METHOD_PATHS))
+        .layer(StatusHygieneLayer)
         .layer(DeadlineLayer)
         .layer(AdmissionLayer::new(limits))
 }

@@ -16,3 +16,6 @@ pub use vlm::v1::*;
 /// imports and source comments), for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/vlm_descriptor.bin"));
+
+/// The path of every `vlm.v1` RPC (`/vlm.v1.Gateway/Generate`, …), from the same descriptors.
+pub const METHOD_PATHS: &[&str] = include!(concat!(env!("OUT_DIR"), "/method_paths.rs"));

@@ -62,6 +62,27 @@ fn descriptor_set_holds_every_file_and_service() {
     assert_eq!(vlm_proto::gateway_server::SERVICE_NAME, "vlm.v1.Gateway");
 }
 
+/// METHOD_PATHS lists each RPC of each service once, in gRPC's `/package.Service/Method` form.
+#[test]
+fn method_paths_name_every_rpc() {
+    let fds = descriptor_set();
+    let rpcs: usize = vlm_files(&fds)
+        .iter()
+        .flat_map(|f| &f.service)
+        .map(|s| s.method.len())
+        .sum();
+    assert_eq!(vlm_proto::METHOD_PATHS.len(), rpcs);
+    for path in [
+        "/vlm.v1.Gateway/Generate",
+        "/vlm.v1.Gateway/GetModelInfo",
+        "/vlm.v1.Encoder/Encode",
+        "/vlm.v1.Decoder/Generate",
+        "/vlm.v1.Projector/Project",
+    ] {
+        assert!(vlm_proto::METHOD_PATHS.contains(&path), "{path}");
+    }
+}
+
 /// Collects (path, human-readable element name) for every documentable element.
 fn elements(file: &FileDescriptorProto) -> Vec<(Vec<i32>, String)> {
     fn message(

@@ -54,8 +54,30 @@ fn rpc_names(path: &str) -> (String, String) {
     (service, method)
 }
 
-fn rpc_span(kind: &'static str, path: &str) -> Span {
+/// The label for a method nobody serves: made-up paths must not create a metric series (or a
+/// span name) each.
+const UNKNOWN: &str = "unknown";
+
+/// [`rpc_names`] for a server that serves `known` paths (all when None): a path outside them is
+/// named `unknown` (its service kept when it serves other methods).
+fn server_rpc_names(path: &str, known: Option<&[&str]>) -> (String, String) {
     let (service, method) = rpc_names(path);
+    let Some(known) = known else {
+        return (service, method);
+    };
+    if known.contains(&path) {
+        return (service, method);
+    }
+    let prefix = format!("/{service}/");
+    let service = if known.iter().any(|k| k.starts_with(&prefix)) {
+        service
+    } else {
+        UNKNOWN.to_string()
+    };
+    (service, UNKNOWN.to_string())
+}
+
+fn rpc_span(kind: &'static str, (service, method): &(String, String)) -> Span {
     tracing::info_span!(
         target: "vlm_telemetry::grpc",
         "rpc",
@@ -89,8 +111,7 @@ struct ServerRpc {
 }
 
 impl ServerRpc {
-    fn start(path: &str) -> ServerRpc {
-        let (service, method) = rpc_names(path);
+    fn start((service, method): (String, String)) -> ServerRpc {
         let labels = RpcLabels { service, method };
         MeshMetrics::global()
             .rpc_server_in_flight
@@ -175,14 +196,28 @@ fn traced_response(
     })
 }
 
-/// Server half: see the module docs.
+/// Server half: see the module docs. By default every path is named as it comes;
+/// [`GrpcServerTraceLayer::serving`] names paths outside the served methods `unknown`, so a
+/// caller inventing method names cannot grow the metrics without bound.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct GrpcServerTraceLayer;
+pub struct GrpcServerTraceLayer {
+    known: Option<&'static [&'static str]>,
+}
+
+impl GrpcServerTraceLayer {
+    /// Labels only these `/package.Service/Method` paths by name.
+    pub fn serving(known: &'static [&'static str]) -> Self {
+        GrpcServerTraceLayer { known: Some(known) }
+    }
+}
 
 impl<S> Layer<S> for GrpcServerTraceLayer {
     type Service = GrpcServerTrace<S>;
     fn layer(&self, inner: S) -> GrpcServerTrace<S> {
-        GrpcServerTrace { inner }
+        GrpcServerTrace {
+            inner,
+            known: self.known,
+        }
     }
 }
 
@@ -190,6 +225,7 @@ impl<S> Layer<S> for GrpcServerTraceLayer {
 #[derive(Debug, Clone)]
 pub struct GrpcServerTrace<S> {
     inner: S,
+    known: Option<&'static [&'static str]>,
 }
 
 impl<S: tonic::server::NamedService> tonic::server::NamedService for GrpcServerTrace<S> {
@@ -213,8 +249,9 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let span = rpc_span("server", req.uri().path());
-        let rpc = ServerRpc::start(req.uri().path());
+        let names = server_rpc_names(req.uri().path(), self.known);
+        let span = rpc_span("server", &names);
+        let rpc = ServerRpc::start(names);
         let parent = opentelemetry::global::get_text_map_propagator(|p| {
             p.extract(&HeaderExtractor(req.headers()))
         });
@@ -262,7 +299,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let span = rpc_span("client", req.uri().path());
+        let span = rpc_span("client", &rpc_names(req.uri().path()));
         let cx = span.context();
         opentelemetry::global::get_text_map_propagator(|p| {
             p.inject_context(&cx, &mut HeaderInjector(req.headers_mut()))
@@ -283,6 +320,29 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn made_up_methods_share_one_label() {
+        let known = &["/vlm.v1.Gateway/Generate", "/vlm.v1.Gateway/GetModelInfo"][..];
+        let named = |p| server_rpc_names(p, Some(known));
+        assert_eq!(
+            named("/vlm.v1.Gateway/Generate"),
+            ("vlm.v1.Gateway".into(), "Generate".into())
+        );
+        assert_eq!(
+            named("/vlm.v1.Gateway/x7Rq"),
+            ("vlm.v1.Gateway".into(), "unknown".into())
+        );
+        assert_eq!(named("/evil.Svc/x"), ("unknown".into(), "unknown".into()));
+        assert_eq!(
+            named("/vlm.v1.Gateway"),
+            ("vlm.v1.Gateway".into(), "unknown".into())
+        );
+        assert_eq!(
+            server_rpc_names("/any.Svc/Thing", None),
+            ("any.Svc".into(), "Thing".into())
+        );
+    }
 
     #[test]
     fn rpc_names_split_the_path() {
