@@ -250,3 +250,61 @@ async fn malformed_requests_get_clear_statuses_and_bounded_state() {
     );
     assert_all_alive_and_bounded(&mesh, &before);
 }
+
+/// The decoder's Generate, called directly as a mesh peer would, with this setup; the status it
+/// ends with (or OK once it starts answering).
+async fn decode_setup(mesh: &MeshProc, setup: vlm_proto::DecodeSetup) -> Result<(), tonic::Status> {
+    let files = vlm_net::TlsFiles::for_role(mesh.certs(), "gateway");
+    let tls = vlm_net::client_tls(&files, "localhost").unwrap();
+    let url = format!("https://{}", mesh.service_addr("decoder"));
+    let channel = vlm_net::connect(&url, Some(tls)).await.unwrap();
+    let mut client = vlm_proto::decoder_client::DecoderClient::new(channel);
+    let first = vlm_proto::DecodeRequest {
+        kind: Some(vlm_proto::decode_request::Kind::Setup(setup)),
+    };
+    let mut req = tonic::Request::new(tokio_stream::iter(vec![first]));
+    req.set_timeout(Duration::from_secs(60));
+    let mut events = client.generate(req).await?.into_inner();
+    events.message().await.map(|_| ())
+}
+
+/// Attack 4: a mesh peer claiming 4,294,967,295 feature rows for one image (17 GB allocated before
+/// the context check), 250,000,000 rows (1 GB), a million image slots, and a 1 MiB prompt
+/// (tokenised before admission: 700k tokens, 435 MB). All are refused from their sizes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_a_peer_sends_the_decoder_are_checked_before_allocation() {
+    let mesh = MeshProc::start_with(&model(), &["--no-cache"], &[]);
+    let before = services(&mesh);
+    let setup = |prompt: String, rows: Vec<u32>| vlm_proto::DecodeSetup {
+        prompt,
+        params: Some(SamplingParams {
+            max_tokens: Some(4),
+            top_p: 1.0,
+            ..Default::default()
+        }),
+        images: rows
+            .into_iter()
+            .map(|rows| vlm_proto::ImageSlot { rows })
+            .collect(),
+        ..Default::default()
+    };
+    for rows in [vec![u32::MAX], vec![250_000_000], vec![1; 1_000_000]] {
+        let n = rows.len();
+        let err = decode_setup(&mesh, setup(PROMPT.into(), rows))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{n} slots: {err:?}");
+        assert!(err.message().contains("context"), "{err:?}");
+    }
+    let huge = format!("USER: <image>\n{} ASSISTANT:", "describe ".repeat(117_000));
+    let err = decode_setup(&mesh, setup(huge, vec![0])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("bytes"), "{err:?}");
+    let normal = std::fs::read(image_path()).unwrap();
+    assert_eq!(
+        run(&mesh, ask(normal, 4)).await.unwrap(),
+        4,
+        "after the attack"
+    );
+    assert_all_alive_and_bounded(&mesh, &before);
+}

@@ -236,6 +236,14 @@ impl Decoder for DecoderService {
         };
         let params = params_from_proto(setup.params.as_ref(), self.default_max_tokens)?;
         let model = self.model.clone();
+        let context = model.decoder.max_positions();
+        // Every count a peer sends is checked against the model before anything is sized by it.
+        if setup.images.len() > context {
+            return Err(Status::invalid_argument(format!(
+                "{} image slots cannot fit the context of {context} positions",
+                setup.images.len()
+            )));
+        }
         let rows: Vec<usize> = setup
             .images
             .iter()
@@ -247,11 +255,17 @@ impl Decoder for DecoderService {
                 }
             })
             .collect();
-        // Prompt and context errors surface now, before any embedding is sent.
-        let prepared = model
-            .prompt
-            .prepare(&setup.prompt, &rows)
-            .map_err(model_status)?;
+        // Prompt and context errors surface now, before any embedding is sent. Tokenising is
+        // CPU work: off the async threads, and only for prompts that can fit the context.
+        let prepared = {
+            let (model, prompt, rows) = (model.clone(), setup.prompt, rows.clone());
+            tokio::task::spawn_blocking(move || {
+                model.prompt.prepare_within(&prompt, &rows, context)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("tokenizer task failed: {e}")))?
+            .map_err(model_status)?
+        };
         let needed = prepared.ids.len() + params.max_tokens as usize;
         if needed > model.decoder.max_positions() {
             return Err(Status::invalid_argument(format!(

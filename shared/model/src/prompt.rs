@@ -17,6 +17,9 @@ pub struct PromptBuilder {
     image_token_id: u32,
     image_token: String,
     eos_ids: Vec<u32>,
+    /// Bytes of the longest vocabulary entry (added tokens included): no token covers more of
+    /// the prompt, so a prompt of `n` bytes has at least `n / longest_token_bytes` tokens.
+    longest_token_bytes: usize,
 }
 
 /// A tokenised prompt whose `<image>` tokens are expanded to one id per image feature row.
@@ -59,11 +62,21 @@ impl PromptBuilder {
                 format!("image_token_index {image_token_id} is not in the tokenizer's vocabulary"),
             )
         })?;
+        // Vocabulary strings spell bytes with at least one byte each (byte-level BPE maps a byte
+        // to a 1-2 byte character, SentencePiece a space to "▁", byte fallback to "<0x0A>").
+        let longest_token_bytes = tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1);
         Ok(PromptBuilder {
             tokenizer,
             image_token_id,
             image_token,
             eos_ids,
+            longest_token_bytes,
         })
     }
 
@@ -86,8 +99,42 @@ impl PromptBuilder {
     /// Tokenises `prompt` (with the tokenizer's special tokens, e.g. BOS) and expands the i-th image
     /// token to `image_rows[i]` ids. The number of `<image>` placeholders must equal the number of images.
     pub fn prepare(&self, prompt: &str, image_rows: &[usize]) -> Result<PreparedPrompt> {
+        self.prepare_within(prompt, image_rows, usize::MAX)
+    }
+
+    /// [`Self::prepare`] for a model whose context holds `context` positions: prompts and image
+    /// rows that cannot fit are refused before anything is allocated for them: the image rows
+    /// (any count a peer claims) first, then the prompt by its size in bytes (it has at least
+    /// `bytes / longest token` tokens) before it is tokenised, then the tokenised total before the
+    /// rows are expanded.
+    pub fn prepare_within(
+        &self,
+        prompt: &str,
+        image_rows: &[usize],
+        context: usize,
+    ) -> Result<PreparedPrompt> {
         if prompt.trim().is_empty() {
             return Err(ModelError::InvalidPrompt("prompt is empty".into()));
+        }
+        let rows = image_rows
+            .iter()
+            .try_fold(0usize, |a, &r| a.checked_add(r))
+            .filter(|&r| r <= context)
+            .ok_or_else(|| {
+                ModelError::InvalidPrompt(format!(
+                    "{} image(s) with {} feature rows do not fit the context of {context} positions",
+                    image_rows.len(),
+                    image_rows.iter().map(|&r| r as u128).sum::<u128>()
+                ))
+            })?;
+        let min_tokens = prompt.len().div_ceil(self.longest_token_bytes);
+        if min_tokens.saturating_add(rows) > context {
+            return Err(ModelError::InvalidPrompt(format!(
+                "a prompt of {} bytes is at least {min_tokens} tokens (no token is longer than {} \
+                 bytes); with {rows} image rows it cannot fit the context of {context} positions",
+                prompt.len(),
+                self.longest_token_bytes
+            )));
         }
         let enc = self
             .tokenizer
@@ -112,7 +159,14 @@ impl PromptBuilder {
                 },
             ));
         }
-        let total: usize = raw.len() - placeholders + image_rows.iter().sum::<usize>();
+        let total = raw.len() - placeholders + rows;
+        if total > context {
+            return Err(ModelError::InvalidPrompt(format!(
+                "the prompt is {} tokens and its images {rows} rows: {total} positions do not fit \
+                 the context of {context}",
+                raw.len() - placeholders
+            )));
+        }
         let mut ids = Vec::with_capacity(total);
         let mut image_spans = Vec::with_capacity(image_rows.len());
         let mut next_image = 0;
