@@ -5,7 +5,14 @@
 //! bounded in time and size: a `Content-Length` over the limit is refused before the body is read,
 //! and the body is read chunk by chunk and refused as soon as it passes the limit. HTTPS verifies the
 //! server against the system's CA bundle (`SSL_CERT_FILE`, else the usual Linux locations).
+//!
+//! Addresses: unless allowed (`--allow-private-image-urls`), a URL whose host is, or resolves
+//! only to, a loopback, private, link-local, shared (CGNAT), unspecified, multicast or broadcast
+//! address is refused (server-side request forgery: `http://169.254.169.254/` is a cloud's
+//! metadata service). Names are resolved by our resolver, which drops such addresses, so the
+//! check and the connection use the same addresses.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -45,15 +52,74 @@ fn roots(bundle: Option<&Path>) -> Result<rustls::RootCertStore, String> {
     Ok(roots)
 }
 
+/// True for addresses a URL from a client may not make the gateway connect to: anything but
+/// global unicast.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_internal_v4(v4),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_internal_v4(v4);
+            }
+            let first = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00 // unique local fc00::/7
+                || (first & 0xffc0) == 0xfe80 // link-local fe80::/10
+                || v6 == Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 1)
+        }
+    }
+}
+
+fn is_internal_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        || ip.is_broadcast()
+        || a == 0 // "this network"
+        || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT) 100.64/10
+}
+
+/// The system resolver, keeping only the addresses the policy allows.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let public: Vec<SocketAddr> = all
+                .iter()
+                .copied()
+                .filter(|a| !is_internal(a.ip()))
+                .collect();
+            if public.is_empty() && !all.is_empty() {
+                return Err(format!(
+                    "{host} resolves only to internal addresses ({}); refused (--allow-private-image-urls allows them)",
+                    all.iter().map(|a| a.ip().to_string()).collect::<Vec<_>>().join(", ")
+                )
+                .into());
+            }
+            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 /// An HTTP client for image URLs, and why https URLs cannot be fetched (no CA bundle), if so.
 pub struct Fetcher {
     client: reqwest::Client,
     no_https: Option<String>,
+    allow_internal: bool,
 }
 
 impl Fetcher {
-    /// A client trusting the CAs in `bundle`, or the system's with `None`.
-    pub fn new(bundle: Option<&Path>) -> Result<Fetcher, String> {
+    /// A client trusting the CAs in `bundle`, or the system's with `None`; `allow_internal` lets
+    /// URLs reach internal addresses (see the module docs).
+    pub fn new(bundle: Option<&Path>, allow_internal: bool) -> Result<Fetcher, String> {
         let (roots, no_https) = match roots(bundle) {
             Ok(r) => (r, None),
             Err(e) => (rustls::RootCertStore::empty(), Some(e)),
@@ -64,7 +130,11 @@ impl Fetcher {
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if !allow_internal {
+            builder = builder.dns_resolver(PublicOnly);
+        }
+        let client = builder
             .tls_backend_preconfigured(tls)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
@@ -73,15 +143,30 @@ impl Fetcher {
             .user_agent("vlm-mesh-gateway")
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {}", vlm_net::error_chain(&e)))?;
-        Ok(Fetcher { client, no_https })
+        Ok(Fetcher {
+            client,
+            no_https,
+            allow_internal,
+        })
     }
 
     /// GETs `url` (http or https), refusing bodies over `max_bytes`.
     pub async fn fetch(&self, url: &str, max_bytes: usize) -> Result<Bytes, String> {
         let fetch = async {
             let url = reqwest::Url::parse(url).map_err(|e| format!("invalid URL: {e}"))?;
-            if url.host_str().is_none() {
+            let Some(host) = url.host_str() else {
                 return Err("the URL has no host".to_string());
+            };
+            // An address literal (IPv6 in brackets); a name is checked by the resolver.
+            let ip = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .ok();
+            if let Some(ip) = ip.filter(|ip| !self.allow_internal && is_internal(*ip)) {
+                return Err(format!(
+                    "{ip} is an internal address; refused (--allow-private-image-urls allows it)"
+                ));
             }
             self.get(url, max_bytes).await
         };
@@ -141,11 +226,17 @@ fn too_large(max_bytes: usize) -> String {
     format!("the image is larger than {max_bytes} bytes")
 }
 
-/// GETs `url` (http or https) with the process's one [`Fetcher`] (the system's CAs), refusing
-/// bodies over `max_bytes`.
-pub async fn fetch_image(url: &str, max_bytes: usize) -> Result<Bytes, String> {
-    static FETCHER: OnceLock<Result<Fetcher, String>> = OnceLock::new();
-    match FETCHER.get_or_init(|| Fetcher::new(None)) {
+/// GETs `url` (http or https) with the process's [`Fetcher`] (the system's CAs) for this address
+/// policy, refusing bodies over `max_bytes`.
+pub async fn fetch_image(
+    url: &str,
+    max_bytes: usize,
+    allow_internal: bool,
+) -> Result<Bytes, String> {
+    static PUBLIC: OnceLock<Result<Fetcher, String>> = OnceLock::new();
+    static ANY: OnceLock<Result<Fetcher, String>> = OnceLock::new();
+    let fetcher = if allow_internal { &ANY } else { &PUBLIC };
+    match fetcher.get_or_init(|| Fetcher::new(None, allow_internal)) {
         Ok(f) => f.fetch(url, max_bytes).await,
         Err(e) => Err(format!("cannot fetch the image: {e}")),
     }
@@ -187,7 +278,7 @@ mod tests {
     async fn fetches_the_body_of_a_200() {
         let (url, server) =
             serve_once(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nPNG!!".to_vec()).await;
-        let body = fetch_image(&url, 1024).await.unwrap();
+        let body = fetch_image(&url, 1024, true).await.unwrap();
         assert_eq!(&body[..], b"PNG!!");
         let req = server.await.unwrap();
         assert!(
@@ -204,13 +295,13 @@ mod tests {
     async fn refuses_errors_and_oversized_bodies() {
         let (url, _server) =
             serve_once(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_vec()).await;
-        let e = fetch_image(&url, 1024).await.unwrap_err();
+        let e = fetch_image(&url, 1024, true).await.unwrap_err();
         assert!(e.contains("404"), "{e}");
 
         let mut big = b"HTTP/1.1 200 OK\r\ncontent-length: 2048\r\n\r\n".to_vec();
         big.extend(std::iter::repeat_n(b'x', 2048));
         let (url, _server) = serve_once(big).await;
-        let e = fetch_image(&url, 1024).await.unwrap_err();
+        let e = fetch_image(&url, 1024, true).await.unwrap_err();
         assert!(e.contains("larger than 1024 bytes"), "{e}");
 
         // Nothing listens on the port of a listener that is gone.
@@ -220,7 +311,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let e = fetch_image(&format!("http://127.0.0.1:{port}/a.png"), 1024)
+        let e = fetch_image(&format!("http://127.0.0.1:{port}/a.png"), 1024, true)
             .await
             .unwrap_err();
         assert!(e.contains("cannot connect"), "{e}");
@@ -229,7 +320,7 @@ mod tests {
         let mut big = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".to_vec();
         big.extend(std::iter::repeat_n(b'y', 4096));
         let (url, _server) = serve_once(big).await;
-        let e = fetch_image(&url, 1024).await.unwrap_err();
+        let e = fetch_image(&url, 1024, true).await.unwrap_err();
         assert!(e.contains("larger than 1024 bytes"), "{e}");
 
         // Redirects are not followed (the target could be an internal address).
@@ -238,13 +329,63 @@ mod tests {
                 .to_vec(),
         )
         .await;
-        let e = fetch_image(&url, 1024).await.unwrap_err();
+        let e = fetch_image(&url, 1024, true).await.unwrap_err();
         assert!(e.contains("302"), "{e}");
 
-        let e = fetch_image("ftp://127.0.0.1/a.png", 1024)
+        let e = fetch_image("ftp://127.0.0.1/a.png", 1024, true)
             .await
             .unwrap_err();
         assert!(e.contains("unsupported URL scheme"), "{e}");
+    }
+
+    #[test]
+    fn internal_addresses_are_classified() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(is_internal(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "100.128.0.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
+            assert!(!is_internal(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    /// Without the flag, a URL that names or resolves to an internal address is refused before
+    /// any connection (the server would answer if it were asked).
+    #[tokio::test]
+    async fn internal_addresses_are_refused_unless_allowed() {
+        let (url, _server) =
+            serve_once(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nPNG!!".to_vec()).await;
+        let e = fetch_image(&url, 1024, false).await.unwrap_err();
+        assert!(e.contains("127.0.0.1 is an internal address"), "{e}");
+        let by_name = url.replace("127.0.0.1", "localhost");
+        let e = fetch_image(&by_name, 1024, false).await.unwrap_err();
+        assert!(e.contains("resolves only to internal addresses"), "{e}");
+        let e = fetch_image("http://[::1]:9/a.png", 1024, false)
+            .await
+            .unwrap_err();
+        assert!(e.contains("internal address"), "{e}");
+        assert_eq!(&fetch_image(&url, 1024, true).await.unwrap()[..], b"PNG!!");
     }
 
     /// HTTPS: the server is verified against the given CA (and refused without it), and the body
@@ -279,12 +420,12 @@ mod tests {
             }
         });
         let url = format!("https://localhost:{port}/pic.jpg");
-        let trusting = Fetcher::new(Some(&pki.path().join("ca.pem"))).unwrap();
+        let trusting = Fetcher::new(Some(&pki.path().join("ca.pem")), true).unwrap();
         assert_eq!(&trusting.fetch(&url, 1024).await.unwrap()[..], b"JPEG");
         // Another CA: the server's certificate is not trusted.
         let other = tempfile::tempdir().unwrap();
         vlm_net::certs::generate_dev_certs(other.path(), &[]).unwrap();
-        let wary = Fetcher::new(Some(&other.path().join("ca.pem"))).unwrap();
+        let wary = Fetcher::new(Some(&other.path().join("ca.pem")), true).unwrap();
         let e = wary.fetch(&url, 1024).await.unwrap_err();
         assert!(e.to_lowercase().contains("certificate"), "{e}");
         server.await.unwrap();

@@ -258,18 +258,47 @@ fn decode_data_url(url: &str, path: &str) -> Result<Vec<u8>, ApiError> {
     Ok(bytes)
 }
 
-/// The images' bytes, in order: inline ones as they are, URLs fetched when `allow_urls` (each at
-/// most `max_image_bytes`), else refused.
+/// How image URLs may be fetched.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct FetchPolicy {
+    /// Fetch `http(s)://` URLs at all (else refused).
+    pub allow_urls: bool,
+    /// Let URLs reach loopback, private and link-local addresses.
+    pub allow_internal: bool,
+    /// Largest image, in bytes.
+    pub max_image_bytes: usize,
+    /// Most images per request (counted before anything is fetched).
+    pub max_images: usize,
+    /// Largest total of all images, inline and fetched, in bytes.
+    pub max_total_bytes: usize,
+}
+
+/// The images' bytes, in order: inline ones as they are, URLs fetched when the policy allows
+/// (each at most `max_image_bytes`, all together at most `max_total_bytes`), else refused. The
+/// images are counted before any URL is fetched.
 pub(super) async fn load_images(
     images: Vec<(String, ImageSource)>,
-    allow_urls: bool,
-    max_image_bytes: usize,
+    policy: FetchPolicy,
 ) -> Result<Vec<Bytes>, ApiError> {
+    if images.len() > policy.max_images {
+        return Err(ApiError::invalid(
+            "messages",
+            format!(
+                "{} images in one request; at most {} are accepted",
+                images.len(),
+                policy.max_images
+            ),
+        ));
+    }
     let mut out = Vec::with_capacity(images.len());
+    let mut total = 0usize;
     for (path, source) in images {
-        out.push(match source {
+        let budget = policy
+            .max_image_bytes
+            .min(policy.max_total_bytes.saturating_sub(total));
+        let bytes = match source {
             ImageSource::Inline(b) => Bytes::from(b),
-            ImageSource::Url(url) if !allow_urls => {
+            ImageSource::Url(url) if !policy.allow_urls => {
                 let scheme = url.split(':').next().unwrap_or("http");
                 return Err(ApiError::invalid(
                     path.clone(),
@@ -277,10 +306,21 @@ pub(super) async fn load_images(
                 )
                 .code("image_url_not_allowed"));
             }
-            ImageSource::Url(url) => crate::fetch::fetch_image(&url, max_image_bytes)
+            ImageSource::Url(url) => crate::fetch::fetch_image(&url, budget, policy.allow_internal)
                 .await
                 .map_err(|e| ApiError::invalid(path.clone(), format!("{path}: {e}")))?,
-        });
+        };
+        total += bytes.len();
+        if total > policy.max_total_bytes {
+            return Err(ApiError::invalid(
+                path,
+                format!(
+                    "the request's images exceed {} bytes in total",
+                    policy.max_total_bytes
+                ),
+            ));
+        }
+        out.push(bytes);
     }
     Ok(out)
 }

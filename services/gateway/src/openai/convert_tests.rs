@@ -270,12 +270,55 @@ async fn image_urls_are_refused_unless_allowed() {
             ImageSource::Url("http://127.0.0.1:9/x.png".into()),
         ),
     ];
-    let e = load_images(images, false, 1024).await.unwrap_err();
+    let e = load_images(images, policy(false)).await.unwrap_err();
     assert_eq!(e.param.as_deref(), Some("b"));
     assert!(e.message.contains("--allow-image-urls"), "{}", e.message);
     let inline = vec![("a".to_string(), ImageSource::Inline(vec![1, 2]))];
     assert_eq!(
-        load_images(inline, false, 1024).await.unwrap(),
+        load_images(inline, policy(false)).await.unwrap(),
         [vec![1u8, 2]]
     );
+}
+
+fn policy(allow_urls: bool) -> FetchPolicy {
+    FetchPolicy {
+        allow_urls,
+        allow_internal: false,
+        max_image_bytes: 1024,
+        max_images: 2,
+        max_total_bytes: 3,
+    }
+}
+
+/// Images are counted before any URL is fetched (the URL below would be refused if fetched),
+/// and their bytes add up against one budget.
+#[tokio::test]
+async fn images_are_counted_first_and_share_one_byte_budget() {
+    let url = || ImageSource::Url("http://127.0.0.1:9/x.png".into());
+    let three = vec![
+        ("a".to_string(), url()),
+        ("b".to_string(), url()),
+        ("c".to_string(), url()),
+    ];
+    let e = load_images(three, policy(true)).await.unwrap_err();
+    assert!(
+        e.message.contains("3 images in one request; at most 2"),
+        "{}",
+        e.message
+    );
+    let big = vec![
+        ("a".to_string(), ImageSource::Inline(vec![1, 2])),
+        ("b".to_string(), ImageSource::Inline(vec![3, 4])),
+    ];
+    let e = load_images(big, policy(false)).await.unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("b"));
+    assert!(
+        e.message.contains("exceed 3 bytes in total"),
+        "{}",
+        e.message
+    );
+    // A URL gets only what is left of the budget; here the address is refused first.
+    let internal = vec![("a".to_string(), url())];
+    let e = load_images(internal, policy(true)).await.unwrap_err();
+    assert!(e.message.contains("internal address"), "{}", e.message);
 }

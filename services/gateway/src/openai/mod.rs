@@ -56,6 +56,11 @@ pub struct OpenAiConfig {
     pub model_dir: PathBuf,
     /// Fetch `http(s)://` image URLs (off: they are refused with 400).
     pub allow_image_urls: bool,
+    /// Let image URLs reach loopback, private, link-local and other internal addresses (off:
+    /// refused with 400, against server-side request forgery).
+    pub allow_private_image_urls: bool,
+    /// Most images per request, counted before any URL is fetched (the gateway's own limit).
+    pub max_images: usize,
     /// Largest request body accepted, in bytes (base64 images included); larger ones get 413.
     pub max_body_bytes: usize,
     /// Largest image accepted, in bytes (also bounds fetched URLs).
@@ -188,12 +193,15 @@ impl<G: Gateway> OpenAiEndpoint<G> {
     /// A checked chat request, run through the gateway.
     async fn complete(&self, body: types::ChatCompletionRequest) -> Result<Response, ApiError> {
         let chat = convert::ChatRequest::check(body, &self.model_id, &self.template.image_token)?;
-        let images = convert::load_images(
-            chat.images,
-            self.cfg.allow_image_urls,
-            self.cfg.max_image_bytes,
-        )
-        .await?;
+        let policy = convert::FetchPolicy {
+            allow_urls: self.cfg.allow_image_urls,
+            allow_internal: self.cfg.allow_private_image_urls,
+            max_image_bytes: self.cfg.max_image_bytes,
+            max_images: self.cfg.max_images,
+            // All images together: the same bound as a request body with the images inline.
+            max_total_bytes: self.cfg.max_body_bytes,
+        };
+        let images = convert::load_images(chat.images, policy).await?;
         let prompt = self
             .template
             .render(&chat.messages)

@@ -235,6 +235,15 @@ pub struct HttpArgs {
     /// inline data: URLs are accepted).
     #[arg(long, env = "VLM_ALLOW_IMAGE_URLS")]
     pub allow_image_urls: bool,
+    /// With --allow-image-urls: also fetch URLs whose host is (or resolves only to) a loopback,
+    /// private, link-local or other internal address. Off by default: a client could otherwise
+    /// make the gateway reach internal services (server-side request forgery).
+    #[arg(
+        long,
+        env = "VLM_ALLOW_PRIVATE_IMAGE_URLS",
+        requires = "allow_image_urls"
+    )]
+    pub allow_private_image_urls: bool,
 }
 
 impl HttpArgs {
@@ -246,6 +255,9 @@ impl HttpArgs {
         }
         if self.allow_image_urls {
             args.push("--allow-image-urls".into());
+        }
+        if self.allow_private_image_urls {
+            args.push("--allow-private-image-urls".into());
         }
         args
     }

@@ -102,6 +102,8 @@ async fn openai_port(
             model_id,
             model_dir: a.common.model.clone(),
             allow_image_urls: a.http.allow_image_urls,
+            allow_private_image_urls: a.http.allow_private_image_urls,
+            max_images: a.max_images,
             max_body_bytes: MAX_MESSAGE_BYTES,
             max_image_bytes: a.max_image_bytes,
             // The same bound as the gRPC port's admission (served + queued): the HTTP port does

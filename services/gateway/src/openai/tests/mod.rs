@@ -75,6 +75,8 @@ impl Harness {
             model_id: "tiny-llava".into(),
             model_dir: dir.path().into(),
             allow_image_urls: false,
+            allow_private_image_urls: false,
+            max_images: 8,
             max_body_bytes,
             max_image_bytes: 1 << 20,
             max_concurrent_requests,
