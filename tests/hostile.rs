@@ -74,6 +74,18 @@ fn services(mesh: &MeshProc) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// The gateway's Prometheus address.
+fn gateway_metrics_addr(mesh: &MeshProc) -> String {
+    mesh.mesh_json()["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["role"] == "gateway")
+        .and_then(|s| s["metrics"].as_str())
+        .expect("the gateway's metrics address")
+        .to_string()
+}
+
 /// Peak resident set size (VmHWM) of a live process, in KiB.
 fn peak_rss_kib(pid: u64) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -220,15 +232,7 @@ async fn malformed_requests_get_clear_statuses_and_bounded_state() {
         assert_eq!(err.code(), Code::Unimplemented, "{path}: {err:?}");
     }
     grpc.ready().await.unwrap();
-    let metrics_addr = mesh.mesh_json()["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["role"] == "gateway")
-        .and_then(|s| s["metrics"].as_str())
-        .expect("the gateway's metrics address")
-        .to_string();
-    let text = scrape(&metrics_addr);
+    let text = scrape(&gateway_metrics_addr(&mesh));
     for path in made_up {
         let method = path.rsplit('/').next().unwrap();
         assert!(
@@ -301,6 +305,81 @@ async fn counts_a_peer_sends_the_decoder_are_checked_before_allocation() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("bytes"), "{err:?}");
     let normal = std::fs::read(image_path()).unwrap();
+    assert_eq!(
+        run(&mesh, ask(normal, 4)).await.unwrap(),
+        4,
+        "after the attack"
+    );
+    assert_all_alive_and_bounded(&mesh, &before);
+}
+
+/// Attack 2: one TLS connection opens 130 calls that send headers and never a message. They
+/// once held all 64 slots and 64 queue places of the gateway for as long as the connection
+/// lived; now they hold none (admission happens after the first message), each ends at its
+/// deadline (or after the first-message timeout), and other clients are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_that_never_send_a_message_hold_no_slot() {
+    let mesh = MeshProc::start_with(&model(), &["--no-cache"], &[]);
+    let before = services(&mesh);
+    let files = vlm_net::TlsFiles::for_role(mesh.certs(), "client");
+    let tls = vlm_net::client_tls(&files, "localhost").unwrap();
+    let channel = vlm_net::connect(&mesh.gateway, Some(tls)).await.unwrap();
+    let (opened_tx, mut opened) = tokio::sync::mpsc::unbounded_channel();
+    let mut stalled = Vec::new();
+    for _ in 0..130 {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        let opened_tx = opened_tx.clone();
+        stalled.push(tokio::spawn(async move {
+            grpc.ready().await.unwrap();
+            let _ = opened_tx.send(());
+            let codec =
+                tonic_prost::ProstCodec::<GenerateRequest, vlm_proto::GenerateResponse>::default();
+            let mut req = tonic::Request::new(futures::stream::pending::<GenerateRequest>());
+            req.set_timeout(Duration::from_secs(5));
+            let path =
+                tonic::codegen::http::uri::PathAndQuery::from_static("/vlm.v1.Gateway/Generate");
+            grpc.client_streaming(req, path, codec).await.map(|_| ())
+        }));
+    }
+    for _ in 0..130 {
+        opened.recv().await.unwrap();
+    }
+    // Wait until the gateway has them open (one connection's worth: 128 streams).
+    let metrics = gateway_metrics_addr(&mesh);
+    let open_calls = || {
+        scrape(&metrics)
+            .lines()
+            .find(|l| {
+                l.starts_with("vlm_rpc_server_in_flight{") && l.contains("method=\"Generate\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let waited = std::time::Instant::now();
+    while open_calls() < 128.0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "the stalled calls never opened"
+        );
+        tokio::task::yield_now().await;
+    }
+    // Served while the stalled calls are open (a new connection, as another client).
+    let normal = std::fs::read(image_path()).unwrap();
+    assert_eq!(
+        run(&mesh, ask(normal.clone(), 4)).await.unwrap(),
+        4,
+        "during the attack"
+    );
+    for call in stalled {
+        let err = call
+            .await
+            .unwrap()
+            .expect_err("a call without a message succeeded");
+        assert!(
+            matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+            "{err:?}"
+        );
+    }
     assert_eq!(
         run(&mesh, ask(normal, 4)).await.unwrap(),
         4,

@@ -26,22 +26,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("vlm_descriptor.bin"), fds.encode_to_vec())?;
-    // Every RPC's path, so servers can tell a real method from a made-up one (metric labels).
+    // Every RPC's path, so servers can tell a real method from a made-up one (metric labels),
+    // and those whose request is one message (read whole before admission).
     let mut paths = String::from("&[\n");
+    let mut unary = String::from("&[\n");
     for file in &fds.file {
         for service in &file.service {
             for method in &service.method {
-                paths.push_str(&format!(
+                let line = format!(
                     "    \"/{}.{}/{}\",\n",
                     file.package(),
                     service.name(),
                     method.name()
-                ));
+                );
+                paths.push_str(&line);
+                if !method.client_streaming() {
+                    unary.push_str(&line);
+                }
             }
         }
     }
     paths.push_str("]\n");
+    unary.push_str("]\n");
     std::fs::write(out_dir.join("method_paths.rs"), paths)?;
+    std::fs::write(out_dir.join("unary_request_paths.rs"), unary)?;
 
     tonic_prost_build::configure()
         // Tensor data and images are relayed between hops; Bytes makes that a

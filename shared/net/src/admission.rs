@@ -3,9 +3,18 @@
 //! RESOURCE_EXHAUSTED, so an overloaded service fails fast instead of queueing without bound (and
 //! its memory stays bounded by the limits, whatever the offered load).
 //!
+//! A call whose request is one message (not a client stream: `vlm_proto::UNARY_REQUEST_PATHS`)
+//! is admitted only once that message has arrived ([`read_first_message`], within
+//! [`FIRST_MESSAGE_TIMEOUT`] and its deadline): headers without a message hold no slot and no
+//! queue place. (A streaming request is admitted on its headers: its handler may answer before
+//! the first message, and its messages are read under the slot.) At most `max_in_flight + max_queue` calls plus one connection's worth
+//! ([`MAX_STREAMS_PER_CONNECTION`]) may be reading their first message at once, so one connection
+//! alone cannot use them all; more are refused like an overload.
+//!
 //! A streaming call holds its slot until its response body ends or is dropped, not just until the
 //! response headers, since that is when a stream's work is done. A queued call waits at most
-//! until its deadline ([`DeadlineSource`]: fixed on arrival behind a `DeadlineLayer`).
+//! until its deadline ([`DeadlineSource`]: fixed on arrival behind a `DeadlineLayer`), and at
+//! most [`MAX_QUEUE_WAIT`] when it has none.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -25,7 +34,15 @@ use tonic::Status;
 use vlm_telemetry::metrics::labels::ServiceLabels;
 use vlm_telemetry::MeshMetrics;
 
-use crate::DeadlineSource;
+use crate::{
+    read_first_message, DeadlineSource, FIRST_MESSAGE_TIMEOUT, MAX_STREAMS_PER_CONNECTION,
+};
+
+/// Longest a call without a deadline waits in the queue for a slot.
+pub const MAX_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Largest first message buffered before admission; a larger one is left to the codec (which
+/// refuses it against the server's message limit).
+const MAX_FIRST_MESSAGE_BYTES: usize = 64 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AdmissionLimits {
@@ -39,6 +56,8 @@ pub struct AdmissionLimits {
 struct Shared {
     limits: AdmissionLimits,
     slots: Arc<Semaphore>,
+    /// Calls reading their first message (not yet admitted).
+    readers: Arc<Semaphore>,
     waiting: AtomicUsize,
     name: &'static str,
 }
@@ -57,6 +76,9 @@ impl<S: NamedService> Admission<S> {
             shared: Arc::new(Shared {
                 limits,
                 slots: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
+                readers: Arc::new(Semaphore::new(
+                    limits.max_in_flight + limits.max_queue + MAX_STREAMS_PER_CONNECTION as usize,
+                )),
                 waiting: AtomicUsize::new(0),
                 name: S::NAME,
             }),
@@ -113,10 +135,52 @@ impl Shared {
                     self.name
                 ))
             })?,
-            None => acquire.await,
+            None => tokio::time::timeout(MAX_QUEUE_WAIT, acquire)
+                .await
+                .map_err(|_| {
+                    Status::resource_exhausted(format!(
+                        "{} overloaded: no slot within {} s; retry later",
+                        self.name,
+                        MAX_QUEUE_WAIT.as_secs()
+                    ))
+                })?,
         };
         permit.map_err(|_| Status::unavailable(format!("{} is shutting down", self.name)))
     }
+}
+
+impl Shared {
+    /// The request with its first message read (see the module docs), or the status to answer.
+    async fn read_first_message(
+        &self,
+        req: Request<Body>,
+        deadline: Option<Instant>,
+    ) -> Result<Request<Body>, Status> {
+        let _reader = self.readers.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{} overloaded: too many calls are still sending their request; retry later",
+                self.name
+            ))
+        })?;
+        let timeout = deadline.map_or(FIRST_MESSAGE_TIMEOUT, |at| {
+            at.saturating_duration_since(Instant::now())
+                .min(FIRST_MESSAGE_TIMEOUT)
+        });
+        let (parts, body) = req.into_parts();
+        let body = read_first_message(body, MAX_FIRST_MESSAGE_BYTES, timeout).await?;
+        Ok(Request::from_parts(parts, body))
+    }
+}
+
+/// Counts a refused call and answers it.
+fn shed(shared: &Shared, status: Status) -> Response<Body> {
+    MeshMetrics::global()
+        .admission_shed
+        .get_or_create(&ServiceLabels {
+            service: shared.name,
+        })
+        .inc();
+    status.into_http()
 }
 
 struct WaitingGuard<'a>(&'a AtomicUsize, &'static str);
@@ -159,17 +223,17 @@ where
         let shared = self.shared.clone();
         Box::pin(async move {
             let deadline = req.call_deadline();
+            let req = if vlm_proto::UNARY_REQUEST_PATHS.contains(&req.uri().path()) {
+                match shared.read_first_message(req, deadline).await {
+                    Ok(req) => req,
+                    Err(status) => return Ok(shed(&shared, status)),
+                }
+            } else {
+                req
+            };
             let permit = match shared.admit(deadline).await {
                 Ok(p) => p,
-                Err(status) => {
-                    MeshMetrics::global()
-                        .admission_shed
-                        .get_or_create(&ServiceLabels {
-                            service: shared.name,
-                        })
-                        .inc();
-                    return Ok(status.into_http());
-                }
+                Err(status) => return Ok(shed(&shared, status)),
             };
             let resp = inner.call(req).await?;
             Ok(resp.map(|body| {

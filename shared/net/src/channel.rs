@@ -96,6 +96,9 @@ pub fn connect_lazy(url: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, 
 }
 
 /// A server builder with the mesh's HTTP/2 settings, and TLS if given.
+/// Concurrent calls (HTTP/2 streams) one client connection may have open on a mesh server.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
 pub fn server_builder(tls: Option<ServerTlsConfig>) -> Result<Server, NetError> {
     let opts = ChannelOptions::default();
     let builder = Server::builder()
@@ -103,7 +106,10 @@ pub fn server_builder(tls: Option<ServerTlsConfig>) -> Result<Server, NetError> 
         .tcp_keepalive(opts.tcp_keepalive)
         .http2_keepalive_interval(Some(opts.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(opts.http2_keepalive_timeout))
-        .http2_adaptive_window(Some(opts.http2_adaptive_window));
+        .http2_adaptive_window(Some(opts.http2_adaptive_window))
+        // One connection cannot open more calls than this at once (each waiting for its first
+        // message costs a task and a buffer; see `Admission`).
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
     match tls {
         Some(tls) => builder
             .tls_config(tls)

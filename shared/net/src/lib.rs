@@ -10,6 +10,7 @@ pub mod certs;
 mod channel;
 mod deadline;
 mod error;
+mod first_message;
 mod health;
 mod http_tls;
 mod jitter;
@@ -23,9 +24,12 @@ mod util;
 
 pub use adaptive::{AdaptiveTimeout, AdaptiveTimeoutOptions};
 pub use admission::{Admission, AdmissionLayer, AdmissionLimits};
-pub use channel::{connect, connect_lazy, endpoint, server_builder, ChannelOptions};
+pub use channel::{
+    connect, connect_lazy, endpoint, server_builder, ChannelOptions, MAX_STREAMS_PER_CONNECTION,
+};
 pub use deadline::{CallDeadline, Deadline, DeadlineLayer, DeadlineSource};
 pub use error::{error_chain, NetError};
+pub use first_message::{read_first_message, FIRST_MESSAGE_TIMEOUT};
 pub use health::{
     health_and_reflection, reflection_v1alpha, wait_until_serving, wait_until_serving_url,
 };

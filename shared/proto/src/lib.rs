@@ -19,3 +19,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 
 /// The path of every `vlm.v1` RPC (`/vlm.v1.Gateway/Generate`, …), from the same descriptors.
 pub const METHOD_PATHS: &[&str] = include!(concat!(env!("OUT_DIR"), "/method_paths.rs"));
+
+/// The paths of the RPCs whose request is a single message (not a client stream).
+pub const UNARY_REQUEST_PATHS: &[&str] =
+    include!(concat!(env!("OUT_DIR"), "/unary_request_paths.rs"));

@@ -81,6 +81,16 @@ fn method_paths_name_every_rpc() {
     ] {
         assert!(vlm_proto::METHOD_PATHS.contains(&path), "{path}");
     }
+    for path in [
+        "/vlm.v1.Gateway/Generate",
+        "/vlm.v1.Encoder/Encode",
+        "/vlm.v1.Decoder/Info",
+    ] {
+        assert!(vlm_proto::UNARY_REQUEST_PATHS.contains(&path), "{path}");
+    }
+    for path in ["/vlm.v1.Decoder/Generate", "/vlm.v1.Projector/Project"] {
+        assert!(!vlm_proto::UNARY_REQUEST_PATHS.contains(&path), "{path}");
+    }
 }
 
 /// Collects (path, human-readable element name) for every documentable element.
