@@ -13,6 +13,7 @@ Run with scripts/test-helm.sh (installs the tools into a venv outside the reposi
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import re
@@ -512,10 +513,50 @@ class CertificatesRedisTelemetry(unittest.TestCase):
         gateway = mesh_container(objects(docs, "Deployment")[name_of("gateway")])
         self.assertEqual(
             env(gateway)["VLM_REDIS"]["value"],
-            f"redis://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}",
+            f"redis://:$(REDIS_PASSWORD)@{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}",
         )
         for component in INTERNAL:
             self.assertNotIn("VLM_REDIS", env(mesh_container(objects(docs, "Deployment")[name_of(component)])))
+
+    def test_bundled_redis_requires_a_password_the_gateways_are_given(self):
+        docs = render(None)
+        secret = objects(docs, "Secret")[f"{name_of('redis')}-auth"]
+        password = base64.b64decode(secret["data"]["password"]).decode()
+        self.assertRegex(password, r"^[A-Za-z0-9]{40}$")
+        (c,) = objects(docs, "Deployment")[name_of("redis")]["spec"]["template"]["spec"]["containers"]
+        self.assertEqual(c["args"][c["args"].index("--requirepass") + 1], "$(REDIS_PASSWORD)")
+        ref = {"name": secret["metadata"]["name"], "key": "password"}
+        for e in ("REDIS_PASSWORD", "REDISCLI_AUTH"):
+            self.assertEqual(env(c)[e]["valueFrom"]["secretKeyRef"], ref, e)
+        gateway = mesh_container(objects(docs, "Deployment")[name_of("gateway")])
+        names = [e["name"] for e in gateway["env"]]
+        # Kubernetes expands $(REDIS_PASSWORD) in VLM_REDIS only if it is defined before it.
+        self.assertLess(names.index("REDIS_PASSWORD"), names.index("VLM_REDIS"))
+        self.assertEqual(env(gateway)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"], ref)
+        own = render({"redis": {"bundled": {"auth": {"existingSecret": "my-redis", "key": "pw"}}}})
+        self.assertNotIn(f"{name_of('redis')}-auth", objects(own, "Secret"))
+        gateway = mesh_container(objects(own, "Deployment")[name_of("gateway")])
+        self.assertEqual(env(gateway)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"], {"name": "my-redis", "key": "pw"})
+
+    def test_network_policies_let_only_gateways_reach_the_stages_and_redis(self):
+        docs = render(None)
+        policies = objects(docs, "NetworkPolicy")
+        gateway_pods = objects(docs, "Deployment")[name_of("gateway")]["spec"]["selector"]["matchLabels"]
+        self.assertNotIn(name_of("gateway"), policies)
+        for target, port in [("encoder", "grpc"), ("projector", "grpc"), ("decoder", "grpc"), ("redis", "redis")]:
+            with self.subTest(target=target):
+                p = policies[name_of(target)]["spec"]
+                pods = objects(docs, "Deployment")[name_of(target)]["spec"]["selector"]["matchLabels"]
+                self.assertEqual(p["podSelector"]["matchLabels"], pods)
+                self.assertEqual(p["policyTypes"], ["Ingress"])
+                guarded = [r for r in p["ingress"] if any(x["port"] == port for x in r["ports"])]
+                self.assertEqual(len(guarded), 1, p)
+                self.assertEqual(guarded[0]["from"], [{"podSelector": {"matchLabels": gateway_pods}}])
+                # Every other rule opens only the plaintext health port.
+                for r in p["ingress"]:
+                    if r is not guarded[0]:
+                        self.assertEqual([x["port"] for x in r["ports"]], ["health"])
+        self.assertEqual(objects(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy"), {})
 
     def test_external_redis_replaces_the_bundled_one(self):
         values = production_values()

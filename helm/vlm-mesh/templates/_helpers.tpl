@@ -86,6 +86,11 @@ dns://{{ include "vlm-mesh.componentName" . }}:{{ .root.Values.ports.grpc }}
 {{- if and .Values.cache.enabled .Values.redis.bundled.enabled (not .Values.redis.externalUrl) (not .Values.redis.existingSecret.name) }}true{{ end }}
 {{- end }}
 
+{{/* The Secret holding the bundled Redis's password. */}}
+{{- define "vlm-mesh.redisAuthSecret" -}}
+{{- .Values.redis.bundled.auth.existingSecret | default (printf "%s-redis-auth" (include "vlm-mesh.fullname" .)) }}
+{{- end }}
+
 {{/* OTLP endpoint for every component, or empty. */}}
 {{- define "vlm-mesh.otlpEndpoint" -}}
 {{- if .Values.otel.endpoint }}
