@@ -5,7 +5,7 @@
 //! request larger than the budget is refused at once; a budget larger than the machine is refused
 //! at start-up.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::time::{Duration, Instant};
 
 use tonic::Code;
@@ -77,28 +77,7 @@ fn params(max_tokens: u32, temperature: f32, seed: u64) -> SamplingParams {
 
 /// The decoder's Prometheus text.
 fn decoder_metrics(mesh: &MeshProc) -> String {
-    let info = mesh.mesh_json();
-    let addr = info["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["role"] == "decoder")
-        .and_then(|s| s["metrics"].as_str())
-        .expect("decoder metrics address")
-        .to_string();
-    let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    raw.split_once("\r\n\r\n")
-        .expect("HTTP response")
-        .1
-        .to_string()
+    scrape(&mesh.metrics_addr("decoder"))
 }
 
 /// The value of one sample line (`name{labels} value`), 0 when absent.

@@ -428,3 +428,111 @@ async fn an_encoder_swapped_for_other_weights_never_gets_the_old_features() {
     let _ = swapped.kill();
     let _ = swapped.wait();
 }
+
+/// A value moved under another image's key (what a writer to Redis could do) verifies for the
+/// key it was computed for only: the other image's request is a miss, recomputed, answered
+/// correctly, and the moved value is replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn features_moved_under_another_key_are_refused_and_replaced() {
+    let redis = RedisProc::start();
+    let mesh = MeshProc::start_with(&model(), &["--redis", &redis.url()], &[]);
+    let a = image();
+    let b = std::fs::read(repo().join("models/images/shapes-64x40.png")).unwrap();
+    generate(&mesh, &a).await;
+    let key_a = wait_for_keys(&redis, 1).remove(0);
+    let first_b = generate(&mesh, &b).await;
+    let key_b = wait_for_keys(&redis, 2)
+        .into_iter()
+        .find(|k| *k != key_a)
+        .unwrap();
+    let calls = encoder_requests(&mesh).await;
+    redis
+        .cmd(&["COPY", &key_a, &key_b, "REPLACE"])
+        .expect("COPY");
+    let again = generate(&mesh, &b).await;
+    assert_eq!(
+        again.cache,
+        [CacheStatus::Miss],
+        "a moved value is not a hit"
+    );
+    assert_eq!(again.ids, first_b.ids, "the answer stays correct");
+    assert_eq!(encoder_requests(&mesh).await, calls + 1, "recomputed");
+    assert!(
+        mesh.wait_for_log(
+            &["[gateway]", "untrusted cached features"],
+            Duration::from_secs(10)
+        )
+        .is_some(),
+        "no log line about the refused value"
+    );
+    // The recomputed value verifies again: the next request is a hit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let next = generate(&mesh, &b).await;
+        if next.cache == [CacheStatus::Hit] {
+            assert_eq!(next.ids, first_b.ids);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never a hit again");
+    }
+}
+
+/// With --cache-secret-file, values are MAC-tagged: a gateway with another secret (or a writer
+/// with none) can neither use nor plant features. Two meshes share one Redis with different
+/// secrets; each refuses the other's value and recomputes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_with_another_secret_neither_use_nor_plant_features() {
+    let redis = RedisProc::start();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (ours, theirs) = (
+        secret("ours", "the mesh's shared cache secret\n"),
+        secret("theirs", "someone else's secret value"),
+    );
+    let a = MeshProc::start_with(
+        &model(),
+        &["--redis", &redis.url(), "--cache-secret-file", &ours],
+        &[],
+    );
+    let img = image();
+    let first = generate(&a, &img).await;
+    assert_eq!(first.cache, [CacheStatus::Miss]);
+    wait_for_keys(&redis, 1);
+    let hit = generate(&a, &img).await;
+    assert_eq!(hit.cache, [CacheStatus::Hit], "its own value verifies");
+
+    let b = MeshProc::start_with(
+        &model(),
+        &["--redis", &redis.url(), "--cache-secret-file", &theirs],
+        &[],
+    );
+    let other = generate(&b, &img).await;
+    assert_eq!(
+        other.cache,
+        [CacheStatus::Miss],
+        "another secret's value is refused"
+    );
+    assert_eq!(other.ids, first.ids);
+    // b replaced the value with its own; a refuses that one in turn.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if generate(&b, &img).await.cache == [CacheStatus::Hit] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b never stored its value"
+        );
+    }
+    let back = generate(&a, &img).await;
+    assert_eq!(
+        back.cache,
+        [CacheStatus::Miss],
+        "a value planted with another secret"
+    );
+    assert_eq!(back.ids, first.ids);
+}

@@ -74,18 +74,6 @@ fn services(mesh: &MeshProc) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// The gateway's Prometheus address.
-fn gateway_metrics_addr(mesh: &MeshProc) -> String {
-    mesh.mesh_json()["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["role"] == "gateway")
-        .and_then(|s| s["metrics"].as_str())
-        .expect("the gateway's metrics address")
-        .to_string()
-}
-
 /// Peak resident set size (VmHWM) of a live process, in KiB.
 fn peak_rss_kib(pid: u64) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -232,7 +220,7 @@ async fn malformed_requests_get_clear_statuses_and_bounded_state() {
         assert_eq!(err.code(), Code::Unimplemented, "{path}: {err:?}");
     }
     grpc.ready().await.unwrap();
-    let text = scrape(&gateway_metrics_addr(&mesh));
+    let text = scrape(&mesh.metrics_addr("gateway"));
     for path in made_up {
         let method = path.rsplit('/').next().unwrap();
         assert!(
@@ -345,7 +333,7 @@ async fn calls_that_never_send_a_message_hold_no_slot() {
         opened.recv().await.unwrap();
     }
     // Wait until the gateway has them open (one connection's worth: 128 streams).
-    let metrics = gateway_metrics_addr(&mesh);
+    let metrics = mesh.metrics_addr("gateway");
     let open_calls = || {
         scrape(&metrics)
             .lines()

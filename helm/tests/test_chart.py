@@ -538,6 +538,29 @@ class CertificatesRedisTelemetry(unittest.TestCase):
         gateway = mesh_container(objects(own, "Deployment")[name_of("gateway")])
         self.assertEqual(env(gateway)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"], {"name": "my-redis", "key": "pw"})
 
+    def test_gateways_tag_cached_features_with_a_secret_key(self):
+        docs = render(None)
+        secret = objects(docs, "Secret")[f"{RELEASE}-vlm-mesh-cache-secret"]
+        self.assertRegex(base64.b64decode(secret["data"]["secret"]).decode(), r"^[A-Za-z0-9]{48}$")
+        deployment = objects(docs, "Deployment")[name_of("gateway")]
+        gateway = mesh_container(deployment)
+        volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "cache-secret")
+        self.assertEqual(volume["secret"]["secretName"], secret["metadata"]["name"])
+        mount = next(m for m in gateway["volumeMounts"] if m["name"] == "cache-secret")
+        self.assertTrue(mount["readOnly"])
+        self.assertEqual(arg(gateway, "--cache-secret-file"), f"{mount['mountPath']}/secret")
+        for component in INTERNAL:
+            c = mesh_container(objects(docs, "Deployment")[name_of(component)])
+            self.assertNotIn("--cache-secret-file", c["args"])
+        own = render({"cache": {"secret": {"existingSecret": "mesh-cache-key", "key": "k"}}})
+        self.assertNotIn(f"{RELEASE}-vlm-mesh-cache-secret", objects(own, "Secret"))
+        deployment = objects(own, "Deployment")[name_of("gateway")]
+        volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "cache-secret")
+        self.assertEqual(volume["secret"]["secretName"], "mesh-cache-key")
+        self.assertEqual(arg(mesh_container(deployment), "--cache-secret-file"), f"{mount['mountPath']}/k")
+        off = render({"cache": {"enabled": False}})
+        self.assertNotIn("--cache-secret-file", mesh_container(objects(off, "Deployment")[name_of("gateway")])["args"])
+
     def test_network_policies_let_only_gateways_reach_the_stages_and_redis(self):
         docs = render(None)
         policies = objects(docs, "NetworkPolicy")

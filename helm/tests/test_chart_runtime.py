@@ -15,6 +15,7 @@ Needs the binary: VLM_MESH_BIN (scripts/test.sh runs this after `cargo test`, wh
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -115,6 +116,18 @@ class RenderedPodsRun(unittest.TestCase):
             if c == "gateway":
                 for stage in INTERNAL:
                     replace_arg(args, f"--{stage}", f"https://localhost:{grpc_port[stage]}")
+                # The cache key, from the Secret the chart rendered, where the pod mounts it.
+                mounted = next(m for m in container["volumeMounts"] if m["name"] == "cache-secret")
+                volume = next(
+                    v for v in deployments[name_of(c)]["spec"]["template"]["spec"]["volumes"]
+                    if v["name"] == "cache-secret"
+                )
+                rendered = objects(docs, "Secret")[volume["secret"]["secretName"]]
+                (item,) = volume["secret"]["items"]
+                local = Path(self.tmp.name) / "cache-secret"
+                local.write_bytes(base64.b64decode(rendered["data"][item["key"]]))
+                self.assertEqual(arg(container, "--cache-secret-file"), f"{mounted['mountPath']}/{item['path']}")
+                replace_arg(args, "--cache-secret-file", str(local))
             env = dict(base_env)
             for e in container.get("env", []):
                 if "value" in e:

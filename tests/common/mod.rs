@@ -113,6 +113,18 @@ impl MeshProc {
         s["addr"].as_str().unwrap().to_string()
     }
 
+    /// The Prometheus address of the first service of `role`.
+    pub fn metrics_addr(&self, role: &str) -> String {
+        self.mesh_json()["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["role"] == role)
+            .and_then(|s| s["metrics"].as_str())
+            .unwrap_or_else(|| panic!("no metrics address for the {role}"))
+            .to_string()
+    }
+
     pub async fn client(&self) -> GatewayClient<tonic::transport::Channel> {
         let files = vlm_net::TlsFiles::for_role(self.certs(), "client");
         let tls = vlm_net::client_tls(&files, "localhost").unwrap();

@@ -91,6 +91,16 @@ dns://{{ include "vlm-mesh.componentName" . }}:{{ .root.Values.ports.grpc }}
 {{- .Values.redis.bundled.auth.existingSecret | default (printf "%s-redis-auth" (include "vlm-mesh.fullname" .)) }}
 {{- end }}
 
+{{/* The Secret holding the gateways' cache MAC key. */}}
+{{- define "vlm-mesh.cacheSecret" -}}
+{{- .Values.cache.secret.existingSecret | default (printf "%s-cache-secret" (include "vlm-mesh.fullname" .)) }}
+{{- end }}
+
+{{/* Where gateways mount it. */}}
+{{- define "vlm-mesh.cacheSecretDir" -}}
+/etc/vlm-mesh/cache-secret
+{{- end }}
+
 {{/* OTLP endpoint for every component, or empty. */}}
 {{- define "vlm-mesh.otlpEndpoint" -}}
 {{- if .Values.otel.endpoint }}

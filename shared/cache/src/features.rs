@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 use vlm_tensor::{TensorChunk, TensorLimits, TensorValue, TensorValueBuilder};
 
-use crate::{CacheBackend, RateLimitedLog};
+use crate::{CacheBackend, RateLimitedLog, Sealer};
 
 /// What a lookup found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,17 +51,31 @@ pub struct FeatureCache {
     backend: Arc<dyn CacheBackend>,
     ttl: Duration,
     limits: TensorLimits,
+    sealer: Sealer,
     inflight: Inflight,
     errors_log: RateLimitedLog,
 }
 
 impl FeatureCache {
-    /// Values live `ttl`; a value that does not decode within `limits` is treated as corrupt.
+    /// Values live `ttl`; a value that does not decode within `limits`, or is not bound to its
+    /// key, is treated as corrupt. Values are tagged without a secret (see [`Sealer`]).
     pub fn new(backend: Arc<dyn CacheBackend>, ttl: Duration, limits: TensorLimits) -> Arc<Self> {
+        Self::with_sealer(backend, ttl, limits, Sealer::new(None))
+    }
+
+    /// [`Self::new`], sealing and opening values with `sealer` (keyed with the gateways' shared
+    /// secret, so nobody without it can plant features).
+    pub fn with_sealer(
+        backend: Arc<dyn CacheBackend>,
+        ttl: Duration,
+        limits: TensorLimits,
+        sealer: Sealer,
+    ) -> Arc<Self> {
         Arc::new(FeatureCache {
             backend,
             ttl,
             limits,
+            sealer,
             inflight: Mutex::new(HashMap::new()),
             errors_log: RateLimitedLog::new(Duration::from_secs(10)),
         })
@@ -148,15 +162,15 @@ impl FeatureCache {
         }
     }
 
-    /// A value from the backend, if present and intact. Corrupt values are deleted.
+    /// A value from the backend, if present, intact and bound to `key`. Others are deleted.
     async fn get(&self, key: &str) -> (Outcome, Option<TensorValue>) {
         match self.backend.get(key).await {
-            Ok(Some(bytes)) => match TensorValue::decode(bytes, &self.limits) {
+            Ok(Some(bytes)) => match self.sealer.open(key, bytes, &self.limits) {
                 Ok(v) => (Outcome::Hit, Some(v)),
                 Err(e) => {
                     tracing::warn!(
                         key,
-                        "corrupt cached features ({e}); deleting and recomputing"
+                        "corrupt or untrusted cached features ({e}); deleting and recomputing"
                     );
                     if let Err(e) = self.backend.delete(key).await {
                         self.error("delete", &e);
@@ -249,10 +263,10 @@ impl Fill {
             return;
         };
         let Ok(value) = builder.finish() else { return };
-        let bytes = Bytes::from(value.encode());
-        let _ = self.tx.send(Some(value));
         let cache = guard.cache.clone();
         let key = guard.key.clone();
+        let bytes = cache.sealer.seal(&key, &value);
+        let _ = self.tx.send(Some(value));
         cache.store(key, bytes, guard);
     }
 }

@@ -12,9 +12,11 @@ use std::time::{Duration, Instant};
 
 mod backend;
 mod features;
+mod sealed;
 
 pub use backend::{CacheBackend, MemoryCache, RedisCache, RedisOptions};
 pub use features::{FeatureCache, Fill, Lookup, Outcome};
+pub use sealed::Sealer;
 
 /// Prefix of every key; bump the version when the value layout changes.
 pub const KEY_PREFIX: &str = "vlm:feat:v1:";

@@ -279,6 +279,12 @@ pub struct CacheArgs {
     /// Disable the feature cache.
     #[arg(long, env = "VLM_NO_CACHE", conflicts_with = "redis")]
     pub no_cache: bool,
+    /// File holding a secret shared by every gateway of the mesh: cached features are tagged
+    /// with a MAC under it, so whoever can write to Redis without it cannot plant features
+    /// (values that do not verify are deleted and recomputed). Without it, values are still
+    /// bound to their key by an unkeyed hash.
+    #[arg(long, env = "VLM_CACHE_SECRET_FILE")]
+    pub cache_secret_file: Option<std::path::PathBuf>,
 }
 
 impl CacheArgs {
@@ -290,10 +296,25 @@ impl CacheArgs {
             Some(url) => std::sync::Arc::new(vlm_cache::RedisCache::new(url, Default::default())?),
             None => std::sync::Arc::new(vlm_cache::MemoryCache::new(self.cache_max_bytes)),
         };
-        Ok(Some(vlm_cache::FeatureCache::new(
+        let secret = match &self.cache_secret_file {
+            None => None,
+            Some(path) => {
+                let secret = std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("--cache-secret-file {}: {e}", path.display()))?;
+                let secret = secret.trim_ascii();
+                anyhow::ensure!(
+                    secret.len() >= 16,
+                    "--cache-secret-file {}: the secret must be at least 16 bytes",
+                    path.display()
+                );
+                Some(secret.to_vec())
+            }
+        };
+        Ok(Some(vlm_cache::FeatureCache::with_sealer(
             backend,
             std::time::Duration::from_secs(self.cache_ttl),
             vlm_tensor::TensorLimits::default(),
+            vlm_cache::Sealer::new(secret.as_deref()),
         )))
     }
 
@@ -310,6 +331,12 @@ impl CacheArgs {
         }
         if self.no_cache {
             args.push("--no-cache".into());
+        }
+        if let Some(path) = &self.cache_secret_file {
+            args.extend([
+                "--cache-secret-file".to_string(),
+                path.display().to_string(),
+            ]);
         }
         args
     }
