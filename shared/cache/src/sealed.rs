@@ -102,7 +102,7 @@ impl Sealer {
             });
         }
         let value = TensorValue::decode(inner, limits).map_err(|e| e.to_string())?;
-        if value.to_f32().values.iter().any(|v| !v.is_finite()) {
+        if !value.meta().dtype().all_finite(value.data()) {
             return Err("the features hold NaN or infinite values".into());
         }
         Ok(value)

@@ -99,6 +99,22 @@ impl WireDType {
         out
     }
 
+    /// True when no element in `bytes` (this dtype, little-endian) is NaN or infinite: the
+    /// exponent bits are checked in place, without widening or allocating.
+    pub fn all_finite(self, bytes: &[u8]) -> bool {
+        match self {
+            WireDType::F32 => bytes
+                .chunks_exact(4)
+                .all(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 != 0x7f80_0000),
+            WireDType::F16 => bytes
+                .chunks_exact(2)
+                .all(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 != 0x7c00),
+            WireDType::BF16 => bytes
+                .chunks_exact(2)
+                .all(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 != 0x7f80),
+        }
+    }
+
     /// Appends the elements in `bytes`, widened to f32. Trailing bytes that do
     /// not form a whole element are ignored; callers validate lengths first.
     pub fn decode_into(self, bytes: &[u8], out: &mut Vec<f32>) {
@@ -157,6 +173,24 @@ impl FromStr for WireDType {
             "f16" | "float16" | "half" => Ok(WireDType::F16),
             "bf16" | "bfloat16" => Ok(WireDType::BF16),
             _ => Err(TensorError::UnknownDTypeName(s.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_finite_sees_nan_and_infinity_in_every_dtype() {
+        for dtype in [WireDType::F32, WireDType::F16, WireDType::BF16] {
+            assert!(dtype.all_finite(&dtype.encode(&[0.0, -1.5, 60000.0, f32::MIN_POSITIVE])));
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                assert!(
+                    !dtype.all_finite(&dtype.encode(&[1.0, bad])),
+                    "{dtype:?} {bad}"
+                );
+            }
         }
     }
 }
