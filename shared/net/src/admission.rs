@@ -40,9 +40,10 @@ use crate::{
 
 /// Longest a call without a deadline waits in the queue for a slot.
 pub const MAX_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
-/// Largest first message buffered before admission; a larger one is left to the codec (which
-/// refuses it against the server's message limit).
-const MAX_FIRST_MESSAGE_BYTES: usize = 64 << 20;
+/// Most of a first message buffered before admission: a larger message is admitted once this
+/// much of it has arrived (the rest is read under its slot, and the codec holds it to the
+/// server's message limit). Unadmitted calls thus hold at most readers × 4 MiB.
+const MAX_PREFETCH_BYTES: usize = 4 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AdmissionLimits {
@@ -167,7 +168,7 @@ impl Shared {
                 .min(FIRST_MESSAGE_TIMEOUT)
         });
         let (parts, body) = req.into_parts();
-        let body = read_first_message(body, MAX_FIRST_MESSAGE_BYTES, timeout).await?;
+        let body = read_first_message(body, MAX_PREFETCH_BYTES, timeout).await?;
         Ok(Request::from_parts(parts, body))
     }
 }

@@ -20,9 +20,10 @@ use tonic::Status;
 /// How long a caller may take, after its call's headers, to send the first request message.
 pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Reads `body` until its first gRPC message is complete (or the body ends, or the message is
-/// declared larger than `max_bytes`: then the codec refuses it), and returns a body that yields
-/// the same bytes. Fails with DEADLINE_EXCEEDED when `timeout` passes first.
+/// Reads `body` until its first gRPC message is complete, or `max_bytes` of it have arrived (a
+/// large message is admitted once that much of it is in: the sender has shown it is sending, and
+/// what waits unadmitted stays bounded), or the body ends; returns a body that yields the same
+/// bytes. Fails with DEADLINE_EXCEEDED when `timeout` passes first.
 pub async fn read_first_message(
     mut body: Body,
     max_bytes: usize,
@@ -70,14 +71,17 @@ pub async fn read_first_message(
     }))
 }
 
-/// True once `buf` holds a whole gRPC message, or enough of its prefix to know it is over
-/// `max_bytes` (reading on would only buffer what the codec refuses).
+/// True once `buf` holds a whole gRPC message, or `max_bytes` of one. A declared length alone
+/// is not enough: a 5-byte prefix announcing 60 MB and nothing after it must not be admitted.
 fn first_message_complete(buf: &[u8], max_bytes: usize) -> bool {
+    if buf.len() >= max_bytes {
+        return true;
+    }
     if buf.len() < 5 {
         return false;
     }
     let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-    len > max_bytes || buf.len() >= 5 + len
+    buf.len() >= 5 + len
 }
 
 /// What was read, then the rest of the original body.
@@ -157,10 +161,13 @@ mod tests {
     }
 
     #[test]
-    fn an_oversized_prefix_is_complete_enough() {
+    fn a_large_message_is_complete_enough_once_max_bytes_have_arrived() {
         let mut m = vec![0];
         m.extend_from_slice(&(100u32 << 20).to_be_bytes());
-        assert!(first_message_complete(&m, 64 << 20));
+        // Only the prefix of a 100 MiB message: not yet.
+        assert!(!first_message_complete(&m, 1 << 10));
+        m.resize(1 << 10, 7);
+        assert!(first_message_complete(&m, 1 << 10));
         assert!(!first_message_complete(&m[..4], 64 << 20));
         assert!(!first_message_complete(&message(b"abc")[..7], 1 << 20));
         assert!(first_message_complete(&message(b"abc"), 1 << 20));
