@@ -47,6 +47,10 @@ pub struct DecoderConfig {
     /// "mid-stream" on a model that is otherwise faster than any client. Set from
     /// `VLM_FAULT_DECODE_DELAY_MS`.
     pub fault_decode_delay: Option<std::time::Duration>,
+    /// Request data held at once (`--max-bytes-in-flight`, shared with the admission layer):
+    /// a request's embeddings are reserved from it, from before the first chunk is read until
+    /// the request ends.
+    pub memory: vlm_net::ByteBudget,
 }
 
 pub(crate) struct Model {
@@ -65,6 +69,7 @@ pub struct DecoderService {
     block_bytes: usize,
     limits: TensorLimits,
     default_max_tokens: u32,
+    memory: vlm_net::ByteBudget,
 }
 
 impl DecoderService {
@@ -140,6 +145,7 @@ impl DecoderService {
             block_bytes: shape.block_bytes(),
             limits: cfg.limits,
             default_max_tokens: cfg.default_max_tokens,
+            memory: cfg.memory.clone(),
         })
     }
 
@@ -277,6 +283,19 @@ impl Decoder for DecoderService {
         }
 
         self.check_budget(needed)?;
+        // What this request will hold until it ends: its images' embeddings as received and
+        // in model form, and the prompt's embedding matrix (f32 at most). Reserved before the
+        // first chunk is read, waiting (until the deadline) while other requests hold it.
+        let image_rows: usize = rows.iter().sum();
+        let row_bytes = model.decoder.hidden_size() as u64 * 4;
+        let memory = self
+            .memory
+            .reserve(
+                (2 * image_rows + prepared.ids.len()) as u64 * row_bytes,
+                "the request's embeddings",
+                deadline.map(tokio::time::Instant::from_std),
+            )
+            .await?;
 
         let (tx, rx) = mpsc::unbounded_channel();
         let limits = self.limits;
@@ -330,6 +349,7 @@ impl Decoder for DecoderService {
                 deadline,
                 span,
                 queued: Instant::now(),
+                memory,
             };
             if let Err(status) = jobs.submit(job) {
                 let _ = tx.send(Err(status));

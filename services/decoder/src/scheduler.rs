@@ -35,6 +35,8 @@ pub(crate) struct Job {
     /// The gRPC call's span: parent of the prefill and decode spans.
     pub span: tracing::Span,
     pub queued: Instant,
+    /// The request's embeddings held against the decoder's memory budget, until it ends.
+    pub memory: vlm_net::BytePermit,
 }
 
 /// Handle to the step loop's thread.
@@ -80,6 +82,7 @@ impl Scheduler {
 /// Decode-span bookkeeping of a running sequence.
 struct Live {
     tx: EventTx,
+    _memory: vlm_net::BytePermit,
     deadline: Option<Instant>,
     call: tracing::Span,
     prefill: Option<(tracing::Span, Instant)>,
@@ -235,6 +238,7 @@ impl StepLoop<'_> {
                         id,
                         Live {
                             tx: job.tx,
+                            _memory: job.memory,
                             deadline: job.deadline,
                             call: job.span,
                             prefill: Some((prefill, Instant::now())),

@@ -57,7 +57,7 @@ pub(crate) fn start(
         let task = tokio::spawn(image_pipeline(stages.clone(), job, tx).in_current_span());
         per_image.push((task, rx));
     }
-    let log = EmbeddingLog::new();
+    let log = EmbeddingLog::new(stages.memory.empty());
     let seq_log = log.clone();
     let pipelines: Vec<AbortOnDrop> = per_image.iter().map(|(t, _)| AbortOnDrop::new(t)).collect();
     let sequencer = async move {
@@ -65,8 +65,8 @@ pub(crate) fn start(
         let mut totals = Totals::default();
         for (task, mut rx) in per_image {
             while let Some(chunk) = rx.recv().await {
-                match chunk {
-                    Ok(c) => seq_log.push(c),
+                match chunk.and_then(|c| seq_log.push(c)) {
+                    Ok(()) => {}
                     Err(s) => {
                         seq_log.fail(s);
                         return totals;
@@ -92,9 +92,12 @@ pub(crate) fn start(
 }
 
 /// The request's projected image embeddings, in prompt order, as they arrive. The gateway keeps
-/// them for the whole request so that a replacement decoder can be sent the same inputs.
+/// them for the whole request so that a replacement decoder can be sent the same inputs, and
+/// holds their bytes against its memory budget for as long (a chunk that does not fit fails the
+/// request with RESOURCE_EXHAUSTED: a request that holds part of the budget never waits for
+/// more, which could deadlock).
 pub(crate) struct EmbeddingLog {
-    chunks: Mutex<Vec<TensorChunk>>,
+    chunks: Mutex<(Vec<TensorChunk>, vlm_net::BytePermit)>,
     state: watch::Sender<LogState>,
 }
 
@@ -106,18 +109,24 @@ struct LogState {
 }
 
 impl EmbeddingLog {
-    fn new() -> Arc<Self> {
+    fn new(memory: vlm_net::BytePermit) -> Arc<Self> {
         Arc::new(EmbeddingLog {
-            chunks: Mutex::new(Vec::new()),
+            chunks: Mutex::new((Vec::new(), memory)),
             state: watch::channel(LogState::default()).0,
         })
     }
 
-    fn push(&self, c: TensorChunk) {
-        let mut chunks = self.chunks.lock().expect("log lock");
+    fn push(&self, c: TensorChunk) -> Result<(), Status> {
+        let mut guard = self.chunks.lock().expect("log lock");
+        let (chunks, memory) = &mut *guard;
+        memory.try_grow(
+            c.data.len() as u64,
+            "the request's projected image embeddings",
+        )?;
         chunks.push(c);
         let len = chunks.len();
         self.state.send_modify(|s| s.len = len);
+        Ok(())
     }
 
     fn finish(&self) {
@@ -148,7 +157,7 @@ impl EmbeddingLog {
         loop {
             let state = rx.borrow_and_update().clone();
             while next < state.len {
-                let chunk = self.chunks.lock().expect("log lock")[next].clone();
+                let chunk = self.chunks.lock().expect("log lock").0[next].clone();
                 let msg = DecodeRequest {
                     kind: Some(RequestKind::Embeddings(chunk)),
                 };

@@ -56,6 +56,9 @@ pub struct GatewayConfig {
     pub wire_dtype: Option<vlm_proto::DType>,
     /// Feature cache (None = off).
     pub cache: Option<Arc<vlm_cache::FeatureCache>>,
+    /// The gateway's memory budget (`--max-bytes-in-flight`, shared with its admission): every
+    /// request's projected image embeddings, kept for the request's life, are held against it.
+    pub memory: vlm_net::ByteBudget,
 }
 
 /// What every request shares: the stages as the gateway calls them, the cache, the identity.
@@ -69,6 +72,7 @@ pub(crate) struct Stages {
     pub identity: Identity,
     /// `EncodeOptions.wire_dtype` (0: the encoder's default).
     pub wire_dtype: i32,
+    pub memory: vlm_net::ByteBudget,
 }
 
 impl Stages {
@@ -90,6 +94,7 @@ impl Stages {
             cache: cfg.cache.clone(),
             identity: Identity::new(cfg.model_id.clone(), cfg.wire_dtype),
             wire_dtype: cfg.wire_dtype.map_or(0, |d| d as i32),
+            memory: cfg.memory.clone(),
         }
     }
 }

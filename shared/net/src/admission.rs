@@ -15,6 +15,13 @@
 //! response headers, since that is when a stream's work is done. A queued call waits at most
 //! until its deadline ([`DeadlineSource`]: fixed on arrival behind a `DeadlineLayer`), and at
 //! most [`MAX_QUEUE_WAIT`] when it has none.
+//!
+//! Memory is admitted by bytes too: a one-message request reserves its declared length from the
+//! service's [`ByteBudget`] before it takes a slot, and holds it as long as the slot (a request
+//! larger than the whole budget is refused at once; one that does not fit now waits like a
+//! queued call). The services reserve from the same budget what they buffer themselves. The
+//! [`AdmissionGate`] (slots, queue and budget) is shared with other front doors of the same
+//! service, such as the gateway's OpenAI-compatible HTTP port.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -35,7 +42,8 @@ use vlm_telemetry::metrics::labels::ServiceLabels;
 use vlm_telemetry::MeshMetrics;
 
 use crate::{
-    read_first_message, DeadlineSource, FIRST_MESSAGE_TIMEOUT, MAX_STREAMS_PER_CONNECTION,
+    read_first_message, ByteBudget, BytePermit, DeadlineSource, FIRST_MESSAGE_TIMEOUT,
+    MAX_STREAMS_PER_CONNECTION,
 };
 
 /// Longest a call without a deadline waits in the queue for a slot.
@@ -60,7 +68,59 @@ struct Shared {
     /// Calls reading their first message (not yet admitted).
     readers: Arc<Semaphore>,
     waiting: AtomicUsize,
+    memory: ByteBudget,
     name: &'static str,
+}
+
+/// A service's admission: its slots, queue and memory budget. Clones share them, so every front
+/// door of one service (its gRPC port, the gateway's HTTP port) admits against the same limits.
+#[derive(Debug, Clone)]
+pub struct AdmissionGate {
+    shared: Arc<Shared>,
+}
+
+/// A serving slot, held until dropped.
+#[derive(Debug)]
+pub struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl AdmissionGate {
+    /// Slots and queue per `limits` for `service` (its gRPC name, the metrics label), request
+    /// data bounded by `memory`.
+    pub fn new(service: &'static str, limits: AdmissionLimits, memory: ByteBudget) -> Self {
+        AdmissionGate {
+            shared: Arc::new(Shared {
+                limits,
+                slots: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
+                readers: Arc::new(Semaphore::new(
+                    limits.max_in_flight + limits.max_queue + MAX_STREAMS_PER_CONNECTION as usize,
+                )),
+                waiting: AtomicUsize::new(0),
+                memory,
+                name: service,
+            }),
+        }
+    }
+
+    /// A slot now, after waiting in the bounded queue (until `deadline`, at most
+    /// [`MAX_QUEUE_WAIT`] without one), or the status to answer with (counted as shed).
+    pub async fn admit(&self, deadline: Option<Instant>) -> Result<Slot, Status> {
+        match self.shared.admit(deadline).await {
+            Ok(p) => Ok(Slot(p)),
+            Err(status) => {
+                count_shed(&self.shared);
+                Err(status)
+            }
+        }
+    }
+
+    /// The service's memory budget.
+    pub fn memory(&self) -> &ByteBudget {
+        &self.shared.memory
+    }
+
+    pub fn limits(&self) -> AdmissionLimits {
+        self.shared.limits
+    }
 }
 
 /// Wraps a tonic service (keeps its `NamedService` name, so it is added to a server as is).
@@ -71,36 +131,39 @@ pub struct Admission<S> {
 }
 
 impl<S: NamedService> Admission<S> {
+    /// Admission at `limits` with the default memory budget.
     pub fn new(inner: S, limits: AdmissionLimits) -> Self {
+        let memory = ByteBudget::new(
+            S::NAME,
+            crate::DEFAULT_MAX_BYTES_IN_FLIGHT,
+            limits.max_queue,
+        );
+        Admission::with_gate(inner, AdmissionGate::new(S::NAME, limits, memory))
+    }
+
+    /// Admission through `gate` (shared with the service's other front doors).
+    pub fn with_gate(inner: S, gate: AdmissionGate) -> Self {
         Admission {
             inner,
-            shared: Arc::new(Shared {
-                limits,
-                slots: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
-                readers: Arc::new(Semaphore::new(
-                    limits.max_in_flight + limits.max_queue + MAX_STREAMS_PER_CONNECTION as usize,
-                )),
-                waiting: AtomicUsize::new(0),
-                name: S::NAME,
-            }),
+            shared: gate.shared,
         }
     }
 }
 
-/// The same as a tower layer, for building stacks: `AdmissionLayer::new(limits).layer(svc)`.
-#[derive(Debug, Clone, Copy)]
-pub struct AdmissionLayer(AdmissionLimits);
+/// The same as a tower layer, for building stacks: `AdmissionLayer::new(gate).layer(svc)`.
+#[derive(Debug, Clone)]
+pub struct AdmissionLayer(AdmissionGate);
 
 impl AdmissionLayer {
-    pub fn new(limits: AdmissionLimits) -> Self {
-        AdmissionLayer(limits)
+    pub fn new(gate: AdmissionGate) -> Self {
+        AdmissionLayer(gate)
     }
 }
 
 impl<S: NamedService> tower::Layer<S> for AdmissionLayer {
     type Service = Admission<S>;
     fn layer(&self, inner: S) -> Admission<S> {
-        Admission::new(inner, self.0)
+        Admission::with_gate(inner, self.0.clone())
     }
 }
 
@@ -156,7 +219,7 @@ impl Shared {
         &self,
         req: Request<Body>,
         deadline: Option<Instant>,
-    ) -> Result<Request<Body>, Status> {
+    ) -> Result<(Request<Body>, u64), Status> {
         let _reader = self.readers.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "{} overloaded: too many calls are still sending their request; retry later",
@@ -168,20 +231,24 @@ impl Shared {
                 .min(FIRST_MESSAGE_TIMEOUT)
         });
         let (parts, body) = req.into_parts();
-        let body = read_first_message(body, MAX_PREFETCH_BYTES, timeout).await?;
-        Ok(Request::from_parts(parts, body))
+        let (body, declared) = read_first_message(body, MAX_PREFETCH_BYTES, timeout).await?;
+        Ok((Request::from_parts(parts, body), declared))
     }
 }
 
 /// Counts a refused call and answers it.
 fn shed(shared: &Shared, status: Status) -> Response<Body> {
+    count_shed(shared);
+    status.into_http()
+}
+
+fn count_shed(shared: &Shared) {
     MeshMetrics::global()
         .admission_shed
         .get_or_create(&ServiceLabels {
             service: shared.name,
         })
         .inc();
-    status.into_http()
 }
 
 struct WaitingGuard<'a>(&'a AtomicUsize, &'static str);
@@ -224,13 +291,21 @@ where
         let shared = self.shared.clone();
         Box::pin(async move {
             let deadline = req.call_deadline();
-            let req = if vlm_proto::UNARY_REQUEST_PATHS.contains(&req.uri().path()) {
-                match shared.read_first_message(req, deadline).await {
-                    Ok(req) => req,
+            let (req, memory) = if vlm_proto::UNARY_REQUEST_PATHS.contains(&req.uri().path()) {
+                let reserved = async {
+                    let (req, declared) = shared.read_first_message(req, deadline).await?;
+                    let memory = shared
+                        .memory
+                        .reserve(declared, "the request message", deadline)
+                        .await?;
+                    Ok::<_, Status>((req, Some(memory)))
+                };
+                match reserved.await {
+                    Ok(r) => r,
                     Err(status) => return Ok(shed(&shared, status)),
                 }
             } else {
-                req
+                (req, None)
             };
             let permit = match shared.admit(deadline).await {
                 Ok(p) => p,
@@ -241,16 +316,19 @@ where
                 Body::new(PermitBody {
                     inner: body,
                     _permit: permit,
+                    _memory: memory,
                 })
             }))
         })
     }
 }
 
-/// A response body that keeps its call's slot until it ends or is dropped.
+/// A response body that keeps its call's slot (and its request's bytes) until it ends or is
+/// dropped.
 struct PermitBody {
     inner: Body,
     _permit: OwnedSemaphorePermit,
+    _memory: Option<BytePermit>,
 }
 
 impl http_body::Body for PermitBody {

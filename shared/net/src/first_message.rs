@@ -23,12 +23,13 @@ pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Reads `body` until its first gRPC message is complete, or `max_bytes` of it have arrived (a
 /// large message is admitted once that much of it is in: the sender has shown it is sending, and
 /// what waits unadmitted stays bounded), or the body ends; returns a body that yields the same
-/// bytes. Fails with DEADLINE_EXCEEDED when `timeout` passes first.
+/// bytes, and the first message's size as its prefix declares it (what was read, when the body
+/// ended before a whole prefix). Fails with DEADLINE_EXCEEDED when `timeout` passes first.
 pub async fn read_first_message(
     mut body: Body,
     max_bytes: usize,
     timeout: Duration,
-) -> Result<Body, Status> {
+) -> Result<(Body, u64), Status> {
     let mut head = BytesMut::new();
     let mut trailers = None;
     let mut ended = false;
@@ -64,11 +65,19 @@ pub async fn read_first_message(
             )))
         }
     }
-    Ok(Body::new(Prefetched {
+    let declared = declared_size(&head).unwrap_or(head.len() as u64);
+    let body = Body::new(Prefetched {
         head: (!head.is_empty()).then(|| head.freeze()),
         trailers,
         rest: (!ended).then_some(body),
-    }))
+    });
+    Ok((body, declared))
+}
+
+/// Prefix plus declared length of the message `buf` starts with, once its prefix is in.
+fn declared_size(buf: &[u8]) -> Option<u64> {
+    let len = buf.get(1..5)?;
+    Some(5 + u64::from(u32::from_be_bytes([len[0], len[1], len[2], len[3]])))
 }
 
 /// True once `buf` holds a whole gRPC message, or `max_bytes` of one. A declared length alone
@@ -144,7 +153,8 @@ mod tests {
         let second = message(b"again");
         tx.send(Bytes::from(second.clone())).await.unwrap();
         drop(tx);
-        let body = reading.await.unwrap().unwrap();
+        let (body, declared) = reading.await.unwrap().unwrap();
+        assert_eq!(declared, first.len() as u64);
         let all = body.collect().await.unwrap().to_bytes();
         assert_eq!(&all[..], [first, second].concat().as_slice());
     }

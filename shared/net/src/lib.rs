@@ -6,6 +6,7 @@
 
 pub mod adaptive;
 pub mod admission;
+mod byte_budget;
 pub mod certs;
 mod channel;
 mod deadline;
@@ -23,7 +24,10 @@ mod tls;
 mod util;
 
 pub use adaptive::{AdaptiveTimeout, AdaptiveTimeoutOptions};
-pub use admission::{Admission, AdmissionLayer, AdmissionLimits};
+pub use admission::{
+    Admission, AdmissionGate, AdmissionLayer, AdmissionLimits, Slot, MAX_QUEUE_WAIT,
+};
+pub use byte_budget::{ByteBudget, BytePermit, DEFAULT_MAX_BYTES_IN_FLIGHT};
 pub use channel::{
     connect, connect_lazy, endpoint, server_builder, ChannelOptions, MAX_STREAMS_PER_CONNECTION,
 };

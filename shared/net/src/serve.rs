@@ -20,8 +20,8 @@ use tower::ServiceBuilder;
 use vlm_telemetry::GrpcServerTraceLayer;
 
 use crate::{
-    error_chain, health_and_reflection, reflection_v1alpha, server_builder, AdmissionLayer,
-    AdmissionLimits, ChannelOptions, DeadlineLayer, NetError, StatusHygieneLayer,
+    error_chain, health_and_reflection, reflection_v1alpha, server_builder, AdmissionGate,
+    AdmissionLayer, ChannelOptions, DeadlineLayer, NetError, StatusHygieneLayer,
 };
 
 /// [`server_layers`]' stack.
@@ -36,14 +36,15 @@ pub type ServerLayers = ServiceBuilder<
 /// metrics for every call, continuing the caller's W3C trace (methods outside `vlm.v1` are
 /// labelled `unknown`); bounded status messages, and INVALID_ARGUMENT for requests that are not
 /// valid protobuf ([`StatusHygieneLayer`]); the caller's deadline, fixed from
-/// `grpc-timeout` as the call arrives; load shedding at `limits`, whose queue waits at most until
-/// that deadline. `server_layers(limits).service(svc)` is ready for [`serve_grpc`].
-pub fn server_layers(limits: AdmissionLimits) -> ServerLayers {
+/// `grpc-timeout` as the call arrives; admission through `gate` (slots, a bounded queue that
+/// waits at most until that deadline, request bytes against the memory budget).
+/// `server_layers(gate).service(svc)` is ready for [`serve_grpc`].
+pub fn server_layers(gate: AdmissionGate) -> ServerLayers {
     ServiceBuilder::new()
         .layer(GrpcServerTraceLayer::serving(vlm_proto::METHOD_PATHS))
         .layer(StatusHygieneLayer)
         .layer(DeadlineLayer)
-        .layer(AdmissionLayer::new(limits))
+        .layer(AdmissionLayer::new(gate))
 }
 
 /// Serves `service` (as it is: wrap it in [`server_layers`] for tracing,

@@ -150,13 +150,13 @@ impl ApiError {
     }
 
     /// Refused at once because `limit` requests are being served.
-    pub(super) fn overloaded(limit: usize) -> Self {
+    /// The gateway's admission refused the request (`status` says why: slots and queue full,
+    /// its memory budget, a wait too long).
+    pub(super) fn overloaded(status: &tonic::Status) -> Self {
         let mut e = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
-            format!(
-                "this server is serving its limit of {limit} chat completions at once; retry later"
-            ),
+            status.message().to_string(),
         )
         .code("overloaded");
         e.retry_after = Some("1");

@@ -1,20 +1,20 @@
-//! What bounds a chat request: its body (size through axum's `DefaultBodyLimit`, time read here)
-//! and how many are served at once ([`admit`], a middleware layer that refuses the excess at once
-//! rather than queueing it).
+//! What bounds a chat request: its body (size through axum's `DefaultBodyLimit`, time read here,
+//! memory reserved before reading by [`reserve_body`]) and how many are served at once
+//! ([`in_slot`]: the gateway's own admission, shared with its gRPC port).
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{FromRef, FromRequest, Request, State};
+use axum::http::header::CONTENT_LENGTH;
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use vlm_net::AdmissionGate;
 
 use super::error::ApiError;
 use super::types::{parse_request, ChatCompletionRequest};
@@ -75,44 +75,73 @@ where
     }
 }
 
-/// Slots for requests served at once.
-#[derive(Debug, Clone)]
-pub(super) struct Slots {
-    free: Arc<Semaphore>,
-    limit: usize,
-}
-
-impl Slots {
-    /// `limit` slots (at least one).
-    pub fn new(limit: usize) -> Self {
-        let limit = limit.max(1);
-        Slots {
-            free: Arc::new(Semaphore::new(limit)),
-            limit,
-        }
-    }
-}
-
-/// Middleware: serves the request in a free slot, held until its response body has been sent or
-/// dropped (a streamed answer is work until its last chunk), or refuses it at once with 503 and
-/// `Retry-After`.
-pub(super) async fn admit(State(slots): State<Slots>, req: Request, next: Next) -> Response {
-    let Ok(permit) = slots.free.clone().try_acquire_owned() else {
-        tracing::debug!(limit = slots.limit, "chat completion refused: no free slot");
-        return ApiError::overloaded(slots.limit).into_response();
+/// Middleware: reserves the body's memory (twice its declared length, or twice the largest
+/// body when none is declared: the body and the request parsed from it) from the gateway's
+/// budget before a byte of it is read, waiting in the budget's bounded queue; held until the
+/// response body has been sent or dropped. Refused with 503 and `Retry-After`.
+pub(super) async fn reserve_body(
+    State(limits): State<AdmissionLimits>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let max = limits.body.max_bytes as u64;
+    let bytes = 2 * declared.unwrap_or(max).min(max);
+    let memory = match limits
+        .gate
+        .memory()
+        .reserve(bytes, "the request body", None)
+        .await
+    {
+        Ok(m) => m,
+        Err(status) => return ApiError::overloaded(&status).into_response(),
     };
-    next.run(req).await.map(|inner| {
+    hold_until_sent(next.run(req).await, memory)
+}
+
+/// Serves `respond` in one of the gateway's slots (the same slots and queue as its gRPC port),
+/// taken once the request has been read and held until its response body has been sent or
+/// dropped (a streamed answer is work until its last chunk); refused with 503 and
+/// `Retry-After` when the queue is full or the wait too long.
+pub(super) async fn in_slot(
+    gate: &AdmissionGate,
+    respond: impl std::future::Future<Output = Response>,
+) -> Response {
+    let slot = match gate.admit(None).await {
+        Ok(slot) => slot,
+        Err(status) => {
+            tracing::debug!("chat completion refused: {}", status.message());
+            return ApiError::overloaded(&status).into_response();
+        }
+    };
+    hold_until_sent(respond.await, slot)
+}
+
+/// The admission a chat request goes through, and its body limits.
+#[derive(Debug, Clone)]
+pub(super) struct AdmissionLimits {
+    pub gate: AdmissionGate,
+    pub body: BodyLimits,
+}
+
+fn hold_until_sent<H: Send + Sync + 'static>(resp: Response, held: H) -> Response {
+    resp.map(|inner| {
         Body::new(PermitBody {
             inner,
-            _permit: permit,
+            _held: Box::new(held),
         })
     })
 }
 
-/// A response body that keeps its request's slot until it ends or is dropped.
+/// A response body that keeps what its request holds (a slot, memory) until it ends or is
+/// dropped.
 struct PermitBody {
     inner: Body,
-    _permit: OwnedSemaphorePermit,
+    _held: Box<dyn Send + Sync>,
 }
 
 impl http_body::Body for PermitBody {

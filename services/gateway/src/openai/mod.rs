@@ -40,7 +40,7 @@ use vlm_proto::GenerateRequest;
 use crate::chat_template::ChatTemplate;
 use crate::GatewayService;
 use error::ApiError;
-use limits::{BodyLimits, ChatBody, Slots};
+use limits::{AdmissionLimits, BodyLimits, ChatBody};
 
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -65,9 +65,11 @@ pub struct OpenAiConfig {
     pub max_body_bytes: usize,
     /// Largest image accepted, in bytes (also bounds fetched URLs).
     pub max_image_bytes: usize,
-    /// Chat completions served at once (a streamed one until its last chunk); more are refused at
-    /// once with 503 and `Retry-After`. This bounds the memory of request bodies and images.
-    pub max_concurrent_requests: usize,
+    /// The gateway's admission (slots, queue, memory budget), shared with its gRPC port: a chat
+    /// completion takes a slot once its body has been read (a streamed one holds it until its
+    /// last chunk), and its body's memory is reserved before reading. Refusals are 503 with
+    /// `Retry-After`.
+    pub admission: vlm_net::AdmissionGate,
 }
 
 /// The endpoint, sharing its gateway (a [`GatewayService`] but in tests) with the gRPC server.
@@ -78,6 +80,15 @@ pub struct OpenAiEndpoint<G = GatewayService> {
     created: u64,
     cfg: OpenAiConfig,
     body: BodyLimits,
+}
+
+impl<G> FromRef<Arc<OpenAiEndpoint<G>>> for AdmissionLimits {
+    fn from_ref(endpoint: &Arc<OpenAiEndpoint<G>>) -> Self {
+        AdmissionLimits {
+            gate: endpoint.cfg.admission.clone(),
+            body: endpoint.body,
+        }
+    }
 }
 
 impl<G> FromRef<Arc<OpenAiEndpoint<G>>> for BodyLimits {
@@ -168,8 +179,8 @@ impl<G: Gateway> OpenAiEndpoint<G> {
         let chat = post(chat::<G>)
             .fallback(method_not_allowed)
             .route_layer(middleware::from_fn_with_state(
-                Slots::new(self.cfg.max_concurrent_requests),
-                limits::admit,
+                AdmissionLimits::from_ref(self),
+                limits::reserve_body,
             ))
             .layer(DefaultBodyLimit::max(self.cfg.max_body_bytes));
         let router = Router::new()
@@ -230,10 +241,13 @@ async fn chat<G: Gateway>(
     State(endpoint): State<Arc<OpenAiEndpoint<G>>>,
     ChatBody(body): ChatBody,
 ) -> Response {
-    endpoint.complete(body).await.unwrap_or_else(|e| {
-        tracing::debug!(status = %e.status, "chat completion refused: {}", e.message);
-        e.into_response()
-    })
+    let respond = async {
+        endpoint.complete(body).await.unwrap_or_else(|e| {
+            tracing::debug!(status = %e.status, "chat completion refused: {}", e.message);
+            e.into_response()
+        })
+    };
+    limits::in_slot(&endpoint.cfg.admission, respond).await
 }
 
 async fn models<G: Gateway>(State(endpoint): State<Arc<OpenAiEndpoint<G>>>) -> Response {

@@ -40,6 +40,12 @@ pub struct CommonArgs {
     /// RESOURCE_EXHAUSTED (load shedding), so memory stays bounded under overload.
     #[arg(long, env = "VLM_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
+    /// Bytes of request data this service holds at once (request messages, image embeddings
+    /// kept for a request or received before decoding, HTTP bodies being read): a call that
+    /// does not fit waits in the queue until its deadline; one larger than all of it is refused
+    /// with RESOURCE_EXHAUSTED. Model weights and the KV cache are budgeted apart.
+    #[arg(long, env = "VLM_MAX_BYTES_IN_FLIGHT", default_value_t = vlm_net::DEFAULT_MAX_BYTES_IN_FLIGHT)]
+    pub max_bytes_in_flight: u64,
     /// Also serve grpc.health.v1 (and nothing else) without TLS on this address, for probes
     /// that cannot present a client certificate, such as Kubernetes gRPC probes.
     #[arg(long, env = "VLM_HEALTH_LISTEN")]
@@ -76,12 +82,22 @@ impl CommonArgs {
         Ok(vlm_model::parse_dtype(&self.dtype)?)
     }
 
-    /// The load-shedding limits every service is served with.
-    pub(super) fn admission_limits(&self) -> vlm_net::AdmissionLimits {
-        vlm_net::AdmissionLimits {
+    /// The admission (slots, queue, memory budget) `service` is served with; create it once
+    /// per process and share it with whatever else admits or buffers for the service.
+    pub(super) fn admission(&self, service: &'static str) -> vlm_net::AdmissionGate {
+        let limits = vlm_net::AdmissionLimits {
             max_in_flight: self.max_in_flight,
             max_queue: self.max_queue,
-        }
+        };
+        let memory = vlm_net::ByteBudget::new(service, self.max_bytes_in_flight, self.max_queue);
+        tracing::info!(
+            service,
+            max_in_flight = limits.max_in_flight,
+            max_queue = limits.max_queue,
+            max_bytes_in_flight = memory.limit(),
+            "admission"
+        );
+        vlm_net::AdmissionGate::new(service, limits, memory)
     }
 }
 

@@ -13,7 +13,14 @@ use super::{serve_stage, GatewayArgs, Stage, MAX_MESSAGE_BYTES};
 
 pub(super) async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     let files = a.common.tls_files("gateway")?;
-    let svc = Arc::new(vlm_gateway::GatewayService::new(config(&a, &files)?)?);
+    // One admission for both front doors: gRPC calls and chat completions share slots, queue
+    // and memory budget.
+    let admission = a.common.admission(vlm_proto::gateway_server::SERVICE_NAME);
+    let svc = Arc::new(vlm_gateway::GatewayService::new(config(
+        &a,
+        &files,
+        admission.memory().clone(),
+    )?)?);
     let tls = if a.plaintext {
         None
     } else {
@@ -21,18 +28,23 @@ pub(super) async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     };
     let http = match a.http.http_listen {
         None => None,
-        Some(addr) => Some(openai_port(&a, &files, svc.clone(), addr).await?),
+        Some(addr) => Some(openai_port(&a, &files, svc.clone(), admission.clone(), addr).await?),
     };
     let stage = Stage {
         server: vlm_proto::gateway_server::GatewayServer::from_arc(svc),
         tls,
         max_message_bytes: MAX_MESSAGE_BYTES,
         http,
+        admission,
     };
     serve_stage(&a.common, stage).await
 }
 
-fn config(a: &GatewayArgs, files: &TlsFiles) -> anyhow::Result<vlm_gateway::GatewayConfig> {
+fn config(
+    a: &GatewayArgs,
+    files: &TlsFiles,
+    memory: vlm_net::ByteBudget,
+) -> anyhow::Result<vlm_gateway::GatewayConfig> {
     let r = &a.resilience;
     // Internal hops: the gateway presents its certificate and checks each stage's name.
     let tls_files = files.clone();
@@ -76,6 +88,7 @@ fn config(a: &GatewayArgs, files: &TlsFiles) -> anyhow::Result<vlm_gateway::Gate
         default_timeout: Duration::from_secs(a.request_timeout),
         wire_dtype,
         cache: a.cache.build()?,
+        memory,
     })
 }
 
@@ -93,6 +106,7 @@ async fn openai_port(
     a: &GatewayArgs,
     files: &TlsFiles,
     svc: Arc<vlm_gateway::GatewayService>,
+    admission: vlm_net::AdmissionGate,
     addr: SocketAddr,
 ) -> anyhow::Result<HttpPort> {
     let model_id = svc.model_id().to_string();
@@ -106,9 +120,7 @@ async fn openai_port(
             max_images: a.max_images,
             max_body_bytes: MAX_MESSAGE_BYTES,
             max_image_bytes: a.max_image_bytes,
-            // The same bound as the gRPC port's admission (served + queued): the HTTP port does
-            // not queue, it refuses beyond this with 503.
-            max_concurrent_requests: a.common.max_in_flight + a.common.max_queue,
+            admission,
         },
     )?;
     let http_tls = if a.plaintext {

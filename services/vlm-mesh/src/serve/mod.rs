@@ -78,6 +78,7 @@ async fn encoder(a: EncoderArgs) -> anyhow::Result<()> {
     };
     let svc = vlm_encoder::EncoderService::load(&cfg)?;
     let stage = Stage {
+        admission: a.common.admission(vlm_proto::encoder_server::SERVICE_NAME),
         server: svc.into_server(),
         tls: Some(tls),
         // An image and its request around it.
@@ -100,6 +101,9 @@ async fn projector(a: ProjectorArgs) -> anyhow::Result<()> {
     };
     let svc = vlm_projector::ProjectorService::load(&cfg)?;
     let stage = Stage {
+        admission: a
+            .common
+            .admission(vlm_proto::projector_server::SERVICE_NAME),
         server: svc.into_server(),
         tls: Some(tls),
         max_message_bytes: DEFAULT_MESSAGE_BYTES,
@@ -110,7 +114,9 @@ async fn projector(a: ProjectorArgs) -> anyhow::Result<()> {
 
 async fn decoder(a: DecoderArgs) -> anyhow::Result<()> {
     let tls = vlm_net::server_tls(&a.common.tls_files("decoder")?)?;
+    let admission = a.common.admission(vlm_proto::decoder_server::SERVICE_NAME);
     let cfg = vlm_decoder::DecoderConfig {
+        memory: admission.memory().clone(),
         model: a.common.model.clone(),
         dtype: a.common.dtype()?,
         limits: TensorLimits::default(),
@@ -123,6 +129,7 @@ async fn decoder(a: DecoderArgs) -> anyhow::Result<()> {
     };
     let svc = vlm_decoder::DecoderService::load(&cfg)?;
     let stage = Stage {
+        admission,
         server: svc.into_server(),
         tls: Some(tls),
         max_message_bytes: DEFAULT_MESSAGE_BYTES,

@@ -80,6 +80,8 @@ pub(super) struct Stage<S> {
     /// Largest message accepted from a caller.
     pub max_message_bytes: usize,
     pub http: Option<HttpPort>,
+    /// Slots, queue and memory budget (shared with the service, which reserves what it buffers).
+    pub admission: vlm_net::AdmissionGate,
 }
 
 /// Serves `stage` on the addresses in `common`; returns once it has drained after a signal.
@@ -91,7 +93,7 @@ where
     let listener = bind(common.listen, "--listen").await?;
     announce(&listener, stage.http.as_ref().map(|h| h.addr))?;
     let health = bind_health(common.health_listen).await?;
-    let service = vlm_net::server_layers(common.admission_limits())
+    let service = vlm_net::server_layers(stage.admission)
         .service(stage.server.with_message_limit(stage.max_message_bytes));
     let grpc = vlm_net::serve_grpc_with_health_port(
         listener,

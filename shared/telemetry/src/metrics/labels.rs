@@ -154,3 +154,17 @@ pub enum QueueOutcome {
 pub struct QueueWaitLabels {
     pub outcome: QueueOutcome,
 }
+
+/// Of a service's memory budget (`--max-bytes-in-flight`): bytes reserved now, or the limit.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum MemoryState {
+    used,
+    limit,
+}
+
+/// `{service,state}` of a memory budget.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MemoryBudgetLabels {
+    pub service: &'static str,
+    pub state: MemoryState,
+}

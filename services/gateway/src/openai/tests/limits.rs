@@ -105,6 +105,45 @@ async fn the_concurrency_limit_refuses_with_503_while_requests_are_held_open() {
 }
 
 #[tokio::test]
+async fn chat_completions_share_the_grpc_ports_slots() {
+    let mut h = Harness::with(1 << 20, 1, |_| {}).await;
+    // A gRPC call holds the only slot: a chat completion is refused, as a gRPC call would be.
+    let grpc_call = h.gate.admit(None).await.unwrap();
+    let (status, body) = json_of(h.refused(chat(hello(json!({})))).await).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "overloaded");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("in flight"),
+        "{body}"
+    );
+    drop(grpc_call);
+    let _served = h.start(chat(hello(json!({})))).await;
+}
+
+#[tokio::test]
+async fn a_body_larger_than_the_memory_budget_is_refused_before_it_is_read() {
+    // 64 KiB of budget; the body declares 40 KiB, which with its parsed copy needs 80 KiB.
+    let mut h = Harness::with_budget(1 << 20, 8, 64 << 10, |_| {}).await;
+    let padding = "x".repeat(40 << 10);
+    let req = chat(hello(json!({"user": padding})));
+    let (status, body) = json_of(h.refused(req).await).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("whole memory budget"),
+        "{body}"
+    );
+    assert_eq!(h.gate.memory().used(), 0);
+    // A small request fits.
+    let _served = h.start(chat(hello(json!({})))).await;
+}
+
+#[tokio::test]
 async fn routes_and_their_errors() {
     let h = Harness::new().await;
     for uri in ["/v1/models", "/v1/models/"] {

@@ -58,17 +58,37 @@ impl Gateway for FakeGateway {
 
 struct Harness {
     app: NormalizePath<Router>,
+    /// The endpoint's admission (what a gRPC port beside it would share).
+    gate: vlm_net::AdmissionGate,
     calls: mpsc::UnboundedReceiver<Call>,
     _model_dir: tempfile::TempDir,
 }
 
 impl Harness {
-    /// An endpoint (LLaVA-1.5 template) with these limits; `tweak` may change it further.
+    /// An endpoint (LLaVA-1.5 template) with these limits (`max_concurrent_requests` slots, no
+    /// queue, a 1 GiB memory budget); `tweak` may change it further.
     async fn with(
         max_body_bytes: usize,
         max_concurrent_requests: usize,
         tweak: impl FnOnce(&mut OpenAiEndpoint<FakeGateway>),
     ) -> Self {
+        Self::with_budget(max_body_bytes, max_concurrent_requests, 1 << 30, tweak).await
+    }
+
+    async fn with_budget(
+        max_body_bytes: usize,
+        max_concurrent_requests: usize,
+        memory_bytes: u64,
+        tweak: impl FnOnce(&mut OpenAiEndpoint<FakeGateway>),
+    ) -> Self {
+        let gate = vlm_net::AdmissionGate::new(
+            "vlm.v1.Gateway",
+            vlm_net::AdmissionLimits {
+                max_in_flight: max_concurrent_requests,
+                max_queue: 0,
+            },
+            vlm_net::ByteBudget::new("vlm.v1.Gateway", memory_bytes, 0),
+        );
         let dir = tempfile::tempdir().unwrap();
         let (tx, calls) = mpsc::unbounded_channel();
         let cfg = OpenAiConfig {
@@ -79,12 +99,13 @@ impl Harness {
             max_images: 8,
             max_body_bytes,
             max_image_bytes: 1 << 20,
-            max_concurrent_requests,
+            admission: gate.clone(),
         };
         let mut endpoint = OpenAiEndpoint::new(Arc::new(FakeGateway { calls: tx }), cfg).unwrap();
         tweak(&mut endpoint);
         Harness {
             app: Arc::new(endpoint).app(),
+            gate,
             calls,
             _model_dir: dir,
         }
@@ -118,9 +139,11 @@ impl Harness {
 }
 
 fn chat(body: Value) -> Request<Body> {
+    let body = body.to_string();
     Request::post("/v1/chat/completions")
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.to_string()))
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(Body::from(body))
         .unwrap()
 }
 

@@ -1,0 +1,461 @@
+//! Memory admitted by bytes, not by count: a service's budget of request data held at once.
+//!
+//! Counting calls bounds memory only when every call is small; one 60 MB request costs as much as
+//! a thousand small ones. A [`ByteBudget`] is a budget of bytes shared by everything a service
+//! holds for its requests: the request messages the admission layer lets in (their declared
+//! length, reserved before the rest of the message is read), the projected image embeddings the
+//! gateway keeps for a request, the embeddings a decoder receives before its request is
+//! scheduled, an HTTP body being read.
+//!
+//! A reservation larger than the whole budget is refused at once (it could never be served); one
+//! that does not fit now waits, first come first served, until its deadline (at most
+//! [`MAX_QUEUE_WAIT`](crate::admission::MAX_QUEUE_WAIT) without one), with at most `max_waiting`
+//! reservations waiting; beyond that, RESOURCE_EXHAUSTED at once. A waiting reservation holds
+//! nothing until all of it fits. A request that already holds memory and needs more
+//! ([`BytePermit::try_grow`]) never waits (two requests could wait on each other) and goes before
+//! the waiting ones (finishing it is what frees memory); it fails with RESOURCE_EXHAUSTED only
+//! when the budget itself is full.
+//!
+//! (tokio's semaphore would hand a waiting reservation part of what it asks for as memory frees
+//! up, starving the running requests' growth: hence this small queue of its own.)
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tonic::Status;
+use vlm_telemetry::metrics::labels::{MemoryBudgetLabels, MemoryState, ServiceLabels};
+use vlm_telemetry::MeshMetrics;
+
+use crate::admission::MAX_QUEUE_WAIT;
+
+/// Default `--max-bytes-in-flight`: 512 MiB of request data per service (64 requests of a 1 MB
+/// image and LLaVA-7B's 4.7 MB of f16 embeddings each need 370 MB at the gateway).
+pub const DEFAULT_MAX_BYTES_IN_FLIGHT: u64 = 512 << 20;
+
+/// A service's budget of bytes in flight. Clones share it.
+#[derive(Debug, Clone)]
+pub struct ByteBudget {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    service: &'static str,
+    limit: u64,
+    max_waiting: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    used: u64,
+    next_id: u64,
+    /// Reservations waiting for room, oldest first; each is granted (bytes added to `used`, the
+    /// sender fired) when all of it fits and everyone before it was granted.
+    waiting: VecDeque<Waiter>,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    id: u64,
+    bytes: u64,
+    grant: oneshot::Sender<()>,
+}
+
+impl State {
+    /// Grants waiting reservations, in order, while the oldest fits.
+    fn grant(&mut self, limit: u64) {
+        while let Some(w) = self.waiting.front() {
+            if w.grant.is_closed() {
+                self.waiting.pop_front();
+                continue;
+            }
+            if self.used + w.bytes > limit {
+                return;
+            }
+            let w = self.waiting.pop_front().expect("front exists");
+            self.used += w.bytes;
+            if w.grant.send(()).is_err() {
+                self.used -= w.bytes; // it stopped waiting just now
+            }
+        }
+    }
+}
+
+/// Bytes held from a [`ByteBudget`], given back when dropped.
+#[derive(Debug)]
+pub struct BytePermit {
+    budget: ByteBudget,
+    bytes: u64,
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+impl ByteBudget {
+    /// `total_bytes` for `service` (a metrics label, e.g. `vlm.v1.Decoder`); at most
+    /// `max_waiting` reservations wait for room at once.
+    pub fn new(service: &'static str, total_bytes: u64, max_waiting: usize) -> Self {
+        let budget = ByteBudget {
+            inner: Arc::new(Inner {
+                service,
+                limit: total_bytes,
+                max_waiting,
+                state: Mutex::new(State::default()),
+            }),
+        };
+        budget.gauge(MemoryState::limit, total_bytes);
+        budget.gauge(MemoryState::used, 0);
+        budget
+    }
+
+    /// The whole budget, in bytes.
+    pub fn limit(&self) -> u64 {
+        self.inner.limit
+    }
+
+    /// Bytes reserved now.
+    pub fn used(&self) -> u64 {
+        self.lock().used
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reserves `bytes` for `what` (named in errors), waiting for room until `deadline` (at most
+    /// [`MAX_QUEUE_WAIT`] without one).
+    pub async fn reserve(
+        &self,
+        bytes: u64,
+        what: &str,
+        deadline: Option<Instant>,
+    ) -> Result<BytePermit, Status> {
+        self.check_size(bytes, what)?;
+        let (id, granted) = {
+            let mut st = self.lock();
+            if st.waiting.is_empty() && st.used + bytes <= self.inner.limit {
+                st.used += bytes;
+                drop(st);
+                return Ok(self.permit(bytes));
+            }
+            let queued = st.waiting.len();
+            if queued >= self.inner.max_waiting {
+                let used = st.used;
+                drop(st);
+                return Err(self.refuse(format!(
+                    "{} overloaded: {what} needs {} and {} of {} is in use, with {queued} more waiting; retry later",
+                    self.inner.service,
+                    mib(bytes),
+                    mib(used),
+                    mib(self.limit()),
+                )));
+            }
+            let id = st.next_id;
+            st.next_id += 1;
+            let (grant, granted) = oneshot::channel();
+            st.waiting.push_back(Waiter { id, bytes, grant });
+            self.waiting_gauge(st.waiting.len());
+            (id, granted)
+        };
+        let mut wait = Wait {
+            budget: self,
+            id,
+            bytes,
+            granted: Some(granted),
+        };
+        let at = deadline.unwrap_or_else(|| Instant::now() + MAX_QUEUE_WAIT);
+        let outcome = tokio::time::timeout_at(at, wait.granted.as_mut().expect("set")).await;
+        if let Ok(Ok(())) = outcome {
+            wait.granted = None; // ours now
+            return Ok(self.permit(bytes));
+        }
+        drop(wait); // leaves the queue, or gives back a grant that raced the timeout
+        let (used, limit) = (mib(self.used()), mib(self.limit()));
+        Err(match deadline {
+            Some(_) => {
+                let refused = self.refuse(format!(
+                    "{}: deadline passed while {what} waited for {} of memory ({used} of {limit} in use)",
+                    self.inner.service,
+                    mib(bytes),
+                ));
+                Status::deadline_exceeded(refused.message())
+            }
+            None => self.refuse(format!(
+                "{} overloaded: {what} waited {} s for {} of memory ({used} of {limit} in use); retry later",
+                self.inner.service,
+                MAX_QUEUE_WAIT.as_secs(),
+                mib(bytes),
+            )),
+        })
+    }
+
+    /// Reserves `bytes` now, before any waiting reservation, or fails with RESOURCE_EXHAUSTED:
+    /// never waits.
+    pub fn try_reserve(&self, bytes: u64, what: &str) -> Result<BytePermit, Status> {
+        self.take_now(bytes, what)?;
+        Ok(self.permit(bytes))
+    }
+
+    /// An empty permit, to grow with [`BytePermit::try_grow`].
+    pub fn empty(&self) -> BytePermit {
+        self.permit(0)
+    }
+
+    fn take_now(&self, bytes: u64, what: &str) -> Result<(), Status> {
+        self.check_size(bytes, what)?;
+        let mut st = self.lock();
+        if st.used + bytes > self.inner.limit {
+            let used = st.used;
+            drop(st);
+            return Err(self.refuse(format!(
+                "{} overloaded: {what} needs {} more and {} of its {} memory budget is in use; retry later",
+                self.inner.service,
+                mib(bytes),
+                mib(used),
+                mib(self.limit()),
+            )));
+        }
+        st.used += bytes;
+        Ok(())
+    }
+
+    fn check_size(&self, bytes: u64, what: &str) -> Result<(), Status> {
+        if bytes > self.inner.limit {
+            return Err(self.refuse(format!(
+                "{what} needs {}, more than {}'s whole memory budget of {} (--max-bytes-in-flight)",
+                mib(bytes),
+                self.inner.service,
+                mib(self.limit()),
+            )));
+        }
+        Ok(())
+    }
+
+    fn release(&self, bytes: u64) {
+        let mut st = self.lock();
+        st.used -= bytes;
+        st.grant(self.inner.limit);
+        let (used, waiting) = (st.used, st.waiting.len());
+        drop(st);
+        self.gauge(MemoryState::used, used);
+        self.waiting_gauge(waiting);
+    }
+
+    /// Counts a refusal; the status is RESOURCE_EXHAUSTED.
+    fn refuse(&self, message: String) -> Status {
+        MeshMetrics::global()
+            .memory_budget_refused
+            .get_or_create(&ServiceLabels {
+                service: self.inner.service,
+            })
+            .inc();
+        Status::resource_exhausted(message)
+    }
+
+    fn permit(&self, bytes: u64) -> BytePermit {
+        self.gauge(MemoryState::used, self.used());
+        BytePermit {
+            budget: self.clone(),
+            bytes,
+        }
+    }
+
+    fn waiting_gauge(&self, waiting: usize) {
+        MeshMetrics::global()
+            .memory_budget_waiting
+            .get_or_create(&ServiceLabels {
+                service: self.inner.service,
+            })
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+    }
+
+    fn gauge(&self, state: MemoryState, bytes: u64) {
+        MeshMetrics::global()
+            .memory_budget_bytes
+            .get_or_create(&MemoryBudgetLabels {
+                service: self.inner.service,
+                state,
+            })
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+}
+
+/// A reservation waiting in the queue; dropped unfinished (timeout, or the caller went away), it
+/// leaves the queue, or gives back what was granted to it meanwhile.
+struct Wait<'a> {
+    budget: &'a ByteBudget,
+    id: u64,
+    bytes: u64,
+    granted: Option<oneshot::Receiver<()>>,
+}
+
+impl Drop for Wait<'_> {
+    fn drop(&mut self) {
+        let Some(mut granted) = self.granted.take() else {
+            return;
+        };
+        let mut st = self.budget.lock();
+        if let Some(pos) = st.waiting.iter().position(|w| w.id == self.id) {
+            st.waiting.remove(pos);
+            let waiting = st.waiting.len();
+            drop(st);
+            self.budget.waiting_gauge(waiting);
+        } else if granted.try_recv().is_ok() {
+            drop(st);
+            self.budget.release(self.bytes);
+        }
+    }
+}
+
+impl BytePermit {
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Holds `bytes` more, now or never (RESOURCE_EXHAUSTED), before any waiting reservation.
+    pub fn try_grow(&mut self, bytes: u64, what: &str) -> Result<(), Status> {
+        self.budget.take_now(bytes, what)?;
+        self.bytes += bytes;
+        self.budget.gauge(MemoryState::used, self.budget.used());
+        Ok(())
+    }
+}
+
+impl Drop for BytePermit {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.budget.release(self.bytes);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const UNIT: u64 = 1024;
+
+    fn waiting(b: &ByteBudget) -> usize {
+        b.lock().waiting.len()
+    }
+
+    #[tokio::test]
+    async fn reservations_are_bounded_by_the_budget_and_given_back_on_drop() {
+        let b = ByteBudget::new("test.Budget", 10 * UNIT, 4);
+        let a = b.reserve(6 * UNIT, "a", None).await.unwrap();
+        assert_eq!(b.used(), 6 * UNIT);
+        let e = b.try_reserve(5 * UNIT, "b").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(e.message().contains("b needs"), "{}", e.message());
+        drop(a);
+        assert_eq!(b.used(), 0);
+        let c = b.try_reserve(10 * UNIT, "c").unwrap();
+        assert_eq!(c.bytes(), 10 * UNIT);
+    }
+
+    #[tokio::test]
+    async fn a_reservation_larger_than_the_budget_is_refused_at_once() {
+        let b = ByteBudget::new("test.Budget", 10 * UNIT, 4);
+        let started = std::time::Instant::now();
+        let e = b.reserve(11 * UNIT, "the image", None).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            e.message().contains("whole memory budget"),
+            "{}",
+            e.message()
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_reservation_gets_room_when_it_is_freed() {
+        let b = ByteBudget::new("test.Budget", 10 * UNIT, 4);
+        let a = b.reserve(8 * UNIT, "a", None).await.unwrap();
+        let b2 = b.clone();
+        let waiter = tokio::spawn(async move { b2.reserve(5 * UNIT, "w", None).await });
+        // The waiter is queued (not refused) while `a` holds the room.
+        tokio::task::yield_now().await;
+        while waiting(&b) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished());
+        drop(a);
+        let w = waiter.await.unwrap().unwrap();
+        assert_eq!(w.bytes(), 5 * UNIT);
+    }
+
+    #[tokio::test]
+    async fn waits_end_at_the_deadline_and_the_queue_is_bounded() {
+        let b = ByteBudget::new("test.Budget", 10 * UNIT, 1);
+        let _a = b.reserve(10 * UNIT, "a", None).await.unwrap();
+        let at = Instant::now() + Duration::from_millis(50);
+        let e = b.reserve(UNIT, "late", Some(at)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::DeadlineExceeded);
+        // One waiter allowed: the second is refused at once.
+        let b2 = b.clone();
+        let first = tokio::spawn(async move { b2.reserve(UNIT, "first", None).await });
+        while waiting(&b) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let e = b.reserve(UNIT, "second", None).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(e.message().contains("more waiting"), "{}", e.message());
+        first.abort();
+    }
+
+    #[tokio::test]
+    async fn a_running_request_grows_before_waiting_ones_and_waiters_hold_nothing() {
+        let b = ByteBudget::new("test.Budget", 10 * UNIT, 4);
+        let mut running = b.reserve(6 * UNIT, "running", None).await.unwrap();
+        let b2 = b.clone();
+        let waiter = tokio::spawn(async move { b2.reserve(6 * UNIT, "newcomer", None).await });
+        while waiting(&b) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The newcomer waits for all of its 6 units and holds none of the 4 free ones.
+        assert_eq!(b.used(), 6 * UNIT);
+        running.try_grow(3 * UNIT, "more").unwrap();
+        drop(running);
+        let w = waiter.await.unwrap().unwrap();
+        assert_eq!(b.used(), 6 * UNIT);
+        drop(w);
+        assert_eq!(b.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_goes_away_leaves_the_queue() {
+        let b = ByteBudget::new("test.Budget", 10 * UNIT, 4);
+        let a = b.reserve(10 * UNIT, "a", None).await.unwrap();
+        let b2 = b.clone();
+        let gone = tokio::spawn(async move { b2.reserve(5 * UNIT, "gone", None).await });
+        while waiting(&b) == 0 {
+            tokio::task::yield_now().await;
+        }
+        gone.abort();
+        let _ = gone.await;
+        assert_eq!(waiting(&b), 0);
+        drop(a);
+        assert_eq!(b.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn growing_never_waits() {
+        let b = ByteBudget::new("test.Budget", 10 * UNIT, 4);
+        let mut p = b.empty();
+        p.try_grow(4 * UNIT, "chunk").unwrap();
+        p.try_grow(6 * UNIT, "chunk").unwrap();
+        assert_eq!(p.bytes(), 10 * UNIT);
+        assert_eq!(
+            p.try_grow(1, "chunk").unwrap_err().code(),
+            tonic::Code::ResourceExhausted
+        );
+        drop(p);
+        assert_eq!(b.used(), 0);
+    }
+}
