@@ -2,6 +2,8 @@
 //! redis-server. Each test file includes it with `mod common;`.
 #![allow(dead_code)]
 
+pub mod attack;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
