@@ -53,12 +53,11 @@ async fn try_generate(mesh: &MeshProc, image: &[u8]) -> Result<Answer, tonic::St
     Ok(answer)
 }
 
-/// Encode calls the mesh's encoder has accepted (its own counter, read over mTLS).
+/// Encode calls the mesh's encoder has accepted (its own counter, read over mTLS as the gateway).
 async fn encoder_requests(mesh: &MeshProc) -> u64 {
-    let files = vlm_net::TlsFiles::for_role(mesh.certs(), "client");
-    let tls = vlm_net::client_tls(&files, "localhost").unwrap();
-    let url = format!("https://{}", mesh.service_addr("encoder"));
-    let channel = vlm_net::connect(&url, Some(tls)).await.unwrap();
+    let channel = mesh
+        .stage_channel(&mesh.service_addr("encoder"), "gateway")
+        .await;
     EncoderClient::new(channel)
         .info(EncoderInfoRequest {})
         .await
@@ -292,16 +291,13 @@ fn model_with_other_vision_weights() -> tempfile::TempDir {
     dir
 }
 
-/// Each stage's own `Info` fingerprint, asked over mTLS as a client.
+/// Each stage's own `Info` fingerprint, asked over mTLS as the gateway.
 async fn stage_fingerprints(mesh: &MeshProc) -> [String; 3] {
     use vlm_proto::decoder_client::DecoderClient;
     use vlm_proto::projector_client::ProjectorClient;
-    let files = vlm_net::TlsFiles::for_role(mesh.certs(), "client");
-    let tls = vlm_net::client_tls(&files, "localhost").unwrap();
     let channel = |role: &str| {
-        let url = format!("https://{}", mesh.service_addr(role));
-        let tls = tls.clone();
-        async move { vlm_net::connect(&url, Some(tls)).await.unwrap() }
+        let addr = mesh.service_addr(role);
+        async move { mesh.stage_channel(&addr, "gateway").await }
     };
     let encoder = EncoderClient::new(channel("encoder").await)
         .info(EncoderInfoRequest {})

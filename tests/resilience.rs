@@ -247,11 +247,7 @@ async fn a_stuck_decoder_replica_is_abandoned_after_its_adaptive_timeout_with_un
 
 /// Encoder calls (successful or not) each replica received, from its own Info.
 async fn encoder_requests(mesh: &MeshProc, addr: &str) -> u64 {
-    let files = vlm_net::TlsFiles::for_role(mesh.certs(), "client");
-    let tls = vlm_net::client_tls(&files, "localhost").unwrap();
-    let ch = vlm_net::connect(&format!("https://{addr}"), Some(tls))
-        .await
-        .unwrap();
+    let ch = mesh.stage_channel(addr, "gateway").await;
     vlm_proto::encoder_client::EncoderClient::new(ch)
         .info(vlm_proto::EncoderInfoRequest {})
         .await

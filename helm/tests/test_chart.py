@@ -253,6 +253,9 @@ class ValuesSchema(unittest.TestCase):
             {"ports": {"health": 70000}},
             {"model": {"dtype": "int8"}},
             {"gateway": {"service": {"type": "Ingress"}}},
+            {"tls": {"allowedCallers": ""}},
+            {"tls": {"allowedCallers": "Gateway"}},
+            {"tls": {"allowedCallers": "gateway,"}},
         ]
         for overrides in bad:
             with self.subTest(overrides=overrides):
@@ -466,6 +469,8 @@ class CertificatesRedisTelemetry(unittest.TestCase):
                 self.assertEqual(cert["issuerRef"]["name"], values["certManager"]["issuerRef"]["name"])
                 self.assertEqual(cert["issuerRef"]["kind"], "ClusterIssuer")
                 self.assertEqual({"server auth", "client auth"} - set(cert["usages"]), set())
+                # The role the stages check callers against (--allowed-callers).
+                self.assertEqual(cert["uris"], [f"spiffe://vlm-mesh/{component}"])
                 volumes = {v["name"]: v for v in deployments[name_of(component)]["spec"]["template"]["spec"]["volumes"]}
                 self.assertEqual(volumes["tls"]["secret"]["secretName"], cert["secretName"])
                 c = mesh_container(deployments[name_of(component)])
@@ -484,6 +489,18 @@ class CertificatesRedisTelemetry(unittest.TestCase):
         # An external issuer: the chart makes no CA of its own.
         self.assertEqual(objects(docs, "Issuer"), {})
 
+    def test_stages_accept_only_the_allowed_callers(self):
+        for values, want in ((None, "gateway"), ({"tls": {"allowedCallers": "gateway,client"}}, "gateway,client")):
+            deployments = objects(render(values), "Deployment")
+            for component in COMPONENTS:
+                with self.subTest(values=values, component=component):
+                    e = env(mesh_container(deployments[name_of(component)]))
+                    if component == "gateway":
+                        # The public API: any caller (its own default).
+                        self.assertNotIn("VLM_ALLOWED_CALLERS", e)
+                    else:
+                        self.assertEqual(e["VLM_ALLOWED_CALLERS"]["value"], want)
+
     def test_self_signed_ca_when_no_issuer_is_given(self):
         docs = render({"certManager": {"enabled": True}})
         issuers = objects(docs, "Issuer")
@@ -491,8 +508,11 @@ class CertificatesRedisTelemetry(unittest.TestCase):
         self.assertTrue(ca["isCA"])
         self.assertIn("selfSigned", issuers[ca["issuerRef"]["name"]]["spec"])
         for component in COMPONENTS:
-            ref = objects(docs, "Certificate")[name_of(component)]["spec"]["issuerRef"]["name"]
-            self.assertEqual(issuers[ref]["spec"]["ca"]["secretName"], ca["secretName"])
+            spec = objects(docs, "Certificate")[name_of(component)]["spec"]
+            self.assertEqual(issuers[spec["issuerRef"]["name"]]["spec"]["ca"]["secretName"], ca["secretName"])
+            self.assertEqual(spec["uris"], [f"spiffe://vlm-mesh/{component}"])
+        # The CA itself has no role.
+        self.assertNotIn("uris", ca)
 
     def test_secrets_named_in_values_are_mounted(self):
         names = {c: f"mesh-{c}-cert" for c in COMPONENTS}

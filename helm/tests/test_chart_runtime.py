@@ -179,6 +179,11 @@ class RenderedPodsRun(unittest.TestCase):
         self.assertGreater(len(answer["token_ids"]), 0)
         self.assertRegex(answer["trace_id"], r"^[0-9a-f]{32}$")
 
+        # The stages took their caller roles from the rendered environment (the gateway's calls
+        # above were served, so its certificate carries the role they accept).
+        for c in INTERNAL:
+            self.assertIn("allowed_callers=gateway", self.log(c), c)
+
         # The internal ports are mTLS: a client without a certificate gets nothing.
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port['encoder']}") as channel:
             with self.assertRaises(grpc.RpcError):

@@ -134,6 +134,16 @@ impl MeshProc {
         GatewayClient::new(channel).max_encoding_message_size(256 << 20)
     }
 
+    /// A channel to `addr` (a stage's `host:port`) presenting `role`'s certificate. The stages
+    /// accept only the gateway by default: call them `as_role("gateway")`.
+    pub async fn stage_channel(&self, addr: &str, role: &str) -> tonic::transport::Channel {
+        let files = vlm_net::TlsFiles::for_role(self.certs(), role);
+        let tls = vlm_net::client_tls(&files, "localhost").unwrap();
+        vlm_net::connect(&format!("https://{addr}"), Some(tls))
+            .await
+            .unwrap()
+    }
+
     /// Waits (bounded) for a log line containing all of `needles`.
     pub fn wait_for_log(&self, needles: &[&str], timeout: Duration) -> Option<String> {
         let deadline = std::time::Instant::now() + timeout;

@@ -65,6 +65,12 @@ app.kubernetes.io/part-of: vlm-mesh
 {{- end }}
 {{- end }}
 
+{{/* The URI SAN that names a certificate's role, as the services read it
+(vlm_net::roles::ROLE_URI_PREFIX). Call with the component's name. */}}
+{{- define "vlm-mesh.roleUri" -}}
+spiffe://vlm-mesh/{{ . }}
+{{- end }}
+
 {{/* DNS names a component's Service answers to; its certificate carries all of them. */}}
 {{- define "vlm-mesh.serviceDnsNames" -}}
 {{- $svc := include "vlm-mesh.componentName" . }}

@@ -1,15 +1,19 @@
 //! Development PKI: one CA and a leaf per mesh role, generated with rcgen.
 //! Production certificates come from elsewhere (a Kubernetes Secret,
 //! cert-manager) in the same file layout.
+//!
+//! Every leaf names its role in a URI SAN `spiffe://vlm-mesh/<role>`
+//! ([`crate::roles`]), which servers check against `--allowed-callers`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
+use crate::roles::{role_of_certificate, role_uri};
 use crate::{NetError, TlsPems};
 
 /// Leaf certificates generated for the dev mesh. Services are also clients
@@ -76,7 +80,8 @@ impl DevPki {
 
 /// Generates a fresh CA and a leaf for every role in [`ROLES`], in memory.
 /// Leaf SANs: localhost, 127.0.0.1, ::1, the role name, and `extra_hosts`
-/// (DNS names or IP addresses, e.g. Kubernetes Service names).
+/// (DNS names or IP addresses, e.g. Kubernetes Service names), plus the role
+/// URI `spiffe://vlm-mesh/<role>`.
 pub fn generate_dev_pki(extra_hosts: &[String]) -> Result<DevPki, NetError> {
     let ca_key = KeyPair::generate().map_err(|source| NetError::CertGen {
         what: "CA key".into(),
@@ -111,8 +116,10 @@ pub fn generate_dev_certs(
 /// Makes sure `dir` holds a complete dev PKI; returns whether anything was
 /// written. Without a CA, generates everything. With one, issues only the
 /// missing leaves from the existing CA, so certificates already handed to
-/// running processes stay valid. Existing leaves are never rewritten, so
-/// `extra_hosts` only affects newly issued ones.
+/// running processes stay valid. Existing leaves are not rewritten, so
+/// `extra_hosts` only affects newly issued ones — except leaves that do not
+/// carry their role URI (made before certificates had roles): servers would
+/// refuse them, so they are reissued from the same CA (and logged).
 ///
 /// Reissuing needs `ca.key` and assumes `ca.pem` was made by this module;
 /// a foreign CA key is detected and refused.
@@ -128,6 +135,19 @@ pub fn ensure_dev_certs(dir: impl AsRef<Path>, extra_hosts: &[String]) -> Result
         generate_dev_certs(dir, extra_hosts)?;
         return Ok(true);
     }
+    let without_role: Vec<&str> = ROLES
+        .iter()
+        .copied()
+        .filter(|r| !missing.contains(r) && leaf_lacks_role(dir, r))
+        .collect();
+    if !without_role.is_empty() {
+        tracing::warn!(
+            dir = %dir.display(),
+            roles = ?without_role,
+            "reissuing dev certificates made before roles (no spiffe://vlm-mesh/<role> URI SAN) from the existing CA"
+        );
+    }
+    let missing: Vec<&str> = missing.into_iter().chain(without_role).collect();
     if missing.is_empty() {
         return Ok(false);
     }
@@ -218,6 +238,8 @@ fn issue_leaf(
         source,
     };
     let mut params = CertificateParams::new(sans.clone()).map_err(gen_err)?;
+    let uri = role_uri(role).try_into().map_err(gen_err)?;
+    params.subject_alt_names.push(SanType::URI(uri));
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "vlm-mesh");
     dn.push(DnType::CommonName, role);
@@ -242,6 +264,20 @@ fn leaf_paths(dir: &Path, role: &str) -> [PathBuf; 2] {
         dir.join(format!("{role}.pem")),
         dir.join(format!("{role}.key")),
     ]
+}
+
+/// Whether `role`'s leaf in `dir` parses but does not carry the URI of `role`. A leaf that cannot
+/// be read is left alone: loading it reports a clearer error than a silent reissue would.
+fn leaf_lacks_role(dir: &Path, role: &str) -> bool {
+    use rustls_pki_types::pem::PemObject;
+    let [cert, _] = leaf_paths(dir, role);
+    let Ok(der) = rustls_pki_types::CertificateDer::from_pem_file(&cert) else {
+        return false;
+    };
+    match role_of_certificate(&der) {
+        Ok(found) => found.as_deref() != Some(role),
+        Err(_) => false,
+    }
 }
 
 fn write_leaf(dir: &Path, leaf: &LeafPems) -> Result<(), NetError> {

@@ -17,6 +17,7 @@ mod http_tls;
 mod jitter;
 pub mod replicas;
 pub mod retry;
+pub mod roles;
 mod serve;
 mod shutdown;
 mod status_hygiene;
@@ -40,6 +41,7 @@ pub use health::{
 pub use http_tls::HttpTlsAcceptor;
 pub use replicas::{Lease, Replica, ReplicaOptions, ReplicaSet, TlsForHost, TracedChannel};
 pub use retry::{is_retryable, RetryOptions, RetryPolicy};
+pub use roles::{AllowedCallers, CallerRole, CallerRoleLayer};
 pub use serve::{serve_grpc, serve_grpc_with_health_port, server_layers, ServerLayers};
 pub use shutdown::shutdown_signal;
 pub use status_hygiene::{StatusHygiene, StatusHygieneLayer, MAX_STATUS_MESSAGE_BYTES};

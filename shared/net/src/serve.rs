@@ -21,28 +21,38 @@ use vlm_telemetry::GrpcServerTraceLayer;
 
 use crate::{
     error_chain, health_and_reflection, reflection_v1alpha, server_builder, AdmissionGate,
-    AdmissionLayer, ChannelOptions, DeadlineLayer, NetError, StatusHygieneLayer,
+    AdmissionLayer, AllowedCallers, CallerRoleLayer, ChannelOptions, DeadlineLayer, NetError,
+    StatusHygieneLayer,
 };
 
 /// [`server_layers`]' stack.
 pub type ServerLayers = ServiceBuilder<
     Stack<
         AdmissionLayer,
-        Stack<DeadlineLayer, Stack<StatusHygieneLayer, Stack<GrpcServerTraceLayer, Identity>>>,
+        Stack<
+            DeadlineLayer,
+            Stack<
+                CallerRoleLayer,
+                Stack<StatusHygieneLayer, Stack<GrpcServerTraceLayer, Identity>>,
+            >,
+        >,
     >,
 >;
 
 /// The layers a mesh service is served behind, outermost first: a server span and the RPC
 /// metrics for every call, continuing the caller's W3C trace (methods outside `vlm.v1` are
 /// labelled `unknown`); bounded status messages, and INVALID_ARGUMENT for requests that are not
-/// valid protobuf ([`StatusHygieneLayer`]); the caller's deadline, fixed from
-/// `grpc-timeout` as the call arrives; admission through `gate` (slots, a bounded queue that
-/// waits at most until that deadline, request bytes against the memory budget).
-/// `server_layers(gate).service(svc)` is ready for [`serve_grpc`].
-pub fn server_layers(gate: AdmissionGate) -> ServerLayers {
+/// valid protobuf ([`StatusHygieneLayer`]); PERMISSION_DENIED for callers whose certificate's
+/// role is not in `callers` ([`CallerRoleLayer`]: refused calls are traced and counted, but take
+/// no admission slot); the caller's deadline, fixed from `grpc-timeout` as the call arrives;
+/// admission through `gate` (slots, a bounded queue that waits at most until that deadline,
+/// request bytes against the memory budget). `server_layers(gate, callers).service(svc)` is
+/// ready for [`serve_grpc`].
+pub fn server_layers(gate: AdmissionGate, callers: AllowedCallers) -> ServerLayers {
     ServiceBuilder::new()
         .layer(GrpcServerTraceLayer::serving(vlm_proto::METHOD_PATHS))
         .layer(StatusHygieneLayer)
+        .layer(CallerRoleLayer::new(callers))
         .layer(DeadlineLayer)
         .layer(AdmissionLayer::new(gate))
 }

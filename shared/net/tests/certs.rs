@@ -157,3 +157,54 @@ fn load_errors_name_the_file() {
     let err = vlm_net::client_tls_without_identity(&d.path().join("nope.pem"), "x").unwrap_err();
     assert!(err.to_string().contains("nope.pem"), "{err}");
 }
+
+/// The role `role`'s leaf in `dir` names in its URI SAN.
+fn role_in(dir: &Path, role: &str) -> Option<String> {
+    use rustls_pki_types::pem::PemObject;
+    let der =
+        rustls_pki_types::CertificateDer::from_pem_file(dir.join(format!("{role}.pem"))).unwrap();
+    vlm_net::roles::role_of_certificate(&der).unwrap()
+}
+
+#[test]
+fn every_leaf_names_its_role() {
+    let d = tempfile::tempdir().unwrap();
+    generate_dev_certs(d.path(), &[]).unwrap();
+    for r in ROLES {
+        assert_eq!(role_in(d.path(), r).as_deref(), Some(r));
+    }
+}
+
+#[test]
+fn leaves_made_before_roles_are_reissued_from_the_same_ca() {
+    let d = tempfile::tempdir().unwrap();
+    ensure_dev_certs(d.path(), &[]).unwrap();
+    // A decoder leaf as issued before roles: same CA, same names, no URI SAN.
+    let ca_pem = std::fs::read_to_string(d.path().join("ca.pem")).unwrap();
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(d.path().join("ca.key")).unwrap())
+            .unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".into(), "decoder".into()]).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let old = params.signed_by(&key, &issuer).unwrap();
+    std::fs::write(d.path().join("decoder.pem"), old.pem()).unwrap();
+    std::fs::write(d.path().join("decoder.key"), key.serialize_pem()).unwrap();
+    assert_eq!(role_in(d.path(), "decoder"), None);
+    let encoder = std::fs::read(d.path().join("encoder.pem")).unwrap();
+
+    assert!(ensure_dev_certs(d.path(), &[]).unwrap(), "reissued");
+    assert_eq!(role_in(d.path(), "decoder").as_deref(), Some("decoder"));
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("ca.pem")).unwrap(),
+        ca_pem,
+        "CA kept"
+    );
+    assert_eq!(
+        std::fs::read(d.path().join("encoder.pem")).unwrap(),
+        encoder,
+        "leaves with roles kept"
+    );
+    TlsFiles::for_role(d.path(), "decoder").load().unwrap();
+    assert!(!ensure_dev_certs(d.path(), &[]).unwrap(), "then a no-op");
+}

@@ -287,7 +287,7 @@ pub async fn run(args: &MeshBenchArgs) -> anyhow::Result<MeshReport> {
             .addr;
         let channel = vlm_net::connect(
             &format!("https://{encoder_addr}"),
-            Some(bench_mesh.client_tls.clone()),
+            Some(bench_mesh.stage_tls.clone()),
         )
         .await?;
         let encoder = encoder_bench(

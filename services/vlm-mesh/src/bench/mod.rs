@@ -257,8 +257,8 @@ struct BenchMesh {
     mesh: Mesh,
     /// Certificates and mesh.json; removed when this is dropped.
     _state: tempfile::TempDir,
-    /// The client identity, for calling a stage directly.
-    client_tls: ClientTlsConfig,
+    /// The gateway's identity, for calling a stage directly (stages accept only the gateway).
+    stage_tls: ClientTlsConfig,
     gateway: GatewayClient<Channel>,
 }
 
@@ -276,17 +276,19 @@ impl BenchMesh {
         };
         let mesh = Mesh::start(&opts).await?;
         let connected = async {
-            let files = vlm_net::TlsFiles::for_role(certs_dir(state.path()), "client");
-            let tls = vlm_net::client_tls(&files, "localhost")?;
-            let channel = vlm_net::connect(&mesh.info.gateway_url, Some(tls.clone())).await?;
-            Ok::<_, anyhow::Error>((tls, GatewayClient::new(channel)))
+            let tls = |role| {
+                let files = vlm_net::TlsFiles::for_role(certs_dir(state.path()), role);
+                vlm_net::client_tls(&files, "localhost")
+            };
+            let channel = vlm_net::connect(&mesh.info.gateway_url, Some(tls("client")?)).await?;
+            Ok::<_, anyhow::Error>((tls("gateway")?, GatewayClient::new(channel)))
         }
         .await;
         match connected {
-            Ok((client_tls, gateway)) => Ok(BenchMesh {
+            Ok((stage_tls, gateway)) => Ok(BenchMesh {
                 mesh,
                 _state: state,
-                client_tls,
+                stage_tls,
                 gateway,
             }),
             Err(e) => {

@@ -224,7 +224,8 @@ pub async fn run(args: &StreamBenchArgs) -> anyhow::Result<StreamReport> {
     let dir = tempfile::tempdir()?;
     vlm_net::certs::generate_dev_certs(dir.path(), &[])?;
     let server_files = vlm_net::TlsFiles::for_role(dir.path(), "encoder");
-    let client_files = vlm_net::TlsFiles::for_role(dir.path(), "client");
+    // The caller a real encoder accepts.
+    let client_files = vlm_net::TlsFiles::for_role(dir.path(), "gateway");
 
     let mut tensors = HashMap::new();
     let mut largest = 0;

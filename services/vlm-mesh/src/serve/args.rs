@@ -56,6 +56,12 @@ pub struct CommonArgs {
     /// Log line format on stderr: text or json.
     #[arg(long, env = "VLM_LOG_FORMAT", default_value = "text")]
     pub log_format: vlm_telemetry::LogFormat,
+    /// Caller roles this service accepts: `any`, or roles such as `gateway` or `gateway,client`,
+    /// matched against the caller certificate's `spiffe://vlm-mesh/<role>` URI SAN; others get
+    /// PERMISSION_DENIED (health checks excepted). Default: `gateway` for the encoder, projector
+    /// and decoder; `any` for the gateway.
+    #[arg(long, env = "VLM_ALLOWED_CALLERS")]
+    pub allowed_callers: Option<vlm_net::AllowedCallers>,
 }
 
 impl CommonArgs {

@@ -1,7 +1,7 @@
 //! The one way a role is served, once its service is built: bind and announce the ports (the
 //! `listening` contract in the parent module's docs), wrap the generated server in the standard
-//! stack (`vlm_net::server_layers`: trace, deadline, admission) with the role's message limit,
-//! and serve it, with health and reflection, until Ctrl-C or SIGTERM.
+//! stack (`vlm_net::server_layers`: trace, caller roles, deadline, admission) with the role's
+//! message limit, and serve it, with health and reflection, until Ctrl-C or SIGTERM.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -90,10 +90,11 @@ where
     S: GrpcServer,
     S::Future: Send + 'static,
 {
+    let callers = allowed_callers::<S>(common, stage.tls.is_some())?;
     let listener = bind(common.listen, "--listen").await?;
     announce(&listener, stage.http.as_ref().map(|h| h.addr))?;
     let health = bind_health(common.health_listen).await?;
-    let service = vlm_net::server_layers(stage.admission)
+    let service = vlm_net::server_layers(stage.admission, callers)
         .service(stage.server.with_message_limit(stage.max_message_bytes));
     let grpc = vlm_net::serve_grpc_with_health_port(
         listener,
@@ -111,6 +112,26 @@ where
         }
     }
     Ok(())
+}
+
+/// `--allowed-callers`, or the role's default: the gateway's public API takes any caller, the
+/// stages only the gateway. Logged, since it decides who may call.
+fn allowed_callers<S: NamedService>(
+    common: &CommonArgs,
+    tls: bool,
+) -> anyhow::Result<vlm_net::AllowedCallers> {
+    let is_gateway = S::NAME == <GatewayServer<GatewayService> as NamedService>::NAME;
+    let callers = match &common.allowed_callers {
+        Some(c) => c.clone(),
+        None if is_gateway => vlm_net::AllowedCallers::Any,
+        None => vlm_net::AllowedCallers::gateway(),
+    };
+    anyhow::ensure!(
+        tls || callers == vlm_net::AllowedCallers::Any,
+        "--allowed-callers {callers} needs TLS: without it no caller has a certificate"
+    );
+    tracing::info!(service = S::NAME, allowed_callers = %callers, "caller roles");
+    Ok(callers)
 }
 
 pub(super) async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
