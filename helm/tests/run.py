@@ -1,6 +1,8 @@
 """Runs every helm/tests/test_*.py and ends with one summary line, `helm: N passed, N failed,
-N skipped`, the closing line CI reads. Exits non-zero on any failure or error."""
+N skipped`, the closing line CI reads. Exits non-zero on any failure or error, and on any skipped
+test (a skipped test is not a passed one) unless VLM_HELM_ALLOW_SKIP=1."""
 
+import os
 import sys
 import unittest
 from pathlib import Path
@@ -12,4 +14,9 @@ failed = len(result.failures) + len(result.errors) + len(result.unexpectedSucces
 skipped = len(result.skipped)
 passed = result.testsRun - failed - skipped
 print(f"helm: {passed} passed, {failed} failed, {skipped} skipped")
+if skipped and os.environ.get("VLM_HELM_ALLOW_SKIP") != "1":
+    for test, reason in result.skipped:
+        print(f"helm: skipped {test.id()}: {reason}")
+    print("helm: skipped tests fail the run (set VLM_HELM_ALLOW_SKIP=1 to allow them)")
+    sys.exit(1)
 sys.exit(0 if failed == 0 and result.testsRun > 0 else 1)

@@ -15,6 +15,9 @@ use std::time::Duration;
 use vlm_proto::gateway_client::GatewayClient;
 
 pub const EXE: &str = env!("CARGO_BIN_EXE_vlm-mesh");
+/// Longest a test waits for `up` to print its ready line (a debug build loading the tiny models
+/// takes seconds; this only turns a hang into a failure).
+pub const MESH_START_TIMEOUT: Duration = Duration::from_secs(300);
 pub const PROMPT: &str = "USER: <image>\nWhat is shown in this image? ASSISTANT:";
 
 pub fn repo() -> PathBuf {
@@ -71,9 +74,24 @@ impl MeshProc {
             }
         });
         // Readiness: `up` prints `ready gateway=…` only after every service answered SERVING.
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
+        // Bounded: a mesh that never gets ready fails the test (with its log) instead of hanging it.
+        let stdout = child.stdout.take().unwrap();
+        let (line_tx, line_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = line_tx.send(line);
+        });
+        let line = match line_rx.recv_timeout(MESH_START_TIMEOUT) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "the mesh was not ready within {MESH_START_TIMEOUT:?}; log: {:?}",
+                    log.lock().unwrap()
+                );
+            }
+        };
         let gateway = line
             .split_whitespace()
             .find_map(|w| w.strip_prefix("gateway="))

@@ -252,9 +252,12 @@ async fn p2c_over_peak_ewma_sends_few_calls_to_a_slow_replica() {
 
 #[tokio::test]
 async fn dns_names_resolve_to_replicas() {
+    // A port of our own (nothing needs to listen: only the name is resolved).
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
     let set = ReplicaSet::new(
         "decoder",
-        "dns://localhost:50999",
+        &format!("dns://localhost:{port}"),
         plaintext(),
         ReplicaOptions::default(),
     )
@@ -270,7 +273,8 @@ async fn dns_names_resolve_to_replicas() {
     let urls: Vec<String> = set.replicas().iter().map(|r| r.url.clone()).collect();
     assert!(
         urls.iter()
-            .any(|u| u == "http://127.0.0.1:50999" || u == "http://[::1]:50999"),
+            .any(|u| *u == format!("http://127.0.0.1:{port}")
+                || *u == format!("http://[::1]:{port}")),
         "{urls:?}"
     );
 }
