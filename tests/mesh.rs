@@ -333,5 +333,10 @@ async fn client_disconnect_mid_stream_stops_decoding() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no token count in {line:?}"));
     eprintln!("decoder: {line}");
-    assert!(tokens < 180, "{line}");
+    // At 25 ms a token, 60 tokens are 1.5 s of decoding after the client hung up (the cancel
+    // reaches the decoder in milliseconds); without cancellation all 180 would be decoded.
+    assert!(
+        (3..=60).contains(&tokens),
+        "{tokens} tokens decoded for a client that left after 3: {line}"
+    );
 }

@@ -83,17 +83,37 @@ fn valid_png_jpeg_webp_decode_to_pixel_values() {
     let p = clip_preprocessor(1 << 20);
     let png = png_bytes(40, 20);
     let img = image::load_from_memory(&png).unwrap();
-    for fmt in [
-        image::ImageFormat::Png,
-        image::ImageFormat::Jpeg,
-        image::ImageFormat::WebP,
+    let values = |bytes: &[u8]| -> Vec<f32> {
+        let t = p.preprocess(bytes, &candle_core::Device::Cpu).unwrap();
+        assert_eq!(t.dims(), &[1, 3, 30, 30]);
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let reference = values(&png);
+    // The pixels matter, not just the shape: a gradient spans many normalised values.
+    let (lo, hi) = reference
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    assert!(hi - lo > 1.0, "a flat tensor: {lo}..{hi}");
+    // WebP as the `image` crate writes it is lossless: the same values. JPEG is lossy: close.
+    for (fmt, max_abs, max_mean) in [
+        (image::ImageFormat::WebP, 0.0, 0.0),
+        (image::ImageFormat::Jpeg, 0.15, 0.03),
     ] {
         let mut out = std::io::Cursor::new(Vec::new());
         img.write_to(&mut out, fmt).unwrap();
-        let t = p
-            .preprocess(out.get_ref(), &candle_core::Device::Cpu)
-            .unwrap();
-        assert_eq!(t.dims(), &[1, 3, 30, 30], "{fmt:?}");
+        let got = values(out.get_ref());
+        let diffs: Vec<f32> = got
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs())
+            .collect();
+        let worst = diffs.iter().cloned().fold(0.0, f32::max);
+        let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+        eprintln!("{fmt:?}: max |diff| {worst}, mean {mean}");
+        assert!(
+            worst <= max_abs && mean <= max_mean,
+            "{fmt:?}: max |diff| {worst}, mean {mean}"
+        );
     }
 }
 
