@@ -160,11 +160,12 @@ class RenderedPodsRun(unittest.TestCase):
                         self.fail(f"{c} {kind} ({service!r}) not SERVING after {STARTUP_S}s: {status}")
                     time.sleep(0.2)  # the kubelet polls too; bounded by the deadline
 
-        # A real request through the gateway, over TLS verified with the gateway Secret's CA.
+        # A real request through the gateway, over TLS verified with the gateway Secret's CA. It
+        # sets no max_tokens: the chart's decoder.defaultMaxTokens (6) limits it.
         ask = subprocess.run(
             [BIN, "ask", "--gateway", f"https://localhost:{grpc_port['gateway']}",
              "--ca", str(secrets / "gateway" / "ca.crt"), "--image", str(IMAGE),
-             "--prompt", PROMPT, "--max-tokens", "6", "--json", "--timeout", "120"],
+             "--prompt", PROMPT, "--json", "--timeout", "120"],
             env=base_env, capture_output=True, text=True, timeout=180,
         )
         self.assertEqual(ask.returncode, 0, ask.stderr)
@@ -176,7 +177,8 @@ class RenderedPodsRun(unittest.TestCase):
         )
         self.assertEqual(reference.returncode, 0, reference.stderr)
         self.assertEqual(answer["token_ids"], json.loads(reference.stdout)["token_ids"])
-        self.assertGreater(len(answer["token_ids"]), 0)
+        self.assertEqual(len(answer["token_ids"]), 6)
+        self.assertEqual(answer["finish_reason"], "length")
         self.assertRegex(answer["trace_id"], r"^[0-9a-f]{32}$")
 
         # The stages took their caller roles from the rendered environment (the gateway's calls

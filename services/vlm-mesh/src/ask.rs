@@ -124,7 +124,8 @@ pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
         .max_encoding_message_size(256 << 20);
     let p = args.sampling.to_params();
     let params = SamplingParams {
-        max_tokens: Some(p.max_tokens),
+        // Unset: the decoder's --default-max-tokens.
+        max_tokens: args.sampling.max_tokens,
         temperature: p.temperature,
         top_p: p.top_p,
         top_k: p.top_k,

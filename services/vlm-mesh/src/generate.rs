@@ -26,9 +26,10 @@ pub const DEFAULT_DEMO_PROMPT: &str = "USER: <image>\nDescribe the image. ASSIST
 /// Sampling flags shared by `generate` and `ask`.
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
-    /// Maximum number of tokens to generate.
-    #[arg(long, env = "VLM_MAX_TOKENS", default_value_t = 64)]
-    pub max_tokens: u32,
+    /// Maximum number of tokens to generate [default: 64 for `generate`; for `ask`, the
+    /// decoder's --default-max-tokens].
+    #[arg(long, env = "VLM_MAX_TOKENS")]
+    pub max_tokens: Option<u32>,
     /// Sampling temperature; 0 means greedy.
     #[arg(long, env = "VLM_TEMPERATURE", default_value_t = 0.0)]
     pub temperature: f32,
@@ -46,11 +47,15 @@ pub struct SamplingArgs {
     pub stop: Vec<String>,
 }
 
+/// `generate`'s `--max-tokens` when none is given.
+pub const DEFAULT_MAX_TOKENS: u32 = 64;
+
 impl SamplingArgs {
-    /// Resolves the seed (random when not given) and builds the model's parameters.
+    /// Resolves the seed (random when not given) and builds the model's parameters (64 tokens
+    /// at most unless `--max-tokens` says otherwise).
     pub fn to_params(&self) -> SamplingParams {
         SamplingParams {
-            max_tokens: self.max_tokens,
+            max_tokens: self.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
             temperature: self.temperature,
             top_p: self.top_p,
             top_k: self.top_k,

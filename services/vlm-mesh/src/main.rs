@@ -171,7 +171,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
             image: vec![args.image],
             prompt: args.prompt,
             sampling: generate::SamplingArgs {
-                max_tokens: args.max_tokens,
+                max_tokens: Some(args.max_tokens),
                 temperature: 0.0,
                 top_p: 1.0,
                 top_k: 0,
