@@ -133,11 +133,10 @@ async fn second_request_is_a_hit_and_never_reaches_the_encoder() {
 async fn two_models_never_share_features() {
     let redis = RedisProc::start();
     let a = MeshProc::start_with(&model(), &["--redis", &redis.url()], &[]);
-    let b = MeshProc::start_with(
-        &repo().join("models/tiny-llava-gqa"),
-        &["--redis", &redis.url()],
-        &[],
-    );
+    // The same model with one vision weight changed: the same preprocessing and shapes, so the two
+    // keys can differ only through the encoder's fingerprint.
+    let other = model_with_other_vision_weights();
+    let b = MeshProc::start_with(other.path(), &["--redis", &redis.url()], &[]);
     let img = image();
     assert_eq!(generate(&a, &img).await.cache, [CacheStatus::Miss]);
     wait_for_keys(&redis, 1);
