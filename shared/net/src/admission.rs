@@ -117,10 +117,6 @@ impl AdmissionGate {
     pub fn memory(&self) -> &ByteBudget {
         &self.shared.memory
     }
-
-    pub fn limits(&self) -> AdmissionLimits {
-        self.shared.limits
-    }
 }
 
 /// Wraps a tonic service (keeps its `NamedService` name, so it is added to a server as is).

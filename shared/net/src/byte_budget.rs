@@ -146,13 +146,12 @@ impl ByteBudget {
             if queued >= self.inner.max_waiting {
                 let used = st.used;
                 drop(st);
-                return Err(self.refuse(format!(
-                    "{} overloaded: {what} needs {} and {} of {} is in use, with {queued} more waiting; retry later",
-                    self.inner.service,
-                    mib(bytes),
-                    mib(used),
-                    mib(self.limit()),
-                )));
+                return Err(self.overloaded(
+                    what,
+                    bytes,
+                    used,
+                    &format!(", with {queued} more waiting"),
+                ));
             }
             let id = st.next_id;
             st.next_id += 1;
@@ -193,13 +192,6 @@ impl ByteBudget {
         })
     }
 
-    /// Reserves `bytes` now, before any waiting reservation, or fails with RESOURCE_EXHAUSTED:
-    /// never waits.
-    pub fn try_reserve(&self, bytes: u64, what: &str) -> Result<BytePermit, Status> {
-        self.take_now(bytes, what)?;
-        Ok(self.permit(bytes))
-    }
-
     /// An empty permit, to grow with [`BytePermit::try_grow`].
     pub fn empty(&self) -> BytePermit {
         self.permit(0)
@@ -211,13 +203,7 @@ impl ByteBudget {
         if st.used + bytes > self.inner.limit {
             let used = st.used;
             drop(st);
-            return Err(self.refuse(format!(
-                "{} overloaded: {what} needs {} more and {} of its {} memory budget is in use; retry later",
-                self.inner.service,
-                mib(bytes),
-                mib(used),
-                mib(self.limit()),
-            )));
+            return Err(self.overloaded(what, bytes, used, ""));
         }
         st.used += bytes;
         Ok(())
@@ -243,6 +229,17 @@ impl ByteBudget {
         drop(st);
         self.gauge(MemoryState::used, used);
         self.waiting_gauge(waiting);
+    }
+
+    /// RESOURCE_EXHAUSTED (counted) for `what`, which needs `bytes` while `used` is held.
+    fn overloaded(&self, what: &str, bytes: u64, used: u64, detail: &str) -> Status {
+        self.refuse(format!(
+            "{} overloaded: {what} needs {} and {} of its {} memory budget is in use{detail}; retry later",
+            self.inner.service,
+            mib(bytes),
+            mib(used),
+            mib(self.limit()),
+        ))
     }
 
     /// Counts a refusal; the status is RESOURCE_EXHAUSTED.
@@ -350,12 +347,13 @@ mod tests {
         let b = ByteBudget::new("test.Budget", 10 * UNIT, 4);
         let a = b.reserve(6 * UNIT, "a", None).await.unwrap();
         assert_eq!(b.used(), 6 * UNIT);
-        let e = b.try_reserve(5 * UNIT, "b").unwrap_err();
+        let e = b.empty().try_grow(5 * UNIT, "b").unwrap_err();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted);
         assert!(e.message().contains("b needs"), "{}", e.message());
         drop(a);
         assert_eq!(b.used(), 0);
-        let c = b.try_reserve(10 * UNIT, "c").unwrap();
+        let mut c = b.empty();
+        c.try_grow(10 * UNIT, "c").unwrap();
         assert_eq!(c.bytes(), 10 * UNIT);
     }
 
