@@ -42,7 +42,7 @@ use vlm_telemetry::metrics::labels::ServiceLabels;
 use vlm_telemetry::MeshMetrics;
 
 use crate::{
-    read_first_message, ByteBudget, BytePermit, DeadlineSource, FIRST_MESSAGE_TIMEOUT,
+    read_first_message, ByteBudget, BytePermit, DeadlineSource, Metered, FIRST_MESSAGE_TIMEOUT,
     MAX_STREAMS_PER_CONNECTION,
 };
 
@@ -289,12 +289,17 @@ where
             let deadline = req.call_deadline();
             let (req, memory) = if vlm_proto::UNARY_REQUEST_PATHS.contains(&req.uri().path()) {
                 let reserved = async {
+                    const WHAT: &str = "the request message";
                     let (req, declared) = shared.read_first_message(req, deadline).await?;
-                    let memory = shared
-                        .memory
-                        .reserve(declared, "the request message", deadline)
-                        .await?;
-                    Ok::<_, Status>((req, Some(memory)))
+                    // Refused at once if it could never fit; otherwise what has been read is
+                    // reserved now (waiting for room), and the rest as it arrives.
+                    shared.memory.check_size(declared, WHAT)?;
+                    let read = declared.min(MAX_PREFETCH_BYTES as u64);
+                    let memory = shared.memory.reserve(read, WHAT, deadline).await?;
+                    let memory = Arc::new(std::sync::Mutex::new(memory));
+                    let (parts, body) = req.into_parts();
+                    let body = Body::new(Metered::new(body, memory.clone(), WHAT));
+                    Ok::<_, Status>((Request::from_parts(parts, body), Some(memory)))
                 };
                 match reserved.await {
                     Ok(r) => r,
@@ -324,7 +329,7 @@ where
 struct PermitBody {
     inner: Body,
     _permit: OwnedSemaphorePermit,
-    _memory: Option<BytePermit>,
+    _memory: Option<Arc<std::sync::Mutex<BytePermit>>>,
 }
 
 impl http_body::Body for PermitBody {

@@ -209,7 +209,8 @@ impl ByteBudget {
         Ok(())
     }
 
-    fn check_size(&self, bytes: u64, what: &str) -> Result<(), Status> {
+    /// RESOURCE_EXHAUSTED at once when `bytes` could never fit the whole budget.
+    pub fn check_size(&self, bytes: u64, what: &str) -> Result<(), Status> {
         if bytes > self.inner.limit {
             return Err(self.refuse(format!(
                 "{what} needs {}, more than {}'s whole memory budget of {} (--max-bytes-in-flight)",
@@ -278,6 +279,65 @@ impl ByteBudget {
                 state,
             })
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+}
+
+/// A body whose data is held against `permit` as it arrives: the permit grows (never waiting)
+/// by what exceeds it, and the body fails with RESOURCE_EXHAUSTED when the budget is full. A
+/// slow sender thus holds only what it has sent, not what it declared.
+pub struct Metered<B> {
+    inner: B,
+    permit: Arc<Mutex<BytePermit>>,
+    seen: u64,
+    what: &'static str,
+}
+
+impl<B> Metered<B> {
+    pub fn new(inner: B, permit: Arc<Mutex<BytePermit>>, what: &'static str) -> Self {
+        Metered {
+            inner,
+            permit,
+            seen: 0,
+            what,
+        }
+    }
+}
+
+impl<B> http_body::Body for Metered<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        let std::task::Poll::Ready(Some(Ok(frame))) = polled else {
+            return polled.map(|f| f.map(|r| r.map_err(Into::into)));
+        };
+        if let Some(data) = frame.data_ref() {
+            self.seen += data.len() as u64;
+            let mut permit = self.permit.lock().unwrap_or_else(|p| p.into_inner());
+            if self.seen > permit.bytes() {
+                let more = self.seen - permit.bytes();
+                if let Err(status) = permit.try_grow(more, self.what) {
+                    return std::task::Poll::Ready(Some(Err(Box::new(status))));
+                }
+            }
+        }
+        std::task::Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

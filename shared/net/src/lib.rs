@@ -28,7 +28,7 @@ pub use adaptive::{AdaptiveTimeout, AdaptiveTimeoutOptions};
 pub use admission::{
     Admission, AdmissionGate, AdmissionLayer, AdmissionLimits, Slot, MAX_QUEUE_WAIT,
 };
-pub use byte_budget::{ByteBudget, BytePermit, DEFAULT_MAX_BYTES_IN_FLIGHT};
+pub use byte_budget::{ByteBudget, BytePermit, Metered, DEFAULT_MAX_BYTES_IN_FLIGHT};
 pub use channel::{
     connect, connect_lazy, endpoint, server_builder, ChannelOptions, MAX_STREAMS_PER_CONNECTION,
 };

@@ -14,7 +14,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
-use vlm_net::AdmissionGate;
+use std::sync::{Arc, Mutex};
+
+use vlm_net::{AdmissionGate, Metered};
 
 use super::error::ApiError;
 use super::types::{parse_request, ChatCompletionRequest};
@@ -63,6 +65,8 @@ where
                         ),
                     )
                     .code("request_too_large")
+                } else if let Some(status) = budget_refusal(&rejection) {
+                    ApiError::overloaded(&status)
                 } else {
                     ApiError::new(
                         StatusCode::BAD_REQUEST,
@@ -75,10 +79,22 @@ where
     }
 }
 
-/// Middleware: reserves the body's memory (twice its declared length, or twice the largest
-/// body when none is declared: the body and the request parsed from it) from the gateway's
-/// budget before a byte of it is read, waiting in the budget's bounded queue; held until the
-/// response body has been sent or dropped. Refused with 503 and `Retry-After`.
+/// The memory budget's refusal, when that is why reading the body failed ([`Metered`]).
+fn budget_refusal(rejection: &axum::extract::rejection::BytesRejection) -> Option<tonic::Status> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(e) = source {
+        if let Some(status) = e.downcast_ref::<tonic::Status>() {
+            return Some(status.clone());
+        }
+        source = e.source();
+    }
+    None
+}
+
+/// Middleware: holds the body's memory against the gateway's budget as it arrives (a slow sender
+/// holds only what it sent), until the response body has been sent or dropped. A body whose
+/// declared length, with the request parsed from it (twice the length), could never fit is
+/// refused before it is read; one that finds the budget full fails with 503 and `Retry-After`.
 pub(super) async fn reserve_body(
     State(limits): State<AdmissionLimits>,
     req: Request,
@@ -89,18 +105,17 @@ pub(super) async fn reserve_body(
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let max = limits.body.max_bytes as u64;
-    let bytes = 2 * declared.unwrap_or(max).min(max);
-    let memory = match limits
-        .gate
-        .memory()
-        .reserve(bytes, "the request body", None)
-        .await
-    {
-        Ok(m) => m,
-        Err(status) => return ApiError::overloaded(&status).into_response(),
-    };
-    hold_until_sent(next.run(req).await, memory)
+    let memory = limits.gate.memory();
+    if let Some(n) = declared {
+        let n = n.min(limits.body.max_bytes as u64);
+        if let Err(status) = memory.check_size(2 * n, "the request body") {
+            return ApiError::overloaded(&status).into_response();
+        }
+    }
+    let held = Arc::new(Mutex::new(memory.empty()));
+    let (parts, body) = req.into_parts();
+    let body = Body::new(Metered::new(body, held.clone(), "the request body"));
+    hold_until_sent(next.run(Request::from_parts(parts, body)).await, held)
 }
 
 /// Serves `respond` in one of the gateway's slots (the same slots and queue as its gRPC port),

@@ -144,6 +144,31 @@ async fn a_body_larger_than_the_memory_budget_is_refused_before_it_is_read() {
 }
 
 #[tokio::test]
+async fn a_body_without_a_length_is_held_as_it_arrives_and_refused_when_the_budget_is_full() {
+    let mut h = Harness::with_budget(1 << 20, 8, 64 << 10, |_| {}).await;
+    let body = hello(json!({"user": "x".repeat(100 << 10)})).to_string();
+    let req = Request::post("/v1/chat/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(futures::stream::iter(
+            body.into_bytes()
+                .chunks(8 << 10)
+                .map(|c| Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(c)))
+                .collect::<Vec<_>>(),
+        )))
+        .unwrap();
+    let (status, body) = json_of(h.refused(req).await).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("memory budget"),
+        "{body}"
+    );
+    assert_eq!(h.gate.memory().used(), 0);
+}
+
+#[tokio::test]
 async fn routes_and_their_errors() {
     let h = Harness::new().await;
     for uri in ["/v1/models", "/v1/models/"] {
