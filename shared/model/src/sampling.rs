@@ -98,17 +98,45 @@ impl Sampler {
         &self.params
     }
 
-    /// Picks the token for generation step `step` (0 = first generated token).
+    /// Picks the token for generation step `step` (0 = first generated token): the argmax when
+    /// greedy, otherwise the inverse CDF of [`Sampler::distribution`] at the step's uniform draw.
     pub fn sample(&self, logits: &[f32], step: u64) -> u32 {
         if self.params.is_greedy() {
             return argmax(logits);
         }
+        let dist = self.distribution(logits);
+        let Some(&(last, _)) = dist.last() else {
+            return 0;
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(self.params.seed);
+        rng.set_stream(step);
+        let u: f64 = rng.random::<f64>();
+        let mut cum = 0.0;
+        for &(i, p) in &dist {
+            cum += p;
+            if u < cum {
+                return i;
+            }
+        }
+        last
+    }
+
+    /// The distribution a sampled step draws from: the candidates (most likely first, ties by
+    /// index) and their probabilities, summing to 1. Logits are divided by the temperature,
+    /// cut to the `top_k` largest, softmaxed, cut to the smallest prefix whose mass reaches
+    /// `top_p` (at least one token) and renormalised: the order transformers' generate applies
+    /// its temperature, top-k and top-p warpers. NaN logits are never candidates; empty when all
+    /// are NaN. Greedy parameters (temperature 0) have no distribution: use [`argmax`].
+    pub fn distribution(&self, logits: &[f32]) -> Vec<(u32, f64)> {
         let t = self.params.temperature as f64;
+        if t <= 0.0 {
+            return Vec::new();
+        }
         let mut idx: Vec<u32> = (0..logits.len() as u32)
             .filter(|&i| !logits[i as usize].is_nan())
             .collect();
         if idx.is_empty() {
-            return 0;
+            return Vec::new();
         }
         // Descending by logit, ties by index, so the order (and the draw) is fully determined.
         idx.sort_unstable_by(|&a, &b| {
@@ -139,19 +167,10 @@ impl Sampler {
             }
             probs.truncate(keep);
             idx.truncate(keep);
+            let total: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|p| *p /= total);
         }
-        let total: f64 = probs.iter().sum();
-        let mut rng = ChaCha8Rng::seed_from_u64(self.params.seed);
-        rng.set_stream(step);
-        let u: f64 = rng.random::<f64>() * total;
-        let mut cum = 0.0;
-        for (p, &i) in probs.iter().zip(&idx) {
-            cum += p;
-            if u < cum {
-                return i;
-            }
-        }
-        *idx.last().expect("non-empty candidate list")
+        idx.into_iter().zip(probs).collect()
     }
 }
 
