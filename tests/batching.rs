@@ -39,9 +39,11 @@ async fn run_notify(
     if let Some(t) = timeout {
         req.set_timeout(t);
     }
-    let mut stream = client.generate(req).await?.into_inner();
+    let mut stream = bounded("the call", client.generate(req))
+        .await?
+        .into_inner();
     let (mut ids, mut first, mut last) = (Vec::new(), None, None);
-    while let Some(msg) = stream.message().await? {
+    while let Some(msg) = next_message(&mut stream).await? {
         match msg.kind {
             Some(Kind::Delta(d)) => {
                 if !d.token_ids.is_empty() {

@@ -3,6 +3,7 @@
 //! ratios are what the medians say, and the sizes are what was asked for.
 
 mod common;
+use common::OutputWithin;
 
 use serde_json::Value;
 
@@ -326,8 +327,7 @@ fn bench_quick_reports_every_section_well_formed() {
         .arg("--plot")
         .arg(&plot)
         .env_remove("VLM_BENCH_PYTHON")
-        .output()
-        .unwrap();
+        .output_within(std::time::Duration::from_secs(1200));
     assert!(
         out.status.success(),
         "bench --quick failed: {}",

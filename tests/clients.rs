@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -21,9 +22,8 @@ struct Tools {
 }
 
 fn run_checked(cmd: &mut Command, what: &str) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    // Package installs from PyPI/npm: minutes on a slow mirror, never forever.
+    let out = output_within(cmd, what, Duration::from_secs(900));
     assert!(
         out.status.success(),
         "{what} failed ({}):\n{}\n{}",
@@ -94,7 +94,7 @@ fn tools() -> &'static Tools {
 
 /// Runs a client; its stdout must be one JSON object.
 fn client_json(cmd: &mut Command, what: &str) -> Value {
-    let out = cmd.output().unwrap();
+    let out = output_within(cmd, what, CALL_TIMEOUT);
     assert!(
         out.status.success(),
         "{what} failed ({}): {}",

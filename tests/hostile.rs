@@ -44,9 +44,11 @@ async fn extreme_aspect_ratios_are_refused_and_no_encoder_dies() {
             let tls = vlm_net::client_tls(&files, "localhost").unwrap();
             let channel = vlm_net::connect(&gateway, Some(tls)).await.unwrap();
             let mut client = vlm_proto::gateway_client::GatewayClient::new(channel);
-            let mut stream = client.generate(req).await?.into_inner();
+            let mut stream = bounded("the call", client.generate(req))
+                .await?
+                .into_inner();
             let mut tokens = 0;
-            while let Some(msg) = stream.message().await? {
+            while let Some(msg) = next_message(&mut stream).await? {
                 if let Some(Kind::Delta(d)) = msg.kind {
                     tokens += d.token_ids.len();
                 }
@@ -128,7 +130,7 @@ async fn malformed_requests_get_clear_statuses_and_bounded_state() {
             let req = tonic::Request::new(NotAGenerateRequest { images: 7 });
             let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
             match grpc.server_streaming(req, path, codec).await {
-                Ok(resp) => resp.into_inner().message().await.map(|_| ()),
+                Ok(resp) => next_message(&mut resp.into_inner()).await.map(|_| ()),
                 Err(s) => Err(s),
             }
         }

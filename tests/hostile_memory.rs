@@ -31,8 +31,10 @@ async fn finish_time(
 ) -> tokio::task::JoinHandle<Result<std::time::Instant, tonic::Status>> {
     let mut client = mesh.client().await;
     tokio::spawn(async move {
-        let mut stream = client.generate(req).await?.into_inner();
-        while stream.message().await?.is_some() {}
+        let mut stream = bounded("the call", client.generate(req))
+            .await?
+            .into_inner();
+        while next_message(&mut stream).await?.is_some() {}
         Ok(std::time::Instant::now())
     })
 }

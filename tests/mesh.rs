@@ -102,10 +102,12 @@ async fn sixteen_concurrent_requests_each_equal_their_in_process_answer() {
         let mut client = client.clone();
         let req = common::request(&image, p);
         async move {
-            let mut stream = client.generate(req).await?.into_inner();
+            let mut stream = bounded("the call", client.generate(req))
+                .await?
+                .into_inner();
             let mut ids = Vec::new();
             let mut finished = false;
-            while let Some(msg) = stream.message().await? {
+            while let Some(msg) = next_message(&mut stream).await? {
                 match msg.kind {
                     Some(Kind::Delta(d)) => ids.extend(d.token_ids),
                     Some(Kind::Final(_)) => finished = true,
@@ -200,9 +202,11 @@ async fn call(
         }),
         monitor_layers: false,
     };
-    let mut stream = client.generate(req).await?.into_inner();
+    let mut stream = bounded("the call", client.generate(req))
+        .await?
+        .into_inner();
     let mut ids = Vec::new();
-    while let Some(msg) = stream.message().await? {
+    while let Some(msg) = next_message(&mut stream).await? {
         if let Some(Kind::Delta(d)) = msg.kind {
             ids.extend(d.token_ids);
         }
@@ -306,10 +310,13 @@ async fn client_disconnect_mid_stream_stops_decoding() {
         }),
         monitor_layers: false,
     };
-    let mut stream = client.generate(req).await.unwrap().into_inner();
+    let mut stream = bounded("the call", client.generate(req))
+        .await
+        .unwrap()
+        .into_inner();
     let mut received = 0;
     while received < 3 {
-        if let Some(Kind::Delta(d)) = stream.message().await.unwrap().unwrap().kind {
+        if let Some(Kind::Delta(d)) = next_message(&mut stream).await.unwrap().unwrap().kind {
             received += d.token_ids.len();
         }
     }

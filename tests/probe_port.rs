@@ -13,7 +13,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 mod common;
-use common::{model, EXE};
+use common::{model, OutputWithin, EXE};
 
 const STARTUP: Duration = Duration::from_secs(120);
 
@@ -64,8 +64,7 @@ async fn probe_port_serves_health_without_tls_and_main_port_stays_mtls() {
     let made = Command::new(EXE)
         .args(["certs", "--out"])
         .arg(certs.path())
-        .output()
-        .unwrap();
+        .output_within(Duration::from_secs(120));
     assert!(
         made.status.success(),
         "{}",

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{ask_json, image_path, MeshProc, PROMPT};
+use common::{ask_json, bounded, image_path, MeshProc, PROMPT};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -128,7 +128,9 @@ async fn stages_serve_only_the_gateway() {
     let mut client = DecoderClient::new(mesh.stage_channel(&decoder, "client").await);
     let mut req = tonic::Request::new(tokio_stream::iter(Vec::<vlm_proto::DecodeRequest>::new()));
     req.set_timeout(Duration::from_secs(30));
-    let refused = client.generate(req).await.map(|_| String::new());
+    let refused = bounded("the call", client.generate(req))
+        .await
+        .map(|_| String::new());
     assert_denied(refused, "decoder", "has role client");
 
     // A certificate of the mesh CA with no role at all.

@@ -7,7 +7,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{MeshProc, EXE};
+use common::{MeshProc, OutputWithin, EXE};
 
 fn model() -> PathBuf {
     common::repo().join("models/shapes-llava")
@@ -21,8 +21,7 @@ fn eval_json(extra: &[&str]) -> serde_json::Value {
         .arg("--set")
         .arg(&set)
         .args(extra)
-        .output()
-        .unwrap();
+        .output_within(std::time::Duration::from_secs(600));
     assert!(
         out.status.success(),
         "eval {extra:?}: {}",
@@ -99,8 +98,7 @@ fn demo_describes_the_bundled_sample_correctly() {
         .env_remove("VLM_MODEL")
         .env_remove("VLM_IMAGE")
         .env_remove("VLM_PROMPT")
-        .output()
-        .unwrap();
+        .output_within(std::time::Duration::from_secs(600));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed: {stderr}");

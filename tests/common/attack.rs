@@ -6,7 +6,7 @@ use std::time::Duration;
 use vlm_proto::generate_response::Kind;
 use vlm_proto::{GenerateRequest, SamplingParams};
 
-use super::{pid_alive, MeshProc, PROMPT};
+use super::{bounded, next_message, pid_alive, MeshProc, PROMPT};
 
 /// Peak resident memory any stage of the tiny model may reach while being attacked. A healthy
 /// tiny-model stage peaks around 100–200 MiB; the attacks below once asked for 2–68 GB.
@@ -30,9 +30,9 @@ pub async fn run(mesh: &MeshProc, req: GenerateRequest) -> Result<usize, tonic::
     let mut client = mesh.client().await;
     let mut r = tonic::Request::new(req);
     r.set_timeout(Duration::from_secs(120));
-    let mut stream = client.generate(r).await?.into_inner();
+    let mut stream = bounded("the call", client.generate(r)).await?.into_inner();
     let mut tokens = 0;
-    while let Some(msg) = stream.message().await? {
+    while let Some(msg) = next_message(&mut stream).await? {
         if let Some(Kind::Delta(d)) = msg.kind {
             tokens += d.token_ids.len();
         }
@@ -96,6 +96,8 @@ pub async fn decode_setup(
     };
     let mut req = tonic::Request::new(tokio_stream::iter(vec![first]));
     req.set_timeout(Duration::from_secs(60));
-    let mut events = client.generate(req).await?.into_inner();
-    events.message().await.map(|_| ())
+    let mut events = bounded("the call", client.generate(req))
+        .await?
+        .into_inner();
+    next_message(&mut events).await.map(|_| ())
 }

@@ -19,6 +19,22 @@ pub const EXE: &str = env!("CARGO_BIN_EXE_vlm-mesh");
 /// takes seconds; this only turns a hang into a failure).
 pub const MESH_START_TIMEOUT: Duration = Duration::from_secs(300);
 pub const PROMPT: &str = "USER: <image>\nWhat is shown in this image? ASSISTANT:";
+/// Longest a test waits for a call's response or for the next message of a stream (minutes of
+/// headroom on a loaded machine; this only turns a hang into a failure).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `fut`, failing the test if it has not finished within [`CALL_TIMEOUT`].
+pub async fn bounded<F: std::future::Future>(what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("{what}: nothing within {CALL_TIMEOUT:?} (hung)"),
+    }
+}
+
+/// The next message of a response stream, bounded by [`CALL_TIMEOUT`].
+pub async fn next_message<T>(stream: &mut tonic::Streaming<T>) -> Result<Option<T>, tonic::Status> {
+    bounded("the next stream message", stream.message()).await
+}
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -113,6 +129,25 @@ impl MeshProc {
         }
     }
 
+    /// The `up` process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (bounded) for `up` to exit: its exit status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20)); // polling process exit, bounded
+        }
+    }
+
     pub fn certs(&self) -> PathBuf {
         self.state.path().join("certs")
     }
@@ -185,7 +220,9 @@ impl Drop for MeshProc {
 }
 
 pub fn run_json(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(EXE).args(args).output().unwrap();
+    let out = Command::new(EXE)
+        .args(args)
+        .output_within(Duration::from_secs(600));
     assert!(
         out.status.success(),
         "{args:?}: {}",
@@ -228,6 +265,175 @@ pub fn ask_json(state: &Path, image: &Path, prompt: &str, extra: &[&str]) -> ser
 }
 
 /// GET `/metrics` over plain HTTP/1.1; the body.
+/// `cmd.output()`, killing the process and failing the test if it runs longer than `limit`.
+pub fn output_within(cmd: &mut Command, what: &str, limit: Duration) -> std::process::Output {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    let pipe = |r: Option<Box<dyn Read + Send>>| {
+        let mut r = r.expect("piped");
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = pipe(
+        child
+            .stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let err = pipe(
+        child
+            .stderr
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{what}: still running after {limit:?} (killed); stderr: {}",
+                String::from_utf8_lossy(&err.join().unwrap_or_default())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20)); // polling process exit, bounded
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// [`output_within`] as a method of the command: `cmd.args(…).output_within(limit)`.
+pub trait OutputWithin {
+    fn output_within(&mut self, limit: Duration) -> std::process::Output;
+}
+
+impl OutputWithin for Command {
+    fn output_within(&mut self, limit: Duration) -> std::process::Output {
+        let what = format!("{self:?}");
+        output_within(self, &what, limit)
+    }
+}
+
+/// Runs one request to the end (each message bounded by [`CALL_TIMEOUT`], the whole call by
+/// `timeout` when given, as its grpc-timeout): the token ids, or the status it failed with.
+/// `on_token` runs for every delta.
+pub async fn generate(
+    client: &mut GatewayClient<tonic::transport::Channel>,
+    req: vlm_proto::GenerateRequest,
+    timeout: Option<Duration>,
+    on_token: impl Fn(),
+) -> Result<Vec<u32>, tonic::Status> {
+    use vlm_proto::generate_response::Kind;
+    let mut req = tonic::Request::new(req);
+    if let Some(t) = timeout {
+        req.set_timeout(t);
+    }
+    let mut stream = bounded("the call", client.generate(req))
+        .await?
+        .into_inner();
+    let mut ids = Vec::new();
+    let mut finished = false;
+    while let Some(msg) = next_message(&mut stream).await? {
+        match msg.kind {
+            Some(Kind::Delta(d)) => {
+                ids.extend(d.token_ids);
+                on_token();
+            }
+            Some(Kind::Final(_)) => finished = true,
+            None => {}
+        }
+    }
+    assert!(finished, "stream ended without a final message");
+    Ok(ids)
+}
+
+/// The tiny model in-process: what every mesh answer is compared with.
+pub fn pipeline() -> vlm_model::Pipeline {
+    use vlm_model::{DType, Device, ImageLimits, Pipeline};
+    Pipeline::load(model(), DType::F32, &Device::Cpu, ImageLimits::default()).unwrap()
+}
+
+/// The in-process answer to [`request`]`(image, p)`.
+pub fn reference(
+    pipeline: &vlm_model::Pipeline,
+    image: &[u8],
+    p: &vlm_model::SamplingParams,
+) -> Vec<u32> {
+    pipeline
+        .generate(&[image], PROMPT, p, |_| {})
+        .unwrap()
+        .token_ids
+}
+
+/// `mesh.json`'s entries for every replica of `role`, in replica order.
+pub fn replica_info(mesh: &MeshProc, role: &str) -> Vec<serde_json::Value> {
+    let mut v: Vec<serde_json::Value> = mesh.mesh_json()["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["role"] == role)
+        .cloned()
+        .collect();
+    v.sort_by_key(|s| s["replica"].as_u64().unwrap_or(0));
+    v
+}
+
+/// (pid, addr) of every replica of `role`, in replica order.
+pub fn replicas(mesh: &MeshProc, role: &str) -> Vec<(u32, String)> {
+    replica_info(mesh, role)
+        .iter()
+        .map(|s| {
+            (
+                s["pid"].as_u64().unwrap() as u32,
+                s["addr"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// SIGKILL to a process a test's mesh started.
+pub fn kill9(pid: u32) {
+    // SAFETY: kill(2) on a service process this test's mesh started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+}
+
+/// The number after the last `name` (e.g. `limit_ms=`) in a log line.
+pub fn field(line: &str, name: &str) -> Option<u64> {
+    let (_, rest) = line.rsplit_once(name)?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Sum of the samples of metric `name` (exactly that name) whose labels include every one of
+/// `labels` (e.g. `stage="decoder"`), in a Prometheus text exposition.
+pub fn counter(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                && labels.iter().all(|x| l.contains(x))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn scrape(addr: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();

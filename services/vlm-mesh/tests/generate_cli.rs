@@ -1,11 +1,10 @@
 //! `vlm-mesh generate` as a user runs it: a real process, real files, JSON on stdout.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+#[path = "../../../tests/common/mod.rs"]
+mod common;
+use common::{repo, OutputWithin};
 
 fn reference(name: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(
@@ -22,8 +21,7 @@ fn generate(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_vlm-mesh"))
         .arg("generate")
         .args(args)
-        .output()
-        .unwrap()
+        .output_within(std::time::Duration::from_secs(600))
 }
 
 #[test]
