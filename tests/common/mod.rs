@@ -85,7 +85,10 @@ impl MeshProc {
         let log2 = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                log2.lock().unwrap().push(line.clone());
+                // A test that panicked while holding the log poisons it; keep collecting anyway.
+                log2.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(line.clone());
                 let _ = tx.send(line);
             }
         });

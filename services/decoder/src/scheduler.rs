@@ -84,6 +84,9 @@ struct Live {
     tx: EventTx,
     _memory: vlm_net::BytePermit,
     deadline: Option<Instant>,
+    /// What was left of the call's deadline (its `grpc-timeout`) when it was queued, in ms;
+    /// -1 without one. Logged when decoding stops.
+    budget_ms: i64,
     call: tracing::Span,
     prefill: Option<(tracing::Span, Instant)>,
     decode: Option<(tracing::Span, Instant)>,
@@ -240,6 +243,9 @@ impl StepLoop<'_> {
                             tx: job.tx,
                             _memory: job.memory,
                             deadline: job.deadline,
+                            budget_ms: job.deadline.map_or(-1, |d| {
+                                d.saturating_duration_since(job.queued).as_millis() as i64
+                            }),
                             call: job.span,
                             prefill: Some((prefill, Instant::now())),
                             decode: None,
@@ -392,13 +398,19 @@ impl StepLoop<'_> {
             let span = l.decode.as_ref().or(l.prefill.as_ref()).map(|(s, _)| s);
             let span = span.unwrap_or(&l.call);
             if deadline {
-                tracing::info!(parent: span, tokens = l.tokens, "deadline exceeded; decoding stopped");
+                tracing::info!(
+                    parent: span,
+                    deadline_ms = l.budget_ms,
+                    tokens = l.tokens,
+                    "deadline exceeded; decoding stopped"
+                );
                 let _ = l.tx.send(Err(Status::deadline_exceeded(
                     "decoder: deadline exceeded while decoding",
                 )));
             } else {
                 tracing::info!(
                     parent: span,
+                    deadline_ms = l.budget_ms,
                     tokens = l.tokens,
                     "generation cancelled by the client; decoding stopped"
                 );

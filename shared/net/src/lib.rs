@@ -16,6 +16,7 @@ mod health;
 mod http_tls;
 mod jitter;
 pub mod replicas;
+mod resolver;
 pub mod retry;
 pub mod roles;
 mod serve;
@@ -40,6 +41,7 @@ pub use health::{
 };
 pub use http_tls::HttpTlsAcceptor;
 pub use replicas::{Lease, Replica, ReplicaOptions, ReplicaSet, TlsForHost, TracedChannel};
+pub use resolver::Resolver;
 pub use retry::{is_retryable, RetryOptions, RetryPolicy};
 pub use roles::{AllowedCallers, CallerRole, CallerRoleLayer};
 pub use serve::{serve_grpc, serve_grpc_with_health_port, server_layers, ServerLayers};

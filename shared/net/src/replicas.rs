@@ -43,6 +43,8 @@ pub struct ReplicaOptions {
     pub ewma_decay: Duration,
     /// Latency assumed for a replica with no observation yet.
     pub default_rtt: Duration,
+    /// How `dns://` names are resolved (the system resolver by default).
+    pub resolver: crate::Resolver,
 }
 
 impl Default for ReplicaOptions {
@@ -52,6 +54,7 @@ impl Default for ReplicaOptions {
             dns_refresh: Duration::from_secs(5),
             ewma_decay: Duration::from_secs(10),
             default_rtt: Duration::from_millis(30),
+            resolver: crate::Resolver::system(),
         }
     }
 }
@@ -367,7 +370,7 @@ impl ReplicaSet {
                     return;
                 }
             };
-            match tokio::net::lookup_host((host.as_str(), *port)).await {
+            match self.opts.resolver.lookup(host, *port).await {
                 Ok(addrs) => {
                     for a in addrs {
                         wanted.push((format!("{scheme}://{a}"), host.clone()));

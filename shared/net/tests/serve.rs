@@ -4,6 +4,9 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 use vlm_net::certs::generate_dev_certs;
 use vlm_net::TlsFiles;
 use vlm_proto::encoder_client::EncoderClient;
@@ -152,4 +155,132 @@ fn request_ids_are_distinct_trace_id_shaped() {
         );
         assert_ne!(id, &"0".repeat(32));
     }
+}
+
+/// Holds every encode call until `release` has a permit; counts the calls that entered.
+#[derive(Clone)]
+struct HeldEncoder {
+    entered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    release: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+#[tonic::async_trait]
+impl Encoder for HeldEncoder {
+    type EncodeStream = tokio_stream::Iter<std::vec::IntoIter<Result<EncodeResponse, Status>>>;
+
+    async fn encode(
+        &self,
+        _req: Request<EncodeRequest>,
+    ) -> Result<Response<Self::EncodeStream>, Status> {
+        self.entered
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _permit = self.release.acquire().await.expect("semaphore open");
+        let msg = EncodeResponse {
+            kind: Some(vlm_proto::encode_response::Kind::Stats(
+                EncodeStats::default(),
+            )),
+        };
+        Ok(Response::new(tokio_stream::iter(vec![Ok(msg)])))
+    }
+
+    async fn info(
+        &self,
+        _req: Request<vlm_proto::EncoderInfoRequest>,
+    ) -> Result<Response<vlm_proto::EncoderInfo>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
+}
+
+/// The serving status on `url`'s health service for the whole server ("").
+async fn health(url: &str) -> Result<ServingStatus, Status> {
+    let ch = vlm_net::connect(url, None)
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let mut client = HealthClient::new(ch);
+    let check = client.check(HealthCheckRequest {
+        service: String::new(),
+    });
+    match tokio::time::timeout(Duration::from_secs(10), check).await {
+        Ok(r) => Ok(r?.into_inner().status()),
+        Err(_) => Err(Status::deadline_exceeded("health check took over 10 s")),
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds, failing after 10 s.
+async fn until(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let t = tokio::time::Instant::now();
+    while !cond().await {
+        assert!(t.elapsed() < Duration::from_secs(10), "{what}: never");
+        tokio::time::sleep(Duration::from_millis(10)).await; // polling a condition, bounded
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_port_says_not_serving_while_open_calls_drain() {
+    use std::sync::atomic::Ordering;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let probe_url = format!("http://{}", probe.local_addr().unwrap());
+    let held = HeldEncoder {
+        entered: Default::default(),
+        release: std::sync::Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(vlm_net::serve_grpc_with_health_port(
+        listener,
+        Some(probe),
+        None,
+        EncoderServer::new(held.clone()),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    until("the probe port says SERVING", async || {
+        health(&probe_url).await.ok() == Some(ServingStatus::Serving)
+    })
+    .await;
+    // A call in flight, held inside the service.
+    let ch = vlm_net::connect(&url, None).await.unwrap();
+    let call = tokio::spawn(async move {
+        EncoderClient::new(ch)
+            .encode(EncodeRequest::default())
+            .await
+            .map(|r| r.into_inner())
+    });
+    until("the call reached the service", async || {
+        held.entered.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // Shutdown begins: while the open call drains, the probe port answers NOT_SERVING.
+    stop_tx.send(()).unwrap();
+    until("the probe port says NOT_SERVING", async || {
+        health(&probe_url).await.ok() == Some(ServingStatus::NotServing)
+    })
+    .await;
+    assert!(
+        !server.is_finished(),
+        "the server stopped before its open call ended"
+    );
+    assert!(
+        !call.is_finished(),
+        "the open call ended before it was released"
+    );
+    // The open call completes normally, then the server stops and the probe port closes.
+    held.release.add_permits(1);
+    let mut stream = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the drained call never completed")
+        .unwrap()
+        .expect("the drained call failed");
+    assert!(stream.message().await.unwrap().is_some());
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("server did not stop after its last call")
+        .unwrap()
+        .unwrap();
+    assert!(
+        health(&probe_url).await.is_err(),
+        "probe port open after exit"
+    );
 }
