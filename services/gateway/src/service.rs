@@ -43,18 +43,18 @@ impl GatewayService {
     fn validate(&self, req: &GenerateRequest) -> Result<(), Status> {
         let c = &self.cfg;
         if req.prompt.trim().is_empty() {
-            return Err(Status::invalid_argument("prompt is empty"));
+            return Err(Status::invalid_argument("gateway: prompt is empty"));
         }
         if req.prompt.len() > c.max_prompt_bytes {
             return Err(Status::resource_exhausted(format!(
-                "prompt of {} bytes exceeds the limit of {} bytes",
+                "gateway: prompt of {} bytes exceeds the limit of {} bytes",
                 req.prompt.len(),
                 c.max_prompt_bytes
             )));
         }
         if req.images.len() > c.max_images {
             return Err(Status::invalid_argument(format!(
-                "{} images given; at most {} per request",
+                "gateway: {} images given; at most {} per request",
                 req.images.len(),
                 c.max_images
             )));
@@ -62,13 +62,13 @@ impl GatewayService {
         for (i, img) in req.images.iter().enumerate() {
             if img.is_empty() {
                 return Err(Status::invalid_argument(format!(
-                    "image {} is empty (0 bytes)",
+                    "gateway: image {} is empty (0 bytes)",
                     i + 1
                 )));
             }
             if img.len() > c.max_image_bytes {
                 return Err(Status::resource_exhausted(format!(
-                    "image {} is {} bytes, over the limit of {} bytes",
+                    "gateway: image {} is {} bytes, over the limit of {} bytes",
                     i + 1,
                     img.len(),
                     c.max_image_bytes

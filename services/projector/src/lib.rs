@@ -23,6 +23,9 @@ pub struct ProjectorConfig {
     pub limits: TensorLimits,
     /// Chunks projected at the same time across all streams.
     pub max_concurrent: usize,
+    /// Test-only fault hook: a pause after each projected block is sent, before the next block
+    /// (or the end of the stream), so a test can kill a projector mid-stream.
+    pub fault_project_delay: Option<std::time::Duration>,
 }
 
 pub struct ProjectorService {
@@ -30,6 +33,7 @@ pub struct ProjectorService {
     device: Device,
     permits: Arc<Semaphore>,
     limits: TensorLimits,
+    fault_project_delay: Option<std::time::Duration>,
 }
 
 impl ProjectorService {
@@ -42,6 +46,7 @@ impl ProjectorService {
             device,
             permits: Arc::new(Semaphore::new(cfg.max_concurrent.max(1))),
             limits: cfg.limits,
+            fault_project_delay: cfg.fault_project_delay,
         })
     }
 
@@ -67,6 +72,7 @@ impl Projector for ProjectorService {
         let device = self.device.clone();
         let permits = self.permits.clone();
         let limits = self.limits;
+        let fault_delay = self.fault_project_delay;
         // One `project` span covers the whole stream (all row blocks), under this call's span.
         let project_span = tracing::info_span!("project");
         let started = std::time::Instant::now();
@@ -108,6 +114,13 @@ impl Projector for ProjectorService {
                     let (_, values) = from_model_tensor(&rows)?;
                     if tx.send(Ok(w.write_rows(&values)?)).await.is_err() {
                         return Ok(()); // the caller went away
+                    }
+                    if let Some(d) = fault_delay {
+                        tracing::info!(
+                            pause_ms = d.as_millis() as u64,
+                            "fault hook: block sent; pausing before the next"
+                        );
+                        tokio::time::sleep(d).await;
                     }
                 }
                 assembler.finish()?;

@@ -98,6 +98,7 @@ async fn projector(a: ProjectorArgs) -> anyhow::Result<()> {
         dtype: a.common.dtype()?,
         limits: TensorLimits::default(),
         max_concurrent: a.max_concurrent,
+        fault_project_delay: fault_delay("VLM_FAULT_PROJECT_DELAY_MS"),
     };
     let svc = vlm_projector::ProjectorService::load(&cfg)?;
     let stage = Stage {
