@@ -208,10 +208,13 @@ async fn generate_traced(
         "traceparent",
         format!("00-{trace_id}-{parent}-01").parse().unwrap(),
     );
-    let mut stream = client.generate(req).await.unwrap().into_inner();
+    let mut stream = bounded("the call", client.generate(req))
+        .await
+        .unwrap()
+        .into_inner();
     let mut tokens = 0;
     let mut final_msg = None;
-    while let Some(msg) = stream.message().await.unwrap() {
+    while let Some(msg) = next_message(&mut stream).await.unwrap() {
         match msg.kind {
             Some(Kind::Delta(d)) => {
                 tokens += d.token_ids.len();
@@ -374,10 +377,20 @@ async fn one_request_is_one_trace_across_all_services_and_metrics_count() {
         "the final message carries the caller's trace id"
     );
     let spans = collector
-        .wait_for(&trace1, "the decoder's decode span", |s| {
-            has(s, "decoder", "decode") && has(s, "gateway", "vlm.v1.Gateway/Generate")
-        })
+        .wait_for(
+            &trace1,
+            "the decoder's decode span and the cache store",
+            |s| {
+                has(s, "decoder", "decode")
+                    && has(s, "gateway", "vlm.v1.Gateway/Generate")
+                    && has(s, "gateway", "cache.store")
+            },
+        )
         .await;
+    // The miss's features were written to the cache, under the request's trace.
+    let store = find(&spans, "gateway", "cache.store");
+    assert_eq!(store.attrs["cache.result"], "ok", "{:?}", store.attrs);
+    assert!(store.attrs["cache.bytes"].parse::<u64>().unwrap() > 0);
 
     // Every span exported so far belongs to the request's trace (no orphan roots).
     let all = collector.all();
@@ -607,6 +620,39 @@ async fn one_request_is_one_trace_across_all_services_and_metrics_count() {
         ),
         1.0
     );
+    // Server durations to the end of each response stream: one sample per call.
+    assert_eq!(
+        moved(
+            "gateway",
+            "vlm_rpc_server_duration_seconds_count{service=\"vlm.v1.Gateway\",method=\"Generate\",code=\"0\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        moved("gateway", "vlm_cache_stores_total{result=\"ok\"}"),
+        1.0,
+        "one store: the miss"
+    );
+    // Every stage the README lists has its duration series, on the service that runs it.
+    for (role, stage, calls) in [
+        ("encoder", "preprocess", 1.0),
+        ("projector", "project", 2.0),
+        ("decoder", "prefill", 2.0),
+    ] {
+        let series = format!("vlm_stage_duration_seconds_count{{stage=\"{stage}\"}}");
+        assert_eq!(moved(role, &series), calls, "{role} {stage}");
+    }
+    assert!(
+        moved(
+            "gateway",
+            "vlm_stage_duration_seconds_count{stage=\"cache.lookup\"}"
+        ) >= 2.0
+    );
+    // Nothing retried or shed in a healthy mesh (tests/resilience.rs and tests/failures.rs read
+    // these series when something is).
+    for series in ["vlm_gateway_retries_total", "vlm_admission_shed_total"] {
+        assert_eq!(moved("gateway", series), 0.0, "{series}");
+    }
     // Nothing in flight once the streams are over.
     for role in ["gateway", "encoder", "projector", "decoder"] {
         assert_eq!(sum(&after[role], "vlm_rpc_server_in_flight"), 0.0, "{role}");

@@ -229,6 +229,20 @@ fn image_token_as_generated_token_does_not_crash() {
     assert_eq!(ids.len(), 6);
 }
 
+/// Largest elementwise |a - b|.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// Weights stored as f16 load into an f32 model (and f32 weights into an f16/bf16 model).
 #[test]
 fn half_precision_weights_load_into_compute_dtype() {
@@ -258,18 +272,11 @@ fn half_precision_weights_load_into_compute_dtype() {
     let a = reference.vision.forward(&pv).unwrap();
     let b = from_half.vision.forward(&pv).unwrap();
     assert_eq!(b.dtype(), DType::F32);
-    let d = (a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&a, &b);
     assert!(d > 0.0 && d < 0.05, "f16-stored weights: feature diff {d}");
 
+    // f16 compute: the vision features stay within f16 rounding of f32's, and the greedy
+    // tokens are f32's.
     let p = Pipeline::load(
         model_dir(),
         DType::F16,
@@ -277,16 +284,22 @@ fn half_precision_weights_load_into_compute_dtype() {
         ImageLimits::default(),
     )
     .unwrap();
-    let out = p.generate(
-        &[&image()],
-        PROMPT,
-        &SamplingParams {
-            max_tokens: 4,
-            ..Default::default()
-        },
-        |_| {},
+    let half = p.vision.forward(&pv.to_dtype(DType::F16).unwrap()).unwrap();
+    assert_eq!(half.dtype(), DType::F16);
+    let d = max_abs_diff(&a, &half.to_dtype(DType::F32).unwrap());
+    assert!(d > 0.0 && d < 0.05, "f16 compute: feature diff {d}");
+    let greedy = SamplingParams {
+        max_tokens: 6,
+        ..Default::default()
+    };
+    let out = p.generate(&[&image()], PROMPT, &greedy, |_| {}).unwrap();
+    let want = reference
+        .generate(&[&image()], PROMPT, &greedy, |_| {})
+        .unwrap();
+    assert_eq!(
+        out.token_ids, want.token_ids,
+        "f16 greedy tokens differ from f32's"
     );
-    assert_eq!(out.unwrap().token_ids.len(), 4);
     // candle has no bf16 matmul on CPU: refused at load with a clear message, not mid-request.
     let err = Pipeline::load(
         model_dir(),
