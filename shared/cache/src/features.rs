@@ -131,10 +131,14 @@ impl FeatureCache {
                 };
                 // Double-check after taking the lead: a leader that finished between our get and
                 // our insert has already stored its value (it leaves the in-flight map only once
-                // stored), so nobody encodes twice.
-                if let (_, Some(v)) = self.get(key).await {
-                    let _ = fill.tx.send(Some(v.clone())); // to any request already waiting
-                    return hit(v);
+                // stored), so nobody encodes twice. Not after a failed get: asking a backend that
+                // just failed (or timed out) again would double the lookup's bound, and a value
+                // it cannot return costs at most one encode.
+                if outcome != Outcome::Error {
+                    if let (_, Some(v)) = self.get(key).await {
+                        let _ = fill.tx.send(Some(v.clone())); // to any request already waiting
+                        return hit(v);
+                    }
                 }
                 Lookup {
                     outcome,
@@ -377,6 +381,55 @@ mod tests {
         );
         // Nothing was stored, and the key can be led again.
         assert!(c.lookup("k").await.fill.is_some());
+    }
+
+    /// A backend whose every lookup times out, counting them.
+    #[derive(Default)]
+    struct Unanswering {
+        gets: std::sync::atomic::AtomicUsize,
+    }
+
+    impl CacheBackend for Unanswering {
+        fn get<'a>(
+            &'a self,
+            _key: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<Option<Bytes>, crate::CacheError>> {
+            self.gets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Err(crate::CacheError::Timeout(Duration::from_millis(250))) })
+        }
+        fn put<'a>(
+            &'a self,
+            _key: &'a str,
+            _value: Bytes,
+            _ttl: Duration,
+        ) -> futures::future::BoxFuture<'a, Result<(), crate::CacheError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn delete<'a>(
+            &'a self,
+            _key: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<(), crate::CacheError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+    }
+
+    /// A lookup against a backend that does not answer waits for it once (one bounded get),
+    /// not twice: README "lookups are bounded to 250 ms".
+    #[tokio::test]
+    async fn a_failing_backend_is_asked_once_per_lookup() {
+        let backend = Arc::new(Unanswering::default());
+        let c = FeatureCache::new(
+            backend.clone(),
+            Duration::from_secs(60),
+            TensorLimits::default(),
+        );
+        let got = c.lookup("k").await;
+        assert_eq!(got.outcome, Outcome::Error);
+        assert!(got.fill.is_some(), "it still encodes and fills");
+        assert_eq!(backend.gets.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
