@@ -273,6 +273,7 @@ impl BenchMesh {
             gateway_args,
             service_log: Some("warn".into()),
             replicas: [1; 3],
+            quantize: Default::default(),
         };
         let mesh = Mesh::start(&opts).await?;
         let connected = async {
