@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, BlockQ8_0};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K};
+use candle_core::quantized::GgmlDType;
 use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -22,6 +22,7 @@ use candle_nn::VarBuilder;
 use crate::config::{read_json, LlavaConfig};
 use crate::error::{ModelError, Result};
 use crate::quant::{QuantPlan, QuantSource, Quantization};
+use crate::qweight::QWeight;
 
 /// Which stage's tensors a part holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -397,7 +398,7 @@ impl QuantSource for PartBackend {
         name: &str,
         (n, k): (usize, usize),
         format: GgmlDType,
-    ) -> candle_core::Result<QTensor> {
+    ) -> candle_core::Result<QWeight> {
         let physical = self.physical(name)?;
         let view = self.st.get(&physical)?;
         if view.shape() != [n, k] {
@@ -412,11 +413,20 @@ impl QuantSource for PartBackend {
         let (q, digest) = match (stream::Dtype::of(view.dtype()), format) {
             (None, _) => {
                 let t = view.load(&Device::Cpu)?.to_dtype(DType::F32)?;
-                (QTensor::quantize(&t, format)?, blake3::hash(data))
+                (QWeight::quantize(&t, format)?, blake3::hash(data))
             }
-            (Some(src), GgmlDType::Q8_0) => stream::quantize_rows::<BlockQ8_0>(data, src, (n, k))?,
-            (Some(src), GgmlDType::Q4K) => stream::quantize_rows::<BlockQ4K>(data, src, (n, k))?,
-            (Some(src), GgmlDType::Q6K) => stream::quantize_rows::<BlockQ6K>(data, src, (n, k))?,
+            (Some(src), GgmlDType::Q8_0) => {
+                let (b, h) = stream::quantize_q8(data, src, (n, k))?;
+                (QWeight::new(b, (n, k)), h)
+            }
+            (Some(src), GgmlDType::Q4K) => {
+                let (b, h) = stream::quantize_rows::<BlockQ4K>(data, src, (n, k))?;
+                (QWeight::new(b, (n, k)), h)
+            }
+            (Some(src), GgmlDType::Q6K) => {
+                let (b, h) = stream::quantize_rows::<BlockQ6K>(data, src, (n, k))?;
+                (QWeight::new(b, (n, k)), h)
+            }
             (_, other) => candle_core::bail!("no streaming quantization to {other:?}"),
         };
         self.record(physical, data.len() as u64, digest);

@@ -360,9 +360,7 @@ impl Decoder {
         let lm_head = if c.tie_word_embeddings {
             match (embed.dense(), embed.quantized()) {
                 (Some(w), _) => Linear::new(w.clone(), None),
-                (None, Some(w)) => {
-                    Linear::quantized(candle_core::quantized::QMatMul::from_arc(w.clone())?, None)
-                }
+                (None, Some(w)) => Linear::quantized(w.clone(), None),
                 (None, None) => unreachable!("an embedding is dense or quantized"),
             }
         } else if vb.contains_tensor("lm_head.weight") {

@@ -24,6 +24,7 @@ pub mod preprocess;
 pub mod projector;
 pub mod prompt;
 pub mod quant;
+mod qweight;
 pub mod resize;
 pub mod sampling;
 pub mod vision;

@@ -12,12 +12,12 @@
 //! decoded alone. Every other input (more rows, other dtypes or devices, non-contiguous weights)
 //! takes candle's path unchanged. f32 CPU weights are copied to cache-line-aligned storage at load.
 
-use candle_core::quantized::QMatMul;
 use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use crate::kernels::{isa, task_products, ROWS_PER_TASK};
+use crate::qweight::QWeight;
 
 /// `y = x Wᵀ + b`, a drop-in for [`candle_nn::Linear`]; the weight dense or quantized
 /// (`crate::quant`).
@@ -26,7 +26,7 @@ pub struct Linear {
     inner: candle_nn::Linear,
     /// The quantized weight, when there is one: `inner` then holds an empty placeholder weight
     /// and only its bias is used.
-    quantized: Option<QMatMul>,
+    quantized: Option<QWeight>,
 }
 
 thread_local! {
@@ -53,8 +53,8 @@ impl Linear {
         }
     }
 
-    /// A layer whose weight is quantized (`x` is multiplied by candle's quantized matmul).
-    pub fn quantized(weight: QMatMul, bias: Option<Tensor>) -> Linear {
+    /// A layer whose weight is quantized (see [`QWeight`]).
+    pub(crate) fn quantized(weight: QWeight, bias: Option<Tensor>) -> Linear {
         let placeholder = Tensor::zeros(0, DType::F32, &Device::Cpu).expect("an empty tensor");
         Linear {
             inner: candle_nn::Linear::new(placeholder, bias),
@@ -66,8 +66,8 @@ impl Linear {
         self.quantized.is_some()
     }
 
-    fn forward_quantized(&self, w: &QMatMul, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = w.forward(&x.contiguous()?)?;
+    fn forward_quantized(&self, w: &QWeight, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = w.forward(x)?;
         match self.inner.bias() {
             None => Ok(y),
             Some(b) => y.broadcast_add(b),

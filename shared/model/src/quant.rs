@@ -10,18 +10,21 @@
 //! block size (32 for q8_0, 256 for q4_k / q6_K) cannot be cut into blocks and stays as it is;
 //! the part logs every such tensor in one line ([`QuantPlan::report`]).
 //!
-//! Products with quantized weights are candle's `QMatMul` (input rows quantized to 8 bits per
-//! block, integer dot products, one row's result independent of the other rows, so a sequence
-//! decodes the same in a batch as alone).
+//! Products with quantized weights ([`QWeight`]) read each weight once per step and compute
+//! every output element with one fixed chain whatever the number of rows, so a sequence decodes
+//! the same in a batch as alone: q8_0 with our own kernel (int8 widened to f32 in registers, f32
+//! inputs), q4_K / q6_K with candle's k-quant dot products (inputs rounded to 8 bits per block
+//! of 256, as llama.cpp does), both split over output columns on the rayon pool.
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{ModelError, Result};
 use crate::linear::Linear;
+use crate::qweight::QWeight;
 
 /// How a stage stores its weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
@@ -52,8 +55,8 @@ impl Quantization {
         self == Quantization::None
     }
 
-    /// What a stage adds to its fingerprint's config string: nothing when unquantized (an f32
-    /// stage keeps the fingerprint it had before quantization existed), the mode otherwise.
+    /// What a stage adds to its fingerprint's config string: nothing when unquantized, the mode
+    /// otherwise.
     pub fn fingerprint_suffix(self) -> String {
         if self.is_none() {
             String::new()
@@ -115,7 +118,7 @@ pub(crate) trait QuantSource: Send + Sync {
         name: &str,
         dims: (usize, usize),
         format: GgmlDType,
-    ) -> candle_core::Result<QTensor>;
+    ) -> candle_core::Result<QWeight>;
 }
 
 /// One stage's quantization while it loads: the mode, where quantized weights come from, and
@@ -204,7 +207,7 @@ impl QuantPlan {
         } else {
             None
         };
-        Ok(Linear::quantized(QMatMul::from_arc(w)?, bias))
+        Ok(Linear::quantized(w, bias))
     }
 
     /// The token embedding table `[rows, hidden]`.
@@ -229,7 +232,7 @@ impl QuantPlan {
         role: Role,
         dims: (usize, usize),
         vb: &VarBuilder,
-    ) -> candle_core::Result<Option<Arc<QTensor>>> {
+    ) -> candle_core::Result<Option<QWeight>> {
         let Some(format) = self.mode.format(role) else {
             return Ok(None);
         };
@@ -240,9 +243,9 @@ impl QuantPlan {
         }
         let q = match &self.source {
             Some(src) => src.quantized(&format!("{}.weight", vb.prefix()), dims, format)?,
-            None => QTensor::quantize(&vb.get(dims, "weight")?, format)?,
+            None => QWeight::quantize(&vb.get(dims, "weight")?, format)?,
         };
-        Ok(Some(Arc::new(q)))
+        Ok(Some(q))
     }
 
     /// Logs, in one line, every matrix that stayed unquantized because of its shape.
@@ -274,7 +277,7 @@ impl QuantPlan {
 #[derive(Debug, Clone)]
 pub(crate) enum TokenEmbedding {
     Dense(candle_nn::Embedding),
-    Quantized(Arc<QTensor>),
+    Quantized(QWeight),
 }
 
 impl TokenEmbedding {
@@ -287,7 +290,7 @@ impl TokenEmbedding {
     }
 
     /// The quantized table, when there is one (a tied LM head multiplies by it).
-    pub fn quantized(&self) -> Option<&Arc<QTensor>> {
+    pub fn quantized(&self) -> Option<&QWeight> {
         match self {
             TokenEmbedding::Dense(_) => None,
             TokenEmbedding::Quantized(q) => Some(q),
@@ -299,7 +302,7 @@ impl Module for TokenEmbedding {
     fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             TokenEmbedding::Dense(e) => e.forward(ids),
-            TokenEmbedding::Quantized(q) => q.embedding(ids),
+            TokenEmbedding::Quantized(q) => q.rows(ids),
         }
     }
 }

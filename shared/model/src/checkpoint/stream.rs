@@ -10,8 +10,9 @@
 //! part's fingerprint, so nothing is read twice.
 
 use candle_core::quantized::k_quants::GgmlType;
-use candle_core::quantized::{QStorage, QTensor};
 use rayon::prelude::*;
+
+use crate::qweight::Q8Rows;
 
 /// Element types that stream (named as safetensors names them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,13 +125,27 @@ pub(super) fn stream_into(
     Ok(hasher.finalize())
 }
 
+/// `data` (`[n, k]` in `dtype`) quantized to q8_0 rows ([`Q8Rows`]), a slice at a time.
+pub(super) fn quantize_q8(
+    data: &[u8],
+    dtype: Dtype,
+    (n, k): (usize, usize),
+) -> candle_core::Result<(Q8Rows, blake3::Hash)> {
+    let mut rows = Q8Rows::with_capacity(n * k);
+    let digest = stream_rows(data, dtype, k, |_, x| {
+        rows.push(x);
+        Ok(())
+    })?;
+    Ok((rows, digest))
+}
+
 /// `data` (`[n, k]` in `dtype`) quantized into blocks of `T`, a slice of rows at a time (rows in
 /// parallel: q4_K's and q6_K's scale search is the slow part of loading).
 pub(super) fn quantize_rows<T: GgmlType + Send + Sync + 'static>(
     data: &[u8],
     dtype: Dtype,
     (n, k): (usize, usize),
-) -> candle_core::Result<(QTensor, blake3::Hash)> {
+) -> candle_core::Result<(Vec<T>, blake3::Hash)> {
     let per_row = k / T::BLCK_SIZE;
     let mut blocks = vec![T::zeros(); n * per_row];
     let digest = stream_rows(data, dtype, k, |row0, rows| {
@@ -140,6 +155,5 @@ pub(super) fn quantize_rows<T: GgmlType + Send + Sync + 'static>(
             .for_each(|(x, y)| T::from_float(x, y));
         Ok(())
     })?;
-    let q = QTensor::new(QStorage::Cpu(Box::new(blocks)), (n, k))?;
-    Ok((q, digest))
+    Ok((blocks, digest))
 }
