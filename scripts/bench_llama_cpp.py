@@ -43,7 +43,22 @@ def extract(src, dst):
 
 
 def serve(a):
+    import llama_cpp
+    import llama_cpp.llama as high_level
     from llama_cpp import Llama
+
+    # Weights as stored, without llama.cpp's extra buffer types (its runtime repacking, AMX
+    # included): with them, llama-cpp-python 0.3.36 built with GGML_NATIVE segfaults in the
+    # first decode of a quantized model on this CPU (Sapphire Rapids, AMX). Ours keeps the
+    # blocks as stored too.
+    default_params = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default_params()
+        p.use_extra_bufts = False
+        return p
+
+    high_level.llama_cpp.llama_model_default_params = params
 
     models = {}
     prompt = [1] + [100 + (i * 37) % 20000 for i in range(a.prompt_tokens - 1)]

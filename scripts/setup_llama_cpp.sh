@@ -7,7 +7,7 @@
 # 3. converted to OUT_DIR/lm-f32.gguf by llama.cpp's own convert_hf_to_gguf.py (from the
 #    llama-cpp-python source archive), then quantized with llama.cpp's quantizer to
 #    lm-q8_0.gguf and lm-q4_k_m.gguf.
-# Needs a Python with torch and transformers for the conversion (VLM_PYTHON, default
+# Needs a Python with torch, transformers and sentencepiece for the conversion (VLM_PYTHON, default
 # ~/vlm-venv/bin/python). Not part of the test command.
 set -euo pipefail
 MODEL=$(realpath "$1"); OUT=$(realpath -m "$2"); VENV=${3:-target/llama-venv}
@@ -25,7 +25,8 @@ fi
 SRC="$OUT/src"
 if [ ! -d "$SRC/vendor/llama.cpp" ]; then
     mkdir -p "$SRC"
-    "$VENV/bin/pip" download -q --no-deps --no-binary :all: -d "$OUT/sdist" "llama-cpp-python==$VERSION"
+    # Only this package from source (--no-binary :all: would also build its build tools).
+    "$VENV/bin/pip" download -q --no-deps --no-binary llama-cpp-python -d "$OUT/sdist" "llama-cpp-python==$VERSION"
     tar -xzf "$OUT"/sdist/llama_cpp_python-*.tar.gz -C "$SRC" --strip-components=1
 fi
 "$PY" "$(dirname "$0")/bench_llama_cpp.py" --extract "$MODEL" "$OUT/lm-hf"
@@ -34,11 +35,14 @@ fi
 PYTHONPATH="$SRC/vendor/llama.cpp/gguf-py:$SRC/vendor/llama.cpp" "$PY" - "$OUT" <<'PY'
 import sys
 out = sys.argv[1]
+import importlib
 import convert_hf_to_gguf as c
-for name in ("TextModel", "Model"):
-    cls = getattr(c, name, None)
-    if cls is not None and hasattr(cls, "get_vocab_base_pre"):
-        cls.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+# The method lives on the base model class (convert_hf_to_gguf.py itself, or conversion/base.py
+# in newer llama.cpp).
+for mod in [c] + [importlib.import_module(m) for m in ("conversion.base",) if importlib.util.find_spec(m.split(".")[0])]:
+    for cls in vars(mod).values():
+        if isinstance(cls, type) and "get_vocab_base_pre" in vars(cls):
+            cls.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
 sys.argv = ["convert_hf_to_gguf.py", f"{out}/lm-hf", "--outtype", "f32", "--outfile", f"{out}/lm-f32.gguf"]
 c.main()
 PY
