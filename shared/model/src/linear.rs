@@ -27,6 +27,10 @@ pub struct Linear {
     /// The quantized weight, when there is one: `inner` then holds an empty placeholder weight
     /// and only its bias is used.
     quantized: Option<QWeight>,
+    /// Whether few-row products take the multi-threaded path (decoder layers) or always
+    /// candle's matmul (vision and projector: their results stay what they were, row for row,
+    /// however the rows are chunked).
+    fast: bool,
 }
 
 thread_local! {
@@ -50,6 +54,16 @@ impl Linear {
         Linear {
             inner: candle_nn::Linear::new(weight, bias),
             quantized: None,
+            fast: true,
+        }
+    }
+
+    /// A dense layer that always multiplies with candle's matmul.
+    pub(crate) fn plain(weight: Tensor, bias: Option<Tensor>) -> Linear {
+        Linear {
+            inner: candle_nn::Linear::new(weight, bias),
+            quantized: None,
+            fast: false,
         }
     }
 
@@ -59,6 +73,7 @@ impl Linear {
         Linear {
             inner: candle_nn::Linear::new(placeholder, bias),
             quantized: Some(weight),
+            fast: false,
         }
     }
 
@@ -160,6 +175,9 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if let Some(w) = &self.quantized {
             return self.forward_quantized(w, x);
+        }
+        if !self.fast {
+            return self.inner.forward(x);
         }
         match self.matvec(x)? {
             Some(y) => Ok(y),

@@ -49,9 +49,9 @@ impl Projector {
         };
         Ok(Projector {
             layer_norm,
-            linear_1: q.linear(in_dim, out_dim, bias, vb.pp("linear_1"))?,
+            linear_1: q.linear_plain(in_dim, out_dim, bias, vb.pp("linear_1"))?,
             act: cfg.projector_hidden_act,
-            linear_2: q.linear(out_dim, out_dim, bias, vb.pp("linear_2"))?,
+            linear_2: q.linear_plain(out_dim, out_dim, bias, vb.pp("linear_2"))?,
             in_dim,
             out_dim,
             dtype: vb.dtype(),

@@ -181,6 +181,24 @@ impl QuantPlan {
         self.linear_as(Role::Layer, in_dim, out_dim, bias, vb)
     }
 
+    /// [`Self::linear`] for the vision tower and projector: dense layers stay candle's plain
+    /// `Linear` (the same numbers as before quantization existed, whatever the chunking).
+    pub fn linear_plain(
+        &self,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Linear> {
+        match self.weight(Role::Layer, (out_dim, in_dim), &vb)? {
+            Some(w) => self.with_bias(w, out_dim, bias, &vb),
+            None => {
+                let l = candle_nn::linear_b(in_dim, out_dim, bias, vb)?;
+                Ok(Linear::plain(l.weight().clone(), l.bias().cloned()))
+            }
+        }
+    }
+
     /// The decoder's LM head (no bias).
     pub fn head(
         &self,
@@ -202,6 +220,16 @@ impl QuantPlan {
         let Some(w) = self.weight(role, (out_dim, in_dim), &vb)? else {
             return crate::linear::linear_b(in_dim, out_dim, bias, vb);
         };
+        self.with_bias(w, out_dim, bias, &vb)
+    }
+
+    fn with_bias(
+        &self,
+        w: QWeight,
+        out_dim: usize,
+        bias: bool,
+        vb: &VarBuilder,
+    ) -> candle_core::Result<Linear> {
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
         } else {

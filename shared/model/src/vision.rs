@@ -91,10 +91,10 @@ impl Attention {
         let d = c.hidden_size;
         let head_dim = d / c.num_attention_heads;
         Ok(Attention {
-            q: q.linear(d, d, true, vb.pp("q_proj"))?,
-            k: q.linear(d, d, true, vb.pp("k_proj"))?,
-            v: q.linear(d, d, true, vb.pp("v_proj"))?,
-            out: q.linear(d, d, true, vb.pp("out_proj"))?,
+            q: q.linear_plain(d, d, true, vb.pp("q_proj"))?,
+            k: q.linear_plain(d, d, true, vb.pp("k_proj"))?,
+            v: q.linear_plain(d, d, true, vb.pp("v_proj"))?,
+            out: q.linear_plain(d, d, true, vb.pp("out_proj"))?,
             heads: c.num_attention_heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
@@ -133,8 +133,8 @@ impl EncoderLayer {
             ln1: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
             attn: Attention::new(c, vb.pp("self_attn"), q)?,
             ln2: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: q.linear(h, i, true, vb.pp("mlp").pp("fc1"))?,
-            fc2: q.linear(i, h, true, vb.pp("mlp").pp("fc2"))?,
+            fc1: q.linear_plain(h, i, true, vb.pp("mlp").pp("fc1"))?,
+            fc2: q.linear_plain(i, h, true, vb.pp("mlp").pp("fc2"))?,
             act: c.hidden_act,
         })
     }
