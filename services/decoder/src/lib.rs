@@ -12,7 +12,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use vlm_model::{
     Checkpoint, DType, Decoder as DecoderModel, Device, EngineConfig, FinishReason, PromptBuilder,
-    SeqRequest, Tensor,
+    Quantization, SeqRequest, Tensor,
 };
 use vlm_net::DeadlineSource;
 use vlm_proto::decode_request::Kind as RequestKind;
@@ -31,6 +31,8 @@ use scheduler::{Job, Scheduler};
 pub struct DecoderConfig {
     pub model: PathBuf,
     pub dtype: DType,
+    /// How the language model's weights are stored (`--quantize`).
+    pub quantization: Quantization,
     pub limits: TensorLimits,
     /// Most sequences in one batch step; further requests wait in the queue.
     pub max_concurrent: usize,
@@ -81,7 +83,8 @@ impl DecoderService {
             );
         }
         let ckpt = Checkpoint::open(&cfg.model)?;
-        let decoder = DecoderModel::load(&ckpt, cfg.dtype, &Device::Cpu)?;
+        let decoder =
+            DecoderModel::load_quantized(&ckpt, cfg.dtype, &Device::Cpu, cfg.quantization)?;
         let prompt = PromptBuilder::from_dir(&cfg.model, ckpt.config())?;
         let max_batch = cfg.max_concurrent.max(1);
         let kv_bytes = match cfg.kv_cache_bytes {
@@ -118,6 +121,7 @@ impl DecoderService {
             .into();
         let info = DecoderInfo {
             model_fingerprint: decoder.fingerprint().to_string(),
+            quantization: decoder.quantization().to_string(),
             text_model_type: decoder.config().model_type.clone(),
             image_tokens: ckpt.config().image_tokens() as u32,
             text_hidden_size: decoder.hidden_size() as u32,

@@ -11,7 +11,8 @@ use futures::Stream;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use vlm_model::{
-    Checkpoint, DType, Device, ImageLimits, ImageProcessorConfig, Preprocessor, VisionEncoder,
+    Checkpoint, DType, Device, ImageLimits, ImageProcessorConfig, Preprocessor, Quantization,
+    VisionEncoder,
 };
 use vlm_proto::encode_response::Kind;
 use vlm_proto::encoder_server::{Encoder, EncoderServer};
@@ -24,6 +25,8 @@ pub struct EncoderConfig {
     /// Checkpoint directory (llava-hf layout).
     pub model: PathBuf,
     pub dtype: DType,
+    /// How the vision tower's linear layers are stored (`--quantize`).
+    pub quantization: Quantization,
     pub image_limits: ImageLimits,
     /// Largest encoded image accepted, in bytes.
     pub max_image_bytes: usize,
@@ -64,7 +67,7 @@ impl EncoderService {
             ImageProcessorConfig::from_dir(&cfg.model, &ckpt.config().vision)?,
             cfg.image_limits,
         )?;
-        let vision = VisionEncoder::load(&ckpt, cfg.dtype, &device)?;
+        let vision = VisionEncoder::load_quantized(&ckpt, cfg.dtype, &device, cfg.quantization)?;
         let preprocessing = format!("{:?}", preprocessor.config());
         Ok(EncoderService {
             requests: AtomicU64::new(0),
@@ -171,6 +174,7 @@ impl EncoderService {
     fn info(&self) -> EncoderInfo {
         EncoderInfo {
             model_fingerprint: self.model.vision.fingerprint().to_string(),
+            quantization: self.model.vision.quantization().to_string(),
             preprocessing: self.preprocessing.clone(),
             requests_total: self.requests.load(Ordering::Relaxed),
             feature_rows: self.model.vision.num_features() as u32,

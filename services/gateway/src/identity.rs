@@ -110,6 +110,9 @@ impl Identity {
             encoder_fingerprint: e.model_fingerprint.clone(),
             projector_fingerprint: p.model_fingerprint.clone(),
             decoder_fingerprint: d.model_fingerprint.clone(),
+            encoder_quantization: e.quantization.clone(),
+            projector_quantization: p.quantization.clone(),
+            decoder_quantization: d.quantization.clone(),
         }
     }
 }

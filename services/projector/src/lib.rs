@@ -10,7 +10,7 @@ use futures::Stream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use vlm_model::{Checkpoint, DType, Device, Projector as ProjectorModel, Tensor};
+use vlm_model::{Checkpoint, DType, Device, Projector as ProjectorModel, Quantization, Tensor};
 use vlm_proto::projector_server::{Projector, ProjectorServer};
 use vlm_proto::{ProjectorInfo, ProjectorInfoRequest, TensorChunk};
 use vlm_serving::{from_model_tensor, run_model};
@@ -20,6 +20,8 @@ use vlm_tensor::{TensorAssembler, TensorLimits, TensorStreamWriter};
 pub struct ProjectorConfig {
     pub model: PathBuf,
     pub dtype: DType,
+    /// How the two linear layers are stored (`--quantize`).
+    pub quantization: Quantization,
     pub limits: TensorLimits,
     /// Chunks projected at the same time across all streams.
     pub max_concurrent: usize,
@@ -40,7 +42,7 @@ impl ProjectorService {
     pub fn load(cfg: &ProjectorConfig) -> anyhow::Result<Self> {
         let ckpt = Checkpoint::open(&cfg.model)?;
         let device = Device::Cpu;
-        let model = ProjectorModel::load(&ckpt, cfg.dtype, &device)?;
+        let model = ProjectorModel::load_quantized(&ckpt, cfg.dtype, &device, cfg.quantization)?;
         Ok(ProjectorService {
             model: Arc::new(model),
             device,
@@ -157,6 +159,7 @@ impl Projector for ProjectorService {
     ) -> Result<Response<ProjectorInfo>, Status> {
         Ok(Response::new(ProjectorInfo {
             model_fingerprint: self.model.fingerprint().to_string(),
+            quantization: self.model.quantization().to_string(),
             input_dim: self.model.in_dim() as u32,
             output_dim: self.model.out_dim() as u32,
         }))

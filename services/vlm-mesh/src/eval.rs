@@ -32,6 +32,10 @@ pub struct EvalArgs {
     /// (write a fresh one with `models/shapes/dataset.py --out DIR`).
     #[arg(long, env = "VLM_EVAL_SET")]
     pub set: PathBuf,
+    /// Weight quantization of the in-process run: none, q8_0 or q4_k (a mesh runs as `up
+    /// --quantize` started it).
+    #[arg(long, env = "VLM_QUANTIZE", default_value = "none", value_parser = crate::serve::quantize_parser())]
+    pub quantize: vlm_model::Quantization,
     /// Ask this running gateway (e.g. the one `up` printed) instead of running the model in process.
     #[arg(long, env = "VLM_GATEWAY")]
     pub gateway: Option<String>,
@@ -175,11 +179,12 @@ fn in_process(
     questions: &[Question],
     images: &HashMap<String, Arc<Vec<u8>>>,
 ) -> anyhow::Result<Vec<(String, Vec<u32>)>> {
-    let pipeline = Pipeline::load(
+    let pipeline = Pipeline::load_quantized(
         &args.model,
         vlm_model::DType::F32,
         &Device::Cpu,
         ImageLimits::default(),
+        args.quantize,
     )
     .with_context(|| format!("cannot load model from {}", args.model.display()))?;
     let params = greedy(args.max_tokens);

@@ -86,6 +86,9 @@ pub struct GenerateArgs {
     /// Compute dtype: f32, f16 or bf16 (weights are converted on load).
     #[arg(long, env = "VLM_DTYPE", default_value = "f32")]
     pub dtype: String,
+    /// Weight quantization of every stage: none, q8_0 or q4_k (see `serve <stage> --quantize`).
+    #[arg(long, env = "VLM_QUANTIZE", default_value = "none", value_parser = crate::serve::quantize_parser())]
+    pub quantize: vlm_model::Quantization,
     /// Largest image accepted, in pixels (width × height), checked before decoding.
     #[arg(long, env = "VLM_MAX_IMAGE_PIXELS", default_value_t = ImageLimits::default().max_pixels)]
     pub max_image_pixels: u64,
@@ -119,8 +122,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         max_pixels: args.max_image_pixels,
         max_aspect_ratio: args.max_image_aspect_ratio,
     };
-    let pipeline = Pipeline::load(&args.model, dtype, &Device::Cpu, limits)
-        .with_context(|| format!("cannot load model from {}", args.model.display()))?;
+    let pipeline =
+        Pipeline::load_quantized(&args.model, dtype, &Device::Cpu, limits, args.quantize)
+            .with_context(|| format!("cannot load model from {}", args.model.display()))?;
     let params = args.sampling.to_params();
     let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
     let stream = !args.json;

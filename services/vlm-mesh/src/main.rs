@@ -69,6 +69,10 @@ struct UpArgs {
     /// gateway balances over them and routes around replicas that fail.
     #[arg(long, env = "VLM_REPLICAS", default_value = "")]
     replicas: String,
+    /// Weight quantization: `none`, `q8_0` or `q4_k` for every stage, or per stage, e.g.
+    /// `decoder=q4_k,encoder=q8_0` (stages not named: none). See `serve <stage> --quantize`.
+    #[arg(long, env = "VLM_QUANTIZE", default_value = "none", value_parser = mesh::parse_quantize)]
+    quantize: [vlm_model::Quantization; 3],
     /// What to do when a stage process dies: start it again on its address with backoff
     /// (1 s doubling to 30 s, as Kubernetes restarts a container), or leave it down. The gateway
     /// routes around it meanwhile; if the gateway itself exits, the mesh stops.
@@ -116,6 +120,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
             gateway_args: [args.cache.to_args(), args.http.to_args()].concat(),
             service_log: None,
             replicas: mesh::parse_replicas(&args.replicas)?,
+            quantize: args.quantize,
         };
         let mut mesh = mesh::Mesh::start(&opts).await?;
         let pids: Vec<String> = mesh
@@ -153,6 +158,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
             gateway_args: vec![],
             service_log: Some("warn".into()),
             replicas: [1; 3],
+            quantize: Default::default(),
         };
         eprintln!("starting the mesh (encoder, projector, decoder, gateway; mTLS on every hop)…");
         let mesh = mesh::Mesh::start(&opts).await?;

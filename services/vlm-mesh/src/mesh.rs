@@ -15,6 +15,7 @@ use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
+use vlm_model::Quantization;
 
 /// How long a service may take to load its weights and report SERVING.
 const START_TIMEOUT: Duration = Duration::from_secs(300);
@@ -54,6 +55,34 @@ pub struct MeshOptions {
     pub service_log: Option<String>,
     /// Processes per stage, in [`STAGES`] order.
     pub replicas: [usize; 3],
+    /// `--quantize` of each stage, in [`STAGES`] order.
+    pub quantize: [Quantization; 3],
+}
+
+/// Parses `up --quantize`: one mode for every stage (`q8_0`), or stages by name
+/// (`decoder=q4_k,encoder=q8_0`; stages not named stay unquantized).
+pub fn parse_quantize(spec: &str) -> Result<[Quantization; 3], String> {
+    let choices = Quantization::NAMES.join(", ");
+    let mode = |s: &str| {
+        s.trim()
+            .parse::<Quantization>()
+            .map_err(|_| format!("unknown quantization {s:?} (possible values: {choices})"))
+    };
+    if !spec.contains('=') {
+        return Ok([mode(spec)?; 3]);
+    }
+    let mut out = [Quantization::None; 3];
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (stage, m) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{item:?} is not STAGE=MODE"))?;
+        let i = STAGES
+            .iter()
+            .position(|s| *s == stage.trim())
+            .ok_or_else(|| format!("unknown stage {stage:?} (encoder, projector, decoder)"))?;
+        out[i] = mode(m)?;
+    }
+    Ok(out)
 }
 
 /// Parses `encoder=2,projector=1,decoder=2` (stages not named keep 1 replica).
@@ -229,12 +258,12 @@ impl Mesh {
             ]
         };
         let mut gw_args = common(opts.listen.to_string());
-        for (role, &n) in STAGES.iter().zip(&opts.replicas) {
+        for ((role, &n), q) in STAGES.iter().zip(&opts.replicas).zip(&opts.quantize) {
             let mut urls = Vec::new();
             for replica in 0..n.max(1) {
-                let addr = mesh
-                    .launch(role, replica, &common("127.0.0.1:0".into()))
-                    .await?;
+                let mut args = common("127.0.0.1:0".into());
+                args.extend(["--quantize".to_string(), q.name().to_string()]);
+                let addr = mesh.launch(role, replica, &args).await?;
                 urls.push(format!("https://{addr}"));
             }
             gw_args.push(format!("--{role}"));

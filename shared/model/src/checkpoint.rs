@@ -5,11 +5,15 @@
 //! the prefix-less `vision_tower.…` that transformers 5 writes, `model.language_model.…`) and records
 //! which tensors were actually read, so tests can prove that the encoder never touches decoder weights.
 
+mod stream;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K};
+use candle_core::quantized::GgmlDType;
 use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -17,6 +21,8 @@ use candle_nn::VarBuilder;
 
 use crate::config::{read_json, LlavaConfig};
 use crate::error::{ModelError, Result};
+use crate::quant::{QuantPlan, QuantSource, Quantization};
+use crate::qweight::QWeight;
 
 /// Which stage's tensors a part holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,7 +209,7 @@ impl Checkpoint {
             st,
             aliases,
             state: Mutex::new(LoadState {
-                loaded: BTreeSet::new(),
+                loaded: BTreeMap::new(),
                 bytes: 0,
                 next_report: 1,
                 started: Instant::now(),
@@ -246,6 +252,11 @@ impl CheckpointPart {
         self.vb.clone()
     }
 
+    /// The stage's quantization under `mode`, reading quantized weights straight from this part.
+    pub fn quant_plan(&self, mode: Quantization) -> QuantPlan {
+        QuantPlan::streaming(mode, self.backend.clone())
+    }
+
     /// Physical names of the tensors read so far.
     pub fn loaded_tensors(&self) -> Vec<String> {
         self.backend
@@ -253,7 +264,7 @@ impl CheckpointPart {
             .lock()
             .expect("load state lock")
             .loaded
-            .iter()
+            .keys()
             .cloned()
             .collect()
     }
@@ -268,17 +279,18 @@ impl CheckpointPart {
         self.backend.total_bytes
     }
 
-    /// Hex blake3 digest of every tensor this part has read (name, dtype, shape, bytes, in name
-    /// order) plus `extra` (the stage's config): identifies the weights actually serving, so two
-    /// checkpoints never share cached features however they are labelled.
+    /// Hex blake3 digest of every tensor this part has read (name, dtype, shape, and the digest
+    /// of its bytes taken while it was read, in name order) plus `extra` (the stage's config and
+    /// quantization): identifies the weights actually serving, so two checkpoints, or one
+    /// checkpoint quantized two ways, never share cached features however they are labelled.
     pub fn fingerprint(&self, extra: &str) -> Result<String> {
-        let loaded = self.loaded_tensors();
+        let s = self.backend.state.lock().expect("load state lock");
         let mut h = blake3::Hasher::new();
-        for name in &loaded {
+        for (name, digest) in &s.loaded {
             let view = self.backend.st.get(name)?;
             h.update(name.as_bytes());
             h.update(format!("{:?}{:?}", view.dtype(), view.shape()).as_bytes());
-            h.update(view.data());
+            h.update(digest.as_bytes());
         }
         h.update(extra.as_bytes());
         Ok(h.finalize().to_hex().to_string())
@@ -298,7 +310,8 @@ impl CheckpointPart {
 }
 
 struct LoadState {
-    loaded: BTreeSet<String>,
+    /// Physical name → digest of its bytes.
+    loaded: BTreeMap<String, blake3::Hash>,
     bytes: u64,
     next_report: u64,
     started: Instant,
@@ -324,18 +337,44 @@ impl PartBackend {
             .map(|(logical, physical)| format!("{physical}{}", &name[logical.len()..]))
     }
 
-    fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let physical = self.resolve(name).ok_or_else(|| {
+    fn physical(&self, name: &str) -> candle_core::Result<String> {
+        self.resolve(name).ok_or_else(|| {
             candle_core::Error::CannotFindTensor {
                 path: format!("{}.{name}", self.kind.name()),
             }
             .bt()
-        })?;
+        })
+    }
+
+    fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let physical = self.physical(name)?;
         let view = self.st.get(&physical)?;
-        let bytes = view.data().len() as u64;
-        let tensor = view.load(dev)?.to_dtype(dtype)?;
+        let data = view.data();
+        let (tensor, digest) = match stream::Dtype::of(view.dtype()) {
+            Some(src) if dtype == DType::F32 && dev.is_cpu() => {
+                let dims = view.shape().to_vec();
+                let len = dims.iter().product();
+                let mut digest = None;
+                let t = crate::linear::aligned_tensor(
+                    |dst| {
+                        digest = Some(stream::stream_into(data, src, dst)?);
+                        Ok(())
+                    },
+                    len,
+                    &dims,
+                )?;
+                (t, digest.expect("filled"))
+            }
+            _ => (view.load(dev)?.to_dtype(dtype)?, blake3::hash(data)),
+        };
+        self.record(physical, data.len() as u64, digest);
+        Ok(tensor)
+    }
+
+    /// Books a tensor as read (once per name) and reports progress in tenths of the part.
+    fn record(&self, physical: String, bytes: u64, digest: blake3::Hash) {
         let mut s = self.state.lock().expect("load state lock");
-        if s.loaded.insert(physical) {
+        if s.loaded.insert(physical, digest).is_none() {
             s.bytes += bytes;
             if self.total_bytes >= PROGRESS_MIN_BYTES
                 && s.bytes * 10 >= s.next_report * self.total_bytes
@@ -350,7 +389,48 @@ impl PartBackend {
                 );
             }
         }
-        Ok(tensor)
+    }
+}
+
+impl QuantSource for PartBackend {
+    fn quantized(
+        &self,
+        name: &str,
+        (n, k): (usize, usize),
+        format: GgmlDType,
+    ) -> candle_core::Result<QWeight> {
+        let physical = self.physical(name)?;
+        let view = self.st.get(&physical)?;
+        if view.shape() != [n, k] {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {}.{name}", self.kind.name()),
+                expected: (n, k).into(),
+                got: view.shape().into(),
+            }
+            .bt());
+        }
+        let data = view.data();
+        let (q, digest) = match (stream::Dtype::of(view.dtype()), format) {
+            (None, _) => {
+                let t = view.load(&Device::Cpu)?.to_dtype(DType::F32)?;
+                (QWeight::quantize(&t, format)?, blake3::hash(data))
+            }
+            (Some(src), GgmlDType::Q8_0) => {
+                let (b, h) = stream::quantize_q8(data, src, (n, k))?;
+                (QWeight::new(b, (n, k)), h)
+            }
+            (Some(src), GgmlDType::Q4K) => {
+                let (b, h) = stream::quantize_rows::<BlockQ4K>(data, src, (n, k))?;
+                (QWeight::new(b, (n, k)), h)
+            }
+            (Some(src), GgmlDType::Q6K) => {
+                let (b, h) = stream::quantize_rows::<BlockQ6K>(data, src, (n, k))?;
+                (QWeight::new(b, (n, k)), h)
+            }
+            (_, other) => candle_core::bail!("no streaming quantization to {other:?}"),
+        };
+        self.record(physical, data.len() as u64, digest);
+        Ok(q)
     }
 }
 

@@ -11,15 +11,16 @@
 //! `text_config.model_type`, so callers never know which family they hold.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
+use candle_nn::{rms_norm, RmsNorm, VarBuilder};
 use candle_transformers::utils::repeat_kv;
 
 use crate::checkpoint::{Checkpoint, PartKind};
 use crate::config::{Activation, DecoderFamily, LlavaConfig, RopeScaling, TextConfig};
 use crate::error::{ModelError, Result};
 use crate::kv::{KvPool, KvShape};
-use crate::linear::{linear_b, Linear};
+use crate::linear::Linear;
 use crate::monitor::LayerStats;
+use crate::quant::{QuantPlan, Quantization, TokenEmbedding};
 use crate::vision::softmax_f32;
 
 mod paged;
@@ -142,15 +143,16 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(c: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(c: &TextConfig, vb: VarBuilder, q: &QuantPlan) -> Result<Self> {
         let (h, kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         // LLaMA's attention_bias covers o_proj too; GLM's only q/k/v.
         let o_bias = c.attention_bias && c.family == DecoderFamily::Llama;
+        let bias = c.attention_bias;
         Ok(Attention {
-            q: linear_b(c.hidden_size, h * d, c.attention_bias, vb.pp("q_proj"))?,
-            k: linear_b(c.hidden_size, kv * d, c.attention_bias, vb.pp("k_proj"))?,
-            v: linear_b(c.hidden_size, kv * d, c.attention_bias, vb.pp("v_proj"))?,
-            o: linear_b(h * d, c.hidden_size, o_bias, vb.pp("o_proj"))?,
+            q: q.linear(c.hidden_size, h * d, bias, vb.pp("q_proj"))?,
+            k: q.linear(c.hidden_size, kv * d, bias, vb.pp("k_proj"))?,
+            v: q.linear(c.hidden_size, kv * d, bias, vb.pp("v_proj"))?,
+            o: q.linear(h * d, c.hidden_size, o_bias, vb.pp("o_proj"))?,
             heads: h,
             kv_heads: kv,
             head_dim: d,
@@ -219,20 +221,20 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(c: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(c: &TextConfig, vb: VarBuilder, q: &QuantPlan) -> Result<Self> {
         let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
         let gate_up = match c.family {
             DecoderFamily::Llama => GateUp::Split {
-                gate: linear_b(h, i, bias, vb.pp("gate_proj"))?,
-                up: linear_b(h, i, bias, vb.pp("up_proj"))?,
+                gate: q.linear(h, i, bias, vb.pp("gate_proj"))?,
+                up: q.linear(h, i, bias, vb.pp("up_proj"))?,
             },
             DecoderFamily::Glm | DecoderFamily::Glm4 => {
-                GateUp::Fused(linear_b(h, 2 * i, false, vb.pp("gate_up_proj"))?)
+                GateUp::Fused(q.linear(h, 2 * i, false, vb.pp("gate_up_proj"))?)
             }
         };
         Ok(Mlp {
             gate_up,
-            down: linear_b(i, h, bias, vb.pp("down_proj"))?,
+            down: q.linear(i, h, bias, vb.pp("down_proj"))?,
             act: c.hidden_act,
             intermediate: i,
         })
@@ -264,15 +266,15 @@ struct Layer {
 }
 
 impl Layer {
-    fn new(c: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(c: &TextConfig, vb: VarBuilder, q: &QuantPlan) -> Result<Self> {
         let norm = |name: &str| rms_norm(c.hidden_size, c.rms_norm_eps, vb.pp(name));
         let glm4 = c.family == DecoderFamily::Glm4;
         Ok(Layer {
             input_norm: norm("input_layernorm")?,
-            attn: Attention::new(c, vb.pp("self_attn"))?,
+            attn: Attention::new(c, vb.pp("self_attn"), q)?,
             post_attn_out_norm: glm4.then(|| norm("post_self_attn_layernorm")).transpose()?,
             post_norm: norm("post_attention_layernorm")?,
-            mlp: Mlp::new(c, vb.pp("mlp"))?,
+            mlp: Mlp::new(c, vb.pp("mlp"), q)?,
             post_mlp_norm: glm4.then(|| norm("post_mlp_layernorm")).transpose()?,
         })
     }
@@ -327,7 +329,7 @@ impl KvCache {
 
 /// The language model stage.
 pub struct Decoder {
-    embed: Embedding,
+    embed: TokenEmbedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -336,6 +338,7 @@ pub struct Decoder {
     dtype: DType,
     device: Device,
     fingerprint: String,
+    quantization: Quantization,
 }
 
 impl Decoder {
@@ -343,16 +346,25 @@ impl Decoder {
     /// `GlmForCausalLM` / `Glm4ForCausalLM` names (`model.layers.…`, `lm_head.weight`); the family
     /// comes from `cfg.text.family`.
     pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new_with(cfg, vb, &QuantPlan::none())
+    }
+
+    /// [`Self::new`] with the weights quantized as `q` says (see [`crate::quant`]).
+    pub fn new_with(cfg: &LlavaConfig, vb: VarBuilder, q: &QuantPlan) -> Result<Self> {
         let c = &cfg.text;
         let m = vb.pp("model");
-        let embed = embedding(c.vocab_size, c.hidden_size, m.pp("embed_tokens"))?;
+        let embed = q.embedding(c.vocab_size, c.hidden_size, m.pp("embed_tokens"))?;
         let layers = (0..c.num_hidden_layers)
-            .map(|i| Layer::new(c, m.pp("layers").pp(i)))
+            .map(|i| Layer::new(c, m.pp("layers").pp(i), q))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if c.tie_word_embeddings {
-            Linear::new(embed.embeddings().clone(), None)
+            match (embed.dense(), embed.quantized()) {
+                (Some(w), _) => Linear::new(w.clone(), None),
+                (None, Some(w)) => Linear::quantized(w.clone(), None),
+                (None, None) => unreachable!("an embedding is dense or quantized"),
+            }
         } else if vb.contains_tensor("lm_head.weight") {
-            linear_b(c.hidden_size, c.vocab_size, false, vb.pp("lm_head"))?
+            q.head(c.hidden_size, c.vocab_size, vb.pp("lm_head"))?
         } else {
             return Err(ModelError::Checkpoint {
                 path: "language_model".into(),
@@ -369,16 +381,39 @@ impl Decoder {
             dtype: vb.dtype(),
             device: vb.device().clone(),
             fingerprint: String::new(),
+            quantization: q.mode(),
         })
     }
 
     /// Loads the language model (and nothing else) from a checkpoint.
     pub fn load(ckpt: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_quantized(ckpt, dtype, device, Quantization::None)
+    }
+
+    /// [`Self::load`] with the weights quantized to `quant` as they are read.
+    pub fn load_quantized(
+        ckpt: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+        quant: Quantization,
+    ) -> Result<Self> {
         let part = ckpt.part(PartKind::Decoder, dtype, device)?;
-        let mut d = Self::new(ckpt.config(), part.vb())?;
-        d.fingerprint = part.fingerprint(&format!("{:?}|{dtype:?}", ckpt.config().text))?;
+        let plan = part.quant_plan(quant);
+        plan.check(dtype, device)?;
+        let mut d = Self::new_with(ckpt.config(), part.vb(), &plan)?;
+        d.fingerprint = part.fingerprint(&format!(
+            "{:?}|{dtype:?}{}",
+            ckpt.config().text,
+            quant.fingerprint_suffix()
+        ))?;
+        plan.report(PartKind::Decoder.name());
         part.finish();
         Ok(d)
+    }
+
+    /// How the weights are stored.
+    pub fn quantization(&self) -> Quantization {
+        self.quantization
     }
 
     /// Digest of the loaded weights and text config (empty when built with [`Self::new`]).

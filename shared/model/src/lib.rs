@@ -23,6 +23,8 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod projector;
 pub mod prompt;
+pub mod quant;
+mod qweight;
 pub mod resize;
 pub mod sampling;
 pub mod vision;
@@ -43,6 +45,7 @@ pub use pipeline::{GenerateOutput, Pipeline, StageTimings};
 pub use preprocess::{ImageLimits, Preprocessor, DEFAULT_MAX_ASPECT_RATIO};
 pub use projector::Projector;
 pub use prompt::{PreparedPrompt, PromptBuilder, TextStreamer};
+pub use quant::{QuantPlan, Quantization};
 pub use sampling::{Sampler, SamplingParams};
 pub use vision::VisionEncoder;
 

@@ -17,11 +17,20 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use crate::kernels::{isa, task_products, ROWS_PER_TASK};
+use crate::qweight::QWeight;
 
-/// `y = x Wᵀ + b`, a drop-in for [`candle_nn::Linear`].
+/// `y = x Wᵀ + b`, a drop-in for [`candle_nn::Linear`]; the weight dense or quantized
+/// (`crate::quant`).
 #[derive(Clone, Debug)]
 pub struct Linear {
     inner: candle_nn::Linear,
+    /// The quantized weight, when there is one: `inner` then holds an empty placeholder weight
+    /// and only its bias is used.
+    quantized: Option<QWeight>,
+    /// Whether few-row products take the multi-threaded path (decoder layers) or always
+    /// candle's matmul (vision and projector: their results stay what they were, row for row,
+    /// however the rows are chunked).
+    fast: bool,
 }
 
 thread_local! {
@@ -44,6 +53,39 @@ impl Linear {
         };
         Linear {
             inner: candle_nn::Linear::new(weight, bias),
+            quantized: None,
+            fast: true,
+        }
+    }
+
+    /// A dense layer that always multiplies with candle's matmul.
+    pub(crate) fn plain(weight: Tensor, bias: Option<Tensor>) -> Linear {
+        Linear {
+            inner: candle_nn::Linear::new(weight, bias),
+            quantized: None,
+            fast: false,
+        }
+    }
+
+    /// A layer whose weight is quantized (see [`QWeight`]).
+    pub(crate) fn quantized(weight: QWeight, bias: Option<Tensor>) -> Linear {
+        let placeholder = Tensor::zeros(0, DType::F32, &Device::Cpu).expect("an empty tensor");
+        Linear {
+            inner: candle_nn::Linear::new(placeholder, bias),
+            quantized: Some(weight),
+            fast: false,
+        }
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        self.quantized.is_some()
+    }
+
+    fn forward_quantized(&self, w: &QWeight, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = w.forward(x)?;
+        match self.inner.bias() {
+            None => Ok(y),
+            Some(b) => y.broadcast_add(b),
         }
     }
 
@@ -131,6 +173,12 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(w) = &self.quantized {
+            return self.forward_quantized(w, x);
+        }
+        if !self.fast {
+            return self.inner.forward(x);
+        }
         match self.matvec(x)? {
             Some(y) => Ok(y),
             None => self.inner.forward(x),
@@ -148,12 +196,45 @@ const LINE_F32: usize = CACHE_LINE / std::mem::size_of::<f32>();
 /// this most 64-byte loads of a weight row straddle two cache lines and cost two loads. `None`
 /// for other dtypes and devices.
 fn aligned(t: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if starts_on_cache_line(t) {
+        // Already aligned (the checkpoint loader writes f32 weights aligned): no second copy.
+        return Ok(None);
+    }
     let Some(rows) = AlignedRows::of(t)? else {
         return Ok(None);
     };
     let n = rows.len;
     let flat = Tensor::from_vec(rows.buf, n + LINE_F32, t.device())?.narrow(0, rows.start, n)?;
     Ok(Some(flat.reshape(t.dims())?))
+}
+
+/// True for a contiguous f32 CPU tensor whose first element starts a cache line.
+fn starts_on_cache_line(t: &Tensor) -> bool {
+    if !matches!(t.device(), Device::Cpu) || t.dtype() != DType::F32 {
+        return false;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) if start < end => {
+            (data[start..end].as_ptr() as usize).is_multiple_of(CACHE_LINE)
+        }
+        _ => false,
+    }
+}
+
+/// An f32 tensor of `dims` over `src`'s elements, its data starting on a cache line (what
+/// [`Linear::new`] would otherwise copy it to).
+pub(crate) fn aligned_tensor(
+    fill: impl FnOnce(&mut [f32]) -> candle_core::Result<()>,
+    len: usize,
+    dims: &[usize],
+) -> candle_core::Result<Tensor> {
+    let mut buf = vec![0f32; len + LINE_F32];
+    let misalign = (buf.as_ptr() as usize % CACHE_LINE) / std::mem::size_of::<f32>();
+    let start = (LINE_F32 - misalign) % LINE_F32;
+    fill(&mut buf[start..start + len])?;
+    let flat = Tensor::from_vec(buf, len + LINE_F32, &Device::Cpu)?.narrow(0, start, len)?;
+    flat.reshape(dims)
 }
 
 /// Floats copied to a cache-line-aligned start inside a buffer `LINE_F32` floats longer.

@@ -14,6 +14,7 @@ use crate::generate::{FinishReason, Generation, TokenEvent};
 use crate::preprocess::{ImageLimits, Preprocessor};
 use crate::projector::Projector;
 use crate::prompt::PromptBuilder;
+use crate::quant::Quantization;
 use crate::sampling::SamplingParams;
 use crate::vision::VisionEncoder;
 
@@ -57,6 +58,17 @@ impl Pipeline {
         device: &Device,
         limits: ImageLimits,
     ) -> Result<Self> {
+        Self::load_quantized(dir, dtype, device, limits, Quantization::None)
+    }
+
+    /// [`Self::load`] with every stage's weights quantized to `quant`.
+    pub fn load_quantized(
+        dir: impl AsRef<Path>,
+        dtype: DType,
+        device: &Device,
+        limits: ImageLimits,
+        quant: Quantization,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         let ckpt = Checkpoint::open(dir)?;
         let config = ckpt.config().clone();
@@ -64,9 +76,9 @@ impl Pipeline {
             Preprocessor::new(ImageProcessorConfig::from_dir(dir, &config.vision)?, limits)?;
         let prompt = PromptBuilder::from_dir(dir, &config)?;
         Ok(Pipeline {
-            vision: VisionEncoder::load(&ckpt, dtype, device)?,
-            projector: Projector::load(&ckpt, dtype, device)?,
-            decoder: Decoder::load(&ckpt, dtype, device)?,
+            vision: VisionEncoder::load_quantized(&ckpt, dtype, device, quant)?,
+            projector: Projector::load_quantized(&ckpt, dtype, device, quant)?,
+            decoder: Decoder::load_quantized(&ckpt, dtype, device, quant)?,
             config,
             preprocessor,
             prompt,

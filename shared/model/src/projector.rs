@@ -2,12 +2,14 @@
 //! projector service can project each chunk of feature rows as it arrives.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{linear_b, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::checkpoint::{Checkpoint, PartKind};
 use crate::config::{Activation, LlavaConfig};
 use crate::error::{ModelError, Result};
+use crate::linear::Linear;
 use crate::norm::TorchLayerNorm;
+use crate::quant::{QuantPlan, Quantization};
 
 /// InternVL's projector LayerNorm is a plain `nn.LayerNorm`, so torch's default eps.
 const LAYER_NORM_EPS: f64 = 1e-5;
@@ -21,12 +23,19 @@ pub struct Projector {
     out_dim: usize,
     dtype: DType,
     fingerprint: String,
+    quantization: Quantization,
 }
 
 impl Projector {
     /// Builds from a `multi_modal_projector` variable builder. A `layer_norm` tensor pair, when present,
     /// selects the LayerNorm variant.
     pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new_with(cfg, vb, &QuantPlan::none())
+    }
+
+    /// [`Self::new`] with the two linear layers quantized as `q` says (see [`crate::quant`]).
+    pub fn new_with(cfg: &LlavaConfig, vb: VarBuilder, q: &QuantPlan) -> Result<Self> {
+        let bias = cfg.projector_bias;
         let in_dim = cfg.vision_feature_dim();
         let out_dim = cfg.text.hidden_size;
         let layer_norm = if vb.contains_tensor("layer_norm.weight") {
@@ -40,27 +49,50 @@ impl Projector {
         };
         Ok(Projector {
             layer_norm,
-            linear_1: linear_b(in_dim, out_dim, cfg.projector_bias, vb.pp("linear_1"))?,
+            linear_1: q.linear_plain(in_dim, out_dim, bias, vb.pp("linear_1"))?,
             act: cfg.projector_hidden_act,
-            linear_2: linear_b(out_dim, out_dim, cfg.projector_bias, vb.pp("linear_2"))?,
+            linear_2: q.linear_plain(out_dim, out_dim, bias, vb.pp("linear_2"))?,
             in_dim,
             out_dim,
             dtype: vb.dtype(),
             fingerprint: String::new(),
+            quantization: q.mode(),
         })
     }
 
     /// Loads the projector (and nothing else) from a checkpoint.
     pub fn load(ckpt: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_quantized(ckpt, dtype, device, Quantization::None)
+    }
+
+    /// [`Self::load`] with the linear layers quantized to `quant` as they are read.
+    pub fn load_quantized(
+        ckpt: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+        quant: Quantization,
+    ) -> Result<Self> {
         let part = ckpt.part(PartKind::Projector, dtype, device)?;
-        let mut p = Self::new(ckpt.config(), part.vb())?;
+        let plan = part.quant_plan(quant);
+        plan.check(dtype, device)?;
+        let mut p = Self::new_with(ckpt.config(), part.vb(), &plan)?;
         let c = ckpt.config();
         p.fingerprint = part.fingerprint(&format!(
-            "{}|{}|{:?}|{}|{dtype:?}",
-            p.in_dim, p.out_dim, c.projector_hidden_act, c.projector_bias
+            "{}|{}|{:?}|{}|{dtype:?}{}",
+            p.in_dim,
+            p.out_dim,
+            c.projector_hidden_act,
+            c.projector_bias,
+            quant.fingerprint_suffix()
         ))?;
+        plan.report(PartKind::Projector.name());
         part.finish();
         Ok(p)
+    }
+
+    /// How the weights are stored.
+    pub fn quantization(&self) -> Quantization {
+        self.quantization
     }
 
     /// Digest of the loaded weights and projector config (empty when built with [`Self::new`]).

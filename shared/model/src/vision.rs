@@ -6,16 +6,16 @@
 //! follow transformers exactly and layers after the last selected one are never loaded or run.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{
-    conv2d_no_bias, embedding, linear, Conv2d, Conv2dConfig, Embedding, Linear, VarBuilder,
-};
+use candle_nn::{conv2d_no_bias, embedding, Conv2d, Conv2dConfig, Embedding, VarBuilder};
 
 use crate::cancel::Cancel;
 use crate::checkpoint::{Checkpoint, PartKind};
 use crate::config::{Activation, LlavaConfig, SelectStrategy, VisionConfig};
 use crate::error::{ModelError, Result};
+use crate::linear::Linear;
 use crate::monitor::LayerStats;
 use crate::norm::TorchLayerNorm as LayerNorm;
+use crate::quant::{QuantPlan, Quantization};
 
 /// Softmax over the last dimension, in f32 when the compute dtype is half precision (as torch does
 /// for attention scores), so f16/bf16 models do not lose the distribution's tail.
@@ -87,14 +87,14 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(c: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(c: &VisionConfig, vb: VarBuilder, q: &QuantPlan) -> Result<Self> {
         let d = c.hidden_size;
         let head_dim = d / c.num_attention_heads;
         Ok(Attention {
-            q: linear(d, d, vb.pp("q_proj"))?,
-            k: linear(d, d, vb.pp("k_proj"))?,
-            v: linear(d, d, vb.pp("v_proj"))?,
-            out: linear(d, d, vb.pp("out_proj"))?,
+            q: q.linear_plain(d, d, true, vb.pp("q_proj"))?,
+            k: q.linear_plain(d, d, true, vb.pp("k_proj"))?,
+            v: q.linear_plain(d, d, true, vb.pp("v_proj"))?,
+            out: q.linear_plain(d, d, true, vb.pp("out_proj"))?,
             heads: c.num_attention_heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
@@ -127,13 +127,14 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(c: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(c: &VisionConfig, vb: VarBuilder, q: &QuantPlan) -> Result<Self> {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
         Ok(EncoderLayer {
             ln1: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
-            attn: Attention::new(c, vb.pp("self_attn"))?,
+            attn: Attention::new(c, vb.pp("self_attn"), q)?,
             ln2: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: linear(c.hidden_size, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
-            fc2: linear(c.intermediate_size, c.hidden_size, vb.pp("mlp").pp("fc2"))?,
+            fc1: q.linear_plain(h, i, true, vb.pp("mlp").pp("fc1"))?,
+            fc2: q.linear_plain(i, h, true, vb.pp("mlp").pp("fc2"))?,
             act: c.hidden_act,
         })
     }
@@ -158,11 +159,17 @@ pub struct VisionEncoder {
     cfg: VisionConfig,
     dtype: DType,
     fingerprint: String,
+    quantization: Quantization,
 }
 
 impl VisionEncoder {
     /// Builds the tower from a `vision_tower` variable builder (see [`Checkpoint::part`]).
     pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new_with(cfg, vb, &QuantPlan::none())
+    }
+
+    /// [`Self::new`] with the linear layers quantized as `q` says (see [`crate::quant`]).
+    pub fn new_with(cfg: &LlavaConfig, vb: VarBuilder, q: &QuantPlan) -> Result<Self> {
         let c = &cfg.vision;
         let n = c.num_hidden_layers as i64;
         let selected: Vec<usize> = cfg
@@ -178,7 +185,7 @@ impl VisionEncoder {
             .collect();
         let depth = selected.iter().copied().max().unwrap_or(0);
         let layers = (0..depth)
-            .map(|i| EncoderLayer::new(c, vb.pp("encoder").pp("layers").pp(i)))
+            .map(|i| EncoderLayer::new(c, vb.pp("encoder").pp("layers").pp(i), q))
             .collect::<Result<Vec<_>>>()?;
         Ok(VisionEncoder {
             embeddings: Embeddings::new(c, vb.pp("embeddings"))?,
@@ -189,20 +196,42 @@ impl VisionEncoder {
             cfg: c.clone(),
             dtype: vb.dtype(),
             fingerprint: String::new(),
+            quantization: q.mode(),
         })
     }
 
     /// Loads the vision tower (and nothing else) from a checkpoint.
     pub fn load(ckpt: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_quantized(ckpt, dtype, device, Quantization::None)
+    }
+
+    /// [`Self::load`] with the linear layers quantized to `quant` as they are read.
+    pub fn load_quantized(
+        ckpt: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+        quant: Quantization,
+    ) -> Result<Self> {
         let part = ckpt.part(PartKind::Vision, dtype, device)?;
-        let mut enc = Self::new(ckpt.config(), part.vb())?;
+        let plan = part.quant_plan(quant);
+        plan.check(dtype, device)?;
+        let mut enc = Self::new_with(ckpt.config(), part.vb(), &plan)?;
         let c = ckpt.config();
         enc.fingerprint = part.fingerprint(&format!(
-            "{:?}|{:?}|{:?}|{dtype:?}",
-            c.vision, c.vision_feature_layers, c.select_strategy
+            "{:?}|{:?}|{:?}|{dtype:?}{}",
+            c.vision,
+            c.vision_feature_layers,
+            c.select_strategy,
+            quant.fingerprint_suffix()
         ))?;
+        plan.report(PartKind::Vision.name());
         part.finish();
         Ok(enc)
+    }
+
+    /// How the weights are stored.
+    pub fn quantization(&self) -> Quantization {
+        self.quantization
     }
 
     /// Digest of the loaded weights and vision config (empty when built with [`Self::new`]).

@@ -332,7 +332,7 @@ pub async fn run(args: &MeshBenchArgs) -> anyhow::Result<MeshReport> {
 }
 
 /// A `kB` field (`VmHWM`, `VmRSS`) of a live process's `/proc/PID/status`, in MiB.
-fn status_mib(pid: u32, field: &str) -> anyhow::Result<f64> {
+pub(super) fn status_mib(pid: u32, field: &str) -> anyhow::Result<f64> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
     let kib: f64 = status

@@ -6,6 +6,7 @@ mod cache;
 mod concurrency;
 mod mesh;
 mod plot;
+mod quantized;
 mod stream;
 mod transformers;
 
@@ -59,6 +60,10 @@ pub enum BenchCommand {
     /// throughput with 8 concurrent images vs 1 and batched vs single forwards; peak RSS of every
     /// service.
     Mesh(mesh::MeshBenchArgs),
+    /// Quantized stages (--quantize none, q8_0, q4_k) side by side: decode tokens/s and every
+    /// service's RSS (loading peak, steady, peak) per mode; optionally llama.cpp on the same
+    /// decoder (--llama-cpp-python, --gguf-dir).
+    Quantized(quantized::QuantizedBenchArgs),
     /// Tensor-chunk streams over mTLS gRPC vs a raw TLS byte stream on the same loopback.
     Stream(stream::StreamBenchArgs),
 }
@@ -135,6 +140,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
             let report = mesh::run(&a).await?;
             emit(&report, a.json, mesh::MeshReport::print)
+        }),
+        Some(BenchCommand::Quantized(a)) => rt.block_on(async {
+            let report = quantized::run(&a).await?;
+            emit(&report, a.json, quantized::QuantizedReport::print)
         }),
         Some(BenchCommand::Stream(mut a)) => rt.block_on(async {
             if a.quick {
@@ -264,6 +273,15 @@ struct BenchMesh {
 
 impl BenchMesh {
     async fn start(model: &Path, gateway_args: Vec<String>) -> anyhow::Result<BenchMesh> {
+        Self::start_quantized(model, gateway_args, Default::default()).await
+    }
+
+    /// [`Self::start`] with each stage's `--quantize`.
+    async fn start_quantized(
+        model: &Path,
+        gateway_args: Vec<String>,
+        quantize: [vlm_model::Quantization; 3],
+    ) -> anyhow::Result<BenchMesh> {
         let state = tempfile::tempdir()?;
         let opts = MeshOptions {
             model: model.to_path_buf(),
@@ -273,6 +291,7 @@ impl BenchMesh {
             gateway_args,
             service_log: Some("warn".into()),
             replicas: [1; 3],
+            quantize,
         };
         let mesh = Mesh::start(&opts).await?;
         let connected = async {

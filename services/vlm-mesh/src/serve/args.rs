@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use clap::builder::TypedValueParser;
 use clap::{Args, Subcommand};
-use vlm_model::ImageLimits;
+use vlm_model::{ImageLimits, Quantization};
 use vlm_net::TlsFiles;
 
 use crate::generate::default_model_dir;
@@ -107,6 +108,13 @@ impl CommonArgs {
     }
 }
 
+/// `--quantize` of a model stage: one of [`Quantization::NAMES`] (clap lists them when another
+/// value is given).
+pub fn quantize_parser() -> impl clap::builder::TypedValueParser<Value = Quantization> {
+    clap::builder::PossibleValuesParser::new(Quantization::NAMES)
+        .map(|s| s.parse::<Quantization>().expect("one of the names"))
+}
+
 /// How the gateway copes with failing, slow and overloaded stages.
 #[derive(Args, Debug, Clone)]
 pub struct ResilienceArgs {
@@ -165,6 +173,10 @@ pub struct EncoderArgs {
     /// from the header before decoding; it also bounds the resize target.
     #[arg(long, env = "VLM_MAX_IMAGE_ASPECT_RATIO", default_value_t = vlm_model::DEFAULT_MAX_ASPECT_RATIO, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_image_aspect_ratio: u32,
+    /// How the weights are stored: none (the compute dtype), q8_0 (8-bit blocks) or q4_k (4-bit
+    /// super-blocks), quantized as they are loaded (see the README's Quantization section).
+    #[arg(long, env = "VLM_QUANTIZE", default_value = "none", value_parser = quantize_parser())]
+    pub quantize: Quantization,
     /// Images encoded at once.
     #[arg(long, env = "VLM_MAX_CONCURRENT", default_value_t = ENCODER_MAX_CONCURRENT)]
     pub max_concurrent: usize,
@@ -175,6 +187,10 @@ pub struct EncoderArgs {
 pub struct ProjectorArgs {
     #[command(flatten)]
     pub common: CommonArgs,
+    /// How the weights are stored: none (the compute dtype), q8_0 (8-bit blocks) or q4_k (4-bit
+    /// super-blocks), quantized as they are loaded (see the README's Quantization section).
+    #[arg(long, env = "VLM_QUANTIZE", default_value = "none", value_parser = quantize_parser())]
+    pub quantize: Quantization,
     /// Chunks projected at once.
     #[arg(long, env = "VLM_MAX_CONCURRENT", default_value_t = 2)]
     pub max_concurrent: usize,
@@ -185,6 +201,10 @@ pub struct ProjectorArgs {
 pub struct DecoderArgs {
     #[command(flatten)]
     pub common: CommonArgs,
+    /// How the weights are stored: none (the compute dtype), q8_0 (8-bit blocks) or q4_k (4-bit
+    /// super-blocks), quantized as they are loaded (see the README's Quantization section).
+    #[arg(long, env = "VLM_QUANTIZE", default_value = "none", value_parser = quantize_parser())]
+    pub quantize: Quantization,
     /// Most sequences advanced together in one batch step (continuous batching); further
     /// requests wait in the queue.
     #[arg(long, env = "VLM_MAX_CONCURRENT", default_value_t = 16)]

@@ -18,7 +18,7 @@ use std::time::Duration;
 use vlm_model::ImageLimits;
 use vlm_tensor::TensorLimits;
 
-pub use args::{CacheArgs, HttpArgs, ServeRole, ENCODER_MAX_CONCURRENT};
+pub use args::{quantize_parser, CacheArgs, HttpArgs, ServeRole, ENCODER_MAX_CONCURRENT};
 use args::{CommonArgs, DecoderArgs, EncoderArgs, GatewayArgs, ProjectorArgs};
 use stage::{serve_stage, Stage, DEFAULT_MESSAGE_BYTES, MAX_MESSAGE_BYTES};
 
@@ -68,6 +68,7 @@ async fn encoder(a: EncoderArgs) -> anyhow::Result<()> {
     let cfg = vlm_encoder::EncoderConfig {
         model: a.common.model.clone(),
         dtype: a.common.dtype()?,
+        quantization: a.quantize,
         image_limits: ImageLimits {
             max_pixels: a.max_image_pixels,
             max_aspect_ratio: a.max_image_aspect_ratio,
@@ -96,6 +97,7 @@ async fn projector(a: ProjectorArgs) -> anyhow::Result<()> {
     let cfg = vlm_projector::ProjectorConfig {
         model: a.common.model.clone(),
         dtype: a.common.dtype()?,
+        quantization: a.quantize,
         limits: TensorLimits::default(),
         max_concurrent: a.max_concurrent,
         fault_project_delay: fault_delay("VLM_FAULT_PROJECT_DELAY_MS"),
@@ -120,6 +122,7 @@ async fn decoder(a: DecoderArgs) -> anyhow::Result<()> {
         memory: admission.memory().clone(),
         model: a.common.model.clone(),
         dtype: a.common.dtype()?,
+        quantization: a.quantize,
         limits: TensorLimits::default(),
         max_concurrent: a.max_concurrent,
         kv_cache_bytes: a.kv_cache_bytes,

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""llama.cpp's side of `vlm-mesh bench quantized` (see scripts/setup_llama_cpp.sh).
+
+    --extract LLAVA_DIR OUT_DIR   write LLAVA_DIR's language model as a LlamaForCausalLM directory
+    --serve --gguf-dir DIR ...    read a GGUF file name per line from stdin, run one generation with
+                                  it, print one JSON line: {"gguf", "prefill_ms", "decode_tok_s"}
+
+A generation: a prompt of --prompt-tokens token ids (prefill, one batch), then --max-tokens greedy
+tokens; decode tokens/s = (tokens - 1) / time from the first token to the last, as ours is
+measured. --threads applies to prefill and decode.
+"""
+import argparse
+import json
+import sys
+import time
+
+
+def extract(src, dst):
+    import os
+    import shutil
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(dst, exist_ok=True)
+    cfg = json.load(open(f"{src}/config.json"))
+    text = dict(cfg["text_config"])
+    text["architectures"] = ["LlamaForCausalLM"]
+    text.setdefault("model_type", "llama")
+    json.dump(text, open(f"{dst}/config.json", "w"), indent=1)
+    index = f"{src}/model.safetensors.index.json"
+    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
+    out = {}
+    for f in files:
+        for k, v in load_file(f"{src}/{f}").items():
+            for old, new in (("language_model.model.", "model."), ("model.language_model.", "model."),
+                             ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head.")):
+                if k.startswith(old):
+                    out[new + k[len(old):]] = v.contiguous()
+                    break
+    save_file(out, f"{dst}/model.safetensors")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if os.path.exists(f"{src}/{f}"):
+            shutil.copy(f"{src}/{f}", dst)
+
+
+def serve(a):
+    import llama_cpp
+    import llama_cpp.llama as high_level
+    from llama_cpp import Llama
+
+    # Weights as stored, without llama.cpp's extra buffer types (its runtime repacking, AMX
+    # included): with them, llama-cpp-python 0.3.36 built with GGML_NATIVE segfaults in the
+    # first decode of a quantized model on this CPU (Sapphire Rapids, AMX). Ours keeps the
+    # blocks as stored too.
+    default_params = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default_params()
+        p.use_extra_bufts = False
+        return p
+
+    high_level.llama_cpp.llama_model_default_params = params
+
+    models = {}
+    prompt = [1] + [100 + (i * 37) % 20000 for i in range(a.prompt_tokens - 1)]
+    for line in sys.stdin:
+        name = line.strip()
+        if not name:
+            continue
+        llm = models.get(name)
+        if llm is None:
+            llm = Llama(model_path=f"{a.gguf_dir}/{name}", n_threads=a.threads, n_threads_batch=a.threads,
+                        n_ctx=a.prompt_tokens + a.max_tokens + 16, n_batch=512, verbose=False)
+            models[name] = llm
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        tok = llm.sample(top_k=1, temp=0.0)
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        for _ in range(a.max_tokens - 1):
+            llm.eval([tok])
+            tok = llm.sample(top_k=1, temp=0.0)
+        dt = time.perf_counter() - t0
+        print(json.dumps({"gguf": name, "prefill_ms": prefill_ms, "decode_tok_s": (a.max_tokens - 1) / dt}), flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--extract", nargs=2, metavar=("LLAVA_DIR", "OUT_DIR"))
+    p.add_argument("--serve", action="store_true")
+    p.add_argument("--gguf-dir")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=229)
+    p.add_argument("--max-tokens", type=int, default=32)
+    a = p.parse_args()
+    if a.extract:
+        extract(*a.extract)
+    elif a.serve:
+        serve(a)
+    else:
+        p.error("--extract or --serve")
+
+
+if __name__ == "__main__":
+    main()

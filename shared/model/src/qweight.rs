@@ -1,0 +1,363 @@
+//! A quantized weight matrix `[n, k]` (GGML blocks, row-major) and its products.
+//!
+//! The blocks are candle's (`k_quants`), and so are the dot-product kernels (`vec_dot`, AVX2
+//! when the CPU has it): each input row is quantized to the kernels' 8-bit activation blocks,
+//! then every output is one integer dot product of blocks. The products are split over output
+//! columns on the rayon pool, the pool of our own f32 kernels, not through candle's `QMatMul`,
+//! for two reasons measured on 2 cores: candle runs its quantized products on a second thread
+//! pool of its own whose workers spin between jobs, so a decode step that alternates between
+//! the two pools (attention and f32 work on rayon) lost half its speed to the spinning; and
+//! `QMatMul` keeps, beside the blocks, a repacked copy of every matrix for its AVX-512 VNNI
+//! kernels (and a third for AMX, of q4_K matrices multiplied by 32 rows or more), which doubles
+//! to triples a quantized model's memory: what quantizing is for. Every output element is
+//! computed by the same kernel call whatever the number of input rows, so a sequence gets the
+//! same numbers in a batch as alone.
+
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, GgmlType};
+use candle_core::quantized::{GgmlDType, QTensor, QuantizedType};
+// (QuantizedType: the dequantizing `embedding` of `Vec<block>`.)
+use candle_core::{CpuStorage, Device, Module, Storage, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Output columns per rayon task: each task's weight rows stay in cache while every input row
+/// is multiplied with them.
+const COLS_PER_TASK: usize = 64;
+
+#[derive(Clone)]
+pub(crate) struct QWeight {
+    blocks: Arc<Blocks>,
+    n: usize,
+    k: usize,
+}
+
+pub(crate) enum Blocks {
+    Q8_0(Q8Rows),
+    Q4K(Vec<BlockQ4K>),
+    Q6K(Vec<BlockQ6K>),
+}
+
+impl std::fmt::Debug for QWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QWeight([{}, {}])", self.n, self.k)
+    }
+}
+
+/// Blocks of one of the formats quantization uses.
+pub(crate) trait IntoBlocks {
+    fn into_blocks(self) -> Blocks;
+}
+
+macro_rules! into_blocks {
+    ($($t:ty => $v:ident),+) => {$(
+        impl IntoBlocks for Vec<$t> {
+            fn into_blocks(self) -> Blocks {
+                Blocks::$v(self)
+            }
+        }
+    )+};
+}
+into_blocks!(BlockQ4K => Q4K, BlockQ6K => Q6K);
+
+impl IntoBlocks for Q8Rows {
+    fn into_blocks(self) -> Blocks {
+        Blocks::Q8_0(self)
+    }
+}
+
+/// q8_0 weights kept as two arrays: the int8 values row-major and one f32 scale per block of 32
+/// (GGML's f16 scale, widened once at load), multiplied with f32 input rows directly: the
+/// values are widened to f32 in registers, so the input is not rounded to 8 bits (what
+/// candle's q8_0 kernel does, and slower here: its per-block f16 scale conversions and
+/// sign tricks cost more than the memory they save on this CPU).
+pub(crate) struct Q8Rows {
+    qs: Vec<i8>,
+    d: Vec<f32>,
+}
+
+impl Q8Rows {
+    pub fn with_capacity(values: usize) -> Self {
+        Q8Rows {
+            qs: Vec::with_capacity(values),
+            d: Vec::with_capacity(values / Q8_BLOCK),
+        }
+    }
+
+    /// Appends `x` (whole blocks) quantized as GGML's q8_0: per block of 32, scale =
+    /// max |x| / 127 (rounded to f16), values round(x / scale).
+    pub fn push(&mut self, x: &[f32]) {
+        for b in x.chunks_exact(Q8_BLOCK) {
+            let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            self.qs.extend(b.iter().map(|v| (v * id).round() as i8));
+            self.d.push(half::f16::from_f32(d).to_f32());
+        }
+    }
+}
+
+const Q8_BLOCK: usize = 32;
+
+/// `Σ w·x` over one q8_0 row: each block's 32 products summed in 16 lanes, scaled, accumulated;
+/// the lanes summed as a fixed tree. One chain per element, whatever rows it is computed with.
+#[inline(always)]
+fn dot_q8(qs: &[i8], d: &[f32], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    for ((q, &s), x) in qs.chunks_exact(32).zip(d).zip(x.chunks_exact(32)) {
+        let mut p = [0f32; 16];
+        for i in 0..16 {
+            p[i] = (q[i + 16] as f32).mul_add(x[i + 16], q[i] as f32 * x[i]);
+        }
+        for i in 0..16 {
+            acc[i] = p[i].mul_add(s, acc[i]);
+        }
+    }
+    let mut width = 16;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+    }
+    acc[0]
+}
+
+/// [`dot_q8`] for `R` input rows at once, on AVX-512: each block's 32 values are widened once
+/// and used for every row. Per row the operations are the same as one row alone (one product
+/// pair, one fused add per block, a fixed final reduction), so the grouping never changes a
+/// result.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_q8_avx512<const R: usize>(qs: &[i8], d: &[f32], x: [&[f32]; R]) -> [f32; R] {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); R];
+    for (b, &s) in d.iter().enumerate() {
+        let at = b * Q8_BLOCK;
+        // SAFETY: at + 32 <= qs.len() and <= every x[r].len() (k values, whole blocks).
+        unsafe {
+            let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                qs.as_ptr().add(at) as *const __m128i
+            )));
+            let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                qs.as_ptr().add(at + 16) as *const __m128i,
+            )));
+            let s = _mm512_set1_ps(s);
+            for r in 0..R {
+                let x0 = _mm512_loadu_ps(x[r].as_ptr().add(at));
+                let x1 = _mm512_loadu_ps(x[r].as_ptr().add(at + 16));
+                let p = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
+                acc[r] = _mm512_fmadd_ps(p, s, acc[r]);
+            }
+        }
+    }
+    std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]))
+}
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// [`products`] for q8_0 rows: f32 inputs, no input quantization; on AVX-512, four input rows
+/// share each widened weight block.
+fn products_q8(w: &Q8Rows, (m, k, n): (usize, usize, usize), lhs: &[f32]) -> Vec<f32> {
+    let kb = k / Q8_BLOCK;
+    let avx512 = has_avx512();
+    in_tasks(m, n, |first, cols, out| {
+        for c in 0..cols {
+            let j = first + c;
+            let (qs, d) = (&w.qs[j * k..(j + 1) * k], &w.d[j * kb..(j + 1) * kb]);
+            let x = |r: usize| &lhs[r * k..(r + 1) * k];
+            let mut r = 0;
+            #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                while r + 4 <= m {
+                    // SAFETY: the CPU has AVX-512F.
+                    let v =
+                        unsafe { dot_q8_avx512::<4>(qs, d, [x(r), x(r + 1), x(r + 2), x(r + 3)]) };
+                    for (i, v) in v.into_iter().enumerate() {
+                        out[(r + i) * COLS_PER_TASK + c] = v;
+                    }
+                    r += 4;
+                }
+                while r < m {
+                    // SAFETY: as above.
+                    out[r * COLS_PER_TASK + c] = unsafe { dot_q8_avx512::<1>(qs, d, [x(r)]) }[0];
+                    r += 1;
+                }
+            }
+            for r in r..m {
+                out[r * COLS_PER_TASK + c] = dot_q8(qs, d, x(r));
+            }
+        }
+    })
+}
+
+/// Runs `task(first column, columns, out)` for every group of [`COLS_PER_TASK`] output columns
+/// on the rayon pool, `out` laid out `[row][COLS_PER_TASK]`; returns `[m, n]`.
+fn in_tasks(m: usize, n: usize, task: impl Fn(usize, usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let tasks = n.div_ceil(COLS_PER_TASK);
+    let mut blocked = vec![0f32; tasks * m * COLS_PER_TASK];
+    blocked
+        .par_chunks_mut(m * COLS_PER_TASK)
+        .enumerate()
+        .for_each(|(t, out)| {
+            let first = t * COLS_PER_TASK;
+            task(first, COLS_PER_TASK.min(n - first), out)
+        });
+    let mut dst = Vec::with_capacity(m * n);
+    for r in 0..m {
+        for (t, block) in blocked.chunks(m * COLS_PER_TASK).enumerate() {
+            let cols = COLS_PER_TASK.min(n - t * COLS_PER_TASK);
+            dst.extend_from_slice(&block[r * COLS_PER_TASK..r * COLS_PER_TASK + cols]);
+        }
+    }
+    dst
+}
+
+/// Reinterprets GGML block bytes as blocks of `T` (copied: the bytes may not be aligned).
+fn blocks_from_bytes<T: GgmlType>(bytes: &[u8]) -> Vec<T> {
+    let size = std::mem::size_of::<T>();
+    let mut out = vec![T::zeros(); bytes.len() / size];
+    // SAFETY: `out` holds exactly bytes.len() / size blocks of the repr(C) plain-data type `T`
+    // (f16, f32 and integer fields only: every bit pattern is a value), and does not overlap
+    // `bytes`.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            out.as_mut_ptr() as *mut u8,
+            out.len() * size,
+        )
+    };
+    out
+}
+
+impl QWeight {
+    /// `blocks` hold `[n, k]`.
+    pub fn new(blocks: impl IntoBlocks, (n, k): (usize, usize)) -> Self {
+        QWeight {
+            blocks: Arc::new(blocks.into_blocks()),
+            n,
+            k,
+        }
+    }
+
+    /// Quantizes a whole `[n, k]` tensor (models built in memory; checkpoints stream instead).
+    pub fn quantize(w: &Tensor, format: GgmlDType) -> candle_core::Result<Self> {
+        let dims = w.dims2()?;
+        let q = QTensor::quantize(w, format)?;
+        let bytes = q.data()?;
+        Ok(match format {
+            GgmlDType::Q8_0 => {
+                let mut rows = Q8Rows::with_capacity(dims.0 * dims.1);
+                rows.push(
+                    &w.to_dtype(candle_core::DType::F32)?
+                        .flatten_all()?
+                        .to_vec1()?,
+                );
+                Self::new(rows, dims)
+            }
+            GgmlDType::Q4K => Self::new(blocks_from_bytes::<BlockQ4K>(&bytes), dims),
+            GgmlDType::Q6K => Self::new(blocks_from_bytes::<BlockQ6K>(&bytes), dims),
+            other => candle_core::bail!("no quantized products in {other:?}"),
+        })
+    }
+
+    /// Rows `ids` of the matrix, dequantized: `[..ids, k]` (an embedding lookup).
+    pub fn rows(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let flat = ids.flatten_all()?.to_vec1::<u32>()?;
+        if let Some(bad) = flat.iter().find(|&&i| i as usize >= self.n) {
+            candle_core::bail!("row {bad} is outside the {} rows", self.n);
+        }
+        let out = match &*self.blocks {
+            Blocks::Q8_0(b) => {
+                let (k, kb) = (self.k, self.k / Q8_BLOCK);
+                let mut v = Vec::with_capacity(flat.len() * k);
+                for &id in &flat {
+                    let (qs, d) = (
+                        &b.qs[id as usize * k..][..k],
+                        &b.d[id as usize * kb..][..kb],
+                    );
+                    v.extend(
+                        qs.iter()
+                            .enumerate()
+                            .map(|(i, &q)| q as f32 * d[i / Q8_BLOCK]),
+                    );
+                }
+                CpuStorage::F32(v)
+            }
+            Blocks::Q4K(b) => b.embedding(&flat, self.n, self.k)?,
+            Blocks::Q6K(b) => b.embedding(&flat, self.n, self.k)?,
+        };
+        let CpuStorage::F32(v) = out else {
+            candle_core::bail!("dequantized rows are not f32");
+        };
+        let mut dims = ids.dims().to_vec();
+        dims.push(self.k);
+        Tensor::from_vec(v, dims, &Device::Cpu)
+    }
+}
+
+/// `out[r][c] = w[c] · x[r]` for the `m` rows of `lhs`, laid out `[task][row][COLS_PER_TASK]`.
+fn products<T: GgmlType>(w: &[T], (m, k, n): (usize, usize, usize), lhs: &[f32]) -> Vec<f32>
+where
+    T::VecDotType: Send + Sync,
+{
+    let kb = k / T::BLCK_SIZE;
+    let mut xq = vec![T::VecDotType::zeros(); m * kb];
+    if m == 1 {
+        T::VecDotType::from_float(lhs, &mut xq);
+    } else {
+        xq.par_chunks_mut(kb)
+            .zip(lhs.par_chunks(k))
+            .for_each(|(q, x)| T::VecDotType::from_float(x, q));
+    }
+    in_tasks(m, n, |first, cols, out| {
+        let col = |c: usize| &w[(first + c) * kb..(first + c + 1) * kb];
+        for r in 0..m {
+            let x = &xq[r * kb..(r + 1) * kb];
+            let row = &mut out[r * COLS_PER_TASK..];
+            let mut c = 0;
+            while c + 4 <= cols {
+                let d = T::vec_dot_4(k, col(c), col(c + 1), col(c + 2), col(c + 3), x);
+                (row[c], row[c + 1], row[c + 2], row[c + 3]) = d;
+                c += 4;
+            }
+            for (c, v) in row.iter_mut().enumerate().take(cols).skip(c) {
+                *v = T::vec_dot(k, col(c), x);
+            }
+        }
+    })
+}
+
+impl Module for QWeight {
+    /// `x Wᵀ` for f32 `x [..., k]` on the CPU.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = x.contiguous()?;
+        let mut dims = x.dims().to_vec();
+        if dims.last() != Some(&self.k) {
+            candle_core::bail!("input {dims:?} does not end in {} values", self.k);
+        }
+        let m = x.elem_count() / self.k;
+        let mkn = (m, self.k, self.n);
+        let dst = {
+            let (storage, layout) = x.storage_and_layout();
+            let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+                candle_core::bail!("quantized products take f32 input on the CPU");
+            };
+            let lhs = &data[layout.start_offset()..layout.start_offset() + m * self.k];
+            match &*self.blocks {
+                Blocks::Q8_0(w) => products_q8(w, mkn, lhs),
+                Blocks::Q4K(w) => products(w, mkn, lhs),
+                Blocks::Q6K(w) => products(w, mkn, lhs),
+            }
+        };
+        *dims.last_mut().expect("checked above") = self.n;
+        Tensor::from_vec(dst, dims, &Device::Cpu)
+    }
+}
