@@ -49,14 +49,16 @@ async fn try_generate(
         monitor_layers: false,
     });
     req.set_timeout(timeout);
-    let mut stream = client.generate(req).await?.into_inner();
+    let mut stream = bounded("the call", client.generate(req))
+        .await?
+        .into_inner();
     let mut answer = Answer {
         ids: vec![],
         cache: vec![],
         encode_ms: -1.0,
         cache_ms: -1.0,
     };
-    while let Some(msg) = stream.message().await? {
+    while let Some(msg) = next_message(&mut stream).await? {
         match msg.kind {
             Some(Kind::Delta(d)) => answer.ids.extend(d.token_ids),
             Some(Kind::Final(f)) => {

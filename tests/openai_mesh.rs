@@ -419,12 +419,12 @@ async fn full_slots_get_503_with_retry_after() {
         max_tokens: 4,
         ..Default::default()
     };
-    let err = match client.generate(request(&png, &p)).await {
+    let err = match bounded("the call", client.generate(request(&png, &p))).await {
         Err(s) => s,
         Ok(r) => {
             let mut s = r.into_inner();
             loop {
-                match s.message().await {
+                match next_message(&mut s).await {
                     Err(e) => break e,
                     Ok(None) => panic!("a gRPC call was served beside the held stream"),
                     Ok(Some(_)) => {}

@@ -23,9 +23,11 @@ async fn generate(
     on_token: impl Fn(),
 ) -> Result<(Vec<u32>, Vec<CacheStatus>), tonic::Status> {
     let mut client = mesh.client().await;
-    let mut stream = client.generate(req).await?.into_inner();
+    let mut stream = bounded("the call", client.generate(req))
+        .await?
+        .into_inner();
     let (mut ids, mut cache) = (Vec::new(), Vec::new());
-    while let Some(msg) = stream.message().await? {
+    while let Some(msg) = next_message(&mut stream).await? {
         match msg.kind {
             Some(Kind::Delta(d)) => {
                 ids.extend(d.token_ids);
@@ -80,8 +82,7 @@ async fn up_with_q8_0_answers_the_demo_correctly_and_reports_its_quantization() 
     // Mixed modes are per stage; an unknown mode is a CLI error that lists the choices.
     let out = std::process::Command::new(EXE)
         .args(["up", "--quantize", "decoder=q5_k"])
-        .output()
-        .unwrap();
+        .output_within(std::time::Duration::from_secs(120));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("none, q8_0, q4_k"), "{stderr}");
@@ -94,8 +95,7 @@ async fn up_with_q8_0_answers_the_demo_correctly_and_reports_its_quantization() 
             "--quantize",
             "int8",
         ])
-        .output()
-        .unwrap();
+        .output_within(std::time::Duration::from_secs(120));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
