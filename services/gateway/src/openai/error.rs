@@ -74,7 +74,13 @@ impl ApiError {
     }
 
     /// The HTTP view of a gateway status: the same classes of failure as on the gRPC port.
+    /// RESOURCE_EXHAUSTED is two things: a request too large (413) or a service refusing for
+    /// load, whose message says `overloaded` (documented in the README's error table): that one
+    /// is 503 + Retry-After, which clients retry, wherever in the mesh it was refused.
     pub(super) fn from_status(s: &Status) -> Self {
+        if s.code() == Code::ResourceExhausted && s.message().contains("overloaded") {
+            return Self::overloaded(s);
+        }
         let (status, kind, code) = match s.code() {
             Code::InvalidArgument | Code::OutOfRange => (
                 StatusCode::BAD_REQUEST,
@@ -193,6 +199,22 @@ mod tests {
             assert_eq!(e.status.as_u16(), http);
             assert_eq!(e.body().error.message, "decoder: boom");
         }
+    }
+
+    #[test]
+    fn a_stage_refusing_for_load_is_503_with_retry_after() {
+        let s = Status::resource_exhausted(
+            "decoder: vlm.v1.Decoder overloaded: 1 calls in flight and 0 queued (limits 1 and 0); retry later",
+        );
+        let e = ApiError::from_status(&s);
+        assert_eq!(e.status.as_u16(), 503);
+        assert_eq!(e.retry_after, Some("1"));
+        assert_eq!(e.body().error.code, Some("overloaded"));
+        // Too large for the whole budget is about the request: still 413.
+        let s = Status::resource_exhausted(
+            "gateway: the request needs 9 MiB, more than gateway's whole memory budget of 8 MiB",
+        );
+        assert_eq!(ApiError::from_status(&s).status.as_u16(), 413);
     }
 
     #[test]
