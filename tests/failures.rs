@@ -321,3 +321,100 @@ async fn up_stops_every_service_on_sigterm_and_fails_when_the_gateway_dies() {
     let log = mesh.log.lock().unwrap().join("\n");
     assert!(log.contains("gateway"), "up did not say what died: {log}");
 }
+
+/// The processes whose parent is `pid`, with their command lines.
+fn children_of(pid: u32) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u64>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`; comm may hold spaces, so split after its closing paren.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
+            out.push((child, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
+        }
+    }
+    out
+}
+
+#[test]
+fn up_stopped_during_start_up_exits_0_and_leaves_no_service() {
+    let state = tempfile::tempdir().unwrap();
+    use std::io::Read;
+    let mut up = std::process::Command::new(EXE)
+        .args(["up", "--listen", "127.0.0.1:0", "--model"])
+        .arg(model())
+        .arg("--state-dir")
+        .arg(state.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Hold start-up: stop the encoder the moment it exists. Whether or not it printed
+    // `listening`, `up` cannot be ready while the encoder cannot answer its health check.
+    let t = Instant::now();
+    let encoder = loop {
+        if let Some((pid, _)) = children_of(up.id())
+            .into_iter()
+            .find(|(_, cmd)| cmd.contains("serve encoder"))
+        {
+            break pid;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "up started no encoder within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(5)); // polling for the child to appear, bounded
+    };
+    // SAFETY: kill(2) on processes this test started (the encoder is up's child).
+    unsafe { libc::kill(encoder as i32, libc::SIGSTOP) };
+    let started: Vec<u64> = children_of(up.id()).into_iter().map(|(p, _)| p).collect();
+    let read_all = |r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut r = r;
+            let mut buf = String::new();
+            let _ = r.read_to_string(&mut buf);
+            buf
+        })
+    };
+    let stdout = read_all(Box::new(up.stdout.take().unwrap()));
+    let stderr = read_all(Box::new(up.stderr.take().unwrap()));
+    unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    let status = loop {
+        if let Some(status) = up.try_wait().unwrap() {
+            break status;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = up.kill();
+            unsafe { libc::kill(encoder as i32, libc::SIGKILL) };
+            panic!("up still running 60 s after SIGTERM during start-up");
+        }
+        std::thread::sleep(Duration::from_millis(20)); // polling process exit, bounded
+    };
+    // Let the stopped encoder act on the SIGTERM `up` sent it when it gave up.
+    unsafe { libc::kill(encoder as i32, libc::SIGCONT) };
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    assert!(
+        status.success(),
+        "up exited with {status} when stopped during start-up: {stderr}"
+    );
+    assert!(!stdout.contains("ready"), "start-up was not held: {stdout}");
+    assert!(
+        stderr.contains("stopped during start-up"),
+        "no word of the stop: {stderr}"
+    );
+    let pids: Vec<(String, u64)> = started
+        .into_iter()
+        .map(|p| (format!("service pid {p}"), p))
+        .collect();
+    all_gone(&pids);
+}

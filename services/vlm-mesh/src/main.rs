@@ -122,7 +122,23 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
             replicas: mesh::parse_replicas(&args.replicas)?,
             quantize: args.quantize,
         };
-        let mut mesh = mesh::Mesh::start(&opts).await?;
+        // Ctrl-C/SIGTERM are a graceful stop from here on, during start-up too.
+        let shutdown = vlm_net::shutdown_signal();
+        tokio::pin!(shutdown);
+        let started = tokio::select! {
+            biased;
+            _ = &mut shutdown => None,
+            m = mesh::Mesh::start(&opts) => Some(m),
+        };
+        let mut mesh = match started {
+            Some(Ok(mesh)) => mesh,
+            Some(Err(e)) if !e.is::<mesh::StoppedDuringStartup>() => return Err(e),
+            // Dropping the half-started mesh sends SIGTERM to what it launched.
+            _ => {
+                eprintln!("stopped during start-up");
+                return Ok(());
+            }
+        };
         let pids: Vec<String> = mesh
             .info
             .services
@@ -141,7 +157,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         );
         use std::io::Write;
         std::io::stdout().flush()?;
-        let result = supervise::supervise(&mut mesh, args.restart).await;
+        let result = supervise::supervise(&mut mesh, args.restart, shutdown).await;
         mesh.shutdown().await;
         result
     })

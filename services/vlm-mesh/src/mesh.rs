@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -222,6 +222,43 @@ fn relay_lines<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
     })
 }
 
+/// A service ended during start-up because it was asked to (it exited 0, or SIGINT/SIGTERM ended
+/// it): a Ctrl-C in the terminal reaches every process of the group. A normal stop, not a failure.
+#[derive(Debug)]
+pub struct StoppedDuringStartup {
+    pub service: String,
+    pub status: ExitStatus,
+}
+
+impl std::fmt::Display for StoppedDuringStartup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the {} was stopped during start-up ({})",
+            self.service, self.status
+        )
+    }
+}
+
+impl std::error::Error for StoppedDuringStartup {}
+
+/// Why a service ended during start-up: [`StoppedDuringStartup`] when it was asked to stop,
+/// otherwise a failure naming it.
+fn ended_during_startup(service: &str, status: ExitStatus, what: &str) -> anyhow::Error {
+    use std::os::unix::process::ExitStatusExt;
+    let asked =
+        status.success() || matches!(status.signal(), Some(libc::SIGINT) | Some(libc::SIGTERM));
+    if asked {
+        StoppedDuringStartup {
+            service: service.to_string(),
+            status,
+        }
+        .into()
+    } else {
+        anyhow::anyhow!("the {service} {what} ({status}); see its log above")
+    }
+}
+
 impl Mesh {
     pub async fn start(opts: &MeshOptions) -> anyhow::Result<Mesh> {
         std::fs::create_dir_all(&opts.state_dir)
@@ -283,7 +320,9 @@ impl Mesh {
                 r = vlm_net::wait_until_serving_url(&url, Some(tls), "", START_TIMEOUT) => {
                     r.with_context(|| format!("the {} did not become ready", s.label()))?;
                 }
-                Some((role, status)) = mesh.exits.recv() => bail!("the {role} exited during start-up ({status})"),
+                Some((role, status)) = mesh.exits.recv() => {
+                    return Err(ended_during_startup(&role, status, "exited during start-up"));
+                }
             }
         }
         mesh.write_mesh_file()?;
@@ -372,8 +411,10 @@ impl Mesh {
                 let status = child.wait().await?;
                 // Let its last words (why it failed) reach our stderr before we report.
                 let _ = tokio::time::timeout(Duration::from_secs(5), stderr_relay).await;
-                Err(anyhow::anyhow!(
-                    "the {role} exited before listening ({status}); see its log above"
+                Err(ended_during_startup(
+                    role,
+                    status,
+                    "exited before listening",
                 ))
             }
             Ok(Err(e)) => Err(e.into()),

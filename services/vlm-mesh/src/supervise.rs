@@ -51,9 +51,13 @@ impl Backoff {
     }
 }
 
-/// Runs until Ctrl-C/SIGTERM (Ok) or the gateway exits (Err); then the caller shuts the mesh down.
-pub async fn supervise(mesh: &mut Mesh, policy: RestartPolicy) -> anyhow::Result<()> {
-    let shutdown = vlm_net::shutdown_signal();
+/// Runs until `shutdown` completes (Ok: Ctrl-C/SIGTERM) or the gateway exits (Err); then the caller
+/// shuts the mesh down. `shutdown` is made before `ready` is printed (see [`vlm_net::shutdown_signal`]).
+pub async fn supervise(
+    mesh: &mut Mesh,
+    policy: RestartPolicy,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     let mut backoff: HashMap<String, Backoff> = HashMap::new();
     // Stages waiting for their restart, with when it is due.

@@ -92,17 +92,13 @@ where
 {
     let callers = allowed_callers::<S>(common, stage.tls.is_some())?;
     let listener = bind(common.listen, "--listen").await?;
+    // Before `listening` is printed: a supervisor may signal us the moment it reads that line.
+    let shutdown = vlm_net::shutdown_signal();
     announce(&listener, stage.http.as_ref().map(|h| h.addr))?;
     let health = bind_health(common.health_listen).await?;
     let service = vlm_net::server_layers(stage.admission, callers)
         .service(stage.server.with_message_limit(stage.max_message_bytes));
-    let grpc = vlm_net::serve_grpc_with_health_port(
-        listener,
-        health,
-        stage.tls,
-        service,
-        vlm_net::shutdown_signal(),
-    );
+    let grpc = vlm_net::serve_grpc_with_health_port(listener, health, stage.tls, service, shutdown);
     match stage.http {
         None => grpc.await?,
         Some(http) => {
