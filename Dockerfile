@@ -2,7 +2,8 @@
 #
 # One image for every role: `vlm-mesh serve gateway|encoder|projector|decoder …` (the Helm chart in
 # helm/vlm-mesh passes the arguments). Models are never baked in: mount a checkpoint (PVC,
-# hostPath, or an init container filling an emptyDir) and pass --model.
+# hostPath, or an init container filling an emptyDir) and pass --model. (The binary carries only
+# the ~4 MB demo model, `--model bundled:shapes-llava`, unpacked into $HOME/.cache or /tmp.)
 #
 #   docker build -t vlm-mesh:0.1.0 .
 #   docker run --rm vlm-mesh:0.1.0 --help
@@ -27,7 +28,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/vlm-mesh /usr/local/bin/vlm-mesh
 USER 65532:65532
-# 50051: gRPC (mTLS on internal stages, TLS on the gateway); 8081: plaintext grpc.health.v1 for probes.
-EXPOSE 50051 8081
+# 50051: gRPC (mTLS on internal stages, TLS on the gateway); 8081: plaintext grpc.health.v1 for probes;
+# 9090: Prometheus metrics (--metrics-listen); 8080: the gateway's OpenAI endpoint (--http-listen).
+EXPOSE 50051 8081 9090 8080
 ENTRYPOINT ["/usr/local/bin/vlm-mesh"]
 CMD ["--help"]

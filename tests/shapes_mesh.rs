@@ -92,9 +92,26 @@ fn demo_describes_the_bundled_sample_correctly() {
         "the demo image has two shapes: {want}"
     );
 
-    // No flags: the defaults must be the shapes model, its demo image and a describe prompt.
-    let out = Command::new(EXE)
+    // No flags, and a copy of the binary run from an empty directory far from the checkout (as
+    // after `cargo install`, or in the container): the bundled model and image must come from
+    // the binary itself.
+    let place = tempfile::tempdir().unwrap();
+    let (bin, cwd, home) = (
+        place.path().join("bin"),
+        place.path().join("work"),
+        place.path().join("home"),
+    );
+    for d in [&bin, &cwd, &home] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let exe = bin.join("vlm-mesh");
+    std::fs::copy(EXE, &exe).unwrap();
+    let out = Command::new(&exe)
         .arg("demo")
+        .current_dir(&cwd)
+        .env("HOME", &home)
+        .env_remove("VLM_CACHE_DIR")
+        .env_remove("XDG_CACHE_HOME")
         .env_remove("VLM_MODEL")
         .env_remove("VLM_IMAGE")
         .env_remove("VLM_PROMPT")
@@ -103,8 +120,13 @@ fn demo_describes_the_bundled_sample_correctly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed: {stderr}");
     assert!(
-        stderr.contains("samples/demo.png"),
-        "demo asked about another image: {stderr}"
+        stderr.contains("samples/demo.png") && stderr.contains(&home.display().to_string()),
+        "demo asked about another image than the bundled one (unpacked under HOME): {stderr}"
     );
-    assert_eq!(stdout.trim(), want, "stderr: {stderr}");
+    assert!(
+        !stderr.contains(&common::repo().canonicalize().unwrap().display().to_string()),
+        "the copied binary used the checkout: {stderr}"
+    );
+    // The answer exactly, with no space before it (README: "Answers").
+    assert_eq!(stdout.trim_end(), want, "stderr: {stderr}");
 }

@@ -20,13 +20,12 @@ use vlm_proto::gateway_client::GatewayClient;
 use vlm_proto::generate_response::Kind;
 use vlm_proto::GenerateRequest;
 
-use crate::generate::default_model_dir;
 use crate::mesh::default_state_dir;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     /// Checkpoint directory for the in-process run (not used with --gateway).
-    #[arg(long, env = "VLM_MODEL", default_value_os_t = default_model_dir())]
+    #[arg(long, env = "VLM_MODEL", default_value = crate::bundled::BUNDLED_MODEL)]
     pub model: PathBuf,
     /// Evaluation set: a directory with questions.jsonl and the images it names
     /// (write a fresh one with `models/shapes/dataset.py --out DIR`).
@@ -311,7 +310,10 @@ fn score<'a>(answers: impl Iterator<Item = &'a Answer>) -> Score {
     }
 }
 
-pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
+    if args.gateway.is_none() {
+        args.model = crate::bundled::model_dir(&args.model)?;
+    }
     let questions = load_set(&args.set, args.limit)?;
     let images = read_images(&args.set, &questions)?;
     let started = Instant::now();

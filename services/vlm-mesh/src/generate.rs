@@ -8,18 +8,6 @@ use clap::Args;
 use serde::Serialize;
 use vlm_model::{Device, ImageLimits, Pipeline, SamplingParams, StageTimings};
 
-/// The bundled demo checkpoint, found next to the sources this binary was built from: a tiny model
-/// trained to describe synthetic shapes (models/shapes/train.py), so the demo answers for real.
-pub fn default_model_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/shapes-llava")
-}
-
-/// The bundled sample image `demo` asks about (a blue star at the top left and a green circle in
-/// the centre; see models/shapes-llava/samples/samples.json).
-pub fn default_demo_image() -> PathBuf {
-    default_model_dir().join("samples/demo.png")
-}
-
 /// The question `demo` asks.
 pub const DEFAULT_DEMO_PROMPT: &str = "USER: <image>\nDescribe the image. ASSISTANT:";
 
@@ -72,8 +60,9 @@ fn random_seed() -> u64 {
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Checkpoint directory in the Hugging Face llava-hf layout.
-    #[arg(long, env = "VLM_MODEL", default_value_os_t = default_model_dir())]
+    /// Checkpoint directory in the Hugging Face llava-hf layout; `bundled:shapes-llava` is the
+    /// demo model compiled into this binary (unpacked once into ~/.cache/vlm-mesh, or $VLM_CACHE_DIR).
+    #[arg(long, env = "VLM_MODEL", default_value = crate::bundled::BUNDLED_MODEL)]
     pub model: PathBuf,
     /// Image file (PNG, JPEG or WebP); repeat for several images, one `<image>` each in the prompt.
     #[arg(long, env = "VLM_IMAGE", required = true)]
@@ -83,7 +72,8 @@ pub struct GenerateArgs {
     pub prompt: String,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// Compute dtype: f32, f16 or bf16 (weights are converted on load).
+    /// Compute dtype: f32 or f16 (weights are converted on load). This build computes on the CPU
+    /// only, where bf16 has no matmul; `bf16` is refused with that reason.
     #[arg(long, env = "VLM_DTYPE", default_value = "f32")]
     pub dtype: String,
     /// Weight quantization of every stage: none, q8_0 or q4_k (see `serve <stage> --quantize`).
@@ -111,7 +101,8 @@ struct JsonOutput<'a> {
     timings: &'a StageTimings,
 }
 
-pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+pub fn run(mut args: GenerateArgs) -> anyhow::Result<()> {
+    args.model = crate::bundled::model_dir(&args.model)?;
     let dtype = vlm_model::parse_dtype(&args.dtype)?;
     let images = args
         .image

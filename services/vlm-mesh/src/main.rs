@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod ask;
 mod bench;
+mod bundled;
 mod certs;
 mod eval;
 mod generate;
@@ -53,8 +54,9 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct UpArgs {
-    /// Checkpoint directory in the Hugging Face llava-hf layout.
-    #[arg(long, env = "VLM_MODEL", default_value_os_t = generate::default_model_dir())]
+    /// Checkpoint directory in the Hugging Face llava-hf layout; `bundled:shapes-llava` is the
+    /// demo model compiled into this binary (unpacked once into ~/.cache/vlm-mesh, or $VLM_CACHE_DIR).
+    #[arg(long, env = "VLM_MODEL", default_value = crate::bundled::BUNDLED_MODEL)]
     model: PathBuf,
     /// Where certificates and the mesh description (mesh.json, read by `ask`) live.
     #[arg(long, env = "VLM_STATE_DIR", default_value_os_t = mesh::default_state_dir())]
@@ -62,7 +64,8 @@ struct UpArgs {
     /// Public gateway address.
     #[arg(long, env = "VLM_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
-    /// Compute dtype: f32, f16 or bf16.
+    /// Compute dtype: f32 or f16. This build computes on the CPU only, where bf16 has no matmul;
+    /// `bf16` is refused at start-up with that reason.
     #[arg(long, env = "VLM_DTYPE", default_value = "f32")]
     dtype: String,
     /// Processes per stage, e.g. `encoder=2,projector=1,decoder=2` (unnamed stages: 1). The
@@ -86,11 +89,12 @@ struct UpArgs {
 
 #[derive(Args, Debug)]
 struct DemoArgs {
-    /// Checkpoint directory in the Hugging Face llava-hf layout.
-    #[arg(long, env = "VLM_MODEL", default_value_os_t = generate::default_model_dir())]
+    /// Checkpoint directory in the Hugging Face llava-hf layout; `bundled:shapes-llava` is the
+    /// demo model compiled into this binary (unpacked once into ~/.cache/vlm-mesh, or $VLM_CACHE_DIR).
+    #[arg(long, env = "VLM_MODEL", default_value = crate::bundled::BUNDLED_MODEL)]
     model: PathBuf,
-    /// Image to ask about.
-    #[arg(long, env = "VLM_IMAGE", default_value_os_t = generate::default_demo_image())]
+    /// Image to ask about; `bundled:demo.png` is the sample compiled into this binary.
+    #[arg(long, env = "VLM_IMAGE", default_value = bundled::BUNDLED_DEMO_IMAGE)]
     image: PathBuf,
     /// Prompt (LLaVA-1.5 format).
     #[arg(
@@ -113,7 +117,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn up(args: UpArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let opts = mesh::MeshOptions {
-            model: args.model,
+            model: bundled::model_dir(&args.model)?,
             state_dir: args.state_dir.clone(),
             listen: args.listen,
             dtype: args.dtype,
@@ -166,8 +170,9 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
 fn demo(args: DemoArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let state = tempfile::tempdir()?;
+        let image = bundled::image_path(&args.image)?;
         let opts = mesh::MeshOptions {
-            model: args.model,
+            model: bundled::model_dir(&args.model)?,
             state_dir: state.path().to_path_buf(),
             listen: "127.0.0.1:0".parse()?,
             dtype: "f32".into(),
@@ -181,7 +186,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
         eprintln!(
             "mesh ready at {}; asking about {}",
             mesh.info.gateway_url,
-            args.image.display()
+            image.display()
         );
         eprintln!("prompt: {:?}", args.prompt);
         let ask_args = ask::AskArgs {
@@ -190,7 +195,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
             ca: None,
             cert: None,
             key: None,
-            image: vec![args.image],
+            image: vec![image],
             prompt: args.prompt,
             sampling: generate::SamplingArgs {
                 max_tokens: Some(args.max_tokens),
@@ -211,8 +216,11 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Progress (weights loaded, long prefills) shows by default on a terminal, like llama.cpp.
+    let on_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let default_filter = match cli.command {
         Command::Serve(_) => "info",
+        _ if on_terminal => "warn,vlm_progress=info",
         _ => "warn",
     };
     // `serve` sets telemetry up itself, inside its runtime (per-service name, OTLP export).
@@ -236,8 +244,22 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `e` and its causes joined by `: `, leaving out a cause whose text the message already holds
+/// (errors that print their source themselves would otherwise say it twice).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
 }

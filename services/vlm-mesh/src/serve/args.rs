@@ -9,15 +9,14 @@ use clap::{Args, Subcommand};
 use vlm_model::{ImageLimits, Quantization};
 use vlm_net::TlsFiles;
 
-use crate::generate::default_model_dir;
-
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, env = "VLM_LISTEN")]
     pub listen: SocketAddr,
-    /// Checkpoint directory in the Hugging Face llava-hf layout.
-    #[arg(long, env = "VLM_MODEL", default_value_os_t = default_model_dir())]
+    /// Checkpoint directory in the Hugging Face llava-hf layout; `bundled:shapes-llava` is the
+    /// demo model compiled into this binary (unpacked once into ~/.cache/vlm-mesh, or $VLM_CACHE_DIR).
+    #[arg(long, env = "VLM_MODEL", default_value = crate::bundled::BUNDLED_MODEL)]
     pub model: PathBuf,
     /// Directory with `ca.pem`, `<role>.pem` and `<role>.key` (as written by `vlm-mesh certs`).
     #[arg(long, env = "VLM_TLS_DIR")]
@@ -31,7 +30,8 @@ pub struct CommonArgs {
     /// This service's private key (overrides the one in --tls-dir).
     #[arg(long, env = "VLM_TLS_KEY")]
     pub key: Option<PathBuf>,
-    /// Compute dtype: f32, f16 or bf16.
+    /// Compute dtype: f32 or f16. This build computes on the CPU only, where bf16 has no matmul;
+    /// `bf16` is refused at start-up with that reason.
     #[arg(long, env = "VLM_DTYPE", default_value = "f32")]
     pub dtype: String,
     /// Calls this service serves at once; see --max-queue.
@@ -385,6 +385,18 @@ impl CacheArgs {
 }
 
 impl ServeRole {
+    /// Replaces `--model bundled:…` by the directory the bundled model is unpacked in.
+    pub(super) fn resolve_model(&mut self) -> anyhow::Result<()> {
+        let common = match self {
+            ServeRole::Encoder(a) => &mut a.common,
+            ServeRole::Projector(a) => &mut a.common,
+            ServeRole::Decoder(a) => &mut a.common,
+            ServeRole::Gateway(a) => &mut a.common,
+        };
+        common.model = crate::bundled::model_dir(&common.model)?;
+        Ok(())
+    }
+
     pub(super) fn name_and_common(&self) -> (&'static str, &CommonArgs) {
         match self {
             ServeRole::Encoder(a) => ("encoder", &a.common),
