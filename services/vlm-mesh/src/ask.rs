@@ -81,9 +81,18 @@ pub async fn connect(args: &AskArgs) -> anyhow::Result<(String, Channel)> {
             Err(_) => "https://127.0.0.1:50051".to_string(),
         },
     };
+    if !url.contains("://") {
+        anyhow::bail!(
+            "--gateway {url:?} needs a scheme: use https://{url} (the gateway speaks TLS; \
+             http:// reaches only a gateway started with VLM_PLAINTEXT=true)"
+        );
+    }
     let tls = if url.starts_with("https://") {
         let certs = certs_dir(&args.state_dir);
         let ca = args.ca.clone().unwrap_or_else(|| certs.join("ca.pem"));
+        if !ca.exists() {
+            anyhow::bail!("{}", missing_ca_message(args, &ca));
+        }
         let host = vlm_net::url_host(&url)?;
         let (cert, key) = match (&args.cert, &args.key) {
             (Some(c), Some(k)) => (Some(c.clone()), Some(k.clone())),
@@ -102,10 +111,64 @@ pub async fn connect(args: &AskArgs) -> anyhow::Result<(String, Channel)> {
     } else {
         None
     };
-    let channel = vlm_net::connect(&url, tls).await.with_context(|| {
-        format!("cannot reach the gateway at {url} (is `vlm-mesh up` running?)")
-    })?;
-    Ok((url, channel))
+    match vlm_net::connect(&url, tls).await {
+        Ok(channel) => Ok((url, channel)),
+        Err(e) => Err(explain_plaintext(&url, anyhow::Error::new(e))
+            .await
+            .context(format!(
+                "cannot reach the gateway at {url} (is `vlm-mesh up` running?)"
+            ))),
+    }
+}
+
+/// What to do when the CA file `ask` would use does not exist.
+fn missing_ca_message(args: &AskArgs, ca: &std::path::Path) -> String {
+    match &args.ca {
+        Some(_) => format!(
+            "the CA certificate given with --ca, {}, does not exist",
+            ca.display()
+        ),
+        None => format!(
+            "no CA certificate at {}: the gateway speaks TLS and ask verifies it. Start a local \
+             mesh with `vlm-mesh up` (it writes its CA there), pass the --state-dir your mesh was \
+             started with, or give the CA that signed the gateway's certificate with --ca FILE",
+            ca.display()
+        ),
+    }
+}
+
+/// `err` from a plaintext (`http://`) URL, replaced by a clear message when the port answers
+/// TLS instead of plaintext HTTP/2: a TLS gateway reached with http:// otherwise fails with
+/// `Unknown: transport error`.
+async fn explain_plaintext(url: &str, err: anyhow::Error) -> anyhow::Error {
+    if !url.starts_with("http://") || speaks_plaintext_h2(url).await != Some(false) {
+        return err;
+    }
+    let https = url.replacen("http://", "https://", 1);
+    anyhow::anyhow!(
+        "the gateway at {url} does not speak plaintext HTTP/2: it speaks TLS; use {https}"
+    )
+}
+
+/// Sends the HTTP/2 connection preface and an empty SETTINGS frame to `url`'s port: `Some(true)`
+/// if it answers with an HTTP/2 SETTINGS frame, `Some(false)` if it answers anything else or
+/// closes (a TLS server sends an alert or hangs up), `None` if it cannot be reached at all.
+async fn speaks_plaintext_h2(url: &str) -> Option<bool> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let uri: tonic::codegen::http::Uri = url.parse().ok()?;
+    let addr = format!("{}:{}", uri.host()?, uri.port_u16().unwrap_or(80));
+    let limit = Duration::from_secs(3);
+    let mut tcp = tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, no parameters
+    tcp.write_all(&hello).await.ok()?;
+    let mut head = [0u8; 9];
+    let read = tokio::time::timeout(limit, tcp.read_exact(&mut head)).await;
+    // A frame header: 24-bit length, then type 4 (SETTINGS).
+    Some(matches!(read, Ok(Ok(_)) if head[3] == 4))
 }
 
 pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
@@ -118,7 +181,7 @@ pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot read image {}", p.display()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let (_, channel) = connect(&args).await?;
+    let (url, channel) = connect(&args).await?;
     let mut client = GatewayClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(256 << 20);
@@ -139,11 +202,10 @@ pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
         monitor_layers: false,
     });
     req.set_timeout(Duration::from_secs(args.timeout));
-    let mut stream = client
-        .generate(req)
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let mut stream = match client.generate(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => return Err(explain_plaintext(&url, status_error(s)).await),
+    };
     let mut out = JsonOutput {
         seed: p.seed,
         ..Default::default()
@@ -213,13 +275,7 @@ pub fn cache_status_name(v: i32) -> &'static str {
 }
 
 pub fn finish_reason_name(v: i32) -> &'static str {
-    match vlm_proto::FinishReason::try_from(v) {
-        Ok(vlm_proto::FinishReason::Stop) => "eos",
-        Ok(vlm_proto::FinishReason::Length) => "length",
-        Ok(vlm_proto::FinishReason::StopString) => "stop",
-        Ok(vlm_proto::FinishReason::ContextLength) => "context_length",
-        _ => "unspecified",
-    }
+    vlm_proto::FinishReason::public_name_of(v)
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {

@@ -13,9 +13,29 @@ pub struct CertsArgs {
     /// service names.
     #[arg(long, env = "VLM_CERTS_HOSTS", value_delimiter = ',')]
     pub hosts: Vec<String>,
+    /// Replace an existing CA and every key in --out. Whatever runs with the old certificates
+    /// (a mesh started by `up`, pods using them) stops trusting and being trusted.
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn run(args: CertsArgs) -> anyhow::Result<()> {
+    let existing: Vec<String> = std::fs::read_dir(&args.out)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".pem") || n.ends_with(".key"))
+        .collect();
+    if !existing.is_empty() && !args.force {
+        anyhow::bail!(
+            "{} already holds certificates or keys ({}); replacing them breaks every process \
+             that uses them (a running mesh stops trusting its peers). Pass --force to replace \
+             them, or choose another --out",
+            args.out.display(),
+            existing.join(", ")
+        );
+    }
     vlm_net::certs::generate_dev_certs(&args.out, &args.hosts)?;
     println!(
         "wrote a development CA and certificates to {}",

@@ -222,6 +222,17 @@ fn relay_lines<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
     })
 }
 
+/// Whether the gateway `up` starts serves its public ports in plaintext: `VLM_PLAINTEXT` set to
+/// anything clap reads as true (it reaches the gateway through the environment).
+fn gateway_plaintext() -> bool {
+    std::env::var("VLM_PLAINTEXT").is_ok_and(|v| {
+        !matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "" | "0" | "false" | "f" | "no" | "n" | "off"
+        )
+    })
+}
+
 /// A service ended during start-up because it was asked to (it exited 0, or SIGINT/SIGTERM ended
 /// it): a Ctrl-C in the terminal reaches every process of the group. A normal stop, not a failure.
 #[derive(Debug)]
@@ -308,16 +319,24 @@ impl Mesh {
         }
         gw_args.extend(opts.gateway_args.iter().cloned());
         let gw = mesh.launch("gateway", 0, &gw_args).await?;
-        mesh.info.gateway_url = format!("https://{gw}");
-        mesh.info.openai_url = mesh.gateway_http.map(|a| format!("https://{a}/v1"));
+        // VLM_PLAINTEXT (inherited by the gateway) serves its public ports without TLS; the
+        // stages stay on mTLS.
+        let public = if gateway_plaintext() { "http" } else { "https" };
+        mesh.info.gateway_url = format!("{public}://{gw}");
+        mesh.info.openai_url = mesh.gateway_http.map(|a| format!("{public}://{a}/v1"));
 
-        // Every service must answer SERVING over mTLS before the mesh is declared ready.
+        // Every service must answer SERVING (over mTLS, the gateway as it serves) before the mesh
+        // is declared ready.
         let files = vlm_net::TlsFiles::for_role(&certs, "client");
         for s in mesh.info.services.clone() {
-            let tls = vlm_net::client_tls(&files, "localhost")?;
-            let url = format!("https://{}", s.addr);
+            let (url, tls) = if s.role == "gateway" && public == "http" {
+                (format!("http://{}", s.addr), None)
+            } else {
+                let tls = vlm_net::client_tls(&files, "localhost")?;
+                (format!("https://{}", s.addr), Some(tls))
+            };
             tokio::select! {
-                r = vlm_net::wait_until_serving_url(&url, Some(tls), "", START_TIMEOUT) => {
+                r = vlm_net::wait_until_serving_url(&url, tls, "", START_TIMEOUT) => {
                     r.with_context(|| format!("the {} did not become ready", s.label()))?;
                 }
                 Some((role, status)) = mesh.exits.recv() => {

@@ -23,11 +23,12 @@ pub enum FinishReason {
 }
 
 impl FinishReason {
+    /// The public spelling (OpenAI's, as everywhere users see it): `stop` for an end-of-sequence
+    /// token or a stop string, `length` for `max_tokens`.
     pub fn as_str(self) -> &'static str {
         match self {
-            FinishReason::Eos => "eos",
+            FinishReason::Eos | FinishReason::StopString => "stop",
             FinishReason::Length => "length",
-            FinishReason::StopString => "stop",
         }
     }
 }

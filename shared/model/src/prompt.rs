@@ -288,14 +288,14 @@ impl<'a> TextStreamer<'a> {
     /// Adds ids whose text was already delivered (a resumed stream) without emitting it again.
     pub fn preload(&mut self, ids: &[u32]) -> Result<()> {
         self.ids.extend_from_slice(ids);
-        let text = self.prompt.decode(&self.ids)?;
+        let text = self.answer_text()?;
         self.emitted = text.trim_end_matches('\u{FFFD}').to_string();
         Ok(())
     }
 
     pub fn push(&mut self, id: u32) -> Result<TextStep> {
         self.ids.push(id);
-        let text = self.prompt.decode(&self.ids)?;
+        let text = self.answer_text()?;
         let scan_from = self
             .emitted
             .len()
@@ -330,8 +330,20 @@ impl<'a> TextStreamer<'a> {
 
     /// Releases held-back text at the end of generation (a stop-string prefix that never completed).
     pub fn flush(&mut self) -> Result<String> {
-        let text = self.prompt.decode(&self.ids)?;
+        let text = self.answer_text()?;
         Ok(self.delta_to(&text))
+    }
+
+    /// The answer so far: the generated ids decoded, without the one space that separates the
+    /// answer from a prompt ending in `ASSISTANT:` (a byte-level BPE's `Ġa`, or a SentencePiece
+    /// `▁a` whose tokenizer does not strip it), as transformers' decode does for SentencePiece
+    /// models. Token ids are unchanged; stop strings match against this text.
+    fn answer_text(&self) -> Result<String> {
+        let text = self.prompt.decode(&self.ids)?;
+        Ok(match text.strip_prefix(' ') {
+            Some(rest) => rest.to_string(),
+            None => text,
+        })
     }
 
     fn delta_to(&mut self, target: &str) -> String {

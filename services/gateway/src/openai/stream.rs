@@ -51,8 +51,9 @@ where
 }
 
 fn finish_reason(r: i32) -> &'static str {
-    match FinishReason::try_from(r).unwrap_or(FinishReason::Unspecified) {
-        FinishReason::Length | FinishReason::ContextLength => "length",
+    match FinishReason::public_name_of(r) {
+        "length" => "length",
+        // OpenAI has no "unspecified": a final message always ends the answer.
         _ => "stop",
     }
 }

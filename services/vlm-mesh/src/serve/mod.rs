@@ -36,7 +36,8 @@ fn fault_delay(var: &str) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(ms))
 }
 
-pub fn run(role: ServeRole) -> anyhow::Result<()> {
+pub fn run(mut role: ServeRole) -> anyhow::Result<()> {
+    role.resolve_model()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -50,6 +51,7 @@ pub fn run(role: ServeRole) -> anyhow::Result<()> {
     let metrics_listen = common.metrics_listen;
     let served = rt.block_on(async move {
         if let Some(addr) = metrics_listen {
+            vlm_telemetry::metrics::preregister(name);
             stage::serve_metrics(addr).await?;
         }
         match role {
