@@ -191,6 +191,14 @@ fn python_node_and_reflection_clients_get_the_tokens_of_generate() {
     assert_eq!(gateway[0]["output"], "vlm.v1.GenerateResponse");
     assert_eq!(gateway[0]["server_streaming"], true);
     assert!(found["services"]["grpc.health.v1.Health"].is_array());
+    // Only what the gateway's port serves: the stages' services would answer UNIMPLEMENTED there.
+    let listed: Vec<&String> = found["services"].as_object().unwrap().keys().collect();
+    for stage in ["vlm.v1.Encoder", "vlm.v1.Projector", "vlm.v1.Decoder"] {
+        assert!(
+            !listed.iter().any(|s| *s == stage),
+            "{stage} listed on the gateway's port: {listed:?}"
+        );
+    }
     // Generate, called with message types learned only through reflection.
     assert_eq!(
         found["generate"]["token_ids"],

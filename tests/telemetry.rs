@@ -103,7 +103,12 @@ impl TraceService for Collector {
 impl Collector {
     /// Starts the receiver on a free loopback port; returns its `http://` URL.
     async fn start(&self) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.start_on("127.0.0.1:0").await
+    }
+
+    /// Starts the receiver on `addr`.
+    async fn start_on(&self, addr: &str) -> String {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let svc = TraceServiceServer::new(self.clone());
         tokio::spawn(async move {
@@ -740,6 +745,136 @@ async fn decoder_killed_mid_stream_is_a_failover_event_on_the_same_trace() {
             let v: serde_json::Value = serde_json::from_str(&l[label.len()..])
                 .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"));
             assert!(v["level"].is_string() && v["fields"].is_object(), "{l}");
+        }
+    }
+}
+
+/// A collector that is down is reported once (not per batch, not silently), and its return too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn export_failures_and_recovery_are_logged_once() {
+    let _serial = SERIAL.lock().await;
+    // A loopback port with nothing on it (yet).
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let env = otel_env(&format!("http://{addr}"));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mesh = MeshProc::start(&env);
+    for _ in 0..2 {
+        let (trace, span) = client_ids();
+        generate_traced(mesh.client().await, request(4), &trace, &span, None).await;
+    }
+    let failed = mesh
+        .wait_for_log(
+            &["[gateway]", "exporting spans over OTLP", "failed"],
+            Duration::from_secs(60),
+        )
+        .expect("the gateway never reported that its collector is down");
+    assert!(
+        failed.contains(&addr),
+        "the line names the endpoint: {failed}"
+    );
+
+    let collector = Collector::default();
+    collector.start_on(&addr).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let recovered = loop {
+        let (trace, span) = client_ids();
+        generate_traced(mesh.client().await, request(4), &trace, &span, None).await;
+        if let Some(line) = mesh.wait_for_log(
+            &["[gateway]", "exporting spans over OTLP", "works again"],
+            Duration::from_secs(2),
+        ) {
+            break line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery logged within 60 s of the collector starting; it got {} spans",
+            collector.all().len()
+        );
+    };
+    assert!(recovered.contains("batch(es) lost"), "{recovered}");
+    let log = mesh.log.lock().unwrap().join("\n");
+    let failures = log
+        .lines()
+        .filter(|l| {
+            l.starts_with("[gateway]")
+                && l.contains("exporting spans over OTLP")
+                && l.contains("failed")
+        })
+        .count();
+    assert_eq!(
+        failures, 1,
+        "one failure line per outage, not one per batch: {log}"
+    );
+}
+
+/// Every series the README names whose labels are known in advance is exported, at zero, before
+/// the first request (dashboards, alerts and `rate()` need it to exist).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_exist_at_zero_before_any_request() {
+    let _serial = SERIAL.lock().await;
+    let mesh = MeshProc::start(&[]);
+    let expect: &[(&str, &[&str])] = &[
+        (
+            "gateway",
+            &[
+                "vlm_admission_queue_depth{service=\"vlm.v1.Gateway\"}",
+                "vlm_admission_shed_total{service=\"vlm.v1.Gateway\"}",
+                "vlm_cache_lookups_total{result=\"hit\"}",
+                "vlm_cache_lookups_total{result=\"miss\"}",
+                "vlm_cache_lookups_total{result=\"error\"}",
+                "vlm_cache_stores_total{result=\"ok\"}",
+                "vlm_cache_stores_total{result=\"error\"}",
+                "vlm_gateway_retries_total{stage=\"encoder\",kind=\"retry\"}",
+                "vlm_gateway_retries_total{stage=\"decoder\",kind=\"failover\"}",
+                "vlm_tokens_generated_total",
+                "vlm_time_to_first_token_seconds_count",
+                "vlm_inter_token_latency_seconds_count",
+                "vlm_stage_duration_seconds_count{stage=\"cache.lookup\"}",
+            ],
+        ),
+        (
+            "encoder",
+            &[
+                "vlm_admission_shed_total{service=\"vlm.v1.Encoder\"}",
+                "vlm_stage_duration_seconds_count{stage=\"preprocess\"}",
+                "vlm_stage_duration_seconds_count{stage=\"vision_forward\"}",
+            ],
+        ),
+        (
+            "projector",
+            &["vlm_stage_duration_seconds_count{stage=\"project\"}"],
+        ),
+        (
+            "decoder",
+            &[
+                "vlm_admission_queue_depth{service=\"vlm.v1.Decoder\"}",
+                "vlm_stage_duration_seconds_count{stage=\"prefill\"}",
+                "vlm_stage_duration_seconds_count{stage=\"decode\"}",
+                "vlm_decoder_batch_size_count",
+                "vlm_kv_cache_blocks{state=\"used\"}",
+                "vlm_prefix_cache_tokens_total{result=\"hit\"}",
+                "vlm_decoder_queue_wait_seconds_count{outcome=\"expired\"}",
+                "vlm_decoder_running_sequences",
+                "vlm_decoder_queued_requests",
+            ],
+        ),
+    ];
+    for (role, series) in expect {
+        let text = scrape(&mesh.metrics_addr(role));
+        for s in *series {
+            let line = text
+                .lines()
+                .find(|l| l.strip_prefix(s).is_some_and(|rest| rest.starts_with(' ')))
+                .unwrap_or_else(|| panic!("{role}: no {s} before any request:\n{text}"));
+            let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+            // KV blocks and running sequences are gauges of state, not events; the rest are zero.
+            if !s.starts_with("vlm_kv_cache_blocks") {
+                assert_eq!(value, 0.0, "{role}: {line}");
+            }
         }
     }
 }

@@ -381,6 +381,7 @@ impl PartBackend {
             {
                 s.next_report = s.bytes * 10 / self.total_bytes + 1;
                 tracing::info!(
+                    target: crate::PROGRESS_TARGET,
                     part = self.kind.name(),
                     "loading {}: {:.0}% of {:.1} GiB",
                     self.kind.name(),

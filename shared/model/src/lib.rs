@@ -29,6 +29,10 @@ pub mod resize;
 pub mod sampling;
 pub mod vision;
 
+/// `tracing` target of progress lines (weights loaded, long prefills): `vlm-mesh` shows them by
+/// default on a terminal, as llama.cpp does, while other info-level logs stay quiet.
+pub const PROGRESS_TARGET: &str = "vlm_progress";
+
 pub use cancel::{Cancel, CancelOnDrop};
 pub use candle_core::{DType, Device, Tensor};
 pub use checkpoint::{Checkpoint, CheckpointPart};

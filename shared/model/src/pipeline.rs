@@ -28,6 +28,9 @@ pub struct StageTimings {
     pub decode_ms: f64,
 }
 
+/// Prompts at least this long get progress lines around their prefill.
+const LONG_PREFILL: usize = 256;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateOutput {
     pub text: String,
@@ -118,8 +121,20 @@ impl Pipeline {
 
         let t = Instant::now();
         let embeds: Tensor = prepared.embeddings(&self.decoder, &projected)?;
+        let positions = prepared.ids.len();
+        let long = positions >= LONG_PREFILL;
+        if long {
+            tracing::info!(target: crate::PROGRESS_TARGET, "prefilling {positions} positions…");
+        }
         let mut gen = Generation::start(&self.decoder, &self.prompt, &embeds, params, &[])?;
         timings.prefill_ms = ms(t);
+        if long {
+            tracing::info!(
+                target: crate::PROGRESS_TARGET,
+                "prefilled {positions} positions in {:.1} s",
+                timings.prefill_ms / 1000.0
+            );
+        }
 
         let t = Instant::now();
         let mut text = String::new();

@@ -87,6 +87,11 @@ impl AdmissionGate {
     /// Slots and queue per `limits` for `service` (its gRPC name, the metrics label), request
     /// data bounded by `memory`.
     pub fn new(service: &'static str, limits: AdmissionLimits, memory: ByteBudget) -> Self {
+        // The series exist from the start, at zero, so dashboards and alerts see them.
+        queue_depth(service, 0);
+        let _ = MeshMetrics::global()
+            .admission_shed
+            .get_or_create(&ServiceLabels { service });
         AdmissionGate {
             shared: Arc::new(Shared {
                 limits,

@@ -109,6 +109,11 @@ impl ByteBudget {
         };
         budget.gauge(MemoryState::limit, total_bytes);
         budget.gauge(MemoryState::used, 0);
+        // Every series this budget records exists from the start, at zero.
+        budget.waiting_gauge(0);
+        let _ = MeshMetrics::global()
+            .memory_budget_refused
+            .get_or_create(&ServiceLabels { service });
         budget
     }
 

@@ -13,11 +13,12 @@ use tonic_reflection::server::v1::{ServerReflection, ServerReflectionServer};
 
 use crate::{connect_lazy, NetError};
 
-/// `grpc.health.v1.Health` plus server reflection (v1; see also [`reflection_v1alpha`]) for every `vlm.v1`
-/// and health service, ready to `add_service`:
+/// `grpc.health.v1.Health` plus server reflection (v1; see also [`reflection_v1alpha`]) listing what
+/// the port serves: `served` (e.g. `vlm.v1.Gateway`), health and reflection — not the other
+/// `vlm.v1` services, which answer UNIMPLEMENTED there. Ready to `add_service`:
 ///
 /// ```text
-/// let (reporter, health, reflection) = vlm_net::health_and_reflection()?;
+/// let (reporter, health, reflection) = vlm_net::health_and_reflection("vlm.v1.Encoder")?;
 /// server.add_service(health).add_service(reflection).add_service(my_service)
 /// ```
 ///
@@ -25,7 +26,9 @@ use crate::{connect_lazy, NetError};
 /// marks itself with `reporter.set_serving::<EncoderServer<_>>()` once its
 /// weights are loaded, which is what [`wait_until_serving`] polls for.
 #[allow(clippy::type_complexity)]
-pub fn health_and_reflection() -> Result<
+pub fn health_and_reflection(
+    served: &str,
+) -> Result<
     (
         HealthReporter,
         HealthServer<impl Health>,
@@ -34,9 +37,7 @@ pub fn health_and_reflection() -> Result<
     NetError,
 > {
     let (reporter, health) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(vlm_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection = reflection_builder(served)
         .build_v1()
         .map_err(|e| NetError::Reflection(e.to_string()))?;
     Ok((reporter, health, reflection))
@@ -44,17 +45,39 @@ pub fn health_and_reflection() -> Result<
 
 /// Server reflection under its older name, `grpc.reflection.v1alpha`: many generic clients
 /// (grpcurl before 1.9, the Python `grpcio-reflection` client) only speak that one.
-pub fn reflection_v1alpha() -> Result<
+pub fn reflection_v1alpha(
+    served: &str,
+) -> Result<
     tonic_reflection::server::v1alpha::ServerReflectionServer<
         impl tonic_reflection::server::v1alpha::ServerReflection,
     >,
     NetError,
 > {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(vlm_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    reflection_builder(served)
         .build_v1alpha()
         .map_err(|e| NetError::Reflection(e.to_string()))
+}
+
+/// The gRPC services every mesh port serves besides its own.
+pub const STANDARD_SERVICES: &[&str] = &[
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+fn reflection_builder(served: &str) -> tonic_reflection::server::Builder<'static> {
+    // Both reflection versions are described on both, since both are listed.
+    let mut b = tonic_reflection::server::Builder::configure()
+        .include_reflection_service(false)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(vlm_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(served);
+    for name in STANDARD_SERVICES {
+        b = b.with_service_name(*name);
+    }
+    b
 }
 
 /// Polls `grpc.health.v1.Health/Check` for `service` until it reports

@@ -109,8 +109,8 @@ where
     S::Future: Send + 'static,
     F: Future<Output = ()>,
 {
-    let (reporter, health, reflection) = health_and_reflection()?;
-    let reflection_v1alpha = reflection_v1alpha()?;
+    let (reporter, health, reflection) = health_and_reflection(S::NAME)?;
+    let reflection_v1alpha = reflection_v1alpha(S::NAME)?;
     reporter
         .set_service_status(S::NAME, ServingStatus::Serving)
         .await;

@@ -97,7 +97,7 @@ async fn reissued_leaf_chains_to_the_existing_ca() {
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (_reporter, health, _) = vlm_net::health_and_reflection().unwrap();
+    let (_reporter, health, _) = vlm_net::health_and_reflection("vlm.v1.Encoder").unwrap();
     let tls = vlm_net::server_tls(&TlsFiles::for_role(d.path(), "projector")).unwrap();
     let router = vlm_net::server_builder(Some(tls))
         .unwrap()

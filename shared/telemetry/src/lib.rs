@@ -6,6 +6,7 @@
 //! Spans are ordinary `tracing` spans; `tracing-opentelemetry` turns them into OTel spans, so code
 //! outside this crate never touches the OTel API except through the helpers here.
 
+pub mod export;
 pub mod grpc;
 pub mod metrics;
 
@@ -119,6 +120,8 @@ pub fn init(
         if std::env::var("OTEL_SERVICE_NAME").is_err() {
             resource = resource.with_service_name(service_name.to_string());
         }
+        // Failures are logged once, and each recovery; the SDK itself drops failed batches silently.
+        let exporter = export::ReportingExporter::new(exporter, export::configured_endpoint());
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
             .with_resource(resource.build())

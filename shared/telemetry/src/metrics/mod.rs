@@ -224,6 +224,71 @@ pub fn token_streamed(ttft: Option<Duration>, itl: Option<Duration>) {
     }
 }
 
+/// Creates, at zero, every series `role` (`gateway`, `encoder`, `projector`, `decoder`) records
+/// whose labels are known in advance, so they are in the exposition before the first event
+/// (dashboards, alerts and `rate()` need the series to exist). Per-call series
+/// (`vlm_rpc_server_*{method,code}`) still appear with their first call.
+pub fn preregister(role: &str) {
+    let m = MeshMetrics::global();
+    let stages: &[&str] = match role {
+        "gateway" => &["cache.lookup"],
+        "encoder" => &["preprocess", "vision_forward"],
+        "projector" => &["project"],
+        "decoder" => &["prefill", "decode"],
+        _ => &[],
+    };
+    for stage in stages {
+        let _ = m.stage_duration.get_or_create(&StageLabels {
+            stage: stage.to_string(),
+        });
+    }
+    match role {
+        "gateway" => {
+            for result in [
+                CacheLookup::hit,
+                CacheLookup::miss,
+                CacheLookup::error,
+                CacheLookup::off,
+            ] {
+                let _ = m.cache_lookups.get_or_create(&CacheLookupLabels { result });
+            }
+            for result in [CacheStore::ok, CacheStore::error] {
+                let _ = m.cache_stores.get_or_create(&CacheStoreLabels { result });
+            }
+            for stage in ["encoder", "projector", "decoder"] {
+                for kind in [RetryKind::retry, RetryKind::failover] {
+                    let _ = m.gateway_retries.get_or_create(&RetryLabels {
+                        stage: stage.to_string(),
+                        kind,
+                    });
+                }
+            }
+            let _ = m.tokens_generated.get_or_create(&NoLabels);
+            let _ = m.time_to_first_token.get_or_create(&NoLabels);
+            let _ = m.inter_token_latency.get_or_create(&NoLabels);
+        }
+        "decoder" => {
+            let _ = m.decoder_batch_size.get_or_create(&NoLabels);
+            for state in [KvBlockState::used, KvBlockState::cached, KvBlockState::free] {
+                let _ = m.kv_cache_blocks.get_or_create(&KvBlockLabels { state });
+            }
+            let _ = m.decoder_running_sequences.get_or_create(&NoLabels);
+            let _ = m.decoder_queued_requests.get_or_create(&NoLabels);
+            for result in [PrefixLookup::hit, PrefixLookup::miss] {
+                let _ = m
+                    .prefix_cache_tokens
+                    .get_or_create(&PrefixLabels { result });
+            }
+            for outcome in [QueueOutcome::admitted, QueueOutcome::expired] {
+                let _ = m
+                    .decoder_queue_wait
+                    .get_or_create(&QueueWaitLabels { outcome });
+            }
+        }
+        _ => {}
+    }
+}
+
 /// A label value outside its closed set is a caller's bug; it is logged, not exported.
 fn unknown(series: &'static str, value: &str) {
     tracing::warn!(series, value, "unknown label value; not counted");
