@@ -5,7 +5,9 @@
 - every rendered manifest is validated against the Kubernetes API's JSON schemas
   (kubernetes-validate, strict: unknown fields are errors) for the oldest Kubernetes the chart
   supports (Chart.yaml kubeVersion) and the newest the validator knows; cert-manager objects
-  against models generated from cert-manager's CRDs (cloudcoil.models.cert_manager);
+  against models generated from cert-manager's CRDs (cloudcoil.models.cert_manager), the
+  ServiceMonitor against models generated from the Prometheus Operator's
+  (cloudcoil.models.prometheus_operator);
 - then the properties the issue asks for are asserted on the rendered objects.
 
 Run with scripts/test-helm.sh (installs the tools into a venv outside the repository).
@@ -27,6 +29,7 @@ import jsonschema
 import kubernetes_validate
 import yaml
 from cloudcoil.models.cert_manager import v1 as cert_manager_v1
+from cloudcoil.models.prometheus_operator import v1 as prometheus_operator_v1
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "vlm-mesh"
@@ -69,16 +72,20 @@ def notes(values: dict | None = None) -> str:
     return next(text for path, text in out.items() if path.endswith("NOTES.txt"))
 
 
+CRD_MODELS = {"cert-manager.io/": cert_manager_v1, "monitoring.coreos.com/": prometheus_operator_v1}
+
+
 def validate_manifest(doc: dict, version: str) -> None:
     """Raises if `doc` is not a valid object of its kind."""
-    if doc["apiVersion"].startswith("cert-manager.io/"):
-        model = getattr(cert_manager_v1, doc["kind"])
+    crd = next((m for group, m in CRD_MODELS.items() if doc["apiVersion"].startswith(group)), None)
+    if crd is not None:
+        model = getattr(crd, doc["kind"])
         parsed = model.model_validate(doc)
         # The models ignore fields the CRD does not have; a lossless round trip proves there were none.
         back = parsed.model_dump(by_alias=True, exclude_none=True, mode="json")
         if back != doc:
             raise ValueError(
-                f"{doc['kind']}/{doc['metadata']['name']}: fields unknown to cert-manager's CRD: "
+                f"{doc['kind']}/{doc['metadata']['name']}: fields unknown to its CRD: "
                 f"{json.dumps(doc, sort_keys=True)} != {json.dumps(back, sort_keys=True)}"
             )
     else:
@@ -121,6 +128,36 @@ def arg(container: dict, flag: str) -> str:
 
 def env(container: dict) -> dict:
     return {e["name"]: e for e in container.get("env", [])}
+
+
+def port_of(listen: str) -> int:
+    return int(listen.rsplit(":", 1)[1])
+
+
+def named_port(ports: list[dict], name: str) -> dict | None:
+    return next((p for p in ports if p["name"] == name), None)
+
+
+def gib(quantity: str) -> float:
+    """A Kubernetes memory quantity (binary or decimal suffix) in GiB."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?", quantity)
+    scale = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    return float(m.group(1)) * scale[m.group(2)] / 2**30
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Whether a LabelSelector (matchLabels and In/NotIn/Exists expressions) matches `labels`."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op = e["key"], e["operator"]
+        if op == "In" and labels.get(key) not in e["values"]:
+            return False
+        if op == "NotIn" and labels.get(key) in e["values"]:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+    return True
 
 
 VARIANTS = {
@@ -175,24 +212,35 @@ class RenderAndValidate(unittest.TestCase):
                 ],
             },
             "encoder": {
+                "quantize": "q8_0",
                 "autoscaling": {
                     "metrics": [
                         {
                             "type": "Pods",
                             "pods": {
-                                "metric": {"name": "vlm_encoder_queue_depth"},
+                                "metric": {"name": "vlm_encoder_calls_in_flight"},
                                 "target": {"type": "AverageValue", "averageValue": "4"},
                             },
                         }
                     ]
-                }
+                },
             },
-            "gateway": {"plaintext": True, "service": {"type": "LoadBalancer"}},
+            "decoder": {"quantize": "q4_k"},
+            "gateway": {
+                "plaintext": True,
+                "service": {"type": "LoadBalancer"},
+                "openai": {"enabled": True, "allowImageUrls": True, "allowPrivateImageUrls": True},
+            },
+            "metrics": {
+                "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}, "scrapeTimeout": "10s"},
+                "networkPolicy": {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]},
+            },
             "listenHost": "::",
         }
         docs = self.check_values(values)
         self.assertIn(name_of("jaeger"), objects(docs, "Deployment"))
         self.assertIn(f"{RELEASE}-vlm-mesh-ca", objects(docs, "Issuer"))
+        self.assertIn(f"{RELEASE}-vlm-mesh", objects(docs, "ServiceMonitor"))
 
     def test_validator_catches_a_schema_violation(self):
         """The check is not vacuous: a manifest the API would reject fails validation."""
@@ -209,6 +257,12 @@ class RenderAndValidate(unittest.TestCase):
         cert["spec"]["dnsNmes"] = cert["spec"].pop("dnsNames")
         with self.assertRaises(ValueError):
             validate_manifest(cert, kube_versions()[-1])
+        monitor = render({"metrics": {"serviceMonitor": {"enabled": True}}})
+        monitor = copy.deepcopy(next(iter(objects(monitor, "ServiceMonitor").values())))
+        validate_manifest(monitor, kube_versions()[-1])
+        monitor["spec"]["endpoints"][0]["prot"] = monitor["spec"]["endpoints"][0].pop("port")
+        with self.assertRaises(ValueError):
+            validate_manifest(monitor, kube_versions()[-1])
 
     def test_broken_template_fails_rendering(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -252,6 +306,15 @@ class ValuesSchema(unittest.TestCase):
             {"cache": {"enabled": "yes"}},
             {"ports": {"health": 70000}},
             {"model": {"dtype": "int8"}},
+            # The binary refuses bf16 compute on CPU at load: the schema does not offer it.
+            {"model": {"dtype": "bf16"}},
+            {"decoder": {"quantize": "q4"}},
+            {"gateway": {"quantize": "q8_0"}},  # the gateway loads no weights
+            {"ports": {"metrics": 0}},
+            {"metrics": {"enabled": "yes"}},
+            {"metrics": {"serviceMonitor": {"interval": "30"}}},
+            {"gateway": {"openai": {"port": "8080"}}},
+            {"gateway": {"openai": {"enable": True}}},
             {"gateway": {"service": {"type": "Ingress"}}},
             {"tls": {"allowedCallers": ""}},
             {"tls": {"allowedCallers": "Gateway"}},
@@ -595,11 +658,23 @@ class CertificatesRedisTelemetry(unittest.TestCase):
                 guarded = [r for r in p["ingress"] if any(x["port"] == port for x in r["ports"])]
                 self.assertEqual(len(guarded), 1, p)
                 self.assertEqual(guarded[0]["from"], [{"podSelector": {"matchLabels": gateway_pods}}])
-                # Every other rule opens only the plaintext health port.
-                for r in p["ingress"]:
-                    if r is not guarded[0]:
-                        self.assertEqual([x["port"] for x in r["ports"]], ["health"])
+                # Every other rule opens only the plaintext health or metrics port, to anyone by
+                # default (the kubelet's probes, Prometheus).
+                others = [r for r in p["ingress"] if r is not guarded[0]]
+                want = [] if target == "redis" else ["health", "metrics"]
+                self.assertEqual(sorted(x["port"] for r in others for x in r["ports"]), want)
+                self.assertTrue(all(len(r["ports"]) == 1 and "from" not in r for r in others), others)
         self.assertEqual(objects(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy"), {})
+        # metrics.networkPolicy.from narrows the metrics port to the given sources.
+        peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+        narrowed = objects(render({"metrics": {"networkPolicy": {"from": [peer]}}}), "NetworkPolicy")
+        for target in INTERNAL:
+            (rule,) = [r for r in narrowed[name_of(target)]["spec"]["ingress"] if r["ports"][0]["port"] == "metrics"]
+            self.assertEqual(rule["from"], [peer])
+        off = objects(render({"metrics": {"enabled": False}}), "NetworkPolicy")
+        for target in INTERNAL:
+            ports = [x["port"] for r in off[name_of(target)]["spec"]["ingress"] for x in r["ports"]]
+            self.assertNotIn("metrics", ports)
 
     def test_external_redis_replaces_the_bundled_one(self):
         values = production_values()
@@ -643,6 +718,158 @@ class CertificatesRedisTelemetry(unittest.TestCase):
         self.assertIn(f"{name_of('gateway')}-tls", text)
 
 
+class MetricsOpenAIAndModel(unittest.TestCase):
+    """The metrics port, the ServiceMonitor, the OpenAI port, the compute dtype and quantization."""
+
+    def metrics_service(self, docs: list[dict], component: str) -> dict:
+        """The Service Prometheus reaches a component's pods through."""
+        name = name_of(component) + ("-metrics" if component == "gateway" else "")
+        return objects(docs, "Service")[name]
+
+    def test_metrics_port_is_listened_on_exposed_and_annotated(self):
+        for label, values, want in (
+            ("default", None, 9090),
+            ("production", production_values(), 9090),
+            ("other port", {"ports": {"metrics": 9100}}, 9100),
+        ):
+            docs = render(values)
+            deployments = objects(docs, "Deployment")
+            for component in COMPONENTS:
+                with self.subTest(values=label, component=component):
+                    c = mesh_container(deployments[name_of(component)])
+                    listen = arg(c, "--metrics-listen")
+                    self.assertEqual(listen, f"0.0.0.0:{want}")
+                    self.assertEqual(named_port(c["ports"], "metrics"), {"name": "metrics", "containerPort": want, "protocol": "TCP"})
+                    svc = self.metrics_service(docs, component)
+                    port = named_port(svc["spec"]["ports"], "metrics")
+                    self.assertEqual((port["port"], port["targetPort"]), (want, "metrics"))
+                    self.assertTrue(selects({"matchLabels": svc["spec"]["selector"]}, deployments[name_of(component)]["spec"]["template"]["metadata"]["labels"]))
+                    # One address per pod: Prometheus scrapes pods, not a virtual IP.
+                    self.assertEqual(svc["spec"]["clusterIP"], "None")
+                    annotations = deployments[name_of(component)]["spec"]["template"]["metadata"]["annotations"]
+                    self.assertEqual(annotations["prometheus.io/scrape"], "true")
+                    self.assertEqual(annotations["prometheus.io/port"], str(want))
+                    self.assertEqual(annotations["prometheus.io/path"], "/metrics")
+            # The public gateway Service (a LoadBalancer in production) never carries the plaintext port.
+            self.assertIsNone(named_port(objects(docs, "Service")[name_of("gateway")]["spec"]["ports"], "metrics"))
+
+    def test_metrics_can_be_turned_off_and_annotations_overridden(self):
+        docs = render({"metrics": {"enabled": False}})
+        self.assertNotIn(name_of("gateway") + "-metrics", objects(docs, "Service"))
+        for component in COMPONENTS:
+            d = objects(docs, "Deployment")[name_of(component)]
+            c = mesh_container(d)
+            self.assertNotIn("--metrics-listen", c["args"])
+            self.assertIsNone(named_port(c["ports"], "metrics"))
+            self.assertNotIn("prometheus.io/scrape", d["spec"]["template"]["metadata"].get("annotations", {}))
+        docs = render({"metrics": {"scrapeAnnotations": False}, "encoder": {"podAnnotations": {"team": "ml"}}})
+        d = objects(docs, "Deployment")[name_of("encoder")]
+        self.assertEqual(d["spec"]["template"]["metadata"]["annotations"], {"team": "ml"})
+        self.assertIn("--metrics-listen", mesh_container(d)["args"])
+        # A component's own podAnnotations win over the chart's.
+        docs = render({"decoder": {"podAnnotations": {"prometheus.io/scrape": "false"}}})
+        annotations = objects(docs, "Deployment")[name_of("decoder")]["spec"]["template"]["metadata"]["annotations"]
+        self.assertEqual(annotations["prometheus.io/scrape"], "false")
+        self.assertEqual(annotations["prometheus.io/port"], "9090")
+
+    def test_service_monitor_renders_only_when_enabled(self):
+        for values in (None, production_values(), {"metrics": {"serviceMonitor": {"enabled": False}}}):
+            self.assertEqual(objects(render(values), "ServiceMonitor"), {})
+        values = {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}, "interval": "15s"}}}
+        docs = render(values)
+        (monitor,) = objects(docs, "ServiceMonitor").values()
+        self.assertEqual(monitor["metadata"]["labels"]["release"], "kps")
+        self.assertEqual(monitor["spec"]["namespaceSelector"], {"matchNames": [NAMESPACE]})
+        (endpoint,) = monitor["spec"]["endpoints"]
+        self.assertEqual((endpoint["port"], endpoint["path"], endpoint["interval"]), ("metrics", "/metrics", "15s"))
+        self.assertNotIn("scrapeTimeout", endpoint)
+        # The Services it selects that have a "metrics" port: exactly one per component.
+        scraped = [
+            component_of(svc)
+            for svc in objects(docs, "Service").values()
+            if selects(monitor["spec"]["selector"], svc["metadata"]["labels"])
+            and named_port(svc["spec"]["ports"], "metrics")
+        ]
+        self.assertEqual(sorted(scraped), sorted(COMPONENTS))
+        with self.assertRaisesRegex(helm.HelmError, "serviceMonitor.enabled needs metrics.enabled"):
+            render({"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}})
+
+    def test_openai_port_when_enabled(self):
+        docs = render(None)
+        gateway = mesh_container(objects(docs, "Deployment")[name_of("gateway")])
+        self.assertNotIn("--http-listen", gateway["args"])
+        self.assertIsNone(named_port(objects(docs, "Service")[name_of("gateway")]["spec"]["ports"], "openai"))
+        for label, values, plaintext in (
+            ("tls", {"gateway": {"openai": {"enabled": True}}}, False),
+            ("plaintext", {"gateway": {"plaintext": True, "openai": {"enabled": True, "port": 8443, "servicePort": 443}}}, True),
+        ):
+            with self.subTest(values=label):
+                docs = render(values)
+                want = values["gateway"]["openai"]
+                deployments = objects(docs, "Deployment")
+                gateway = mesh_container(deployments[name_of("gateway")])
+                listen = port_of(arg(gateway, "--http-listen"))
+                self.assertEqual(listen, want.get("port", 8080))
+                self.assertEqual(named_port(gateway["ports"], "openai")["containerPort"], listen)
+                svc = named_port(objects(docs, "Service")[name_of("gateway")]["spec"]["ports"], "openai")
+                self.assertEqual((svc["port"], svc["targetPort"]), (want.get("servicePort", 8080), "openai"))
+                # The binary serves the HTTP port with the gRPC port's TLS, off only with --plaintext.
+                self.assertEqual(svc["appProtocol"], "http" if plaintext else "https")
+                self.assertEqual("--plaintext" in gateway["args"], plaintext)
+                self.assertNotIn("--allow-image-urls", gateway["args"])
+                for component in INTERNAL:
+                    c = mesh_container(deployments[name_of(component)])
+                    self.assertNotIn("--http-listen", c["args"])
+                    self.assertIsNone(named_port(c["ports"], "openai"))
+        urls = {"gateway": {"openai": {"enabled": True, "allowImageUrls": True, "allowPrivateImageUrls": True}}}
+        args = mesh_container(objects(render(urls), "Deployment")[name_of("gateway")])["args"]
+        self.assertIn("--allow-image-urls", args)
+        self.assertIn("--allow-private-image-urls", args)
+        with self.assertRaisesRegex(helm.HelmError, "allowPrivateImageUrls needs"):
+            render({"gateway": {"openai": {"enabled": True, "allowPrivateImageUrls": True}}})
+        with self.assertRaisesRegex(helm.HelmError, "ports.metrics and gateway.openai.port are both 9090"):
+            render({"gateway": {"openai": {"enabled": True, "port": 9090}}})
+
+    def test_default_dtype_is_f16(self):
+        defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+        self.assertEqual(defaults["model"]["dtype"], "f16")
+        deployments = objects(render(None), "Deployment")
+        for component in INTERNAL:
+            with self.subTest(component=component):
+                self.assertEqual(arg(mesh_container(deployments[name_of(component)]), "--dtype"), "f16")
+        deployments = objects(render({"model": {"dtype": "f32"}}), "Deployment")
+        self.assertEqual(arg(mesh_container(deployments[name_of("decoder")]), "--dtype"), "f32")
+
+    def test_default_memory_fits_the_default_model(self):
+        """LLaVA-1.5-7B in f16: 13.5 GB of decoder weights, 0.6 GB of vision tower; the limit
+        leaves room above the weights for the KV cache (half of what is left, by default)."""
+        deployments = objects(render(None), "Deployment")
+        weights_gib = {"decoder": 13.5e9 / 2**30, "encoder": 0.61e9 / 2**30}
+        for component, weights in weights_gib.items():
+            with self.subTest(component=component):
+                res = mesh_container(deployments[name_of(component)])["resources"]
+                request, limit = gib(res["requests"]["memory"]), gib(res["limits"]["memory"])
+                self.assertGreater(request, weights + 0.5)
+                self.assertGreaterEqual(limit, request)
+                self.assertGreaterEqual(limit - weights, 2 * 4.0 if component == "decoder" else 1.0)
+
+    def test_quantize_reaches_the_args(self):
+        deployments = objects(render(None), "Deployment")
+        for component in INTERNAL:
+            self.assertEqual(arg(mesh_container(deployments[name_of(component)]), "--quantize"), "none")
+        # The gateway loads no weights and has no --quantize.
+        self.assertNotIn("--quantize", mesh_container(deployments[name_of("gateway")])["args"])
+        values = {"encoder": {"quantize": "q8_0"}, "decoder": {"quantize": "q4_k"}}
+        deployments = objects(render(values), "Deployment")
+        got = {
+            c: (arg(mesh_container(deployments[name_of(c)]), "--quantize"), arg(mesh_container(deployments[name_of(c)]), "--dtype"))
+            for c in INTERNAL
+        }
+        # Quantized weights compute in f32 (the binary refuses --quantize with f16); the others
+        # keep model.dtype.
+        self.assertEqual(got, {"encoder": ("q8_0", "f32"), "projector": ("none", "f16"), "decoder": ("q4_k", "f32")})
+
+
 class Dockerfile(unittest.TestCase):
     """No Docker engine here: check that the image builds the binary the way CI does."""
 
@@ -673,13 +900,18 @@ class Dockerfile(unittest.TestCase):
         self.assertEqual(copies, ["COPY --from=build /out/vlm-mesh /usr/local/bin/vlm-mesh"])
         self.assertRegex(runtime, r'ENTRYPOINT \["/usr/local/bin/vlm-mesh"\]')
         ignore = (REPO / ".dockerignore").read_text().split()
-        self.assertIn("models/", ignore)  # models are mounted, never baked in
+        # Models are mounted, never baked in; only the demo model the binary compiles in
+        # (include_bytes!) is let into the build context.
+        self.assertIn("models/*", ignore)
+        self.assertEqual([l for l in ignore if l.startswith("!")], ["!models/shapes-llava"])
         self.assertIn("target/", ignore)
 
     def test_chart_uses_the_image_ports(self):
         exposed = set(map(int, re.search(r"(?m)^EXPOSE (.*)$", self.dockerfile).group(1).split()))
-        defaults = yaml.safe_load((CHART / "values.yaml").read_text())["ports"]
-        self.assertEqual(exposed, {defaults["grpc"], defaults["health"]})
+        values = yaml.safe_load((CHART / "values.yaml").read_text())
+        ports = values["ports"]
+        openai = values["gateway"]["openai"]["port"]
+        self.assertEqual(exposed, {ports["grpc"], ports["health"], ports["metrics"], openai})
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ exactly as the chart renders them, against the real `vlm-mesh` binary, with real
 way the kubelet probes them, then asked a question through the gateway.
 
 What differs from a cluster, and only that (kept to what a single host forces):
-- listen addresses: every pod listens on the same ports, so each process gets free loopback ports;
+- listen addresses (gRPC, health, metrics, OpenAI): every pod listens on the same ports, so each
+  process gets free loopback ports;
 - the Secret mounts: each component's `--ca/--cert/--key` point into its own directory, laid out
   like the Secret (`ca.crt`, `tls.crt`, `tls.key`), filled from `vlm-mesh certs`;
 - stage URLs: the gateway dials `https://localhost:<port>` instead of the Service name (no cluster
@@ -21,10 +22,12 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import unittest
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -38,6 +41,8 @@ IMAGE = REPO / "models" / "images" / "shapes-48x48.png"
 PROMPT = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
 STARTUP_S = 180
 ORDER = ["encoder", "projector", "decoder", "gateway"]
+# Listen addresses the chart renders; each process gets its own loopback port for each.
+LISTEN_FLAGS = ["--listen", "--health-listen", "--metrics-listen", "--http-listen"]
 
 
 def free_port() -> int:
@@ -60,6 +65,12 @@ def probe(port: int, service: str, timeout: float = 2.0) -> str:
 
 def replace_arg(args: list[str], flag: str, value: str) -> None:
     args[args.index(flag) + 1] = value
+
+
+def http_get(url: str, ca: Path | None = None, timeout: float = 10.0) -> str:
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
+    with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:  # loopback only
+        return resp.read().decode()
 
 
 @unittest.skipUnless(BIN or os.environ.get("VLM_HELM_REQUIRE_BIN"), "set VLM_MESH_BIN to the vlm-mesh binary")
@@ -93,13 +104,13 @@ class RenderedPodsRun(unittest.TestCase):
                 (d / dst).chmod(0o600)
         return root
 
-    def test_rendered_pods_become_ready_and_answer(self):
-        values = {"model": {"dir": str(MODEL), "dtype": "f32"}, "decoder": {"defaultMaxTokens": 6}}
+    def start_pods(self, values: dict) -> dict:
+        """Runs every rendered component as a process and waits until its probes pass. Returns
+        the rendered Deployments, the Secret directories and the loopback ports, per flag."""
         docs = render(values)
         deployments = objects(docs, "Deployment")
         secrets = self.secrets()
-        grpc_port = {c: free_port() for c in COMPONENTS}
-        health_port = {c: free_port() for c in COMPONENTS}
+        ports = {flag: {c: free_port() for c in COMPONENTS} for flag in LISTEN_FLAGS}
         base_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.tmp.name}
         redis = os.environ.get("VLM_TEST_REDIS_URL")
 
@@ -107,15 +118,16 @@ class RenderedPodsRun(unittest.TestCase):
             container = mesh_container(deployments[name_of(c)])
             mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "tls")
             args = list(container["args"])
-            replace_arg(args, "--listen", f"127.0.0.1:{grpc_port[c]}")
-            replace_arg(args, "--health-listen", f"127.0.0.1:{health_port[c]}")
+            for flag in LISTEN_FLAGS:
+                if flag in args:
+                    replace_arg(args, flag, f"127.0.0.1:{ports[flag][c]}")
             for flag in ("--ca", "--cert", "--key"):
                 path = arg(container, flag)
                 self.assertTrue(path.startswith(mount + "/"), (flag, path))
                 replace_arg(args, flag, str(secrets / c / path[len(mount) + 1 :]))
             if c == "gateway":
                 for stage in INTERNAL:
-                    replace_arg(args, f"--{stage}", f"https://localhost:{grpc_port[stage]}")
+                    replace_arg(args, f"--{stage}", f"https://localhost:{ports['--listen'][stage]}")
                 # The cache key, from the Secret the chart rendered, where the pod mounts it.
                 mounted = next(m for m in container["volumeMounts"] if m["name"] == "cache-secret")
                 volume = next(
@@ -150,7 +162,7 @@ class RenderedPodsRun(unittest.TestCase):
             for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
                 service = container[kind]["grpc"].get("service", "")
                 while True:
-                    status = probe(health_port[c], service)
+                    status = probe(ports["--health-listen"][c], service)
                     if status == "SERVING":
                         break
                     exited = self.procs[c].poll()
@@ -159,17 +171,47 @@ class RenderedPodsRun(unittest.TestCase):
                     if time.monotonic() > deadline:
                         self.fail(f"{c} {kind} ({service!r}) not SERVING after {STARTUP_S}s: {status}")
                     time.sleep(0.2)  # the kubelet polls too; bounded by the deadline
+        return {"deployments": deployments, "secrets": secrets, "ports": ports, "env": base_env}
 
-        # A real request through the gateway, over TLS verified with the gateway Secret's CA. It
-        # sets no max_tokens: the chart's decoder.defaultMaxTokens (6) limits it.
+    def ask(self, pods: dict) -> dict:
+        """A real request through the gateway, over TLS verified with the gateway Secret's CA. It
+        sets no max_tokens: the chart's decoder.defaultMaxTokens limits it."""
         ask = subprocess.run(
-            [BIN, "ask", "--gateway", f"https://localhost:{grpc_port['gateway']}",
-             "--ca", str(secrets / "gateway" / "ca.crt"), "--image", str(IMAGE),
+            [BIN, "ask", "--gateway", f"https://localhost:{pods['ports']['--listen']['gateway']}",
+             "--ca", str(pods["secrets"] / "gateway" / "ca.crt"), "--image", str(IMAGE),
              "--prompt", PROMPT, "--json", "--timeout", "120"],
-            env=base_env, capture_output=True, text=True, timeout=180,
+            env=pods["env"], capture_output=True, text=True, timeout=180,
         )
         self.assertEqual(ask.returncode, 0, ask.stderr)
-        answer = json.loads(ask.stdout)
+        return json.loads(ask.stdout)
+
+    def stop_gracefully(self):
+        """SIGTERM (what Kubernetes sends): every stage drains and exits cleanly."""
+        for c in reversed(ORDER):
+            self.procs[c].send_signal(signal.SIGTERM)
+        for c in ORDER:
+            try:
+                code = self.procs[c].wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.fail(f"{c} did not exit within 60 s of SIGTERM")
+            self.assertEqual(code, 0, f"{c}: {self.log(c)}")
+            self.assertNotRegex(self.log(c), re.compile(r"panicked", re.I))
+
+    def test_rendered_pods_become_ready_and_answer(self):
+        values = {
+            "model": {"dir": str(MODEL), "dtype": "f32"},
+            "decoder": {"defaultMaxTokens": 6},
+            "gateway": {"openai": {"enabled": True}},
+        }
+        pods = self.start_pods(values)
+        deployments, secrets, ports, base_env = pods["deployments"], pods["secrets"], pods["ports"], pods["env"]
+        for c in COMPONENTS:
+            # What the chart passes, which the binary accepted (it is serving).
+            self.assertIn("--metrics-listen", mesh_container(deployments[name_of(c)])["args"], c)
+        self.assertIn("--http-listen", mesh_container(deployments[name_of("gateway")])["args"])
+
+        # The chart's decoder.defaultMaxTokens (6) limits the answer.
+        answer = self.ask(pods)
         reference = subprocess.run(
             [BIN, "generate", "--model", str(MODEL), "--image", str(IMAGE), "--prompt", PROMPT,
              "--max-tokens", "6", "--json"],
@@ -187,20 +229,48 @@ class RenderedPodsRun(unittest.TestCase):
             self.assertIn("allowed_callers=gateway", self.log(c), c)
 
         # The internal ports are mTLS: a client without a certificate gets nothing.
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port['encoder']}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{ports['--listen']['encoder']}") as channel:
             with self.assertRaises(grpc.RpcError):
                 health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
 
-        # SIGTERM (what Kubernetes sends): every stage drains and exits cleanly.
-        for c in reversed(ORDER):
-            self.procs[c].send_signal(signal.SIGTERM)
-        for c in ORDER:
-            try:
-                code = self.procs[c].wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.fail(f"{c} did not exit within 60 s of SIGTERM")
-            self.assertEqual(code, 0, f"{c}: {self.log(c)}")
-            self.assertNotRegex(self.log(c), re.compile(r"panicked", re.I))
+        # The OpenAI port serves with the gRPC port's TLS (the gateway certificate, the mesh CA)…
+        models = json.loads(http_get(
+            f"https://localhost:{ports['--http-listen']['gateway']}/v1/models", ca=secrets / "gateway" / "ca.crt"
+        ))
+        self.assertEqual([m["id"] for m in models["data"]], [MODEL.name])
+        # … and not in plaintext.
+        with self.assertRaises(Exception):
+            http_get(f"http://127.0.0.1:{ports['--http-listen']['gateway']}/v1/models", timeout=5)
+
+        # Every pod's metrics port, scraped as Prometheus would (plain HTTP, the annotated path):
+        # each service counted the calls the request above made to it.
+        for c in COMPONENTS:
+            annotations = deployments[name_of(c)]["spec"]["template"]["metadata"]["annotations"]
+            text = http_get(f"http://127.0.0.1:{ports['--metrics-listen'][c]}{annotations['prometheus.io/path']}")
+            service = f"vlm.v1.{c.capitalize()}"
+            self.assertRegex(
+                text, rf'(?m)^vlm_rpc_server_requests_total{{[^}}]*service="{re.escape(service)}"[^}}]*}} [1-9]', c
+            )
+
+        self.stop_gracefully()
+
+    def test_default_dtype_and_quantized_stages_load_and_answer(self):
+        """The chart's default dtype (f16) with quantized stages, which the chart runs in f32:
+        every flag combination it renders is one the binary accepts."""
+        values = {
+            "model": {"dir": str(MODEL)},
+            "encoder": {"quantize": "q8_0"},
+            "decoder": {"quantize": "q8_0", "defaultMaxTokens": 6},
+        }
+        pods = self.start_pods(values)
+        dtype = {c: arg(mesh_container(pods["deployments"][name_of(c)]), "--dtype") for c in INTERNAL}
+        self.assertEqual(dtype, {"encoder": "f32", "projector": "f16", "decoder": "f32"})
+        answer = self.ask(pods)
+        self.assertEqual(len(answer["token_ids"]), 6)
+        self.assertEqual(answer["finish_reason"], "length")
+        for c in ("encoder", "decoder"):
+            self.assertIn("quantization=q8_0", self.log(c), c)
+        self.stop_gracefully()
 
 
 if __name__ == "__main__":

@@ -125,3 +125,31 @@ dns://{{ include "vlm-mesh.componentName" . }}:{{ .root.Values.ports.grpc }}
 {{- define "vlm-mesh.hostPort" -}}
 {{- if contains ":" . }}[{{ . }}]{{ else }}{{ . }}{{ end }}
 {{- end }}
+
+{{/* Combinations the schema cannot express; fails the render with the reason. */}}
+{{- define "vlm-mesh.checkValues" -}}
+{{- $ports := dict }}
+{{- $named := list (list "ports.grpc" .Values.ports.grpc) (list "ports.health" .Values.ports.health) }}
+{{- if .Values.metrics.enabled }}
+{{- $named = append $named (list "ports.metrics" .Values.ports.metrics) }}
+{{- end }}
+{{- if .Values.gateway.openai.enabled }}
+{{- $named = append $named (list "gateway.openai.port" .Values.gateway.openai.port) }}
+{{- end }}
+{{- range $named }}
+{{- $key := toString (int (index . 1)) }}
+{{- if hasKey $ports $key }}
+{{- fail (printf "%s and %s are both %s: every container port must differ" (get $ports $key) (index . 0) $key) }}
+{{- end }}
+{{- $_ := set $ports $key (index . 0) }}
+{{- end }}
+{{- if and .Values.gateway.openai.enabled (eq (int .Values.gateway.openai.servicePort) (int .Values.gateway.service.port)) }}
+{{- fail (printf "gateway.openai.servicePort and gateway.service.port are both %v" .Values.gateway.service.port) }}
+{{- end }}
+{{- if and .Values.gateway.openai.allowPrivateImageUrls (not .Values.gateway.openai.allowImageUrls) }}
+{{- fail "gateway.openai.allowPrivateImageUrls needs gateway.openai.allowImageUrls" }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" }}
+{{- end }}
+{{- end }}
