@@ -2,7 +2,7 @@
 """Ask a vlm-mesh gateway about an image through its OpenAI-compatible endpoint with the official
 `openai` SDK: the image goes inline as a base64 data URL, as OpenAI's vision API expects.
 
-    python openai_chat.py --base-url https://127.0.0.1:8080/v1 --ca ca.pem \
+    python openai_chat.py --base-url https://127.0.0.1:8080/v1 --ca ca.pem \\
         --image ../../../models/images/shapes-48x48.png --prompt "What is shown in this image?"
 """
 
@@ -16,18 +16,39 @@ import openai
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base-url", required=True, help="e.g. https://127.0.0.1:8080/v1")
-    ap.add_argument("--ca", help="CA certificate that signed the gateway's (mesh dev CA)")
-    ap.add_argument("--model", help="model id (default: the first of GET /v1/models)")
-    ap.add_argument("--image", required=True)
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--stream", action="store_true")
-    ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base-url", required=True, metavar="URL",
+                    help="the gateway's OpenAI-compatible endpoint, ending in /v1 (`vlm-mesh up "
+                         "--http-listen ADDR` prints it as openai=https://HOST:PORT/v1)")
+    ap.add_argument("--ca", metavar="FILE",
+                    help="PEM file of the CA that signed the gateway's certificate (for `vlm-mesh "
+                         "up`: <state-dir>/certs/ca.pem; default: the CAs the SDK trusts)")
+    ap.add_argument("--model", metavar="ID",
+                    help="model id (default: the first model GET /v1/models lists)")
+    ap.add_argument("--image", required=True, metavar="FILE",
+                    help="image file (PNG, JPEG or WebP), sent after the prompt as a base64 data "
+                         "URL")
+    ap.add_argument("--prompt", required=True, metavar="TEXT",
+                    help="the question, as plain text: the gateway applies the model's chat "
+                         "template")
+    ap.add_argument("--max-tokens", type=int, default=64, metavar="N",
+                    help="most tokens to generate (default: %(default)s)")
+    ap.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                    help="sampling temperature; 0 is greedy (default: %(default)s)")
+    ap.add_argument("--top-p", type=float, metavar="P",
+                    help="nucleus sampling: sample only from the most likely tokens whose "
+                         "probabilities add up to P, in (0, 1] (default: not sent; the gateway "
+                         "uses 1, all tokens)")
+    ap.add_argument("--seed", type=int, metavar="N",
+                    help="sampler seed, for reproducible sampled output (default: not sent; the "
+                         "gateway picks one)")
+    ap.add_argument("--stream", action="store_true",
+                    help="stream the answer as server-sent events (with usage in the last chunk) "
+                         "instead of one response")
+    ap.add_argument("--json", action="store_true",
+                    help="instead of printing the text, print one JSON object at the end: model, "
+                         "text, finish_reason and usage")
     args = ap.parse_args()
 
     client = openai.OpenAI(

@@ -21,13 +21,25 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--target", required=True)
-    ap.add_argument("--ca", required=True)
-    ap.add_argument("--image")
-    ap.add_argument("--prompt")
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", required=True, metavar="HOST:PORT",
+                    help="the gateway's gRPC address, without a scheme (`vlm-mesh up` prints it as "
+                         "gateway=https://HOST:PORT)")
+    ap.add_argument("--ca", required=True, metavar="FILE",
+                    help="PEM file of the CA that signed the gateway's certificate "
+                         "(for `vlm-mesh up`: <state-dir>/certs/ca.pem)")
+    ap.add_argument("--image", metavar="FILE",
+                    help="image file (PNG, JPEG or WebP): after listing the services, call "
+                         "vlm.v1.Gateway/Generate with it and --prompt (default: only list)")
+    ap.add_argument("--prompt", metavar="TEXT",
+                    help="raw prompt for Generate, in the model's chat format, with one <image> "
+                         "placeholder (needed with --image)")
+    ap.add_argument("--max-tokens", type=int, default=16, metavar="N",
+                    help="most tokens Generate may produce (default: %(default)s)")
     args = ap.parse_args()
+    if args.image and args.prompt is None:
+        ap.error("--image needs --prompt")
 
     creds = grpc.ssl_channel_credentials(root_certificates=pathlib.Path(args.ca).read_bytes())
     with grpc.secure_channel(args.target, creds) as channel:
