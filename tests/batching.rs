@@ -184,8 +184,9 @@ async fn a_full_kv_budget_queues_then_serves_or_refuses_and_never_hangs() {
     let budget = (blocks + blocks / 2) * block_bytes;
     let mesh = MeshProc::start(&[
         ("VLM_KV_CACHE_BYTES", &budget.to_string()),
-        // Long enough that the others surely arrive while the first runs.
-        ("VLM_FAULT_DECODE_DELAY_MS", "10"),
+        // Slow enough that the first still holds the budget when the third's 2 s deadline
+        // passes (60 steps of at least 40 ms), however loaded the machine.
+        ("VLM_FAULT_DECODE_DELAY_MS", "40"),
     ]);
     let image = std::fs::read(image_path()).unwrap();
     let c = params(max_tokens, 0.0, 1);
@@ -209,7 +210,7 @@ async fn a_full_kv_budget_queues_then_serves_or_refuses_and_never_hangs() {
     let err = run(
         &mut c_client,
         request(&image, &c),
-        Some(Duration::from_millis(400)),
+        Some(Duration::from_secs(2)),
     )
     .await
     .unwrap_err();

@@ -21,8 +21,12 @@ use crate::{finish_reason, metrics, Model};
 pub(crate) type EventTx = mpsc::UnboundedSender<Result<DecodeEvent, Status>>;
 
 /// How long before the caller's deadline a queued request is refused, so the refusal reaches the
-/// caller before it times out by itself.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
+/// caller before it times out by itself: a tenth of the time it had when it was queued, at least
+/// 50 ms and at most 500 ms (on a loaded machine a step, and the way back, can take a while).
+fn deadline_margin(queued: Instant, deadline: Instant) -> Duration {
+    (deadline.saturating_duration_since(queued) / 10)
+        .clamp(Duration::from_millis(50), Duration::from_millis(500))
+}
 
 /// One request for the step loop.
 pub(crate) struct Job {
@@ -177,7 +181,11 @@ impl StepLoop<'_> {
     /// the caller hears RESOURCE_EXHAUSTED (the KV budget was full) rather than its own timeout.
     fn queue_deadline(&self, j: &Job) -> Instant {
         let cap = j.queued + self.max_queue_wait;
-        let before = |d: Instant| d.checked_sub(DEADLINE_MARGIN).unwrap_or(d).max(j.queued);
+        let before = |d: Instant| {
+            d.checked_sub(deadline_margin(j.queued, d))
+                .unwrap_or(d)
+                .max(j.queued)
+        };
         j.deadline.map_or(cap, |d| before(d).min(cap))
     }
 
@@ -416,5 +424,21 @@ impl StepLoop<'_> {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_queue_gives_up_a_tenth_early_within_50_to_500_ms() {
+        let t = Instant::now();
+        let margin = |ms| deadline_margin(t, t + Duration::from_millis(ms)).as_millis();
+        assert_eq!(margin(100), 50);
+        assert_eq!(margin(2_000), 200);
+        assert_eq!(margin(300_000), 500);
+        // A deadline already behind the queueing time: the smallest margin.
+        assert_eq!(deadline_margin(t + Duration::from_secs(1), t).as_millis(), 50);
     }
 }
