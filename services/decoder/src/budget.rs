@@ -54,7 +54,7 @@ fn cgroup_limited() -> bool {
 }
 
 /// Memory this process can still allocate: `MemAvailable`, capped by the cgroup v2 limit minus
-/// current usage when one is set.
+/// its working set when one is set (see [`cgroup_headroom`]).
 fn available_memory() -> Option<usize> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib: usize = meminfo
@@ -74,7 +74,43 @@ fn available_memory() -> Option<usize> {
             .ok()
     };
     if let (Some(max), Some(current)) = (read("memory.max"), read("memory.current")) {
-        available = available.min(max.saturating_sub(current));
+        let stat = std::fs::read_to_string("/sys/fs/cgroup/memory.stat").unwrap_or_default();
+        available = available.min(cgroup_headroom(max, current, &stat));
     }
     Some(available)
+}
+
+/// What a cgroup can still take: its limit minus its working set, i.e. `memory.current` without
+/// `inactive_file` (as the kubelet counts it). `memory.current` alone counts the page cache of the
+/// memory-mapped checkpoint, which the kernel reclaims before it would OOM-kill, so a pod that had
+/// just read its weights would see almost no headroom.
+fn cgroup_headroom(max: usize, current: usize, stat: &str) -> usize {
+    let inactive_file = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("inactive_file "))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    max.saturating_sub(current.saturating_sub(inactive_file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cgroup_headroom;
+
+    #[test]
+    fn reclaimable_page_cache_counts_as_headroom() {
+        let gib = 1usize << 30;
+        // 20 GiB limit; 18 GiB charged, of which 14 GiB is the checkpoint's inactive page cache.
+        let stat = format!(
+            "anon {}\nfile {}\ninactive_file {}\nactive_file 0\n",
+            4 * gib,
+            14 * gib,
+            14 * gib
+        );
+        assert_eq!(cgroup_headroom(20 * gib, 18 * gib, &stat), 16 * gib);
+        // Without memory.stat (or the field), the old, conservative figure.
+        assert_eq!(cgroup_headroom(20 * gib, 18 * gib, ""), 2 * gib);
+        // Never negative.
+        assert_eq!(cgroup_headroom(gib, 2 * gib, "inactive_file 0\n"), 0);
+    }
 }

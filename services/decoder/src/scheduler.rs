@@ -439,6 +439,9 @@ mod tests {
         assert_eq!(margin(2_000), 200);
         assert_eq!(margin(300_000), 500);
         // A deadline already behind the queueing time: the smallest margin.
-        assert_eq!(deadline_margin(t + Duration::from_secs(1), t).as_millis(), 50);
+        assert_eq!(
+            deadline_margin(t + Duration::from_secs(1), t).as_millis(),
+            50
+        );
     }
 }
