@@ -83,6 +83,7 @@ impl DecoderService {
             );
         }
         let ckpt = Checkpoint::open(&cfg.model)?;
+        vlm_serving::check_servable(ckpt.config())?;
         let decoder =
             DecoderModel::load_quantized(&ckpt, cfg.dtype, &Device::Cpu, cfg.quantization)?;
         let prompt = PromptBuilder::from_dir(&cfg.model, ckpt.config())?;

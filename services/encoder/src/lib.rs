@@ -62,6 +62,7 @@ impl EncoderService {
             );
         }
         let ckpt = Checkpoint::open(&cfg.model)?;
+        vlm_serving::check_servable(ckpt.config())?;
         let device = Device::Cpu;
         let preprocessor = Preprocessor::new(
             ImageProcessorConfig::from_dir(&cfg.model, &ckpt.config().vision)?,

@@ -41,6 +41,7 @@ pub struct ProjectorService {
 impl ProjectorService {
     pub fn load(cfg: &ProjectorConfig) -> anyhow::Result<Self> {
         let ckpt = Checkpoint::open(&cfg.model)?;
+        vlm_serving::check_servable(ckpt.config())?;
         let device = Device::Cpu;
         let model = ProjectorModel::load_quantized(&ckpt, cfg.dtype, &device, cfg.quantization)?;
         Ok(ProjectorService {

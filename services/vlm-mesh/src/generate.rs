@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
-use vlm_model::{Device, ImageLimits, Pipeline, SamplingParams, StageTimings};
+use vlm_model::{Device, ImageInput, ImageLimits, Pipeline, SamplingParams, StageTimings};
 
 /// The question `demo` asks.
 pub const DEFAULT_DEMO_PROMPT: &str = "USER: <image>\nDescribe the image. ASSISTANT:";
@@ -70,6 +70,12 @@ pub struct GenerateArgs {
     /// The raw prompt, with `<image>` where each image goes, e.g. "USER: <image>\nWhat is this? ASSISTANT:".
     #[arg(long, env = "VLM_PROMPT")]
     pub prompt: String,
+    /// A region of interest, `[IMAGE:]x0,y0,x1,y1` in relative coordinates 0–1000 (IMAGE counts
+    /// from 0, default the first). Repeatable. Each region is cropped from the image at full
+    /// resolution and processed as an image of its own; its rows follow the image's rows at the
+    /// image's `<image>` (README, "Regions of interest").
+    #[arg(long, env = "VLM_REGION", value_parser = crate::region_arg::parse)]
+    pub region: Vec<crate::region_arg::RegionArg>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Compute dtype: f32 or f16 (weights are converted on load). This build computes on the CPU
@@ -117,10 +123,15 @@ pub fn run(mut args: GenerateArgs) -> anyhow::Result<()> {
         Pipeline::load_quantized(&args.model, dtype, &Device::Cpu, limits, args.quantize)
             .with_context(|| format!("cannot load model from {}", args.model.display()))?;
     let params = args.sampling.to_params();
-    let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
+    let regions = crate::region_arg::per_image(&args.region, images.len())?;
+    let inputs: Vec<ImageInput> = images
+        .iter()
+        .zip(&regions)
+        .map(|(bytes, regions)| ImageInput { bytes, regions })
+        .collect();
     let stream = !args.json;
     let mut stdout = std::io::stdout().lock();
-    let out = pipeline.generate(&refs, &args.prompt, &params, |ev| {
+    let out = pipeline.generate_inputs(&inputs, &args.prompt, &params, |ev| {
         if stream && !ev.text.is_empty() {
             let _ = stdout.write_all(ev.text.as_bytes());
             let _ = stdout.flush();

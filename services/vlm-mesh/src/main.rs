@@ -13,6 +13,7 @@ mod certs;
 mod eval;
 mod generate;
 mod mesh;
+mod region_arg;
 mod serve;
 mod supervise;
 

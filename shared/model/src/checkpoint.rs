@@ -59,12 +59,21 @@ impl PartKind {
                 "embeddings.patch_embedding.weight",
                 true,
             )],
-            PartKind::Projector => &[(
-                "",
-                &["multi_modal_projector.", "model.multi_modal_projector."],
-                "linear_1.weight",
-                true,
-            )],
+            PartKind::Projector => &[
+                (
+                    "",
+                    &["multi_modal_projector.", "model.multi_modal_projector."],
+                    "linear_1.weight",
+                    true,
+                ),
+                // LLaVA-NeXT's row separator: the projector packs the tile grid.
+                (
+                    "image_newline",
+                    &["image_newline", "model.image_newline"],
+                    "",
+                    false,
+                ),
+            ],
             PartKind::Decoder => &[
                 (
                     "model.",

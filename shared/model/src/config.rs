@@ -169,6 +169,9 @@ pub struct LlavaConfig {
     /// More than one means the selected layers are concatenated along the hidden dimension.
     pub vision_feature_layers: Vec<i64>,
     pub select_strategy: SelectStrategy,
+    /// LLaVA-NeXT (`model_type: llava_next`): the resolutions `(height, width)` an image may be
+    /// tiled at ([`crate::anyres`]); `None` for single-view LLaVA.
+    pub image_grid_pinpoints: Option<Vec<crate::anyres::Resolution>>,
 }
 
 impl LlavaConfig {
@@ -184,13 +187,15 @@ impl LlavaConfig {
     pub fn from_json(text: &str) -> Result<Self> {
         let bad = |msg: String| ModelError::checkpoint("config.json", msg);
         let raw: RawLlava = serde_json::from_str(text).map_err(|e| bad(format!("invalid: {e}")))?;
-        if let Some(mt) = &raw.model_type {
-            if mt != "llava" {
+        let next = match raw.model_type.as_deref() {
+            None | Some("llava") => false,
+            Some("llava_next") => true,
+            Some(mt) => {
                 return Err(ModelError::Unsupported(format!(
-                    "checkpoint model_type '{mt}' (supported: llava)"
-                )));
+                    "checkpoint model_type '{mt}' (supported: llava, llava_next)"
+                )))
             }
-        }
+        };
         let vision = raw.vision_config.resolve()?;
         let text = raw.text_config.resolve()?;
         let image_token_id = raw
@@ -238,7 +243,26 @@ impl LlavaConfig {
                 )))
             }
         };
+        let image_grid_pinpoints = if next {
+            // LlavaNextConfig's default.
+            let pins = match &raw.image_grid_pinpoints {
+                None => vec![(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)],
+                Some(v) => crate::anyres::parse_pinpoints(v).map_err(bad)?,
+            };
+            crate::anyres::check_pinpoints(&pins, vision.image_size as u32).map_err(bad)?;
+            if select_strategy == SelectStrategy::Full {
+                // transformers cannot pack CLS rows into the tile grid either.
+                return Err(ModelError::Unsupported(
+                    "vision_feature_select_strategy 'full' with llava_next (anyres needs 'default')"
+                        .into(),
+                ));
+            }
+            Some(pins)
+        } else {
+            None
+        };
         Ok(LlavaConfig {
+            image_grid_pinpoints,
             vision,
             text,
             image_token_id,
@@ -277,6 +301,7 @@ struct RawLlava {
     multimodal_projector_bias: Option<bool>,
     vision_feature_layer: Option<Value>,
     vision_feature_select_strategy: Option<String>,
+    image_grid_pinpoints: Option<Value>,
 }
 
 /// Defaults are transformers' `CLIPVisionConfig` defaults.
@@ -601,6 +626,8 @@ pub struct ImageProcessorConfig {
     pub do_normalize: bool,
     pub image_mean: [f32; 3],
     pub image_std: [f32; 3],
+    /// LLaVA-NeXT tiling resolutions (see [`Self::for_model`]); `None`: one view per image.
+    pub image_grid_pinpoints: Option<Vec<crate::anyres::Resolution>>,
 }
 
 /// `size` of the image processor: `{"shortest_edge": n}` or `{"height": h, "width": w}`.
@@ -623,9 +650,31 @@ struct RawImageProcessor {
     do_normalize: Option<bool>,
     image_mean: Option<Vec<f32>>,
     image_std: Option<Vec<f32>>,
+    image_grid_pinpoints: Option<Value>,
 }
 
 impl ImageProcessorConfig {
+    /// [`Self::from_dir`] for the checkpoint `cfg` describes: a LLaVA-NeXT checkpoint tiles with
+    /// its `image_grid_pinpoints`, which the processor config must not contradict (the model
+    /// packs features by the config's grid, so a processor tiling differently would misplace
+    /// every tile); a single-view checkpoint never tiles.
+    pub fn for_model(dir: &Path, cfg: &LlavaConfig) -> Result<Self> {
+        let mut p = Self::from_dir(dir, &cfg.vision)?;
+        p.image_grid_pinpoints = match (&cfg.image_grid_pinpoints, p.image_grid_pinpoints.take()) {
+            (None, _) => None,
+            (Some(model), Some(proc_)) if &proc_ != model => {
+                return Err(ModelError::checkpoint(
+                    dir,
+                    format!(
+                        "the image processor's image_grid_pinpoints {proc_:?} differ from config.json's {model:?}"
+                    ),
+                ))
+            }
+            (Some(model), _) => Some(model.clone()),
+        };
+        Ok(p)
+    }
+
     /// Reads `preprocessor_config.json`, or the `image_processor` section of `processor_config.json`
     /// (what transformers 5 writes). Falls back to the vision tower's size with CLIP's constants.
     pub fn from_dir(dir: &Path, vision: &VisionConfig) -> Result<Self> {
@@ -665,7 +714,12 @@ impl ImageProcessorConfig {
                 Some(v) => Err(bad(format!("{what} has {} entries, expected 3", v.len()))),
             }
         };
+        let image_grid_pinpoints = match &raw.image_grid_pinpoints {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(crate::anyres::parse_pinpoints(v).map_err(bad)?),
+        };
         let cfg = ImageProcessorConfig {
+            image_grid_pinpoints,
             do_convert_rgb: raw.do_convert_rgb.unwrap_or(true),
             do_resize: raw.do_resize.unwrap_or(true),
             size,

@@ -7,6 +7,7 @@
 //!
 //! Nothing here knows about networking.
 
+pub mod anyres;
 pub mod cancel;
 pub mod checkpoint;
 pub mod config;
@@ -25,14 +26,17 @@ pub mod projector;
 pub mod prompt;
 pub mod quant;
 mod qweight;
+pub mod region;
 pub mod resize;
 pub mod sampling;
+pub mod views;
 pub mod vision;
 
 /// `tracing` target of progress lines (weights loaded, long prefills): `vlm-mesh` shows them by
 /// default on a terminal, as llama.cpp does, while other info-level logs stay quiet.
 pub const PROGRESS_TARGET: &str = "vlm_progress";
 
+pub use anyres::{ImageLayout, TileGrid};
 pub use cancel::{Cancel, CancelOnDrop};
 pub use candle_core::{DType, Device, Tensor};
 pub use checkpoint::{Checkpoint, CheckpointPart};
@@ -45,12 +49,14 @@ pub use error::{ModelError, Result};
 pub use generate::{Completion, FinishReason, Generation, TokenEvent};
 pub use kv::{KvShape, PosKey};
 pub use monitor::LayerStats;
-pub use pipeline::{GenerateOutput, Pipeline, StageTimings};
+pub use pipeline::{GenerateOutput, ImageInput, Pipeline, StageTimings};
 pub use preprocess::{ImageLimits, Preprocessor, DEFAULT_MAX_ASPECT_RATIO};
 pub use projector::Projector;
 pub use prompt::{PreparedPrompt, PromptBuilder, TextStreamer};
 pub use quant::{QuantPlan, Quantization};
+pub use region::Region;
 pub use sampling::{Sampler, SamplingParams};
+pub use views::ImageViews;
 pub use vision::VisionEncoder;
 
 /// Parses `f32`, `f16` or `bf16` into a candle dtype (the `--dtype` flag).

@@ -15,7 +15,9 @@ use crate::preprocess::{ImageLimits, Preprocessor};
 use crate::projector::Projector;
 use crate::prompt::PromptBuilder;
 use crate::quant::Quantization;
+use crate::region::Region;
 use crate::sampling::SamplingParams;
+use crate::views::ImageViews;
 use crate::vision::VisionEncoder;
 
 /// Milliseconds spent per stage.
@@ -38,6 +40,13 @@ pub struct GenerateOutput {
     pub prompt_tokens: usize,
     pub finish_reason: FinishReason,
     pub timings: StageTimings,
+}
+
+/// One image of a request, and the regions of it to look at closer.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageInput<'a> {
+    pub bytes: &'a [u8],
+    pub regions: &'a [Region],
 }
 
 pub struct Pipeline {
@@ -76,7 +85,7 @@ impl Pipeline {
         let ckpt = Checkpoint::open(dir)?;
         let config = ckpt.config().clone();
         let preprocessor =
-            Preprocessor::new(ImageProcessorConfig::from_dir(dir, &config.vision)?, limits)?;
+            Preprocessor::new(ImageProcessorConfig::for_model(dir, &config)?, limits)?;
         let prompt = PromptBuilder::from_dir(dir, &config)?;
         Ok(Pipeline {
             vision: VisionEncoder::load_quantized(&ckpt, dtype, device, quant)?,
@@ -95,28 +104,78 @@ impl Pipeline {
         images: &[&[u8]],
         prompt: &str,
         params: &SamplingParams,
+        on_token: impl FnMut(&TokenEvent),
+    ) -> Result<GenerateOutput> {
+        let inputs: Vec<ImageInput> = images
+            .iter()
+            .map(|b| ImageInput {
+                bytes: b,
+                regions: &[],
+            })
+            .collect();
+        self.generate_inputs(&inputs, prompt, params, on_token)
+    }
+
+    /// The views of one image (or of a region of it), ready for [`Self::embed_views`].
+    pub fn image_views(&self, bytes: &[u8], region: Option<Region>) -> Result<ImageViews> {
+        self.preprocessor.image_views(bytes, region)
+    }
+
+    /// Encodes, projects and packs one image's views into its prompt rows `[rows, hidden]`.
+    pub fn embed_views(&self, views: &ImageViews, timings: &mut StageTimings) -> Result<Tensor> {
+        let t = Instant::now();
+        let pv = self.preprocessor.pixel_values(&views.views, &self.device)?;
+        timings.preprocess_ms += ms(t);
+        let t = Instant::now();
+        let feats = self.vision.forward(&pv)?;
+        timings.encode_ms += ms(t);
+        let t = Instant::now();
+        let packed = self
+            .projector
+            .pack(&self.projector.forward(&feats)?, &views.layout)?;
+        timings.project_ms += ms(t);
+        Ok(packed)
+    }
+
+    /// [`Self::generate`] with regions: each image's placeholder is followed by one more slot per
+    /// region of it (the region cropped at full resolution and processed as an image), so
+    /// `<image>` expands to the image's rows and then each region's rows.
+    pub fn generate_inputs(
+        &self,
+        images: &[ImageInput],
+        prompt: &str,
+        params: &SamplingParams,
         mut on_token: impl FnMut(&TokenEvent),
     ) -> Result<GenerateOutput> {
         params.validate()?;
-        let rows = vec![self.vision.num_features(); images.len()];
-        let prepared = self.prompt.prepare(prompt, &rows)?;
         let mut timings = StageTimings::default();
-
         let t = Instant::now();
-        let pixels = images
-            .iter()
-            .map(|b| self.preprocessor.preprocess(b, &self.device))
-            .collect::<Result<Vec<_>>>()?;
+        let mut groups = Vec::with_capacity(images.len());
+        for input in images {
+            let mut views = vec![self.preprocessor.image_views(input.bytes, None)?];
+            for &r in input.regions {
+                views.push(self.preprocessor.image_views(input.bytes, Some(r))?);
+            }
+            groups.push(views);
+        }
         timings.preprocess_ms = ms(t);
+        let rows: Vec<usize> = groups
+            .iter()
+            .map(|g| {
+                g.iter()
+                    .map(|v| self.projector.packed_rows(&v.layout))
+                    .sum()
+            })
+            .collect();
+        let prepared = self.prompt.prepare(prompt, &rows)?;
 
-        let mut projected = Vec::with_capacity(pixels.len());
-        for pv in &pixels {
-            let t = Instant::now();
-            let feats = self.vision.forward(pv)?.squeeze(0)?;
-            timings.encode_ms += ms(t);
-            let t = Instant::now();
-            projected.push(self.projector.forward(&feats)?);
-            timings.project_ms += ms(t);
+        let mut projected = Vec::with_capacity(groups.len());
+        for group in &groups {
+            let parts = group
+                .iter()
+                .map(|v| self.embed_views(v, &mut timings))
+                .collect::<Result<Vec<_>>>()?;
+            projected.push(Tensor::cat(&parts, 0)?);
         }
 
         let t = Instant::now();

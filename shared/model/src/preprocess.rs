@@ -67,6 +67,10 @@ impl Preprocessor {
         self.limits
     }
 
+    pub(crate) fn filter(&self) -> Filter {
+        self.filter
+    }
+
     /// Decodes PNG, JPEG or WebP bytes into 8-bit RGB (alpha dropped as PIL's `convert("RGB")` does;
     /// EXIF orientation is ignored, as transformers ignores it).
     pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage> {
@@ -90,6 +94,20 @@ impl Preprocessor {
         let (width, height) = reader().into_dimensions().map_err(|e| {
             ModelError::InvalidImage(format!("cannot read the {format:?} header: {e}"))
         })?;
+        self.check_size(width, height)?;
+        let mut limits = image::Limits::default();
+        // The header was checked; this bounds what a lying header could make the decoder allocate.
+        limits.max_alloc = Some(self.limits.max_pixels.saturating_mul(8).max(1 << 20));
+        let mut r = reader();
+        r.limits(limits);
+        let img = r.decode().map_err(|e| {
+            ModelError::InvalidImage(format!("corrupt or truncated {format:?} image: {e}"))
+        })?;
+        Ok(img.to_rgb8())
+    }
+
+    /// Refuses an image (or a region of one) the limits do not allow, before any work is sized by it.
+    pub(crate) fn check_size(&self, width: u32, height: u32) -> Result<()> {
         let pixels = width as u64 * height as u64;
         if pixels == 0 {
             return Err(ModelError::InvalidImage(format!(
@@ -112,15 +130,7 @@ impl Preprocessor {
                 limit: self.limits.max_aspect_ratio,
             });
         }
-        let mut limits = image::Limits::default();
-        // The header was checked; this bounds what a lying header could make the decoder allocate.
-        limits.max_alloc = Some(self.limits.max_pixels.saturating_mul(8).max(1 << 20));
-        let mut r = reader();
-        r.limits(limits);
-        let img = r.decode().map_err(|e| {
-            ModelError::InvalidImage(format!("corrupt or truncated {format:?} image: {e}"))
-        })?;
-        Ok(img.to_rgb8())
+        Ok(())
     }
 
     /// Resize + centre crop (still 8-bit), exactly as the HF processor does before rescaling.

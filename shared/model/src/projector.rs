@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::anyres::ImageLayout;
 use crate::checkpoint::{Checkpoint, PartKind};
 use crate::config::{Activation, LlavaConfig};
 use crate::error::{ModelError, Result};
@@ -19,6 +20,10 @@ pub struct Projector {
     linear_1: Linear,
     act: Activation,
     linear_2: Linear,
+    /// LLaVA-NeXT's `image_newline` `[out_dim]`, which ends every row of a packed tile grid.
+    newline: Option<Tensor>,
+    /// Feature rows per side of one view (`image_size / patch_size`).
+    side: usize,
     in_dim: usize,
     out_dim: usize,
     dtype: DType,
@@ -47,7 +52,19 @@ impl Projector {
         } else {
             None
         };
+        let newline = if cfg.image_grid_pinpoints.is_some() {
+            Some(vb.get(out_dim, "image_newline").map_err(|e| {
+                ModelError::checkpoint(
+                    "model.safetensors",
+                    format!("a llava_next checkpoint needs image_newline [{out_dim}]: {e}"),
+                )
+            })?)
+        } else {
+            None
+        };
         Ok(Projector {
+            newline,
+            side: cfg.vision.image_size / cfg.vision.patch_size,
             layer_norm,
             linear_1: q.linear_plain(in_dim, out_dim, bias, vb.pp("linear_1"))?,
             act: cfg.projector_hidden_act,
@@ -123,5 +140,28 @@ impl Projector {
         }
         let x = self.act.apply(&self.linear_1.forward(&x)?)?;
         Ok(self.linear_2.forward(&x)?)
+    }
+
+    /// Whether this projector can pack tile grids (it loaded `image_newline`).
+    pub fn packs_tiles(&self) -> bool {
+        self.newline.is_some()
+    }
+
+    /// Rows one image of `layout` becomes after [`Self::pack`].
+    pub fn packed_rows(&self, layout: &ImageLayout) -> usize {
+        layout.packed_rows(self.side)
+    }
+
+    /// Packs one image's projected views `[views, side², out_dim]` into its prompt rows
+    /// ([`crate::anyres::pack`]); a single-view layout is its one view.
+    pub fn pack(&self, views: &Tensor, layout: &ImageLayout) -> Result<Tensor> {
+        match (&self.newline, layout.grid) {
+            (_, None) => Ok(views.squeeze(0)?),
+            (Some(nl), Some(_)) => crate::anyres::pack(views, layout, self.side, nl),
+            (None, Some(g)) => Err(ModelError::InvalidInput(format!(
+                "features tiled {}x{} need a llava_next projector (this checkpoint has no image_newline)",
+                g.rows, g.cols
+            ))),
+        }
     }
 }

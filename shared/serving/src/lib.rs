@@ -12,6 +12,20 @@ use vlm_tensor::{F32Tensor, WireDType};
 
 /// The gRPC status for a model error: the caller's mistakes are INVALID_ARGUMENT, size limits
 /// RESOURCE_EXHAUSTED, everything else INTERNAL (and logged, since it is our fault).
+/// The mesh's stages serve single-view checkpoints. A LLaVA-NeXT (anyres) checkpoint needs the
+/// tile layout to travel between them, which the wire does not carry yet: refusing it at load beats
+/// serving answers computed from one squashed view. It runs in process (`vlm-mesh generate`).
+pub fn check_servable(cfg: &vlm_model::LlavaConfig) -> Result<(), ModelError> {
+    if cfg.image_grid_pinpoints.is_some() {
+        return Err(ModelError::Unsupported(
+            "llava_next (anyres) checkpoints are not served through the mesh yet; run them in \
+             process with `vlm-mesh generate` (README, \"Resolution adaptivity\")"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 pub fn model_status(e: ModelError) -> Status {
     if matches!(e, ModelError::Cancelled) {
         Status::cancelled(e.to_string())

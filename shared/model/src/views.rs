@@ -1,0 +1,139 @@
+//! The views the vision tower encodes for one image: one (single-view models), or LLaVA-NeXT's
+//! base view plus tiles ([`crate::anyres`]), each an 8-bit RGB image of the tower's input size.
+//! Optionally of a region of the image ([`Region`]) rather than the whole of it.
+
+use candle_core::{Device, Tensor};
+use image::RgbImage;
+
+use crate::anyres::{patch_output_size, select_best_resolution, ImageLayout, TileGrid};
+use crate::config::ResizeTarget;
+use crate::error::{ModelError, Result};
+use crate::preprocess::Preprocessor;
+use crate::region::Region;
+use crate::resize::resize;
+
+/// An image cut into views, before rescaling and normalisation.
+#[derive(Debug, Clone)]
+pub struct ImageViews {
+    pub layout: ImageLayout,
+    /// Base view first, then the tiles row by row.
+    pub views: Vec<RgbImage>,
+}
+
+impl ImageViews {
+    /// A digest of each view's pixels: what a feature cache keys a view by, so a view whose
+    /// pixels did not change (one tile of a screenshot that changed elsewhere) is found again.
+    pub fn digests(&self) -> Vec<[u8; 32]> {
+        self.views
+            .iter()
+            .map(|v| {
+                let mut h = blake3::Hasher::new();
+                h.update(&v.width().to_le_bytes());
+                h.update(&v.height().to_le_bytes());
+                h.update(v.as_raw());
+                *h.finalize().as_bytes()
+            })
+            .collect()
+    }
+}
+
+impl Preprocessor {
+    /// Encoded bytes → the views of the image, or of `region` of it (cropped at full resolution
+    /// and then treated as an image of its own).
+    pub fn image_views(&self, bytes: &[u8], region: Option<Region>) -> Result<ImageViews> {
+        let img = self.decode(bytes)?;
+        let img = match region {
+            None => img,
+            Some(r) => {
+                let crop = r.crop(&img)?;
+                self.check_size(crop.width(), crop.height())
+                    .map_err(|e| ModelError::InvalidImage(format!("region {r}: {e}")))?;
+                crop
+            }
+        };
+        self.views(&img)
+    }
+
+    /// The views of a decoded image, as transformers' image processor cuts them
+    /// (`LlavaNextImageProcessor.get_image_patches` for anyres checkpoints).
+    pub fn views(&self, img: &RgbImage) -> Result<ImageViews> {
+        let (w, h) = img.dimensions();
+        let Some(pins) = &self.config().image_grid_pinpoints else {
+            return Ok(ImageViews {
+                layout: ImageLayout {
+                    height: h,
+                    width: w,
+                    grid: None,
+                },
+                views: vec![self.resize_and_crop(img)?],
+            });
+        };
+        let tile = self.config().output_size().0;
+        let (bh, bw) = select_best_resolution((h, w), pins);
+        if bh as u64 * bw as u64 > self.limits().max_pixels {
+            return Err(ModelError::InvalidImage(format!(
+                "a {w}x{h} image would be tiled at {bw}x{bh}, over the limit of {} pixels",
+                self.limits().max_pixels
+            )));
+        }
+        let (nh, nw) = patch_output_size((h, w), (bh, bw));
+        let resized = resize(img, nw, nh, self.filter())?;
+        // Zero padding around the centred image (`_pad_for_patching`).
+        let mut padded = RgbImage::new(bw, bh);
+        image::imageops::replace(
+            &mut padded,
+            &resized,
+            ((bw - nw) / 2) as i64,
+            ((bh - nh) / 2) as i64,
+        );
+        let grid = TileGrid {
+            rows: bh / tile,
+            cols: bw / tile,
+        };
+        // The base view is resized straight to the square input, aspect ratio not kept.
+        let (sh, sw) = match self.config().size {
+            ResizeTarget::Exact { height, width } => (height, width),
+            ResizeTarget::ShortestEdge(s) => (s, s),
+        };
+        let mut views = Vec::with_capacity(1 + (grid.rows * grid.cols) as usize);
+        views.push(self.resize_and_crop(&resize(img, sw, sh, self.filter())?)?);
+        for r in 0..grid.rows {
+            for c in 0..grid.cols {
+                let t = image::imageops::crop_imm(&padded, c * tile, r * tile, tile, tile);
+                views.push(self.resize_and_crop(&t.to_image())?);
+            }
+        }
+        Ok(ImageViews {
+            layout: ImageLayout {
+                height: h,
+                width: w,
+                grid: Some(grid),
+            },
+            views,
+        })
+    }
+
+    /// Rescaled, normalised views as `pixel_values` `[views, 3, H, W]` (f32).
+    pub fn pixel_values(&self, views: &[RgbImage], device: &Device) -> Result<Tensor> {
+        let first = views
+            .first()
+            .ok_or_else(|| ModelError::InvalidInput("no views to encode".into()))?;
+        let (w, h) = first.dimensions();
+        let mut data = Vec::with_capacity(views.len() * 3 * (w * h) as usize);
+        for v in views {
+            if v.dimensions() != (w, h) {
+                return Err(ModelError::InvalidInput(format!(
+                    "views differ in size: {:?} and {:?}",
+                    v.dimensions(),
+                    (w, h)
+                )));
+            }
+            data.extend(self.normalize(v));
+        }
+        Ok(Tensor::from_vec(
+            data,
+            (views.len(), 3, h as usize, w as usize),
+            device,
+        )?)
+    }
+}
