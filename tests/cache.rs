@@ -25,6 +25,7 @@ async fn generate(mesh: &MeshProc, image: &[u8]) -> Answer {
 async fn try_generate(mesh: &MeshProc, image: &[u8]) -> Result<Answer, tonic::Status> {
     let mut client = mesh.client().await;
     let req = GenerateRequest {
+        image_inputs: vec![],
         images: vec![image.to_vec().into()],
         prompt: PROMPT.into(),
         params: Some(vlm_proto::SamplingParams {

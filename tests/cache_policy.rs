@@ -40,6 +40,7 @@ async fn try_generate(
 ) -> Result<Answer, tonic::Status> {
     let mut client = mesh.client().await;
     let mut req = tonic::Request::new(GenerateRequest {
+        image_inputs: vec![],
         images: vec![image.to_vec().into()],
         prompt: PROMPT.into(),
         params: Some(vlm_proto::SamplingParams {

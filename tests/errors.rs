@@ -29,6 +29,7 @@ async fn run(client: &mut Client, req: GenerateRequest) -> Result<usize, tonic::
 
 fn ask(images: Vec<Vec<u8>>, prompt: &str, params: SamplingParams) -> GenerateRequest {
     GenerateRequest {
+        image_inputs: vec![],
         images: images.into_iter().map(Into::into).collect(),
         prompt: prompt.into(),
         params: Some(params),

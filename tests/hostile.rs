@@ -190,7 +190,10 @@ async fn counts_a_peer_sends_the_decoder_are_checked_before_allocation() {
         }),
         images: rows
             .into_iter()
-            .map(|rows| vlm_proto::ImageSlot { rows })
+            .map(|rows| vlm_proto::ImageSlot {
+                region: false,
+                rows,
+            })
             .collect(),
         ..Default::default()
     };

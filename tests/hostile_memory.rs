@@ -196,7 +196,13 @@ async fn memory_is_admitted_by_bytes_not_by_count() {
             top_p: 1.0,
             ..Default::default()
         }),
-        images: vec![vlm_proto::ImageSlot { rows: 10 }; 20],
+        images: vec![
+            vlm_proto::ImageSlot {
+                region: false,
+                rows: 10
+            };
+            20
+        ],
         ..Default::default()
     };
     let err = decode_setup(&mesh, setup).await.unwrap_err();

@@ -194,6 +194,7 @@ async fn call(
     max_tokens: Option<u32>,
 ) -> Result<Vec<u32>, tonic::Status> {
     let req = GenerateRequest {
+        image_inputs: vec![],
         images: images.into_iter().map(Into::into).collect(),
         prompt: prompt.into(),
         params: Some(vlm_proto::SamplingParams {
@@ -302,6 +303,7 @@ async fn client_disconnect_mid_stream_stops_decoding() {
     let mut client = mesh.client().await;
     let image = std::fs::read(image_path()).unwrap();
     let req = GenerateRequest {
+        image_inputs: vec![],
         images: vec![image.into()],
         prompt: PROMPT.into(),
         params: Some(vlm_proto::SamplingParams {

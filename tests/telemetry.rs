@@ -179,6 +179,7 @@ fn request(max_tokens: u32) -> GenerateRequest {
 
 fn request_monitored(max_tokens: u32, monitor_layers: bool) -> GenerateRequest {
     GenerateRequest {
+        image_inputs: vec![],
         images: vec![std::fs::read(image_path()).unwrap().into()],
         prompt: PROMPT.into(),
         params: Some(vlm_proto::SamplingParams {

@@ -14,6 +14,7 @@ pub const STAGE_PEAK_RSS_BOUND_KIB: u64 = 1 << 20;
 
 pub fn ask(image: Vec<u8>, max_tokens: u32) -> GenerateRequest {
     GenerateRequest {
+        image_inputs: vec![],
         images: vec![image.into()],
         prompt: PROMPT.into(),
         params: Some(SamplingParams {

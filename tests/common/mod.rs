@@ -572,6 +572,7 @@ impl Drop for RedisProc {
 /// The gateway request for one image and `PROMPT` with these sampling settings.
 pub fn request(image: &[u8], p: &vlm_model::SamplingParams) -> vlm_proto::GenerateRequest {
     vlm_proto::GenerateRequest {
+        image_inputs: vec![],
         images: vec![image.to_vec().into()],
         prompt: PROMPT.into(),
         params: Some(vlm_proto::SamplingParams {

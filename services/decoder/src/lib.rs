@@ -83,10 +83,10 @@ impl DecoderService {
             );
         }
         let ckpt = Checkpoint::open(&cfg.model)?;
-        vlm_serving::check_servable(ckpt.config())?;
         let decoder =
             DecoderModel::load_quantized(&ckpt, cfg.dtype, &Device::Cpu, cfg.quantization)?;
         let prompt = PromptBuilder::from_dir(&cfg.model, ckpt.config())?;
+        let tiles = ckpt.config().image_grid_pinpoints.is_some();
         let max_batch = cfg.max_concurrent.max(1);
         let kv_bytes = match cfg.kv_cache_bytes {
             Some(b) => budget::check_explicit(b)?,
@@ -124,7 +124,12 @@ impl DecoderService {
             model_fingerprint: decoder.fingerprint().to_string(),
             quantization: decoder.quantization().to_string(),
             text_model_type: decoder.config().model_type.clone(),
-            image_tokens: ckpt.config().image_tokens() as u32,
+            // A tiling model's images vary in rows (the gateway asks the encoder's Plan).
+            image_tokens: if tiles {
+                0
+            } else {
+                ckpt.config().image_tokens() as u32
+            },
             text_hidden_size: decoder.hidden_size() as u32,
             context_length: decoder.max_positions() as u32,
             default_max_tokens: cfg.default_max_tokens,
@@ -133,7 +138,11 @@ impl DecoderService {
         let model = Arc::new(Model {
             decoder,
             prompt,
-            image_tokens: ckpt.config().image_tokens(),
+            image_tokens: if tiles {
+                0
+            } else {
+                ckpt.config().image_tokens()
+            },
             info,
             name,
         });
@@ -181,6 +190,23 @@ pub(crate) fn finish_reason(r: FinishReason) -> vlm_proto::FinishReason {
         FinishReason::Length => vlm_proto::FinishReason::Length,
         FinishReason::StopString => vlm_proto::FinishReason::StopString,
     }
+}
+
+/// The slots each placeholder covers: an image's slot and the region slots right after it.
+fn slot_groups(slots: &[vlm_proto::ImageSlot]) -> Result<Vec<std::ops::Range<usize>>, Status> {
+    let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, s) in slots.iter().enumerate() {
+        match (s.region, groups.last_mut()) {
+            (false, _) => groups.push(i..i + 1),
+            (true, Some(g)) => g.end = i + 1,
+            (true, None) => {
+                return Err(Status::invalid_argument(
+                    "image slot 1 is a region, but a region must follow the slot of its image",
+                ))
+            }
+        }
+    }
+    Ok(groups)
 }
 
 /// Receives one embedding tensor per image slot, checking each against its expected shape.
@@ -258,18 +284,26 @@ impl Decoder for DecoderService {
         let rows: Vec<usize> = setup
             .images
             .iter()
-            .map(|s| {
-                if s.rows == 0 {
-                    model.image_tokens
-                } else {
-                    s.rows as usize
-                }
+            .enumerate()
+            .map(|(i, s)| match (s.rows, model.image_tokens) {
+                (0, 0) => Err(Status::invalid_argument(format!(
+                    "image slot {}: this model's image rows depend on the image's size, so the slot must give them",
+                    i + 1
+                ))),
+                (0, fixed) => Ok(fixed),
+                (r, _) => Ok(r as usize),
             })
+            .collect::<Result<_, _>>()?;
+        let groups = slot_groups(&setup.images)?;
+        // One placeholder per group: the image's rows, then its regions' rows.
+        let placeholder_rows: Vec<usize> = groups
+            .iter()
+            .map(|g| g.clone().map(|i| rows[i]).sum())
             .collect();
         // Prompt and context errors surface now, before any embedding is sent. Tokenising is
         // CPU work: off the async threads, and only for prompts that can fit the context.
         let prepared = {
-            let (model, prompt, rows) = (model.clone(), setup.prompt, rows.clone());
+            let (model, prompt, rows) = (model.clone(), setup.prompt, placeholder_rows);
             tokio::task::spawn_blocking(move || {
                 model.prompt.prepare_within(&prompt, &rows, context)
             })
@@ -325,6 +359,10 @@ impl Decoder for DecoderService {
             };
             let prepared_len = prepared.ids.len();
             let req = tokio::task::spawn_blocking(move || {
+                let images = groups
+                    .into_iter()
+                    .map(|g| Tensor::cat(&images[g].iter().collect::<Vec<_>>(), 0))
+                    .collect::<Result<Vec<_>, _>>()?;
                 let embeds = prepared.embeddings(&model.decoder, &images)?;
                 let keys = prepared.position_keys(&images)?;
                 Ok::<_, vlm_model::ModelError>(SeqRequest {

@@ -16,7 +16,9 @@ use vlm_model::{
 };
 use vlm_proto::encode_response::Kind;
 use vlm_proto::encoder_server::{Encoder, EncoderServer};
-use vlm_proto::{EncodeRequest, EncodeResponse, EncodeStats, EncoderInfo, EncoderInfoRequest};
+use vlm_proto::{
+    EncodeRequest, EncodeResponse, EncodeStats, EncoderInfo, EncoderInfoRequest, ImagePlan,
+};
 use vlm_serving::{from_model_tensor, run_model, wire_dtype_for};
 use vlm_tensor::{TensorChunker, WireDType};
 
@@ -62,10 +64,9 @@ impl EncoderService {
             );
         }
         let ckpt = Checkpoint::open(&cfg.model)?;
-        vlm_serving::check_servable(ckpt.config())?;
         let device = Device::Cpu;
         let preprocessor = Preprocessor::new(
-            ImageProcessorConfig::from_dir(&cfg.model, &ckpt.config().vision)?,
+            ImageProcessorConfig::for_model(&cfg.model, ckpt.config())?,
             cfg.image_limits,
         )?;
         let vision = VisionEncoder::load_quantized(&ckpt, cfg.dtype, &device, cfg.quantization)?;
@@ -99,38 +100,44 @@ impl Encoder for EncoderService {
     async fn encode(&self, req: Request<EncodeRequest>) -> Result<Response<EncodeStream>, Status> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let req = req.into_inner();
-        if req.image.len() > self.max_image_bytes {
-            return Err(Status::resource_exhausted(format!(
-                "image of {} bytes exceeds the limit of {} bytes",
-                req.image.len(),
-                self.max_image_bytes
-            )));
-        }
+        self.check_bytes(&req.image)?;
         let options = req.options.unwrap_or_default();
         let wire = WireDType::from_proto_or(options.wire_dtype, self.default_wire)?;
+        let region = req
+            .region
+            .as_ref()
+            .map(vlm_serving::region_from_proto)
+            .transpose()?;
+        let views = req.views;
         let model = self.model.clone();
         let queued = Instant::now();
         // The model runs on a blocking thread; its stage spans hang off this call's span.
         let call_span = tracing::Span::current();
         let monitor_layers = options.monitor_layers;
-        let (features, stats) = run_model(&self.permits, move |cancel| {
+        let (features, layout, stats) = run_model(&self.permits, move |cancel| {
             let queue_ms = ms(queued);
             let t = Instant::now();
-            let pixels = tracing::info_span!(parent: &call_span, "preprocess", image.bytes = req.image.len())
-                .in_scope(|| model.preprocessor.preprocess(&req.image, &model.device))?;
+            let (layout, pixels) = tracing::info_span!(parent: &call_span, "preprocess", image.bytes = req.image.len())
+                .in_scope(|| model.pixels(&req.image, region, &views))?;
             let preprocess_ms = ms(t);
             cancel.check()?;
             vlm_telemetry::metrics::observe_stage("preprocess", t.elapsed());
             let t = Instant::now();
             let mut monitored = Vec::new();
-            let (features, layers) = tracing::info_span!(parent: &call_span, "vision_forward")
+            let (features, layers) = tracing::info_span!(parent: &call_span, "vision_forward", views = pixels.dim(0)?)
                 .in_scope(|| {
                     let monitor = monitor_layers.then_some(&mut monitored);
                     let features = model.vision.forward_monitored(&pixels, monitor, cancel)?;
                     let layers = vlm_serving::layer_stats_rows("vision", &monitored);
                     Ok::<_, vlm_model::ModelError>((features, layers))
                 })?;
-            let features = features.squeeze(0)?;
+            // A single-view model answers [rows, dim], as it always has; a tiling one
+            // [views, rows, dim] with the layout in the header.
+            let features = if layout.grid.is_none() {
+                features.squeeze(0)?
+            } else {
+                features
+            };
             vlm_telemetry::metrics::observe_stage("vision_forward", t.elapsed());
             let stats = EncodeStats {
                 preprocess_ms,
@@ -138,7 +145,7 @@ impl Encoder for EncoderService {
                 queue_ms,
                 layers,
             };
-            Ok((features, stats))
+            Ok((features, layout, stats))
         })
         .await?;
         if let Some(d) = self.fault_encode_delay {
@@ -147,8 +154,15 @@ impl Encoder for EncoderService {
         let (shape, values) = from_model_tensor(&features)?;
         tracing::debug!(?shape, ?stats, "encoded image");
         let chunks = TensorChunker::new(values, &shape, wire, options.chunk_bytes as usize)?;
+        let layout = layout
+            .grid
+            .is_some()
+            .then(|| vlm_serving::layout_to_proto(&layout));
         let out = chunks
-            .map(|c| {
+            .map(move |mut c| {
+                if let Some(h) = &mut c.header {
+                    h.layout = layout;
+                }
                 Ok(EncodeResponse {
                     kind: Some(Kind::Chunk(c)),
                 })
@@ -163,6 +177,31 @@ impl Encoder for EncoderService {
         ))
     }
 
+    async fn plan(&self, req: Request<EncodeRequest>) -> Result<Response<ImagePlan>, Status> {
+        let req = req.into_inner();
+        self.check_bytes(&req.image)?;
+        let region = req
+            .region
+            .as_ref()
+            .map(vlm_serving::region_from_proto)
+            .transpose()?;
+        let model = self.model.clone();
+        let plan = run_model(&self.permits, move |_| {
+            let t = Instant::now();
+            let views = model.preprocessor.image_views(&req.image, region)?;
+            let side = model.vision.patches_per_side();
+            Ok(ImagePlan {
+                layout: Some(vlm_serving::layout_to_proto(&views.layout)),
+                view_digests: views.digests().iter().map(|d| d.to_vec().into()).collect(),
+                rows_per_view: model.vision.num_features() as u32,
+                packed_rows: views.layout.packed_rows(side, model.vision.num_features()) as u32,
+                preprocess_ms: ms(t),
+            })
+        })
+        .await?;
+        Ok(Response::new(plan))
+    }
+
     async fn info(
         &self,
         _req: Request<EncoderInfoRequest>,
@@ -171,9 +210,67 @@ impl Encoder for EncoderService {
     }
 }
 
+impl Model {
+    /// The pixel values of the requested views (all when `views` is empty) of the image or its
+    /// region, with the image's layout.
+    fn pixels(
+        &self,
+        image: &[u8],
+        region: Option<vlm_model::Region>,
+        views: &[u32],
+    ) -> Result<(vlm_model::ImageLayout, vlm_model::Tensor), vlm_model::ModelError> {
+        let all = self.preprocessor.image_views(image, region)?;
+        let n = all.views.len();
+        let picked: Vec<_> = if views.is_empty() {
+            all.views
+        } else {
+            let mut seen = vec![false; n];
+            let mut out = Vec::with_capacity(views.len());
+            for &v in views {
+                match seen.get_mut(v as usize) {
+                    Some(s) if !*s => {
+                        *s = true;
+                        out.push(all.views[v as usize].clone());
+                    }
+                    Some(_) => {
+                        return Err(vlm_model::ModelError::InvalidInput(format!(
+                            "view {v} is asked for twice"
+                        )))
+                    }
+                    None => {
+                        return Err(vlm_model::ModelError::InvalidInput(format!(
+                            "view {v} does not exist: this image has {n} views"
+                        )))
+                    }
+                }
+            }
+            out
+        };
+        let pixels = self.preprocessor.pixel_values(&picked, &self.device)?;
+        Ok((all.layout, pixels))
+    }
+}
+
 impl EncoderService {
+    fn check_bytes(&self, image: &[u8]) -> Result<(), Status> {
+        if image.len() > self.max_image_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "image of {} bytes exceeds the limit of {} bytes",
+                image.len(),
+                self.max_image_bytes
+            )));
+        }
+        Ok(())
+    }
+
     fn info(&self) -> EncoderInfo {
         EncoderInfo {
+            tiles: self
+                .model
+                .preprocessor
+                .config()
+                .image_grid_pinpoints
+                .is_some(),
             model_fingerprint: self.model.vision.fingerprint().to_string(),
             quantization: self.model.vision.quantization().to_string(),
             preprocessing: self.preprocessing.clone(),

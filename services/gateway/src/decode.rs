@@ -298,6 +298,7 @@ impl Relay {
                 cached_prompt_tokens: d.cached_prompt_tokens,
             }),
             timings: Some(StageTimings {
+                images: std::mem::take(&mut totals.images),
                 preprocess_ms: totals.preprocess_ms,
                 encode_ms: totals.encode_ms,
                 project_ms: totals.project_ms,

@@ -4,16 +4,17 @@
 
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::Status;
 use tracing::Instrument;
 use vlm_proto::decode_request::Kind as RequestKind;
-use vlm_proto::{DecodeRequest, TensorChunk};
+use vlm_proto::{DecodeRequest, ImagePlan, TensorChunk};
 
 use crate::images::{image_pipeline, ImageJob, ImageTimings};
+use crate::slots::Slot;
+use crate::views::view_pipeline;
 use crate::Stages;
 
 /// Per-image totals of a request.
@@ -25,10 +26,20 @@ pub(crate) struct Totals {
     pub cache_ms: f64,
     pub cache: Vec<i32>,
     pub layers: Vec<vlm_proto::LayerStats>,
+    pub images: Vec<vlm_proto::ImageReport>,
 }
 
 impl Totals {
-    fn add(&mut self, t: &ImageTimings) {
+    fn add(&mut self, t: &ImageTimings, slot: &Slot, rows: u64) {
+        self.images.push(vlm_proto::ImageReport {
+            image: slot.image_index,
+            region: slot.region,
+            grid_rows: t.grid.0,
+            grid_cols: t.grid.1,
+            views: t.views,
+            encoded_views: t.encoded_views.clone(),
+            rows: rows as u32,
+        });
         self.preprocess_ms += t.preprocess_ms;
         self.encode_ms += t.encode_ms;
         self.project_ms += t.project_ms;
@@ -42,29 +53,43 @@ impl Totals {
 /// pipelines live as long as the sequencer: aborting it (the request ended early) stops them.
 pub(crate) fn start(
     stages: &Arc<Stages>,
-    images: Vec<Bytes>,
+    slots: Vec<(Slot, Option<ImagePlan>)>,
     monitor_layers: bool,
     deadline: Instant,
 ) -> (Arc<EmbeddingLog>, JoinHandle<Totals>) {
-    let mut per_image = Vec::with_capacity(images.len());
-    for image in images {
+    let mut per_image = Vec::with_capacity(slots.len());
+    for (slot, plan) in slots {
         let (tx, rx) = mpsc::channel(4);
         let job = ImageJob {
-            image,
+            image: slot.image.clone(),
+            region: slot.region,
             monitor_layers,
             deadline,
         };
-        let task = tokio::spawn(image_pipeline(stages.clone(), job, tx).in_current_span());
-        per_image.push((task, rx));
+        let task = match plan {
+            None => tokio::spawn(image_pipeline(stages.clone(), job, tx).in_current_span()),
+            Some(plan) => {
+                let pipeline = view_pipeline(stages.clone(), job, plan, tx);
+                tokio::spawn(pipeline.in_current_span())
+            }
+        };
+        per_image.push((task, rx, slot));
     }
     let log = EmbeddingLog::new(stages.memory.empty());
     let seq_log = log.clone();
-    let pipelines: Vec<AbortOnDrop> = per_image.iter().map(|(t, _)| AbortOnDrop::new(t)).collect();
+    let pipelines: Vec<AbortOnDrop> = per_image
+        .iter()
+        .map(|(t, _, _)| AbortOnDrop::new(t))
+        .collect();
     let sequencer = async move {
         let _pipelines = pipelines;
         let mut totals = Totals::default();
-        for (task, mut rx) in per_image {
+        for (task, mut rx, slot) in per_image {
+            let mut rows = 0;
             while let Some(chunk) = rx.recv().await {
+                if let Ok(Some(h)) = chunk.as_ref().map(|c| c.header.as_ref()) {
+                    rows = h.shape.first().copied().unwrap_or(0);
+                }
                 match chunk.and_then(|c| seq_log.push(c)) {
                     Ok(()) => {}
                     Err(s) => {
@@ -74,7 +99,7 @@ pub(crate) fn start(
                 }
             }
             match task.await {
-                Ok(Ok(t)) => totals.add(&t),
+                Ok(Ok(t)) => totals.add(&t, &slot, rows),
                 Ok(Err(s)) => {
                     seq_log.fail(s);
                     return totals;

@@ -34,11 +34,18 @@ pub(crate) struct ImageTimings {
     pub cache: CacheStatus,
     /// Vision layer statistics, when the request asked for them and the encoder ran.
     pub layers: Vec<vlm_proto::LayerStats>,
+    /// Views the image has (1 unless tiled), and how many the encoder ran for this request.
+    pub views: u32,
+    pub encoded_views: Vec<u32>,
+    /// The tile grid (0 x 0: one view).
+    pub grid: (u32, u32),
 }
 
 /// One image of a request.
 pub(crate) struct ImageJob {
     pub image: Bytes,
+    /// Only this region of the image.
+    pub region: Option<vlm_proto::Region>,
     pub monitor_layers: bool,
     pub deadline: Instant,
 }
@@ -64,6 +71,7 @@ pub(crate) async fn image_pipeline(
 ) -> Result<ImageTimings, Status> {
     let mut timings = ImageTimings {
         cache: CacheStatus::Off,
+        views: 1,
         ..Default::default()
     };
     let mut source = lookup(&stages, &job, &mut timings).await?;
@@ -84,6 +92,7 @@ pub(crate) async fn image_pipeline(
         match attempt.run().await {
             Ok(stats) => {
                 if let Some(s) = stats {
+                    timings.encoded_views = vec![0];
                     timings.preprocess_ms = s.preprocess_ms;
                     timings.encode_ms = s.encode_ms;
                     timings.layers = s.layers;
@@ -114,7 +123,13 @@ async fn lookup(
         &job.image,
         &info.model_fingerprint,
         &info.preprocessing,
-        &format!("wire={}", stages.wire_dtype),
+        &match job.region {
+            None => format!("wire={}", stages.wire_dtype),
+            Some(r) => format!(
+                "wire={};region={},{},{},{}",
+                stages.wire_dtype, r.x0, r.y0, r.x1, r.y1
+            ),
+        },
     );
     let t = std::time::Instant::now();
     let found = cache.lookup(&key).await;
@@ -223,6 +238,8 @@ impl Feed<'_> {
         }
         let enc = self.encoder.pick()?;
         let req = EncodeRequest {
+            region: self.job.region,
+            views: vec![],
             image: self.job.image.clone(),
             options: Some(EncodeOptions {
                 wire_dtype: self.stages.wire_dtype,

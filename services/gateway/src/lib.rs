@@ -7,7 +7,10 @@
 //! - [`service`]: the gRPC face (request limits, `Generate`, `GetModelInfo`);
 //! - [`stage`]: the one stage-call abstraction (replica choice, adaptive timeouts, retries with
 //!   budget and backoff, failure booking, retry metrics and span events);
-//! - [`images`]: per image, feature-cache lookup → encoder → projector;
+//! - [`slots`]: a request's images and regions of interest, checked;
+//! - [`images`]: per single-view image, feature-cache lookup → encoder → projector;
+//! - [`views`]: per tiled (LLaVA-NeXT) image, per-view cache lookups → encoder for the missing
+//!   views → projector (which packs);
 //! - [`embeddings`]: the request's projected rows in prompt order, for every decoder attempt;
 //! - [`decode`]: decoder calls, failover with resume, and the token relay to the client;
 //! - [`identity`]: the model's identity and limits as the stages report them;
@@ -21,7 +24,9 @@ mod identity;
 mod images;
 pub mod openai;
 mod service;
+mod slots;
 mod stage;
+mod views;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +53,8 @@ pub struct GatewayConfig {
     pub max_image_bytes: usize,
     /// Most images in one request.
     pub max_images: usize,
+    /// Most regions of interest per image.
+    pub max_regions: usize,
     /// Largest prompt accepted, in bytes.
     pub max_prompt_bytes: usize,
     /// Deadline for requests whose client sets none.

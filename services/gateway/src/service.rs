@@ -12,11 +12,15 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use vlm_proto::gateway_server::{Gateway, GatewayServer};
 use vlm_proto::{
-    DecodeSetup, GenerateRequest, GenerateResponse, GetModelInfoRequest, ImageSlot, ModelInfo,
+    DecodeSetup, GenerateRequest, GenerateResponse, GetModelInfoRequest, ImagePlan, ImageSlot,
+    ModelInfo,
 };
 
 use crate::decode::{open_decoder, Relay};
 use crate::embeddings::{self, AbortOnDrop};
+use crate::identity::encoder_info;
+use crate::images::ImageJob;
+use crate::{slots, views};
 use crate::{GatewayConfig, Stages};
 
 pub struct GatewayService {
@@ -52,14 +56,11 @@ impl GatewayService {
                 c.max_prompt_bytes
             )));
         }
-        if req.images.len() > c.max_images {
-            return Err(Status::invalid_argument(format!(
-                "gateway: {} images given; at most {} per request",
-                req.images.len(),
-                c.max_images
-            )));
-        }
-        for (i, img) in req.images.iter().enumerate() {
+        let images = req
+            .images
+            .iter()
+            .chain(req.image_inputs.iter().map(|i| &i.data));
+        for (i, img) in images.enumerate() {
             if img.is_empty() {
                 return Err(Status::invalid_argument(format!(
                     "gateway: image {} is empty (0 bytes)",
@@ -79,6 +80,32 @@ impl GatewayService {
     }
 }
 
+impl GatewayService {
+    /// For a tiling model, each slot's plan (views and packed rows, which the decoder needs before
+    /// any embedding arrives); `None`s for a single-view model, whose images all have one size.
+    async fn plans(
+        &self,
+        slots: &[slots::Slot],
+        monitor_layers: bool,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<Option<ImagePlan>>, Status> {
+        if slots.is_empty() || !encoder_info(&self.stages, deadline).await?.tiles {
+            return Ok(vec![None; slots.len()]);
+        }
+        let plans = slots.iter().map(|s| {
+            let job = ImageJob {
+                image: s.image.clone(),
+                region: s.region,
+                monitor_layers,
+                deadline,
+            };
+            let stages = self.stages.clone();
+            async move { views::plan(&stages, &job).await.map(Some) }
+        });
+        futures::future::try_join_all(plans).await
+    }
+}
+
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -92,16 +119,25 @@ impl Gateway for GatewayService {
         let started = Instant::now();
         let deadline = vlm_net::request_deadline(req.metadata(), self.cfg.default_timeout);
         let req = req.into_inner();
+        let slots = slots::slots(&req, self.cfg.max_images, self.cfg.max_regions)?;
         self.validate(&req)?;
+        let plans = self.plans(&slots, req.monitor_layers, deadline).await?;
         let setup = DecodeSetup {
             prompt: req.prompt,
             params: req.params,
-            images: vec![ImageSlot { rows: 0 }; req.images.len()],
+            images: slots
+                .iter()
+                .zip(&plans)
+                .map(|(s, p)| ImageSlot {
+                    rows: p.as_ref().map_or(0, |p| p.packed_rows),
+                    region: s.region.is_some(),
+                })
+                .collect(),
             resume_token_ids: vec![],
             monitor_layers: req.monitor_layers,
         };
-        let (log, sequencer) =
-            embeddings::start(&self.stages, req.images, req.monitor_layers, deadline);
+        let jobs = slots.into_iter().zip(plans).collect();
+        let (log, sequencer) = embeddings::start(&self.stages, jobs, req.monitor_layers, deadline);
         let sequencer_abort = AbortOnDrop::new(&sequencer);
 
         // The first decoder call is made here, so prompt and sampling errors (the decoder checks

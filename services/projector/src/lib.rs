@@ -30,6 +30,63 @@ pub struct ProjectorConfig {
     pub fault_project_delay: Option<std::time::Duration>,
 }
 
+/// One LLaVA-NeXT image in flight: its views are projected block by block as they arrive, then
+/// packed (tiles stitched, padding cut, a newline per row) once the last one is in.
+struct Tiled {
+    layout: vlm_model::ImageLayout,
+    views: usize,
+    rows_per_view: usize,
+    dtype: vlm_tensor::WireDType,
+    chunk_rows: u32,
+    projected: Vec<f32>,
+}
+
+impl Tiled {
+    fn new(
+        layout: &vlm_proto::ImageLayout,
+        meta: &vlm_tensor::TensorMeta,
+        in_dim: usize,
+        chunk_rows: u32,
+    ) -> Result<Self, Status> {
+        let layout = vlm_serving::layout_from_proto(layout)?;
+        let shape = meta.shape();
+        if shape.len() != 3 || shape[0] != layout.num_views() || shape[2] != in_dim {
+            return Err(Status::invalid_argument(format!(
+                "a {}x{}-tile image needs projector input [{}, rows, {in_dim}], got {shape:?}",
+                layout.grid.map_or(0, |g| g.rows),
+                layout.grid.map_or(0, |g| g.cols),
+                layout.num_views()
+            )));
+        }
+        Ok(Tiled {
+            layout,
+            views: shape[0],
+            rows_per_view: shape[1],
+            dtype: meta.dtype(),
+            chunk_rows,
+            projected: Vec::new(),
+        })
+    }
+
+    /// The packed `[rows, out_dim]` embeddings, the wire dtype and chunk rows to send them in.
+    fn pack(
+        self,
+        model: &ProjectorModel,
+        device: &Device,
+    ) -> vlm_model::Result<(Tensor, vlm_tensor::WireDType, u32)> {
+        let views = Tensor::from_vec(
+            self.projected,
+            (self.views, self.rows_per_view, model.out_dim()),
+            device,
+        )?;
+        Ok((
+            model.pack(&views, &self.layout)?,
+            self.dtype,
+            self.chunk_rows,
+        ))
+    }
+}
+
 pub struct ProjectorService {
     model: Arc<ProjectorModel>,
     device: Device,
@@ -41,7 +98,6 @@ pub struct ProjectorService {
 impl ProjectorService {
     pub fn load(cfg: &ProjectorConfig) -> anyhow::Result<Self> {
         let ckpt = Checkpoint::open(&cfg.model)?;
-        vlm_serving::check_servable(ckpt.config())?;
         let device = Device::Cpu;
         let model = ProjectorModel::load_quantized(&ckpt, cfg.dtype, &device, cfg.quantization)?;
         Ok(ProjectorService {
@@ -83,38 +139,50 @@ impl Projector for ProjectorService {
             let result = async {
                 let mut assembler = TensorAssembler::new(limits);
                 let mut writer: Option<TensorStreamWriter> = None;
+                let mut tiled: Option<Tiled> = None;
                 while let Some(chunk) = input.message().await? {
                     let block = assembler.push(&chunk)?;
                     let meta = assembler
                         .meta()
                         .expect("header accepted with the first chunk")
                         .clone();
-                    if meta.shape().len() != 2 || meta.row_len() != model.in_dim() {
+                    let chunk_rows = chunk.header.as_ref().map_or(0, |h| h.chunk_rows);
+                    let layout = chunk.header.as_ref().and_then(|h| h.layout.as_ref());
+                    if let Some(l) = layout.filter(|l| l.grid_rows > 0 || l.grid_cols > 0) {
+                        tiled = Some(Tiled::new(l, &meta, model.in_dim(), chunk_rows)?);
+                    }
+                    if tiled.is_none()
+                        && (meta.shape().len() != 2 || meta.row_len() != model.in_dim())
+                    {
                         return Err(Status::invalid_argument(format!(
                             "projector input must be [rows, {}], got {:?}",
                             model.in_dim(),
                             meta.shape()
                         )));
                     }
-                    let w = match &mut writer {
-                        Some(w) => w,
-                        None => writer.insert(TensorStreamWriter::new(
+                    if tiled.is_none() && writer.is_none() {
+                        writer = Some(TensorStreamWriter::new(
                             &[meta.rows(), model.out_dim()],
                             meta.dtype(),
-                            chunk.header.as_ref().map_or(0, |h| h.chunk_rows),
-                        )?),
-                    };
+                            chunk_rows,
+                        )?);
+                    }
                     if block.rows == 0 {
                         continue;
                     }
-                    let (model, device) = (model.clone(), device.clone());
+                    let (m, device) = (model.clone(), device.clone());
                     let rows = run_model(&permits, move |_| {
                         let x =
                             Tensor::from_vec(block.values, (block.rows, block.row_len), &device)?;
-                        model.forward(&x)
+                        m.forward(&x)
                     })
                     .await?;
                     let (_, values) = from_model_tensor(&rows)?;
+                    if let Some(t) = &mut tiled {
+                        t.projected.extend_from_slice(&values);
+                        continue;
+                    }
+                    let w = writer.as_mut().expect("writer made with the first chunk");
                     if tx.send(Ok(w.write_rows(&values)?)).await.is_err() {
                         return Ok(()); // the caller went away
                     }
@@ -127,6 +195,20 @@ impl Projector for ProjectorService {
                     }
                 }
                 assembler.finish()?;
+                if let Some(t) = tiled {
+                    let (m, device) = (model.clone(), device.clone());
+                    let packed = run_model(&permits, move |_| t.pack(&m, &device)).await?;
+                    let (shape, values) = from_model_tensor(&packed.0)?;
+                    let mut w = TensorStreamWriter::new(&shape, packed.1, packed.2)?;
+                    let per_chunk = w.meta().rows_per_chunk(0).max(1) * shape[1];
+                    for block in values.chunks(per_chunk) {
+                        if tx.send(Ok(w.write_rows(block)?)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    w.finish()?;
+                    return Ok(());
+                }
                 match writer {
                     Some(w) if w.meta().total_bytes() == 0 => {
                         let mut w = w;

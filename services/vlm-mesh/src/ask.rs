@@ -38,6 +38,12 @@ pub struct AskArgs {
     /// The raw prompt, with `<image>` where each image goes.
     #[arg(long, env = "VLM_PROMPT")]
     pub prompt: String,
+    /// A region of interest, `[IMAGE:]x0,y0,x1,y1` in relative coordinates 0–1000 (IMAGE counts
+    /// from 0, default the first). Repeatable. Each region is cropped from the image at full
+    /// resolution and encoded as one more image; its rows follow the image's at the image's
+    /// `<image>` (README, "Regions of interest").
+    #[arg(long, env = "VLM_REGION", value_parser = crate::region_arg::parse)]
+    pub region: Vec<crate::region_arg::RegionArg>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Give up after this many seconds (sent to the gateway as the request deadline).
@@ -59,6 +65,19 @@ struct Timings {
     cache_ms: f64,
     /// Per image: "hit", "miss", "error" or "off".
     cache: Vec<&'static str>,
+    /// Per image slot (each image, then its regions): grid, views, the views encoded (the rest came
+    /// from the cache), rows.
+    images: Vec<ImageReport>,
+}
+
+#[derive(Serialize, Default)]
+struct ImageReport {
+    image: u32,
+    region: Option<[u32; 4]>,
+    grid: [u32; 2],
+    views: u32,
+    encoded_views: Vec<u32>,
+    rows: u32,
 }
 
 #[derive(Serialize, Default)]
@@ -180,7 +199,8 @@ pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
                 .map(Into::into)
                 .with_context(|| format!("cannot read image {}", p.display()))
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect::<anyhow::Result<Vec<tonic::codegen::Bytes>>>()?;
+    let regions = crate::region_arg::per_image(&args.region, images.len())?;
     let (url, channel) = connect(&args).await?;
     let mut client = GatewayClient::new(channel)
         .max_decoding_message_size(64 << 20)
@@ -196,7 +216,32 @@ pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
         stop: p.stop.clone(),
     };
     let mut req = tonic::Request::new(GenerateRequest {
-        images,
+        // Regions need `image_inputs`; plain images keep the older field.
+        image_inputs: if args.region.is_empty() {
+            vec![]
+        } else {
+            images
+                .iter()
+                .zip(&regions)
+                .map(|(data, rs)| vlm_proto::ImageInput {
+                    data: data.clone(),
+                    regions: rs
+                        .iter()
+                        .map(|r| vlm_proto::Region {
+                            x0: r.x0,
+                            y0: r.y0,
+                            x1: r.x1,
+                            y1: r.y1,
+                        })
+                        .collect(),
+                })
+                .collect()
+        },
+        images: if args.region.is_empty() {
+            images
+        } else {
+            vec![]
+        },
         prompt: args.prompt.clone(),
         params: Some(params),
         monitor_layers: false,
@@ -236,6 +281,18 @@ pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
                     total_ms: t.total_ms,
                     cache_ms: t.cache_ms,
                     cache: t.cache.iter().map(|&c| cache_status_name(c)).collect(),
+                    images: t
+                        .images
+                        .iter()
+                        .map(|r| ImageReport {
+                            image: r.image,
+                            region: r.region.map(|b| [b.x0, b.y0, b.x1, b.y1]),
+                            grid: [r.grid_rows, r.grid_cols],
+                            views: r.views,
+                            encoded_views: r.encoded_views.clone(),
+                            rows: r.rows,
+                        })
+                        .collect(),
                 };
             }
             None => {}

@@ -224,6 +224,7 @@ async fn ask_one(
     timeout: Duration,
 ) -> anyhow::Result<(String, Vec<u32>)> {
     let mut req = tonic::Request::new(GenerateRequest {
+        image_inputs: vec![],
         images: vec![image.as_slice().to_vec().into()],
         prompt: prompt(&question),
         params: Some(vlm_proto::SamplingParams {

@@ -197,6 +197,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
             cert: None,
             key: None,
             image: vec![image],
+            region: vec![],
             prompt: args.prompt,
             sampling: generate::SamplingArgs {
                 max_tokens: Some(args.max_tokens),

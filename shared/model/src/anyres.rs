@@ -46,16 +46,17 @@ impl ImageLayout {
         }
     }
 
-    /// Rows the projector emits for this image when every view has `side × side` feature rows:
-    /// the base view, then the unpadded tile feature map with one newline per row. Equal to
-    /// transformers' `LlavaNextProcessor._get_number_of_features` (minus the CLS token, which the
-    /// `default` strategy drops).
-    pub fn packed_rows(&self, side: usize) -> usize {
+    /// Rows the projector emits for this image when every view has `view_rows` feature rows
+    /// from a `side × side` patch grid: one view's rows, or the base view's and then the unpadded
+    /// tile feature map with one newline per row. Equal to transformers'
+    /// `LlavaNextProcessor._get_number_of_features` (minus the CLS token, which the `default`
+    /// strategy that tiling requires drops).
+    pub fn packed_rows(&self, side: usize, view_rows: usize) -> usize {
         match self.grid {
-            None => side * side,
+            None => view_rows,
             Some(_) => {
                 let ((top, bottom), (left, right)) = self.unpadded(side);
-                side * side + (bottom - top) * (right - left + 1)
+                view_rows + (bottom - top) * (right - left + 1)
             }
         }
     }
@@ -244,13 +245,13 @@ mod tests {
             grid: Some(TileGrid { rows: 2, cols: 2 }),
         };
         assert_eq!(l.unpadded(24), ((6, 42), (0, 48)));
-        assert_eq!(l.packed_rows(24), 576 + 36 * 49);
+        assert_eq!(l.packed_rows(24, 576), 576 + 36 * 49);
         let single = ImageLayout {
             height: 5,
             width: 7,
             grid: None,
         };
-        assert_eq!(single.packed_rows(24), 576);
+        assert_eq!(single.packed_rows(24, 577), 577);
     }
 
     #[test]

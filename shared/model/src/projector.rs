@@ -24,6 +24,8 @@ pub struct Projector {
     newline: Option<Tensor>,
     /// Feature rows per side of one view (`image_size / patch_size`).
     side: usize,
+    /// Feature rows of one view (the patches, plus CLS under the `full` strategy).
+    view_rows: usize,
     in_dim: usize,
     out_dim: usize,
     dtype: DType,
@@ -65,6 +67,7 @@ impl Projector {
         Ok(Projector {
             newline,
             side: cfg.vision.image_size / cfg.vision.patch_size,
+            view_rows: cfg.image_tokens(),
             layer_norm,
             linear_1: q.linear_plain(in_dim, out_dim, bias, vb.pp("linear_1"))?,
             act: cfg.projector_hidden_act,
@@ -149,7 +152,7 @@ impl Projector {
 
     /// Rows one image of `layout` becomes after [`Self::pack`].
     pub fn packed_rows(&self, layout: &ImageLayout) -> usize {
-        layout.packed_rows(self.side)
+        layout.packed_rows(self.side, self.view_rows)
     }
 
     /// Packs one image's projected views `[views, side², out_dim]` into its prompt rows

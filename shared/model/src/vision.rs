@@ -249,6 +249,11 @@ impl VisionEncoder {
         self.cfg.hidden_size * self.selected.len()
     }
 
+    /// Patches per side of one view (`image_size / patch_size`).
+    pub fn patches_per_side(&self) -> usize {
+        self.cfg.image_size / self.cfg.patch_size
+    }
+
     pub fn image_size(&self) -> usize {
         self.cfg.image_size
     }

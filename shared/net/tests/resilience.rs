@@ -44,6 +44,13 @@ impl Encoder for SlowEncoder {
         Ok(Response::new(tokio_stream::iter(vec![Ok(msg)])))
     }
 
+    async fn plan(
+        &self,
+        _req: Request<EncodeRequest>,
+    ) -> Result<Response<vlm_proto::ImagePlan>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
+
     async fn info(
         &self,
         _req: Request<vlm_proto::EncoderInfoRequest>,

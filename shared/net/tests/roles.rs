@@ -24,6 +24,13 @@ impl Encoder for StubEncoder {
         Err(Status::unimplemented("stub"))
     }
 
+    async fn plan(
+        &self,
+        _req: Request<EncodeRequest>,
+    ) -> Result<Response<vlm_proto::ImagePlan>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
+
     async fn info(
         &self,
         _req: Request<EncoderInfoRequest>,

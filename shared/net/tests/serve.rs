@@ -34,6 +34,13 @@ impl Encoder for StubEncoder {
         Ok(Response::new(tokio_stream::iter(vec![Ok(msg)])))
     }
 
+    async fn plan(
+        &self,
+        _req: Request<EncodeRequest>,
+    ) -> Result<Response<vlm_proto::ImagePlan>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
+
     async fn info(
         &self,
         _req: Request<vlm_proto::EncoderInfoRequest>,
@@ -73,6 +80,8 @@ async fn serve_grpc_serves_health_and_the_service_then_drains() {
     let ch = vlm_net::connect(&url, Some(client())).await.unwrap();
     let mut stream = EncoderClient::new(ch)
         .encode(EncodeRequest {
+            region: None,
+            views: vec![],
             image: vec![0u8; 7].into(),
             options: None,
         })
@@ -181,6 +190,13 @@ impl Encoder for HeldEncoder {
             )),
         };
         Ok(Response::new(tokio_stream::iter(vec![Ok(msg)])))
+    }
+
+    async fn plan(
+        &self,
+        _req: Request<EncodeRequest>,
+    ) -> Result<Response<vlm_proto::ImagePlan>, Status> {
+        Err(Status::unimplemented("stub"))
     }
 
     async fn info(

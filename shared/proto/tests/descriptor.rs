@@ -207,6 +207,7 @@ fn tensor_chunk_round_trips_with_bytes_payload() {
         data: prost::bytes::Bytes::from_static(&[1, 2, 3, 4]),
         crc32c: 7,
         header: Some(vlm_proto::TensorHeader {
+            layout: None,
             dtype: vlm_proto::DType::DtypeF32 as i32,
             shape: vec![1, 1],
             total_bytes: 4,

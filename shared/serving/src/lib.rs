@@ -12,18 +12,46 @@ use vlm_tensor::{F32Tensor, WireDType};
 
 /// The gRPC status for a model error: the caller's mistakes are INVALID_ARGUMENT, size limits
 /// RESOURCE_EXHAUSTED, everything else INTERNAL (and logged, since it is our fault).
-/// The mesh's stages serve single-view checkpoints. A LLaVA-NeXT (anyres) checkpoint needs the
-/// tile layout to travel between them, which the wire does not carry yet: refusing it at load beats
-/// serving answers computed from one squashed view. It runs in process (`vlm-mesh generate`).
-pub fn check_servable(cfg: &vlm_model::LlavaConfig) -> Result<(), ModelError> {
-    if cfg.image_grid_pinpoints.is_some() {
-        return Err(ModelError::Unsupported(
-            "llava_next (anyres) checkpoints are not served through the mesh yet; run them in \
-             process with `vlm-mesh generate` (README, \"Resolution adaptivity\")"
-                .into(),
-        ));
+/// A region of interest from the wire, checked (INVALID_ARGUMENT naming the box).
+pub fn region_from_proto(r: &vlm_proto::Region) -> Result<vlm_model::Region, Status> {
+    vlm_model::Region::new(r.x0, r.y0, r.x1, r.y1).map_err(model_status)
+}
+
+/// An image layout for the wire.
+pub fn layout_to_proto(l: &vlm_model::ImageLayout) -> vlm_proto::ImageLayout {
+    let (grid_rows, grid_cols) = l.grid.map_or((0, 0), |g| (g.rows, g.cols));
+    vlm_proto::ImageLayout {
+        height: l.height,
+        width: l.width,
+        grid_rows,
+        grid_cols,
     }
-    Ok(())
+}
+
+/// An image layout from the wire; a grid needs both sides, and a size.
+pub fn layout_from_proto(l: &vlm_proto::ImageLayout) -> Result<vlm_model::ImageLayout, Status> {
+    let grid = match (l.grid_rows, l.grid_cols) {
+        (0, 0) => None,
+        (r, c) if r > 0 && c > 0 && r <= 64 && c <= 64 => {
+            Some(vlm_model::TileGrid { rows: r, cols: c })
+        }
+        (r, c) => {
+            return Err(Status::invalid_argument(format!(
+                "image layout grid {r}x{c} is not a tile grid (both sides 1..64, or 0x0)"
+            )))
+        }
+    };
+    if l.height == 0 || l.width == 0 {
+        return Err(Status::invalid_argument(format!(
+            "image layout size {}x{} has no pixels",
+            l.width, l.height
+        )));
+    }
+    Ok(vlm_model::ImageLayout {
+        height: l.height,
+        width: l.width,
+        grid,
+    })
 }
 
 pub fn model_status(e: ModelError) -> Status {

@@ -203,6 +203,7 @@ proptest! {
                 data: data.into(),
                 crc32c,
                 header: header.map(|(dtype, shape, total_bytes, chunk_rows)| TensorHeader {
+                    layout: None,
                     dtype,
                     shape,
                     total_bytes,

@@ -152,6 +152,7 @@ impl TensorMeta {
     /// The proto header announcing this tensor.
     pub fn to_header(&self, chunk_rows: u32) -> TensorHeader {
         TensorHeader {
+            layout: None,
             dtype: self.dtype.to_proto() as i32,
             shape: self.shape.iter().map(|&d| d as u64).collect(),
             total_bytes: self.total_bytes,

@@ -148,6 +148,50 @@ impl TensorValue {
         EncodedChunker::new_unchecked(self.data.clone(), self.meta.clone(), max_chunk_bytes)
     }
 
+    /// Stacks equally shaped tensors of one dtype along a new first dimension (`[n, ...shape]`),
+    /// e.g. an image's views, some cached and some just encoded.
+    pub fn stack(parts: &[TensorValue]) -> Result<Self, TensorError> {
+        let first = parts.first().ok_or(TensorError::EmptyShape)?;
+        let mut shape = vec![parts.len()];
+        shape.extend_from_slice(first.meta.shape());
+        let meta = TensorMeta::new(first.meta.dtype(), &shape)?;
+        let mut data = BytesMut::with_capacity(meta.total_bytes() as usize);
+        for p in parts {
+            if p.meta.shape() != first.meta.shape() || p.meta.dtype() != first.meta.dtype() {
+                return Err(TensorError::CorruptValue(format!(
+                    "cannot stack a {} {:?} tensor onto {} {:?} ones",
+                    p.meta.dtype().name(),
+                    p.meta.shape(),
+                    first.meta.dtype().name(),
+                    first.meta.shape()
+                )));
+            }
+            data.extend_from_slice(&p.data);
+        }
+        Ok(TensorValue {
+            meta,
+            data: data.freeze(),
+        })
+    }
+
+    /// Splits along the first dimension into its `shape[0]` sub-tensors (no copy).
+    pub fn unstack(&self) -> Result<Vec<TensorValue>, TensorError> {
+        let shape = self.meta.shape();
+        if shape.len() < 2 {
+            return Err(TensorError::CorruptValue(format!(
+                "cannot unstack a tensor of shape {shape:?}"
+            )));
+        }
+        let meta = TensorMeta::new(self.meta.dtype(), &shape[1..])?;
+        let step = meta.total_bytes() as usize;
+        Ok((0..shape[0])
+            .map(|i| TensorValue {
+                meta: meta.clone(),
+                data: self.data.slice(i * step..(i + 1) * step),
+            })
+            .collect())
+    }
+
     /// Decodes to f32.
     pub fn to_f32(&self) -> F32Tensor {
         F32Tensor {

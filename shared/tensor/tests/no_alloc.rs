@@ -33,6 +33,7 @@ static GLOBAL: Counting = Counting;
 fn hundred_gigabyte_header_is_rejected_without_allocating() {
     // [25e9, 4] f32 = 400 GB, header consistent with the shape.
     let huge = TensorHeader {
+        layout: None,
         dtype: WireDType::F32.to_proto() as i32,
         shape: vec![25_000_000_000, 4],
         total_bytes: 400_000_000_000,

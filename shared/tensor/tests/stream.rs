@@ -262,6 +262,7 @@ fn rank_and_overflow_limits() {
         data: Bytes::new(),
         crc32c: 0,
         header: Some(TensorHeader {
+            layout: None,
             dtype: WireDType::F32.to_proto() as i32,
             shape,
             total_bytes: 0,

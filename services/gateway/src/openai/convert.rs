@@ -24,6 +24,8 @@ pub(super) struct ChatRequest {
     pub messages: Vec<TemplateMessage>,
     /// (JSON path of the part, source), in message order.
     pub images: Vec<(String, ImageSource)>,
+    /// Each image's regions of interest (the `image_url.regions` extension), in the same order.
+    pub regions: Vec<Vec<vlm_proto::Region>>,
     pub params: vlm_proto::SamplingParams,
     pub stream: bool,
     pub include_usage: bool,
@@ -66,7 +68,7 @@ impl ChatRequest {
             return Err(ApiError::invalid("messages", "messages must not be empty"));
         }
         let mut messages = Vec::with_capacity(raw.len());
-        let mut images = Vec::new();
+        let mut images = Images::default();
         for (i, Obj(m)) in raw.into_iter().enumerate() {
             messages.push(message(
                 &format!("messages[{i}]"),
@@ -75,6 +77,10 @@ impl ChatRequest {
                 &mut images,
             )?);
         }
+        let Images {
+            list: images,
+            regions,
+        } = images;
         let params = vlm_proto::SamplingParams {
             max_tokens: req.max_completion_tokens.or(req.max_tokens),
             // OpenAI's defaults: temperature 1, top_p 1.
@@ -87,6 +93,7 @@ impl ChatRequest {
         Ok(ChatRequest {
             messages,
             images,
+            regions,
             params,
             stream: req.stream.unwrap_or(false),
             include_usage: req
@@ -118,12 +125,19 @@ fn required<T>(value: Option<T>, path: &str) -> Result<T, ApiError> {
     value.ok_or_else(|| ApiError::invalid(path, format!("{path} is required")))
 }
 
+/// A request's images as its parts name them, with their regions.
+#[derive(Default)]
+struct Images {
+    list: Vec<(String, ImageSource)>,
+    regions: Vec<Vec<vlm_proto::Region>>,
+}
+
 /// One message (at JSON path `path`); its images are appended to `images`.
 fn message(
     path: &str,
     m: Message,
     image_token: &str,
-    images: &mut Vec<(String, ImageSource)>,
+    images: &mut Images,
 ) -> Result<TemplateMessage, ApiError> {
     let role = match required(m.role, &format!("{path}.role"))?.as_str() {
         r @ ("system" | "user" | "assistant") => r.to_string(),
@@ -164,19 +178,18 @@ fn message(
 }
 
 /// One content part (at JSON path `path`).
-fn part(
-    path: &str,
-    p: Part,
-    images: &mut Vec<(String, ImageSource)>,
-) -> Result<TemplatePart, ApiError> {
+fn part(path: &str, p: Part, images: &mut Images) -> Result<TemplatePart, ApiError> {
     match required(p.kind, &format!("{path}.type"))?.as_str() {
         "text" => Ok(TemplatePart::Text {
             text: required(p.text, &format!("{path}.text"))?,
         }),
         "image_url" => {
-            let url = match p.image_url {
-                Some(ImageUrl::Bare(u)) => u,
-                Some(ImageUrl::Object(o)) => required(o.url, &format!("{path}.image_url.url"))?,
+            let (url, regions) = match p.image_url {
+                Some(ImageUrl::Bare(u)) => (u, vec![]),
+                Some(ImageUrl::Object(o)) => (
+                    required(o.url, &format!("{path}.image_url.url"))?,
+                    o.regions.unwrap_or_default(),
+                ),
                 None => return Err(ApiError::invalid(
                     format!("{path}.image_url"),
                     format!("{path}.image_url is required: an image_url part needs an image ({{\"url\": \"data:image/png;base64,…\"}})"),
@@ -184,7 +197,13 @@ fn part(
             };
             let upath = format!("{path}.image_url.url");
             let source = image_source(&upath, url)?;
-            images.push((upath, source));
+            images.list.push((upath, source));
+            images.regions.push(
+                regions
+                    .into_iter()
+                    .map(|[x0, y0, x1, y1]| vlm_proto::Region { x0, y0, x1, y1 })
+                    .collect(),
+            );
             Ok(TemplatePart::Image)
         }
         other => Err(ApiError::invalid(

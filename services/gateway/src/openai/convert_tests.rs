@@ -322,3 +322,43 @@ async fn images_are_counted_first_and_share_one_byte_budget() {
     let e = load_images(internal, policy(true)).await.unwrap_err();
     assert!(e.message.contains("internal address"), "{}", e.message);
 }
+
+#[test]
+fn image_url_regions_extension_travels_per_image() {
+    let url = format!("data:image/png;base64,{PNG_B64}");
+    let r = parse(json!({"model": "tiny-llava", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url, "regions": [[0, 0, 500, 500], [250, 100, 750, 900]]}},
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": "Compare."},
+    ]}]}))
+    .unwrap();
+    assert_eq!(r.images.len(), 2);
+    assert_eq!(
+        r.regions,
+        vec![
+            vec![
+                vlm_proto::Region {
+                    x0: 0,
+                    y0: 0,
+                    x1: 500,
+                    y1: 500
+                },
+                vlm_proto::Region {
+                    x0: 250,
+                    y0: 100,
+                    x1: 750,
+                    y1: 900
+                },
+            ],
+            vec![],
+        ]
+    );
+    // Not four numbers: a 400 naming the field.
+    let e = parse(
+        json!({"model": "tiny-llava", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url, "regions": [[0, 0, 500]]}},
+        ]}]}),
+    )
+    .unwrap_err();
+    assert!(format!("{e:?}").contains("regions"), "{e:?}");
+}

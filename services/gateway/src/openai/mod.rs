@@ -217,7 +217,19 @@ impl<G: Gateway> OpenAiEndpoint<G> {
             .template
             .render(&chat.messages)
             .map_err(|e| ApiError::invalid("messages", e))?;
+        // Regions need `image_inputs`; without any, images go as plain `images`.
+        let (images, image_inputs) = if chat.regions.iter().all(Vec::is_empty) {
+            (images, vec![])
+        } else {
+            let inputs = images
+                .into_iter()
+                .zip(chat.regions)
+                .map(|(data, regions)| vlm_proto::ImageInput { data, regions })
+                .collect();
+            (vec![], inputs)
+        };
         let request = GenerateRequest {
+            image_inputs,
             images,
             prompt,
             params: Some(chat.params),

@@ -97,6 +97,9 @@ pub enum ImageUrl {
 #[derive(Debug, Deserialize)]
 pub struct ImageUrlObject {
     pub url: Option<String>,
+    /// vlm-mesh extension: regions of interest of this image, `[x0, y0, x1, y1]` in relative
+    /// coordinates 0–1000 (README, "Regions of interest").
+    pub regions: Option<Vec<[u32; 4]>>,
 }
 
 /// `stop`: one string or a list of them.

@@ -105,6 +105,7 @@ async fn ttft(
     image: Vec<u8>,
 ) -> anyhow::Result<(f64, CacheStatus, f64)> {
     let req = GenerateRequest {
+        image_inputs: vec![],
         images: vec![image.into()],
         prompt: "USER: <image>\nWhat is shown in this image? ASSISTANT:".into(),
         params: Some(vlm_proto::SamplingParams {

@@ -354,6 +354,8 @@ async fn encode_once(
     use vlm_proto::encode_response::Kind;
     let mut stream = client
         .encode(EncodeRequest {
+            region: None,
+            views: vec![],
             image: image.into(),
             options: None,
         })

@@ -336,6 +336,7 @@ pub(crate) fn greedy_request(
     max_tokens: u32,
 ) -> vlm_proto::GenerateRequest {
     vlm_proto::GenerateRequest {
+        image_inputs: vec![],
         images: vec![image.into()],
         prompt,
         params: Some(vlm_proto::SamplingParams {

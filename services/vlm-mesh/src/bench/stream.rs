@@ -132,6 +132,13 @@ impl Encoder for CannedEncoder {
         Ok(Response::new(Box::pin(tokio_stream::iter(out))))
     }
 
+    async fn plan(
+        &self,
+        _: Request<EncodeRequest>,
+    ) -> Result<Response<vlm_proto::ImagePlan>, Status> {
+        Err(Status::unimplemented("the benchmark encoder only streams"))
+    }
+
     async fn info(&self, _: Request<EncoderInfoRequest>) -> Result<Response<EncoderInfo>, Status> {
         Ok(Response::new(EncoderInfo::default()))
     }
@@ -149,6 +156,8 @@ async fn grpc_once(
 ) -> anyhow::Result<(u64, u64)> {
     let mut stream = client
         .encode(EncodeRequest {
+            region: None,
+            views: vec![],
             image: key(rows, dim).into(),
             options: None,
         })

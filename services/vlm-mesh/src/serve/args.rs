@@ -251,6 +251,9 @@ pub struct GatewayArgs {
     /// Most images per request.
     #[arg(long, env = "VLM_MAX_IMAGES", default_value_t = 8)]
     pub max_images: usize,
+    /// Most regions of interest per image (each is encoded as one more image).
+    #[arg(long, env = "VLM_MAX_REGIONS", default_value_t = 4)]
+    pub max_regions: usize,
     /// Deadline in seconds for requests that set none (a client's grpc-timeout is capped by it).
     #[arg(long, env = "VLM_REQUEST_TIMEOUT", default_value_t = 300)]
     pub request_timeout: u64,

@@ -84,6 +84,7 @@ fn config(
         },
         max_image_bytes: a.max_image_bytes,
         max_images: a.max_images,
+        max_regions: a.max_regions,
         max_prompt_bytes: 1 << 20,
         default_timeout: Duration::from_secs(a.request_timeout),
         wire_dtype,
