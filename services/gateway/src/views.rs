@@ -88,12 +88,15 @@ pub(crate) async fn view_pipeline(
                 &view_options(&layout, i, &job, stages.wire_dtype),
             );
             let found = cache.lookup(&key).await;
-            match found.outcome {
-                Outcome::Hit => hits += 1,
-                Outcome::Error => errors += 1,
-                Outcome::Miss => {}
+            // Every entry carries the layout it was encoded under; one that names another (which
+            // its key already rules out) is not used.
+            let features = found.features.filter(|v| v.meta().layout() == Some(layout));
+            match (found.outcome, &features) {
+                (Outcome::Hit, Some(_)) => hits += 1,
+                (Outcome::Error, _) => errors += 1,
+                _ => {}
             }
-            parts[i] = found.features;
+            parts[i] = features;
             fills[i] = found.fill;
         }
         timings.cache_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -137,9 +140,11 @@ pub(crate) async fn view_pipeline(
         timings.layers = stats.layers;
     }
     let parts: Vec<TensorValue> = parts.into_iter().flatten().collect();
-    let features = TensorValue::stack(&parts).map_err(internal)?;
+    let features = TensorValue::stack(&parts)
+        .map_err(internal)?
+        .with_layout(Some(layout));
     let started = std::time::Instant::now();
-    project(&stages, &job, &features, layout, &out).await?;
+    project(&stages, &job, &features, &out).await?;
     timings.project_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(timings)
 }
@@ -212,14 +217,11 @@ async fn project(
     stages: &Stages,
     job: &ImageJob,
     features: &TensorValue,
-    layout: ImageLayout,
     out: &ChunkTx,
 ) -> Result<(), Status> {
     let deadline = job.deadline;
-    let mut input: Vec<TensorChunk> = features.chunks(DEFAULT_CHUNK_BYTES).collect();
-    if let Some(h) = input.first_mut().and_then(|c| c.header.as_mut()) {
-        h.layout = Some(layout);
-    }
+    // The layout travels in the first chunk's header.
+    let input: Vec<TensorChunk> = features.chunks(DEFAULT_CHUNK_BYTES).collect();
     let (lease, packed) = stages
         .projector
         .call(deadline)

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use vlm_model::{Generation, ImageLimits, ModelError, Pipeline, SamplingParams};
 
+mod support;
+use support::max_abs_diff;
+
 fn model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llava")
 }
@@ -230,18 +233,6 @@ fn image_token_as_generated_token_does_not_crash() {
 }
 
 /// Largest elementwise |a - b|.
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 /// Weights stored as f16 load into an f32 model (and f32 weights into an f16/bf16 model).
 #[test]

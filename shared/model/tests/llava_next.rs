@@ -2,14 +2,11 @@
 //! checkpoints models/make_llava_next_fixtures.py wrote (two pinpoint sets; tall, wide, square and
 //! smaller-than-a-tile images; region crops). References are committed; no Python runs here.
 
-use std::path::PathBuf;
-
 use candle_core::{DType, Device, Tensor};
 use vlm_model::{ImageInput, ImageLimits, Pipeline, Region, SamplingParams, StageTimings};
 
-fn models_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models")
-}
+mod support;
+use support::{max_abs_diff, models_dir};
 
 struct Case {
     name: String,
@@ -74,20 +71,6 @@ fn fixture(name: &str) -> Fixture {
         prompt: meta["prompt"].as_str().unwrap().into(),
         cases,
     }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Views, counts, packed features and greedy tokens of every case of one checkpoint.

@@ -8,9 +8,8 @@ use candle_core::{DType, Device, Tensor};
 use vlm_model::checkpoint::PartKind;
 use vlm_model::{Checkpoint, ImageLimits, Pipeline, SamplingParams};
 
-fn models_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models")
-}
+mod support;
+use support::{max_abs_diff, models_dir};
 
 struct Fixture {
     dir: PathBuf,
@@ -43,20 +42,6 @@ fn fixture(name: &str) -> Fixture {
         prompt: meta["prompt"].as_str().unwrap().to_string(),
         greedy,
     }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn check_fixture(name: &str) {

@@ -10,6 +10,9 @@ use vlm_model::{
     SamplingParams, SeqRequest, StepEvent, VisionEncoder,
 };
 
+mod support;
+use support::max_abs_diff;
+
 fn models() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models")
 }
@@ -23,20 +26,6 @@ fn pipeline(name: &str, q: Quantization) -> Pipeline {
         q,
     )
     .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Prefill logits of transformers' own reference input (its projected image rows and prompt),

@@ -41,6 +41,9 @@ pub struct TensorMeta {
     rows: usize,
     row_len: usize,
     total_bytes: u64,
+    /// The image layout the header carries (height, width, grid rows, grid cols), if any: it
+    /// travels with the tensor through streams and cache values.
+    layout: Option<[u32; 4]>,
 }
 
 impl TensorMeta {
@@ -63,7 +66,7 @@ impl TensorMeta {
                 expected: meta.total_bytes,
             });
         }
-        Ok(meta)
+        Ok(meta.with_layout(header.layout))
     }
 
     fn build(
@@ -114,7 +117,26 @@ impl TensorMeta {
             rows: to_usize(rows)?,
             row_len: to_usize(row_len)?,
             total_bytes,
+            layout: None,
         })
+    }
+
+    /// The same tensor described with `layout` (`None`: no image layout).
+    pub fn with_layout(mut self, layout: Option<vlm_proto::ImageLayout>) -> Self {
+        self.layout = layout.map(|l| [l.height, l.width, l.grid_rows, l.grid_cols]);
+        self
+    }
+
+    /// The image layout the tensor carries, if any.
+    pub fn layout(&self) -> Option<vlm_proto::ImageLayout> {
+        self.layout.map(
+            |[height, width, grid_rows, grid_cols]| vlm_proto::ImageLayout {
+                height,
+                width,
+                grid_rows,
+                grid_cols,
+            },
+        )
     }
 
     pub fn dtype(&self) -> WireDType {
@@ -152,7 +174,7 @@ impl TensorMeta {
     /// The proto header announcing this tensor.
     pub fn to_header(&self, chunk_rows: u32) -> TensorHeader {
         TensorHeader {
-            layout: None,
+            layout: self.layout(),
             dtype: self.dtype.to_proto() as i32,
             shape: self.shape.iter().map(|&d| d as u64).collect(),
             total_bytes: self.total_bytes,

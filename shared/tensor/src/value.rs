@@ -69,6 +69,12 @@ impl TensorValue {
         &self.meta
     }
 
+    /// The same tensor carrying `layout` in its header (streams and stored values keep it).
+    pub fn with_layout(mut self, layout: Option<vlm_proto::ImageLayout>) -> Self {
+        self.meta = self.meta.with_layout(layout);
+        self
+    }
+
     /// The raw little-endian elements.
     pub fn data(&self) -> &Bytes {
         &self.data
@@ -182,7 +188,7 @@ impl TensorValue {
                 "cannot unstack a tensor of shape {shape:?}"
             )));
         }
-        let meta = TensorMeta::new(self.meta.dtype(), &shape[1..])?;
+        let meta = TensorMeta::new(self.meta.dtype(), &shape[1..])?.with_layout(self.meta.layout());
         let step = meta.total_bytes() as usize;
         Ok((0..shape[0])
             .map(|i| TensorValue {

@@ -250,3 +250,38 @@ proptest! {
         prop_assert_eq!(tonic::Status::from(err).code(), tonic::Code::ResourceExhausted);
     }
 }
+
+/// An image layout in the header survives the chunk stream, the stored encoding and a split into
+/// views; stacking drops it until the caller names the stack's own.
+#[test]
+fn the_image_layout_travels_with_streams_stored_values_and_views() {
+    let layout = vlm_proto::ImageLayout {
+        height: 90,
+        width: 36,
+        grid_rows: 3,
+        grid_cols: 1,
+    };
+    let values: Vec<f32> = (0..4 * 6 * 8).map(|i| i as f32).collect();
+    let v = TensorValue::from_f32(&values, &[4, 6, 8], WireDType::F16)
+        .unwrap()
+        .with_layout(Some(layout));
+    let limits = TensorLimits::default();
+    let streamed = TensorValue::from_chunks(v.chunks(64), &limits).unwrap();
+    assert_eq!(streamed.meta().layout(), Some(layout));
+    let stored = TensorValue::decode(v.encode().into(), &limits).unwrap();
+    assert_eq!(stored, v);
+    let views = stored.unstack().unwrap();
+    assert_eq!(views.len(), 4);
+    assert!(views.iter().all(|p| p.meta().layout() == Some(layout)));
+    assert_eq!(views[2].meta().shape(), &[6, 8]);
+    let stacked = TensorValue::stack(&views).unwrap();
+    assert_eq!(stacked.meta().layout(), None);
+    assert_eq!(stacked.data(), v.data());
+    // A stored value whose header was rewritten to another grid is another value.
+    let other = v.clone().with_layout(Some(vlm_proto::ImageLayout {
+        grid_rows: 1,
+        grid_cols: 3,
+        ..layout
+    }));
+    assert_ne!(other.encode(), v.encode());
+}
