@@ -232,8 +232,6 @@ fn image_token_as_generated_token_does_not_crash() {
     assert_eq!(ids.len(), 6);
 }
 
-/// Largest elementwise |a - b|.
-
 /// Weights stored as f16 load into an f32 model (and f32 weights into an f16/bf16 model).
 #[test]
 fn half_precision_weights_load_into_compute_dtype() {
