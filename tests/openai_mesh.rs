@@ -344,6 +344,41 @@ async fn logprobs_and_tools_are_refused_and_models_are_listed() {
     assert_eq!(ok["usage"]["completion_tokens"], 4);
 }
 
+/// The `image_url.regions` extension: each region adds one image's rows after the image's (25 for
+/// the tiny fixture's 5x5 patches); a bad box is a 400 naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_url_regions_add_a_slot_per_region_and_bad_boxes_get_400() {
+    let mesh = start(&[], &[]);
+    let api = OpenAi::new(&mesh);
+    let plain = chat_request(2, false, json!({}));
+    let with_regions = |boxes: Value| {
+        let mut r = plain.clone();
+        r["messages"][0]["content"][1]["image_url"]["regions"] = boxes;
+        r
+    };
+    let (status, base) = json_of(api.chat(plain.to_string()).await).await;
+    assert_eq!(status, 200, "{base}");
+    let (status, two) = json_of(
+        api.chat(with_regions(json!([[0, 0, 500, 500], [500, 500, 1000, 1000]])).to_string())
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{two}");
+    assert_eq!(
+        two["usage"]["prompt_tokens"].as_u64().unwrap(),
+        base["usage"]["prompt_tokens"].as_u64().unwrap() + 2 * 25,
+        "{two}"
+    );
+    let (status, bad) = json_of(
+        api.chat(with_regions(json!([[600, 0, 500, 10]])).to_string())
+            .await,
+    )
+    .await;
+    assert_eq!(status, 400, "{bad}");
+    let message = assert_openai_error(&bad, "invalid_request_error", Some("invalid_argument"));
+    assert!(message.contains("(600,0,500,10) is empty"), "{bad}");
+}
+
 /// A request body over the 64 MiB limit gets 413 in OpenAI's shape (here a valid request padded
 /// with whitespace, so only its size is wrong); the endpoint serves normally afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
