@@ -270,3 +270,57 @@ fn a_shared_cache_never_mixes_grids() {
     assert_eq!(other["token_ids"], local["token_ids"]);
     assert_eq!(other["prompt_tokens"], local["prompt_tokens"]);
 }
+
+/// A tiled image's encoder call is bounded by the adaptive timeout like a single view's: with one
+/// of two encoder replicas all but stuck, every request is answered (right) in seconds, by the
+/// other replica, including those whose first attempt went to the stuck one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_encoder_replica_is_left_for_the_other_on_the_tiled_path() {
+    let model = fixture("tiny-llava-next");
+    let mesh = MeshProc::start_with(
+        &model,
+        &["--replicas", "encoder=2", "--no-cache"],
+        &[
+            ("VLM_FAULT_ENCODE_DELAY_MS", "0,60000"),
+            ("VLM_TIMEOUT_MIN_MS", "50"),
+            ("VLM_TIMEOUT_MAX_MS", "2000"),
+        ],
+    );
+    let stuck = common::replicas(&mesh, "encoder")[1].1.clone();
+    let square = model.join("../images/next-square-60x60.png");
+    let local = generate_json(&model, &square, PROMPT, &["--max-tokens", "4"]);
+    // Until the stuck replica has been tried (the balancer picks among both at first).
+    let mut tried_stuck = 0;
+    for _ in 0..16 {
+        let started = std::time::Instant::now();
+        let out = ask_json(
+            mesh.state.path(),
+            &square,
+            PROMPT,
+            &["--max-tokens", "4", "--timeout", "30"],
+        );
+        assert_eq!(out["token_ids"], local["token_ids"]);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "{:?}",
+            started.elapsed()
+        );
+        tried_stuck = encoder_requests(&mesh, &stuck).await;
+        eprintln!("took {:?}; stuck replica calls {tried_stuck}", started.elapsed());
+        if tried_stuck > 0 {
+            break;
+        }
+    }
+    assert!(tried_stuck > 0, "the stuck replica was never tried");
+}
+
+/// Encode calls a replica has accepted (its `Info`).
+async fn encoder_requests(mesh: &MeshProc, addr: &str) -> u64 {
+    let ch = mesh.stage_channel(addr, "gateway").await;
+    vlm_proto::encoder_client::EncoderClient::new(ch)
+        .info(vlm_proto::EncoderInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .requests_total
+}

@@ -241,6 +241,40 @@ impl StageCall {
         }
     }
 
+    /// Like [`Self::open`], with each attempt bounded by the stage's adaptive timeout for `units`
+    /// of work (while another replica is left to go to): a replica that answers too slowly is
+    /// abandoned for another, and the time a successful attempt took is observed.
+    pub async fn open_timed<T, F, Fut>(
+        &mut self,
+        units: f64,
+        mut open: F,
+    ) -> Result<(Lease, T), Status>
+    where
+        F: FnMut(&Lease) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        loop {
+            let failure = match self.pick() {
+                Err(f) => f,
+                Ok(lease) => {
+                    let limit = self.limit(&lease, &self.stage.timeout, units);
+                    let started = Instant::now();
+                    match tokio::time::timeout(limit, open(&lease)).await {
+                        Ok(Ok(v)) => {
+                            self.stage
+                                .timeout
+                                .observe(lease.id(), started.elapsed(), units);
+                            return Ok((lease, v));
+                        }
+                        Ok(Err(s)) => self.failed(lease, s),
+                        Err(_) => self.too_slow(lease, limit, "did not answer"),
+                    }
+                }
+            };
+            self.again(failure, "retry").await?;
+        }
+    }
+
     /// A unary call, retried like [`Self::open`]; the replica is credited with the success.
     pub async fn unary<T, F, Fut>(&mut self, call: F) -> Result<T, Status>
     where

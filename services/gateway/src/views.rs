@@ -7,8 +7,9 @@
 //!
 //! Unlike the single-view relay ([`crate::images`]), a view set is buffered whole between the
 //! stages: the encoder answers after all views ran and the projector packs after the last one
-//! arrived, so streaming within the image would save nothing. Waits are bounded by the request's
-//! deadline (retries on other replicas as for every stage call).
+//! arrived, so streaming within the image would save nothing. Each call is bounded by its stage's
+//! adaptive timeout for the work it carries (views, row blocks) and retried on another replica
+//! when it fails or is too slow, as for every stage call.
 
 use std::sync::Arc;
 
@@ -182,10 +183,11 @@ async fn encode_views(
         region: job.region,
         views: views.to_vec(),
     };
+    // The encoder's adaptive timeout is per image; each view is one tower input.
     let (lease, answer) = stages
         .encoder
         .call(deadline)
-        .open(|lease| {
+        .open_timed(views.len() as f64, |lease| {
             let mut client = EncoderClient::new(lease.channel());
             let req = req.clone();
             async move {
@@ -222,10 +224,12 @@ async fn project(
     let deadline = job.deadline;
     // The layout travels in the first chunk's header.
     let input: Vec<TensorChunk> = features.chunks(DEFAULT_CHUNK_BYTES).collect();
+    // The projector's adaptive timeout is per row block (input chunk).
+    let blocks = input.len() as f64;
     let (lease, packed) = stages
         .projector
         .call(deadline)
-        .open(|lease| {
+        .open_timed(blocks, |lease| {
             let mut client = ProjectorClient::new(lease.channel());
             let input = input.clone();
             async move {
