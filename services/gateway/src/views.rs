@@ -71,45 +71,11 @@ pub(crate) async fn view_pipeline(
         grid: (layout.grid_rows, layout.grid_cols),
         ..Default::default()
     };
-    let mut parts: Vec<Option<TensorValue>> = vec![None; n];
-    let mut fills: Vec<Option<Fill>> = (0..n).map(|_| None).collect();
-    let mut fingerprint = None;
-    if let Some(cache) = &stages.cache {
-        let info = encoder_info(&stages, job.deadline).await?;
-        stages
-            .identity
-            .observe("encoder", Some(&info.model_fingerprint));
-        let t = std::time::Instant::now();
-        let (mut hits, mut errors) = (0, 0);
-        for (i, digest) in plan.view_digests.iter().enumerate() {
-            let key = feature_key(
-                digest,
-                &info.model_fingerprint,
-                &info.preprocessing,
-                &view_options(&layout, i, &job, stages.wire_dtype),
-            );
-            let found = cache.lookup(&key).await;
-            // Every entry carries the layout it was encoded under; one that names another (which
-            // its key already rules out) is not used.
-            let features = found.features.filter(|v| v.meta().layout() == Some(layout));
-            match (found.outcome, &features) {
-                (Outcome::Hit, Some(_)) => hits += 1,
-                (Outcome::Error, _) => errors += 1,
-                _ => {}
-            }
-            parts[i] = features;
-            fills[i] = found.fill;
-        }
-        timings.cache_ms = t.elapsed().as_secs_f64() * 1e3;
-        timings.cache = if errors > 0 {
-            CacheStatus::Error
-        } else if hits == n {
-            CacheStatus::Hit
-        } else {
-            CacheStatus::Miss
-        };
-        fingerprint = Some(info.model_fingerprint);
-    }
+    let Cached {
+        mut parts,
+        mut fills,
+        fingerprint,
+    } = lookup_views(&stages, &job, &plan, &layout, &mut timings).await?;
     let missing: Vec<u32> = (0..n as u32)
         .filter(|&i| parts[i as usize].is_none())
         .collect();
@@ -148,6 +114,76 @@ pub(crate) async fn view_pipeline(
     project(&stages, &job, &features, &out).await?;
     timings.project_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(timings)
+}
+
+/// What the cache holds of an image's views.
+struct Cached {
+    /// Per view: its features, on a hit.
+    parts: Vec<Option<TensorValue>>,
+    /// Per view: the fill this request owes the cache, on a miss it leads.
+    fills: Vec<Option<Fill>>,
+    /// The encoder weights the keys were made for (`None`: no cache).
+    fingerprint: Option<String>,
+}
+
+/// Looks every view up, keyed by what an encoder replica serves right now.
+async fn lookup_views(
+    stages: &Stages,
+    job: &ImageJob,
+    plan: &ImagePlan,
+    layout: &ImageLayout,
+    timings: &mut ImageTimings,
+) -> Result<Cached, Status> {
+    let n = plan.view_digests.len();
+    let mut parts: Vec<Option<TensorValue>> = vec![None; n];
+    let mut fills: Vec<Option<Fill>> = (0..n).map(|_| None).collect();
+    let Some(cache) = &stages.cache else {
+        return Ok(Cached {
+            parts,
+            fills,
+            fingerprint: None,
+        });
+    };
+    let info = encoder_info(stages, job.deadline).await?;
+    stages
+        .identity
+        .observe("encoder", Some(&info.model_fingerprint));
+    let t = std::time::Instant::now();
+    let (mut hits, mut errors) = (0, 0);
+    for (i, digest) in plan.view_digests.iter().enumerate() {
+        let key = feature_key(
+            digest,
+            &info.model_fingerprint,
+            &info.preprocessing,
+            &view_options(layout, i, job, stages.wire_dtype),
+        );
+        let found = cache.lookup(&key).await;
+        // Every entry carries the layout it was encoded under; one that names another (which
+        // its key already rules out) is not used.
+        let features = found
+            .features
+            .filter(|v| v.meta().layout() == Some(*layout));
+        match (found.outcome, &features) {
+            (Outcome::Hit, Some(_)) => hits += 1,
+            (Outcome::Error, _) => errors += 1,
+            _ => {}
+        }
+        parts[i] = features;
+        fills[i] = found.fill;
+    }
+    timings.cache_ms = t.elapsed().as_secs_f64() * 1e3;
+    timings.cache = if errors > 0 {
+        CacheStatus::Error
+    } else if hits == n {
+        CacheStatus::Hit
+    } else {
+        CacheStatus::Miss
+    };
+    Ok(Cached {
+        parts,
+        fills,
+        fingerprint: Some(info.model_fingerprint),
+    })
 }
 
 /// What besides the view's pixels makes its features: where it sits in which grid, the region it

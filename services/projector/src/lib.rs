@@ -87,6 +87,110 @@ impl Tiled {
     }
 }
 
+/// One Project call's work: projects each input chunk as it arrives and sends its rows on (a
+/// tiled image: packs once the last chunk is in).
+struct ProjectStreamTask {
+    model: Arc<ProjectorModel>,
+    device: Device,
+    permits: Arc<Semaphore>,
+    limits: TensorLimits,
+    fault_delay: Option<std::time::Duration>,
+    tx: mpsc::Sender<Result<TensorChunk, Status>>,
+}
+
+impl ProjectStreamTask {
+    async fn run(self, mut input: Streaming<TensorChunk>) -> Result<(), Status> {
+        let mut assembler = TensorAssembler::new(self.limits);
+        let mut writer: Option<TensorStreamWriter> = None;
+        let mut tiled: Option<Tiled> = None;
+        while let Some(chunk) = input.message().await? {
+            let block = assembler.push(&chunk)?;
+            let meta = assembler
+                .meta()
+                .expect("header accepted with the first chunk")
+                .clone();
+            let chunk_rows = chunk.header.as_ref().map_or(0, |h| h.chunk_rows);
+            let layout = chunk.header.as_ref().and_then(|h| h.layout.as_ref());
+            if let Some(l) = layout.filter(|l| l.grid_rows > 0 || l.grid_cols > 0) {
+                tiled = Some(Tiled::new(l, &meta, self.model.in_dim(), chunk_rows)?);
+            }
+            if tiled.is_none() && (meta.shape().len() != 2 || meta.row_len() != self.model.in_dim())
+            {
+                return Err(Status::invalid_argument(format!(
+                    "projector input must be [rows, {}], got {:?}",
+                    self.model.in_dim(),
+                    meta.shape()
+                )));
+            }
+            if tiled.is_none() && writer.is_none() {
+                writer = Some(TensorStreamWriter::new(
+                    &[meta.rows(), self.model.out_dim()],
+                    meta.dtype(),
+                    chunk_rows,
+                )?);
+            }
+            if block.rows == 0 {
+                continue;
+            }
+            let (m, device) = (self.model.clone(), self.device.clone());
+            let rows = run_model(&self.permits, move |_| {
+                let x = Tensor::from_vec(block.values, (block.rows, block.row_len), &device)?;
+                m.forward(&x)
+            })
+            .await?;
+            let (_, values) = from_model_tensor(&rows)?;
+            if let Some(t) = &mut tiled {
+                t.projected.extend_from_slice(&values);
+                continue;
+            }
+            let w = writer.as_mut().expect("writer made with the first chunk");
+            if self.tx.send(Ok(w.write_rows(&values)?)).await.is_err() {
+                return Ok(()); // the caller went away
+            }
+            if let Some(d) = self.fault_delay {
+                tracing::info!(
+                    pause_ms = d.as_millis() as u64,
+                    "fault hook: block sent; pausing before the next"
+                );
+                tokio::time::sleep(d).await;
+            }
+        }
+        assembler.finish()?;
+        if let Some(t) = tiled {
+            return self.send_packed(t).await;
+        }
+        match writer {
+            Some(w) if w.meta().total_bytes() == 0 => {
+                let mut w = w;
+                let _ = self.tx.send(Ok(w.write_rows(&[])?)).await;
+            }
+            Some(w) => w.finish()?,
+            None => {
+                return Err(Status::invalid_argument(
+                    "empty tensor stream (no header chunk)",
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Packs a tiled image's projected views and sends the packed rows.
+    async fn send_packed(&self, t: Tiled) -> Result<(), Status> {
+        let (m, device) = (self.model.clone(), self.device.clone());
+        let packed = run_model(&self.permits, move |_| t.pack(&m, &device)).await?;
+        let (shape, values) = from_model_tensor(&packed.0)?;
+        let mut w = TensorStreamWriter::new(&shape, packed.1, packed.2)?;
+        let per_chunk = w.meta().rows_per_chunk(0).max(1) * shape[1];
+        for block in values.chunks(per_chunk) {
+            if self.tx.send(Ok(w.write_rows(block)?)).await.is_err() {
+                return Ok(());
+            }
+        }
+        w.finish()?;
+        Ok(())
+    }
+}
+
 pub struct ProjectorService {
     model: Arc<ProjectorModel>,
     device: Device,
@@ -124,107 +228,23 @@ impl Projector for ProjectorService {
         &self,
         req: Request<Streaming<TensorChunk>>,
     ) -> Result<Response<ProjectStream>, Status> {
-        let mut input = req.into_inner();
+        let input = req.into_inner();
         // One chunk of buffering: the projector works on chunk n while chunk n-1 is on the wire.
         let (tx, rx) = mpsc::channel(1);
-        let model = self.model.clone();
-        let device = self.device.clone();
-        let permits = self.permits.clone();
-        let limits = self.limits;
-        let fault_delay = self.fault_project_delay;
+        let stream = ProjectStreamTask {
+            model: self.model.clone(),
+            device: self.device.clone(),
+            permits: self.permits.clone(),
+            limits: self.limits,
+            fault_delay: self.fault_project_delay,
+            tx,
+        };
         // One `project` span covers the whole stream (all row blocks), under this call's span.
         let project_span = tracing::info_span!("project");
         let started = std::time::Instant::now();
         let task = async move {
-            let result = async {
-                let mut assembler = TensorAssembler::new(limits);
-                let mut writer: Option<TensorStreamWriter> = None;
-                let mut tiled: Option<Tiled> = None;
-                while let Some(chunk) = input.message().await? {
-                    let block = assembler.push(&chunk)?;
-                    let meta = assembler
-                        .meta()
-                        .expect("header accepted with the first chunk")
-                        .clone();
-                    let chunk_rows = chunk.header.as_ref().map_or(0, |h| h.chunk_rows);
-                    let layout = chunk.header.as_ref().and_then(|h| h.layout.as_ref());
-                    if let Some(l) = layout.filter(|l| l.grid_rows > 0 || l.grid_cols > 0) {
-                        tiled = Some(Tiled::new(l, &meta, model.in_dim(), chunk_rows)?);
-                    }
-                    if tiled.is_none()
-                        && (meta.shape().len() != 2 || meta.row_len() != model.in_dim())
-                    {
-                        return Err(Status::invalid_argument(format!(
-                            "projector input must be [rows, {}], got {:?}",
-                            model.in_dim(),
-                            meta.shape()
-                        )));
-                    }
-                    if tiled.is_none() && writer.is_none() {
-                        writer = Some(TensorStreamWriter::new(
-                            &[meta.rows(), model.out_dim()],
-                            meta.dtype(),
-                            chunk_rows,
-                        )?);
-                    }
-                    if block.rows == 0 {
-                        continue;
-                    }
-                    let (m, device) = (model.clone(), device.clone());
-                    let rows = run_model(&permits, move |_| {
-                        let x =
-                            Tensor::from_vec(block.values, (block.rows, block.row_len), &device)?;
-                        m.forward(&x)
-                    })
-                    .await?;
-                    let (_, values) = from_model_tensor(&rows)?;
-                    if let Some(t) = &mut tiled {
-                        t.projected.extend_from_slice(&values);
-                        continue;
-                    }
-                    let w = writer.as_mut().expect("writer made with the first chunk");
-                    if tx.send(Ok(w.write_rows(&values)?)).await.is_err() {
-                        return Ok(()); // the caller went away
-                    }
-                    if let Some(d) = fault_delay {
-                        tracing::info!(
-                            pause_ms = d.as_millis() as u64,
-                            "fault hook: block sent; pausing before the next"
-                        );
-                        tokio::time::sleep(d).await;
-                    }
-                }
-                assembler.finish()?;
-                if let Some(t) = tiled {
-                    let (m, device) = (model.clone(), device.clone());
-                    let packed = run_model(&permits, move |_| t.pack(&m, &device)).await?;
-                    let (shape, values) = from_model_tensor(&packed.0)?;
-                    let mut w = TensorStreamWriter::new(&shape, packed.1, packed.2)?;
-                    let per_chunk = w.meta().rows_per_chunk(0).max(1) * shape[1];
-                    for block in values.chunks(per_chunk) {
-                        if tx.send(Ok(w.write_rows(block)?)).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                    w.finish()?;
-                    return Ok(());
-                }
-                match writer {
-                    Some(w) if w.meta().total_bytes() == 0 => {
-                        let mut w = w;
-                        let _ = tx.send(Ok(w.write_rows(&[])?)).await;
-                    }
-                    Some(w) => w.finish()?,
-                    None => {
-                        return Err(Status::invalid_argument(
-                            "empty tensor stream (no header chunk)",
-                        ))
-                    }
-                }
-                Ok(())
-            }
-            .await;
-            if let Err(status) = result {
+            let tx = stream.tx.clone();
+            if let Err(status) = stream.run(input).await {
                 let _ = tx.send(Err(status)).await;
             }
             vlm_telemetry::metrics::observe_stage("project", started.elapsed());
