@@ -179,19 +179,32 @@ impl Shared {
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
             return Ok(p);
         }
-        let queued = self.waiting.fetch_add(1, Ordering::AcqRel);
+        // A place in the queue only while there is one: a call that is shed never counts as
+        // waiting, so the queue (and its gauge) never exceeds `max_queue`.
+        let mut queued = self.waiting.load(Ordering::Acquire);
+        loop {
+            if queued >= self.limits.max_queue {
+                return Err(Status::resource_exhausted(format!(
+                    "{} overloaded: {} calls in flight and {} queued (limits {} and {}); retry later",
+                    self.name,
+                    self.limits.max_in_flight,
+                    queued,
+                    self.limits.max_in_flight,
+                    self.limits.max_queue
+                )));
+            }
+            match self.waiting.compare_exchange_weak(
+                queued,
+                queued + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(now) => queued = now,
+            }
+        }
         let _leave = WaitingGuard(&self.waiting, self.name);
         queue_depth(self.name, queued + 1);
-        if queued >= self.limits.max_queue {
-            return Err(Status::resource_exhausted(format!(
-                "{} overloaded: {} calls in flight and {} queued (limits {} and {}); retry later",
-                self.name,
-                self.limits.max_in_flight,
-                queued,
-                self.limits.max_in_flight,
-                self.limits.max_queue
-            )));
-        }
         let acquire = self.slots.clone().acquire_owned();
         let permit = match deadline {
             Some(at) => tokio::time::timeout_at(at, acquire).await.map_err(|_| {
@@ -354,5 +367,62 @@ impl http_body::Body for PermitBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn depth(service: &'static str) -> i64 {
+        MeshMetrics::global()
+            .admission_queue_depth
+            .get_or_create(&ServiceLabels { service })
+            .get()
+    }
+
+    /// Calls beyond the queue are shed without ever counting as queued: the queue and its gauge
+    /// stay within `max_queue` however many arrive at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shed_calls_never_count_as_queued() {
+        const SERVICE: &str = "test.QueueBound";
+        let limits = AdmissionLimits {
+            max_in_flight: 1,
+            max_queue: 1,
+        };
+        let gate = AdmissionGate::new(SERVICE, limits, ByteBudget::new(SERVICE, 1 << 20, 1));
+        let held = gate.admit(None).await.unwrap();
+        let queued = {
+            let gate = gate.clone();
+            tokio::spawn(async move { gate.admit(None).await.map(|_| ()) })
+        };
+        while gate.shared.waiting.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await; // until the second call is queued
+        }
+        let shed: Vec<_> = (0..64)
+            .map(|_| {
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    let r = gate.admit(None).await;
+                    (
+                        r.is_err(),
+                        gate.shared.waiting.load(Ordering::Acquire),
+                        depth(SERVICE),
+                    )
+                })
+            })
+            .collect();
+        for t in shed {
+            let (refused, waiting, gauge) = t.await.unwrap();
+            assert!(refused);
+            assert!(
+                waiting <= 1 && gauge <= 1,
+                "waiting {waiting}, gauge {gauge}"
+            );
+        }
+        assert_eq!(depth(SERVICE), 1);
+        drop(held);
+        queued.await.unwrap().unwrap();
+        assert_eq!(depth(SERVICE), 0);
     }
 }
