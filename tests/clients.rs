@@ -186,10 +186,13 @@ fn python_node_and_reflection_clients_get_the_tokens_of_generate() {
         .iter()
         .map(|m| m["name"].as_str().unwrap())
         .collect();
-    assert_eq!(methods, ["Generate", "GetModelInfo"]);
+    assert_eq!(methods, ["Generate", "GetModelInfo", "Watch"]);
     assert_eq!(gateway[0]["input"], "vlm.v1.GenerateRequest");
     assert_eq!(gateway[0]["output"], "vlm.v1.GenerateResponse");
     assert_eq!(gateway[0]["server_streaming"], true);
+    assert_eq!(gateway[2]["input"], "vlm.v1.WatchRequest");
+    assert_eq!(gateway[2]["output"], "vlm.v1.WatchResponse");
+    assert_eq!(gateway[2]["server_streaming"], true);
     assert!(found["services"]["grpc.health.v1.Health"].is_array());
     // Only what the gateway's port serves: the stages' services would answer UNIMPLEMENTED there.
     let listed: Vec<&String> = found["services"].as_object().unwrap().keys().collect();

@@ -870,6 +870,16 @@ class MetricsOpenAIAndModel(unittest.TestCase):
         self.assertEqual(got, {"encoder": ("q8_0", "f32"), "projector": ("none", "f16"), "decoder": ("q4_k", "f32")})
 
 
+    def test_watch_limits_reach_the_gateway(self):
+        gateway = mesh_container(objects(render(None), "Deployment")[name_of("gateway")])
+        self.assertEqual(arg(gateway, "--max-watch-streams"), "16")
+        self.assertEqual(arg(gateway, "--frame-threshold"), "2")
+        values = {"gateway": {"watch": {"maxStreams": 3, "frameThreshold": 0.5}}}
+        gateway = mesh_container(objects(render(values), "Deployment")[name_of("gateway")])
+        self.assertEqual(arg(gateway, "--max-watch-streams"), "3")
+        self.assertEqual(arg(gateway, "--frame-threshold"), "0.5")
+
+
 class Dockerfile(unittest.TestCase):
     """No Docker engine here: check that the image builds the binary the way CI does."""
 

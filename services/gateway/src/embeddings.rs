@@ -162,6 +162,11 @@ impl EmbeddingLog {
         self.state.send_modify(|s| s.error = Some(status));
     }
 
+    /// The failure that ended the log, if any.
+    pub fn error(&self) -> Option<Status> {
+        self.state.borrow().error.clone()
+    }
+
     /// Resolves when an image pipeline has failed for good (never, if none does).
     pub async fn failed(&self) -> Status {
         let mut rx = self.state.subscribe();

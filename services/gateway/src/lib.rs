@@ -14,6 +14,7 @@
 //! - [`embeddings`]: the request's projected rows in prompt order, for every decoder attempt;
 //! - [`decode`]: decoder calls, failover with resume, and the token relay to the client;
 //! - [`identity`]: the model's identity and limits as the stages report them;
+//! - [`watch`]: live frame streams (`Watch`): change detection, feature reuse, questions;
 //! - [`openai`]: the OpenAI-compatible HTTP endpoint over the same service.
 
 pub mod chat_template;
@@ -27,6 +28,7 @@ mod service;
 mod slots;
 mod stage;
 mod views;
+mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +36,7 @@ use std::time::Duration;
 use vlm_net::{AdaptiveTimeout, AdaptiveTimeoutOptions, ReplicaSet, RetryOptions};
 
 pub use service::GatewayService;
+pub use watch::WatchConfig;
 
 use identity::Identity;
 use stage::Stage;
@@ -66,17 +69,25 @@ pub struct GatewayConfig {
     /// The gateway's memory budget (`--max-bytes-in-flight`, shared with its admission): every
     /// request's projected image embeddings, kept for the request's life, are held against it.
     pub memory: vlm_net::ByteBudget,
+    /// The slots and queue the gateway's calls share (`--max-in-flight`, `--max-queue`): each
+    /// question of a Watch stream takes a slot while it is answered (the stream itself holds
+    /// none). None: questions are not admitted separately.
+    pub admission: Option<vlm_net::AdmissionGate>,
+    /// Live frame streams.
+    pub watch: WatchConfig,
 }
 
 /// What every request shares: the stages as the gateway calls them, the cache, the identity.
+/// (A Watch stream's requests share all but the cache: they use the stream's own.)
+#[derive(Clone)]
 pub(crate) struct Stages {
     pub encoder: Arc<Stage>,
     pub projector: Arc<Stage>,
     pub decoder: Arc<Stage>,
     /// The decoder's prefill, per position (the per-step timeout is `decoder.timeout`).
-    pub prefill: AdaptiveTimeout,
+    pub prefill: Arc<AdaptiveTimeout>,
     pub cache: Option<Arc<vlm_cache::FeatureCache>>,
-    pub identity: Identity,
+    pub identity: Arc<Identity>,
     /// `EncodeOptions.wire_dtype` (0: the encoder's default).
     pub wire_dtype: i32,
     pub memory: vlm_net::ByteBudget,
@@ -97,9 +108,9 @@ impl Stages {
             encoder: stage("encoder", &cfg.encoder, "image"),
             projector: stage("projector", &cfg.projector, "row block"),
             decoder: stage("decoder", &cfg.decoder, "decode step"),
-            prefill: AdaptiveTimeout::new("prefill token", cfg.timeouts.clone()),
+            prefill: Arc::new(AdaptiveTimeout::new("prefill token", cfg.timeouts.clone())),
             cache: cfg.cache.clone(),
-            identity: Identity::new(cfg.model_id.clone(), cfg.wire_dtype),
+            identity: Arc::new(Identity::new(cfg.model_id.clone(), cfg.wire_dtype)),
             wire_dtype: cfg.wire_dtype.map_or(0, |d| d as i32),
             memory: cfg.memory.clone(),
         }

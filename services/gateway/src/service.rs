@@ -8,39 +8,66 @@ use std::time::Instant;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 use vlm_proto::gateway_server::{Gateway, GatewayServer};
 use vlm_proto::{
     DecodeSetup, GenerateRequest, GenerateResponse, GetModelInfoRequest, ImagePlan, ImageSlot,
-    ModelInfo,
+    ModelInfo, WatchRequest, WatchResponse,
 };
 
 use crate::decode::{open_decoder, Relay};
 use crate::embeddings::{self, AbortOnDrop};
 use crate::identity::encoder_info;
 use crate::images::ImageJob;
+use crate::watch::Watches;
 use crate::{slots, views};
 use crate::{GatewayConfig, Stages};
 
 pub struct GatewayService {
-    cfg: GatewayConfig,
-    stages: Arc<Stages>,
+    gen: Generator,
+    watches: Watches,
 }
 
 impl GatewayService {
     pub fn new(cfg: GatewayConfig) -> anyhow::Result<Self> {
         let stages = Arc::new(Stages::new(&cfg));
-        Ok(GatewayService { cfg, stages })
+        let watches = Watches::new(cfg.watch.clone());
+        let gen = Generator {
+            cfg: Arc::new(cfg),
+            stages,
+        };
+        Ok(GatewayService { gen, watches })
     }
 
     /// The served model's name (`ModelInfo.model_id`).
     pub fn model_id(&self) -> &str {
-        self.stages.identity.model_id()
+        self.gen.stages.identity.model_id()
     }
 
     pub fn into_server(self) -> GatewayServer<Self> {
         GatewayServer::new(self)
+    }
+}
+
+/// What one generation needs: the gateway's limits and the stages (with the cache they use).
+#[derive(Clone)]
+pub(crate) struct Generator {
+    pub cfg: Arc<GatewayConfig>,
+    pub stages: Arc<Stages>,
+}
+
+impl Generator {
+    /// The same stages with another feature cache (a Watch stream's own).
+    pub fn with_cache(&self, cache: Arc<vlm_cache::FeatureCache>) -> Generator {
+        let stages = Stages {
+            cache: Some(cache),
+            ..(*self.stages).clone()
+        };
+        Generator {
+            cfg: self.cfg.clone(),
+            stages: Arc::new(stages),
+        }
     }
 
     /// The gateway's own limits; everything about the prompt and sampling is the decoder's.
@@ -80,10 +107,10 @@ impl GatewayService {
     }
 }
 
-impl GatewayService {
+impl Generator {
     /// For a tiling model, each slot's plan (views and packed rows, which the decoder needs before
     /// any embedding arrives); `None`s for a single-view model, whose images all have one size.
-    async fn plans(
+    pub async fn plans(
         &self,
         slots: &[slots::Slot],
         monitor_layers: bool,
@@ -104,21 +131,16 @@ impl GatewayService {
         });
         futures::future::try_join_all(plans).await
     }
-}
 
-type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl Gateway for GatewayService {
-    type GenerateStream = GenerateStream;
-
-    async fn generate(
+    /// Starts one generation: images through cache, encoder and projector, the decoder's tokens
+    /// relayed to the returned channel (deltas, then one final). Errors before the first decoder
+    /// call (limits, plans, prompt and sampling checks) are returned as the status.
+    pub async fn start(
         &self,
-        req: Request<GenerateRequest>,
-    ) -> Result<Response<GenerateStream>, Status> {
-        let started = Instant::now();
-        let deadline = vlm_net::request_deadline(req.metadata(), self.cfg.default_timeout);
-        let req = req.into_inner();
+        req: GenerateRequest,
+        deadline: tokio::time::Instant,
+        started: Instant,
+    ) -> Result<mpsc::Receiver<Result<GenerateResponse, Status>>, Status> {
         let slots = slots::slots(&req, self.cfg.max_images, self.cfg.max_regions)?;
         self.validate(&req)?;
         let plans = self.plans(&slots, req.monitor_layers, deadline).await?;
@@ -161,6 +183,33 @@ impl Gateway for GatewayService {
             produced: Vec::new(),
         };
         tokio::spawn(relay.run(first).in_current_span());
+        Ok(rx)
+    }
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Gateway for GatewayService {
+    type GenerateStream = GenerateStream;
+    type WatchStream = WatchStream;
+
+    async fn generate(
+        &self,
+        req: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
+        let started = Instant::now();
+        let deadline = vlm_net::request_deadline(req.metadata(), self.gen.cfg.default_timeout);
+        let rx = self.gen.start(req.into_inner(), deadline, started).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).fuse())))
+    }
+
+    async fn watch(
+        &self,
+        req: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let rx = self.watches.open(&self.gen, req.into_inner())?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).fuse())))
     }
 
@@ -168,11 +217,12 @@ impl Gateway for GatewayService {
         &self,
         req: Request<GetModelInfoRequest>,
     ) -> Result<Response<ModelInfo>, Status> {
-        let deadline = vlm_net::request_deadline(req.metadata(), self.cfg.default_timeout);
+        let deadline = vlm_net::request_deadline(req.metadata(), self.gen.cfg.default_timeout);
         let info = self
+            .gen
             .stages
             .identity
-            .model_info(&self.stages, deadline)
+            .model_info(&self.gen.stages, deadline)
             .await?;
         Ok(Response::new(info))
     }

@@ -10,13 +10,14 @@ use serde::Serialize;
 use tonic::transport::Channel;
 use vlm_proto::gateway_client::GatewayClient;
 use vlm_proto::generate_response::Kind;
-use vlm_proto::{GenerateRequest, SamplingParams};
+use vlm_proto::GenerateRequest;
 
 use crate::generate::SamplingArgs;
 use crate::mesh::{certs_dir, default_state_dir, mesh_file, MeshInfo};
 
+/// Where the gateway is and how to trust it (shared by `ask` and `watch`).
 #[derive(Args, Debug, Clone)]
-pub struct AskArgs {
+pub struct GatewayConn {
     /// Gateway URL; defaults to the mesh `up` started with the same --state-dir, else https://127.0.0.1:50051.
     #[arg(long, env = "VLM_GATEWAY")]
     pub gateway: Option<String>,
@@ -32,6 +33,25 @@ pub struct AskArgs {
     /// Client private key.
     #[arg(long, env = "VLM_TLS_KEY", requires = "cert")]
     pub key: Option<PathBuf>,
+}
+
+impl GatewayConn {
+    /// The gateway `up` started with `state_dir`.
+    pub fn local(gateway: String, state_dir: PathBuf) -> Self {
+        GatewayConn {
+            gateway: Some(gateway),
+            state_dir,
+            ca: None,
+            cert: None,
+            key: None,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AskArgs {
+    #[command(flatten)]
+    pub conn: GatewayConn,
     /// Image file; repeat for several images (one `<image>` each in the prompt).
     #[arg(long, env = "VLM_IMAGE")]
     pub image: Vec<PathBuf>,
@@ -92,7 +112,7 @@ struct JsonOutput {
 }
 
 /// The gateway URL and TLS settings `ask` uses.
-pub async fn connect(args: &AskArgs) -> anyhow::Result<(String, Channel)> {
+pub async fn connect(args: &GatewayConn) -> anyhow::Result<(String, Channel)> {
     let url = match &args.gateway {
         Some(u) => u.clone(),
         None => match std::fs::read(mesh_file(&args.state_dir)) {
@@ -141,7 +161,7 @@ pub async fn connect(args: &AskArgs) -> anyhow::Result<(String, Channel)> {
 }
 
 /// What to do when the CA file `ask` would use does not exist.
-fn missing_ca_message(args: &AskArgs, ca: &std::path::Path) -> String {
+fn missing_ca_message(args: &GatewayConn, ca: &std::path::Path) -> String {
     match &args.ca {
         Some(_) => format!(
             "the CA certificate given with --ca, {}, does not exist",
@@ -159,7 +179,7 @@ fn missing_ca_message(args: &AskArgs, ca: &std::path::Path) -> String {
 /// `err` from a plaintext (`http://`) URL, replaced by a clear message when the port answers
 /// TLS instead of plaintext HTTP/2: a TLS gateway reached with http:// otherwise fails with
 /// `Unknown: transport error`.
-async fn explain_plaintext(url: &str, err: anyhow::Error) -> anyhow::Error {
+pub(crate) async fn explain_plaintext(url: &str, err: anyhow::Error) -> anyhow::Error {
     if !url.starts_with("http://") || speaks_plaintext_h2(url).await != Some(false) {
         return err;
     }
@@ -201,20 +221,12 @@ pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<tonic::codegen::Bytes>>>()?;
     let regions = crate::region_arg::per_image(&args.region, images.len())?;
-    let (url, channel) = connect(&args).await?;
+    let (url, channel) = connect(&args.conn).await?;
     let mut client = GatewayClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(256 << 20);
-    let p = args.sampling.to_params();
-    let params = SamplingParams {
-        // Unset: the decoder's --default-max-tokens.
-        max_tokens: args.sampling.max_tokens,
-        temperature: p.temperature,
-        top_p: p.top_p,
-        top_k: p.top_k,
-        seed: Some(p.seed),
-        stop: p.stop.clone(),
-    };
+    let params = args.sampling.to_request_params();
+    let seed = params.seed.unwrap_or_default();
     let mut req = tonic::Request::new(GenerateRequest {
         // Regions need `image_inputs`; plain images keep the older field.
         image_inputs: if args.region.is_empty() {
@@ -252,7 +264,7 @@ pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
         Err(s) => return Err(explain_plaintext(&url, status_error(s)).await),
     };
     let mut out = JsonOutput {
-        seed: p.seed,
+        seed,
         ..Default::default()
     };
     let mut stdout = std::io::stdout().lock();
@@ -335,6 +347,6 @@ pub fn finish_reason_name(v: i32) -> &'static str {
     vlm_proto::FinishReason::public_name_of(v)
 }
 
-fn status_error(s: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }

@@ -51,6 +51,20 @@ impl SamplingArgs {
             stop: self.stop.clone(),
         }
     }
+
+    /// The same for a gateway request, where an unset `--max-tokens` means the decoder's
+    /// `--default-max-tokens`.
+    pub fn to_request_params(&self) -> vlm_proto::SamplingParams {
+        let p = self.to_params();
+        vlm_proto::SamplingParams {
+            max_tokens: self.max_tokens,
+            temperature: p.temperature,
+            top_p: p.top_p,
+            top_k: p.top_k,
+            seed: Some(p.seed),
+            stop: p.stop,
+        }
+    }
 }
 
 fn random_seed() -> u64 {

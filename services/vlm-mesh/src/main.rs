@@ -16,6 +16,7 @@ mod mesh;
 mod region_arg;
 mod serve;
 mod supervise;
+mod watch;
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +39,10 @@ enum Command {
     Up(UpArgs),
     /// Ask a running gateway about image(s); streams the answer.
     Ask(ask::AskArgs),
+    /// Feed a frame sequence (a folder of images, or a pattern) to a running gateway as a live
+    /// stream and ask about it as it goes; prints the answers (and, with --json, every frame's
+    /// fate).
+    Watch(watch::WatchArgs),
     /// Run image(s) + prompt through the whole model in this process (no network): the reference
     /// the mesh must equal token for token.
     Generate(generate::GenerateArgs),
@@ -191,11 +196,10 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
         );
         eprintln!("prompt: {:?}", args.prompt);
         let ask_args = ask::AskArgs {
-            gateway: Some(mesh.info.gateway_url.clone()),
-            state_dir: state.path().to_path_buf(),
-            ca: None,
-            cert: None,
-            key: None,
+            conn: ask::GatewayConn::local(
+                mesh.info.gateway_url.clone(),
+                state.path().to_path_buf(),
+            ),
             image: vec![image],
             region: vec![],
             prompt: args.prompt,
@@ -237,6 +241,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo(args),
         Command::Up(args) => up(args),
         Command::Ask(args) => runtime().and_then(|rt| rt.block_on(ask::ask(args))),
+        Command::Watch(args) => runtime().and_then(|rt| rt.block_on(watch::watch(args))),
         Command::Generate(args) => generate::run(args),
         Command::Serve(role) => serve::run(role),
         Command::Certs(args) => certs::run(args),

@@ -11,6 +11,9 @@
 //! ([`MAX_STREAMS_PER_CONNECTION`]) may be reading their first message at once, so one connection
 //! alone cannot use them all; more are refused like an overload.
 //!
+//! Calls in `vlm_proto::SELF_ADMITTED_PATHS` (long-lived streams) pass without a slot: the
+//! service admits their units of work through the shared [`AdmissionGate`] itself.
+//!
 //! A streaming call holds its slot until its response body ends or is dropped, not just until the
 //! response headers, since that is when a stream's work is done. A queued call waits at most
 //! until its deadline ([`DeadlineSource`]: fixed on arrival behind a `DeadlineLayer`), and at
@@ -305,6 +308,9 @@ where
         let shared = self.shared.clone();
         Box::pin(async move {
             let deadline = req.call_deadline();
+            if vlm_proto::SELF_ADMITTED_PATHS.contains(&req.uri().path()) {
+                return inner.call(req).await;
+            }
             let (req, memory) = if vlm_proto::UNARY_REQUEST_PATHS.contains(&req.uri().path()) {
                 let reserved = async {
                     const WHAT: &str = "the request message";

@@ -24,6 +24,11 @@ pub const METHOD_PATHS: &[&str] = include!(concat!(env!("OUT_DIR"), "/method_pat
 pub const UNARY_REQUEST_PATHS: &[&str] =
     include!(concat!(env!("OUT_DIR"), "/unary_request_paths.rs"));
 
+/// Long-lived calls that do not hold an admission slot for their whole life: the service admits
+/// their units of work itself (each question of a `Gateway/Watch` stream takes a slot while it is
+/// answered; the number of open streams has its own limit).
+pub const SELF_ADMITTED_PATHS: &[&str] = &["/vlm.v1.Gateway/Watch"];
+
 impl FinishReason {
     /// How every client surface spells it (`ask --json`, `generate --json`, the OpenAI endpoint,
     /// the example clients): OpenAI's vocabulary. `stop`: the model ended its answer (an

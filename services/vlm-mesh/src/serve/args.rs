@@ -267,6 +267,65 @@ pub struct GatewayArgs {
     pub http: HttpArgs,
     #[command(flatten)]
     pub cache: CacheArgs,
+    #[command(flatten)]
+    pub watch: WatchArgs,
+}
+
+/// Live frame streams (`Gateway/Watch`).
+#[derive(Args, Debug, Clone)]
+pub struct WatchArgs {
+    /// Watch (live frame) streams open at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "VLM_MAX_WATCH_STREAMS", default_value_t = 16)]
+    pub max_watch_streams: usize,
+    /// Questions of one Watch stream being answered at once; more get a RESOURCE_EXHAUSTED
+    /// answer. Each question also takes one of the gateway's --max-in-flight slots while it is
+    /// answered.
+    #[arg(long, env = "VLM_MAX_WATCH_QUESTIONS", default_value_t = 4)]
+    pub max_watch_questions: usize,
+    /// A frame reuses the current features (no encoder call) when no block's mean absolute
+    /// difference from the frame they came from exceeds this many 8-bit levels; 0 re-encodes on
+    /// any change.
+    #[arg(long, env = "VLM_FRAME_THRESHOLD", default_value_t = 2.0)]
+    pub frame_threshold: f32,
+    /// Side of the blocks frames are compared on, in pixels.
+    #[arg(long, env = "VLM_FRAME_BLOCK", default_value_t = 32)]
+    pub frame_block: u32,
+    /// Largest frame, in pixels (width × height), checked from its header before decoding;
+    /// larger: RESOURCE_EXHAUSTED for that frame.
+    #[arg(long, env = "VLM_MAX_FRAME_PIXELS", default_value_t = 16 << 20)]
+    pub max_frame_pixels: u64,
+    /// Bytes of image features each Watch stream keeps in its own cache (the frames a question
+    /// may look at; older ones are encoded again if asked about).
+    #[arg(long, env = "VLM_WATCH_CACHE_BYTES", default_value_t = 64 << 20)]
+    pub watch_cache_bytes: usize,
+}
+
+impl WatchArgs {
+    pub fn config(&self) -> anyhow::Result<vlm_gateway::WatchConfig> {
+        anyhow::ensure!(
+            self.frame_threshold.is_finite() && self.frame_threshold >= 0.0,
+            "--frame-threshold must be a finite number >= 0 (8-bit levels), not {}",
+            self.frame_threshold
+        );
+        anyhow::ensure!(self.frame_block >= 1, "--frame-block must be at least 1");
+        anyhow::ensure!(
+            self.max_watch_questions >= 1,
+            "--max-watch-questions must be at least 1"
+        );
+        let side = (self.max_frame_pixels as f64).sqrt().ceil() as u64;
+        Ok(vlm_gateway::WatchConfig {
+            max_streams: self.max_watch_streams,
+            max_questions: self.max_watch_questions,
+            frame_threshold: self.frame_threshold,
+            block: self.frame_block,
+            frame_limits: vlm_frames::FrameLimits {
+                max_pixels: self.max_frame_pixels,
+                // Any aspect ratio within the pixel bound, up to a 64:1 strip.
+                max_side: u32::try_from(side.saturating_mul(8)).unwrap_or(u32::MAX),
+            },
+            cache_bytes: self.watch_cache_bytes,
+        })
+    }
 }
 
 /// The gateway's OpenAI-compatible HTTP endpoint (also accepted by `up`, which passes them through).

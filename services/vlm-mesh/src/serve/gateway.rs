@@ -17,9 +17,7 @@ pub(super) async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     // and memory budget.
     let admission = a.common.admission(vlm_proto::gateway_server::SERVICE_NAME);
     let svc = Arc::new(vlm_gateway::GatewayService::new(config(
-        &a,
-        &files,
-        admission.memory().clone(),
+        &a, &files, &admission,
     )?)?);
     let tls = if a.plaintext {
         None
@@ -43,7 +41,7 @@ pub(super) async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
 fn config(
     a: &GatewayArgs,
     files: &TlsFiles,
-    memory: vlm_net::ByteBudget,
+    admission: &vlm_net::AdmissionGate,
 ) -> anyhow::Result<vlm_gateway::GatewayConfig> {
     let r = &a.resilience;
     // Internal hops: the gateway presents its certificate and checks each stage's name.
@@ -89,7 +87,9 @@ fn config(
         default_timeout: Duration::from_secs(a.request_timeout),
         wire_dtype,
         cache: a.cache.build()?,
-        memory,
+        memory: admission.memory().clone(),
+        admission: Some(admission.clone()),
+        watch: a.watch.config()?,
     })
 }
 

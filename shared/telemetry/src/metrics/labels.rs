@@ -168,3 +168,20 @@ pub struct MemoryBudgetLabels {
     pub service: &'static str,
     pub state: MemoryState,
 }
+
+/// What happened to a frame of a Watch stream (`received` counts every frame that arrived).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum WatchFrame {
+    received,
+    reused,
+    partial,
+    full,
+    dropped,
+    failed,
+}
+
+/// `{result}` of `vlm_watch_frames`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchFrameLabels {
+    pub result: WatchFrame,
+}

@@ -67,6 +67,10 @@ pub struct MeshMetrics {
     pub tokens_generated: Family<NoLabels, Counter>,
     pub time_to_first_token: Histograms<NoLabels>,
     pub inter_token_latency: Histograms<NoLabels>,
+    pub watch_streams: Family<NoLabels, Gauge>,
+    pub watch_frames: Family<WatchFrameLabels, Counter>,
+    pub watch_encoder_calls_saved: Family<NoLabels, Counter>,
+    pub watch_events_discarded: Family<NoLabels, Counter>,
     // The decoder's step loop.
     pub decoder_batch_size: Histograms<NoLabels>,
     pub kv_cache_blocks: Family<KvBlockLabels, Gauge>,
@@ -132,6 +136,17 @@ impl MeshMetrics {
                 "From receiving a request to streaming its first token", latency()),
             inter_token_latency: registered(r, "vlm_inter_token_latency_seconds",
                 "Time between consecutive tokens of one stream", latency()),
+            watch_streams: registered(r, "vlm_watch_streams",
+                "Watch (live frame) streams open", Family::default()),
+            watch_frames: registered(r, "vlm_watch_frames",
+                "Frames of Watch streams, by result: received (every frame), reused (no encoder call), partial (some views encoded), full, dropped (replaced by a newer frame while waiting), failed",
+                Family::default()),
+            watch_encoder_calls_saved: registered(r, "vlm_watch_encoder_calls_saved",
+                "Frames of Watch streams served without an encoder call (their features reused)",
+                Family::default()),
+            watch_events_discarded: registered(r, "vlm_watch_events_discarded",
+                "Watch stream events (frame events, refusals) discarded because the client had not read a whole queue of earlier ones",
+                Family::default()),
             decoder_batch_size: registered(r, "vlm_decoder_batch_size",
                 "Sequences advanced together by one decode step",
                 Family::new_with_constructor(batch_histogram)),
@@ -266,6 +281,19 @@ pub fn preregister(role: &str) {
             let _ = m.tokens_generated.get_or_create(&NoLabels);
             let _ = m.time_to_first_token.get_or_create(&NoLabels);
             let _ = m.inter_token_latency.get_or_create(&NoLabels);
+            let _ = m.watch_streams.get_or_create(&NoLabels);
+            for result in [
+                WatchFrame::received,
+                WatchFrame::reused,
+                WatchFrame::partial,
+                WatchFrame::full,
+                WatchFrame::dropped,
+                WatchFrame::failed,
+            ] {
+                let _ = m.watch_frames.get_or_create(&WatchFrameLabels { result });
+            }
+            let _ = m.watch_encoder_calls_saved.get_or_create(&NoLabels);
+            let _ = m.watch_events_discarded.get_or_create(&NoLabels);
         }
         "decoder" => {
             let _ = m.decoder_batch_size.get_or_create(&NoLabels);

@@ -34,6 +34,16 @@ struct FakeGateway {
 #[tonic::async_trait]
 impl Gateway for FakeGateway {
     type GenerateStream = ReceiverStream<Reply>;
+    type WatchStream = ReceiverStream<Result<vlm_proto::WatchResponse, Status>>;
+
+    async fn watch(
+        &self,
+        _: tonic::Request<tonic::Streaming<vlm_proto::WatchRequest>>,
+    ) -> Result<tonic::Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented(
+            "the OpenAI endpoint never opens a Watch stream",
+        ))
+    }
 
     async fn generate(
         &self,
