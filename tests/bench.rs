@@ -35,6 +35,38 @@ fn assert_ratio(ratio: &Value, num_: f64, den: f64, what: &str) {
     );
 }
 
+/// The frames section (quick: 40 frames of the clip, a question every 10): the counts add up,
+/// the ratio is what the sums say, and every answer on a reused frame equals the naive one.
+fn check_frames(f: &Value) {
+    assert_eq!(f["bench"], "frames", "{f}");
+    let count = |k: &str| f[k].as_u64().unwrap_or_else(|| panic!("{k}: {f}"));
+    assert_eq!(count("frames"), 40, "{f}");
+    assert_eq!(count("questions"), 4, "{f}");
+    assert_eq!(
+        count("reused") + count("partial") + count("full"),
+        40,
+        "{f}"
+    );
+    assert!(count("reused") > 0 && count("full") > 0, "{f}");
+    let watch = num(&f["watch_encoder_s"], "watch_encoder_s");
+    let naive = num(&f["naive_encoder_s"], "naive_encoder_s");
+    assert_ratio(
+        &f["encoder_seconds_saved_ratio"],
+        naive,
+        watch,
+        "encoder seconds",
+    );
+    for k in [
+        "watch_encode_ms",
+        "naive_encode_ms",
+        "watch_answer_ms",
+        "naive_answer_ms",
+    ] {
+        spread(&f[k], k);
+    }
+    assert_eq!(f["identical_on_reused"], f["asked_on_reused"], "{f}");
+}
+
 fn check_mesh(m: &Value) {
     assert_eq!(m["bench"], "mesh", "{m}");
     assert_eq!(m["cache"], "off", "{m}");
@@ -350,6 +382,7 @@ fn bench_quick_reports_every_section_well_formed() {
     check_cache(&report["cache"]);
     check_concurrency(&report["concurrency"], Some(&plot));
     check_stream(&report["stream"]);
+    check_frames(&report["frames"]);
     // No Python was named, so the comparison says so rather than vanishing.
     let skipped = report["transformers"]["skipped"]
         .as_str()

@@ -4,6 +4,7 @@
 
 mod cache;
 mod concurrency;
+mod frames;
 mod mesh;
 mod plot;
 mod quantized;
@@ -55,6 +56,9 @@ pub enum BenchCommand {
     /// N in --levels, interleaved; time to first token of a long prompt sent cold vs again (prefix
     /// reuse); optionally an SVG plot of tokens/s against N.
     Concurrency(concurrency::ConcurrencyBenchArgs),
+    /// Frame streams: a synthetic clip through the gateway's Watch stream vs encoding every frame
+    /// (encoder seconds, answer latency, identical answers), frame by frame in one run.
+    Frames(frames::FramesBenchArgs),
     /// What the mesh costs: time to first token and inter-token latency through `up` (4
     /// processes, mTLS, cache off) vs the same pipeline in this process, interleaved; encoder
     /// throughput with 8 concurrent images vs 1 and batched vs single forwards; peak RSS of every
@@ -134,6 +138,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let report = concurrency::run(&a).await?;
             emit(&report, a.json, concurrency::ConcurrencyReport::print)
         }),
+        Some(BenchCommand::Frames(a)) => rt.block_on(async {
+            let report = frames::run(&a).await?;
+            emit(&report, a.json, frames::FramesReport::print)
+        }),
         Some(BenchCommand::Mesh(mut a)) => rt.block_on(async {
             if a.quick {
                 (a.rounds, a.encoder_rounds, a.max_tokens) = (3, 1, 4);
@@ -178,6 +186,7 @@ struct AllReport {
     cache: cache::CacheReport,
     concurrency: concurrency::ConcurrencyReport,
     stream: stream::StreamReport,
+    frames: frames::FramesReport,
     transformers: transformers::TransformersReport,
 }
 
@@ -226,6 +235,17 @@ async fn all(mut a: AllArgs) -> anyhow::Result<()> {
         json: a.json,
     })
     .await?;
+    let frames = frames::run(&frames::FramesBenchArgs {
+        model: bundled("shapes-llava"),
+        frames: 300,
+        still: 48,
+        moving: 8,
+        every: 10,
+        max_tokens: 8,
+        quick: a.quick,
+        json: a.json,
+    })
+    .await?;
     let transformers = transformers::run(
         a.python.as_deref(),
         &a.input.model,
@@ -244,6 +264,7 @@ async fn all(mut a: AllArgs) -> anyhow::Result<()> {
         cache,
         concurrency,
         stream,
+        frames,
         transformers,
     };
     emit(&report, a.json, |r| {
@@ -255,6 +276,8 @@ async fn all(mut a: AllArgs) -> anyhow::Result<()> {
         r.concurrency.print();
         println!("\n== tensor-chunk streams ==");
         r.stream.print();
+        println!("\n== frame streams (Watch vs every frame encoded) ==");
+        r.frames.print();
         println!("\n== vs Hugging Face transformers ==");
         r.transformers.print();
     })
