@@ -333,14 +333,7 @@ async fn client_disconnect_mid_stream_stops_decoding() {
             )
         });
     // It stopped early: far fewer than the 180 requested tokens were decoded.
-    // The last `tokens=` is the event's own field; the span context before it has
-    // `gen_ai.request.max_tokens=` and friends.
-    let tokens: usize = line
-        .rsplit("tokens=")
-        .next()
-        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no token count in {line:?}"));
+    let tokens = tokens_on(&line);
     eprintln!("decoder: {line}");
     // At 25 ms a token, 60 tokens are 1.5 s of decoding after the client hung up (the cancel
     // reaches the decoder in milliseconds); without cancellation all 180 would be decoded.

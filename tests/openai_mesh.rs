@@ -221,16 +221,6 @@ fn content(chunk: &Value) -> &str {
         .unwrap_or_default()
 }
 
-/// The decoder's token count on a `decoding stopped` log line (the event's own `tokens=` field,
-/// the last one: the span context before it has `gen_ai.request.max_tokens=` and friends).
-fn tokens_on(line: &str) -> usize {
-    line.rsplit("tokens=")
-        .next()
-        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no token count in {line:?}"))
-}
-
 /// A normal stream: every event is one `data:` line of a `chat.completion.chunk` JSON object,
 /// then exactly one final `data: [DONE]`; the text equals the non-streamed answer's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -474,14 +474,7 @@ async fn a_300ms_deadline_ends_a_long_request_in_time_and_the_decoder_stops() {
     let line = mesh
         .wait_for_log(&["[decoder]", "decoding stopped"], Duration::from_secs(10))
         .unwrap_or_else(|| panic!("decoder never stopped; log: {:?}", mesh.log.lock().unwrap()));
-    // The last `tokens=` is the event's own field; the span context before it has
-    // `gen_ai.request.max_tokens=` and friends.
-    let tokens: usize = line
-        .rsplit("tokens=")
-        .next()
-        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no token count in {line:?}"));
+    let tokens = tokens_on(&line);
     eprintln!("decoder: {line}");
     assert!(tokens < 40, "{line}");
     // The deadline travelled: the decoder got the remaining budget as its own grpc-timeout

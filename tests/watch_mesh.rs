@@ -19,7 +19,7 @@ use vlm_proto::{
 };
 
 mod common;
-use common::{bounded, counter, next_message, repo, scrape, MeshProc};
+use common::{bounded, counter, next_message, repo, scrape, tokens_on, MeshProc};
 
 const GREY: Rgb<u8> = Rgb([120, 130, 140]);
 
@@ -445,12 +445,7 @@ async fn a_client_that_stops_reading_stalls_nothing_and_leaving_cancels_everythi
     let line = mesh
         .wait_for_log(&["[decoder]", "cancelled"], Duration::from_secs(30))
         .expect("the decoder never logged a cancellation");
-    let tokens: usize = line
-        .rsplit("tokens=")
-        .next()
-        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no token count in {line:?}"));
+    let tokens = tokens_on(&line);
     assert!(
         (3..=60).contains(&tokens),
         "{tokens} tokens decoded: {line}"
@@ -591,7 +586,10 @@ fn watch_cli_follows_the_shape_across_the_grid() {
     for a in &answers {
         let n = a["frame"].as_u64().unwrap() as usize;
         let cell = expected[n].expect("answers are asked on still frames");
-        assert_eq!(a["question"], "USER: <image>\nWhere is the circle? ASSISTANT:");
+        assert_eq!(
+            a["question"],
+            "USER: <image>\nWhere is the circle? ASSISTANT:"
+        );
         assert_eq!(a["question_id"], format!("q{n}"));
         assert_eq!(a["frames"], serde_json::json!([n]));
         assert_eq!(a["text"].as_str().unwrap().trim(), cell, "frame {n}: {a}");

@@ -458,6 +458,17 @@ pub fn scrape(addr: &str) -> String {
     body.to_string()
 }
 
+/// The decoder's token count on a `decoding stopped` or `cancelled` log line (the event's own
+/// `tokens=` field, the last one: the span context before it has `gen_ai.request.max_tokens=`
+/// and friends).
+pub fn tokens_on(line: &str) -> usize {
+    line.rsplit("tokens=")
+        .next()
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no token count in {line:?}"))
+}
+
 pub fn pid_alive(pid: u64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }

@@ -231,20 +231,7 @@ async fn measure(
     spec: &ClipSpec,
     args: &FramesBenchArgs,
 ) -> anyhow::Result<FramesReport> {
-    let encoder_addr = bench
-        .mesh
-        .info
-        .services
-        .iter()
-        .find(|s| s.role == "encoder")
-        .context("the mesh has no encoder")?
-        .addr;
-    let channel = vlm_net::connect(
-        &format!("https://{encoder_addr}"),
-        Some(bench.stage_tls.clone()),
-    )
-    .await?;
-    let mut encoder = EncoderClient::new(channel).max_decoding_message_size(256 << 20);
+    let mut encoder = bench.encoder().await?;
     let mut gateway = bench.gateway.clone();
     let (tx, rx) = mpsc::channel(4);
     let rx = gateway.watch(ReceiverStream::new(rx)).await?.into_inner();

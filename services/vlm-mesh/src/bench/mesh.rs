@@ -278,20 +278,8 @@ pub async fn run(args: &MeshBenchArgs) -> anyhow::Result<MeshReport> {
                 }
             }
         }
-        let encoder_addr = mesh
-            .info
-            .services
-            .iter()
-            .find(|s| s.role == "encoder")
-            .context("the mesh has no encoder")?
-            .addr;
-        let channel = vlm_net::connect(
-            &format!("https://{encoder_addr}"),
-            Some(bench_mesh.stage_tls.clone()),
-        )
-        .await?;
         let encoder = encoder_bench(
-            EncoderClient::new(channel),
+            bench_mesh.encoder().await?,
             &pipeline,
             &image,
             args.encoder_rounds,

@@ -341,6 +341,24 @@ impl BenchMesh {
     }
 }
 
+impl BenchMesh {
+    /// A client of the mesh's encoder, called as the gateway calls it (its certificate).
+    async fn encoder(&self) -> anyhow::Result<vlm_proto::encoder_client::EncoderClient<Channel>> {
+        let addr = self
+            .mesh
+            .info
+            .services
+            .iter()
+            .find(|s| s.role == "encoder")
+            .ok_or_else(|| anyhow::anyhow!("the mesh has no encoder"))?
+            .addr;
+        let url = format!("https://{addr}");
+        let channel = vlm_net::connect(&url, Some(self.stage_tls.clone())).await?;
+        Ok(vlm_proto::encoder_client::EncoderClient::new(channel)
+            .max_decoding_message_size(256 << 20))
+    }
+}
+
 pub(crate) fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
