@@ -599,3 +599,24 @@ fn watch_cli_follows_the_shape_across_the_grid() {
     seen.dedup();
     assert!(seen.len() >= 8, "the answers follow the circle: {seen:?}");
 }
+
+/// A stream with nothing to do ends after --watch-idle-timeout with DEADLINE_EXCEEDED; a question
+/// being answered (here 2 s of decoding against a 1 s idle limit) keeps it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stream_ends_but_not_while_it_answers() {
+    let mesh = MeshProc::start(&[
+        ("VLM_WATCH_IDLE_TIMEOUT", "1"),
+        ("VLM_FAULT_DECODE_DELAY_MS", "25"),
+    ]);
+    let mut w = Watch::open(&mesh).await.unwrap();
+    w.handled(png(&frame(|_| {}), false)).await;
+    let (ids, end) = w.answer(question("slow", 80)).await;
+    assert!(matches!(end.kind, Some(AnswerKind::Final(_))), "{end:?}");
+    assert_eq!(ids.len(), 80);
+    let status = next_message(&mut w.rx).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("--watch-idle-timeout"),
+        "{status:?}"
+    );
+}

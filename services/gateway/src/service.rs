@@ -209,7 +209,8 @@ impl Gateway for GatewayService {
         &self,
         req: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
-        let rx = self.watches.open(&self.gen, req.into_inner())?;
+        let deadline = vlm_net::DeadlineSource::call_deadline(&req);
+        let rx = self.watches.open(&self.gen, req.into_inner(), deadline)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).fuse())))
     }
 

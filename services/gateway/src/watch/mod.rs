@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tonic::{Status, Streaming};
 use tracing::Instrument;
 use vlm_proto::watch_request::Kind as RequestKind;
@@ -53,6 +54,9 @@ pub struct WatchConfig {
     pub frame_limits: vlm_frames::FrameLimits,
     /// Bytes of features each stream's own cache keeps.
     pub cache_bytes: usize,
+    /// A stream with no client message and no question being answered for this long ends with
+    /// DEADLINE_EXCEEDED (an idle stream would otherwise hold one of `max_streams` forever).
+    pub idle_timeout: std::time::Duration,
 }
 
 impl Default for WatchConfig {
@@ -64,6 +68,7 @@ impl Default for WatchConfig {
             block: 32,
             frame_limits: vlm_frames::FrameLimits::default(),
             cache_bytes: 64 << 20,
+            idle_timeout: std::time::Duration::from_secs(300),
         }
     }
 }
@@ -82,12 +87,13 @@ impl Watches {
         }
     }
 
-    /// Opens a stream (RESOURCE_EXHAUSTED beyond `max_streams`); its events come out of the
-    /// returned channel.
+    /// Opens a stream (RESOURCE_EXHAUSTED beyond `max_streams`) that ends at the client's
+    /// `deadline`, if it set one; its events come out of the returned channel.
     pub fn open(
         &self,
         gen: &Generator,
         inbound: Streaming<WatchRequest>,
+        deadline: Option<Instant>,
     ) -> Result<mpsc::Receiver<Result<WatchResponse, Status>>, Status> {
         let permit = self.open.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
@@ -114,6 +120,7 @@ impl Watches {
         });
         let stream = WatchStream {
             shared,
+            deadline,
             _open: permit,
         };
         let span = tracing::info_span!("vlm.watch", rpc.method = "Watch");
@@ -249,9 +256,18 @@ pub(super) fn watch_error(status: &Status) -> WatchError {
     }
 }
 
+/// Sleeps until `at`; never wakes without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// One open stream: its intake, and the tasks it started (aborted when it ends).
 struct WatchStream {
     shared: Arc<Shared>,
+    deadline: Option<Instant>,
     _open: OwnedSemaphorePermit,
 }
 
@@ -265,13 +281,34 @@ impl WatchStream {
         let worker = frames::worker(self.shared.clone());
         tasks.spawn(worker.in_current_span());
         let mut received = 0u64;
+        let idle = self.shared.cfg.idle_timeout;
+        let mut active = Instant::now();
         let ended_well = loop {
+            // Idle only while no question is being answered (the worker is always in the set).
+            let idle_at = (tasks.len() <= 1).then_some(active + idle);
             let msg = tokio::select! {
                 m = inbound.message() => m,
                 _ = self.shared.out.closed() => break false,
                 // Finished questions leave the set, so a long stream holds only live ones.
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {
+                    active = Instant::now();
+                    continue;
+                }
+                _ = sleep_until_some(idle_at) => {
+                    let why = format!(
+                        "gateway: no frame or question for {} s (--watch-idle-timeout)",
+                        idle.as_secs_f64()
+                    );
+                    let _ = self.shared.out.tx.send(Err(Status::deadline_exceeded(why))).await;
+                    break false;
+                }
+                _ = sleep_until_some(self.deadline) => {
+                    let why = "gateway: the Watch stream's deadline passed";
+                    let _ = self.shared.out.tx.send(Err(Status::deadline_exceeded(why))).await;
+                    break false;
+                }
             };
+            active = Instant::now();
             match msg {
                 Ok(Some(req)) => match self.accept(req, &mut received, &mut tasks) {
                     Ok(()) => {}

@@ -298,6 +298,10 @@ pub struct WatchArgs {
     /// may look at; older ones are encoded again if asked about).
     #[arg(long, env = "VLM_WATCH_CACHE_BYTES", default_value_t = 64 << 20)]
     pub watch_cache_bytes: usize,
+    /// Seconds a Watch stream may go without a frame or question (and with no question being
+    /// answered) before it is ended with DEADLINE_EXCEEDED.
+    #[arg(long, env = "VLM_WATCH_IDLE_TIMEOUT", default_value_t = 300)]
+    pub watch_idle_timeout: u64,
 }
 
 impl WatchArgs {
@@ -324,6 +328,7 @@ impl WatchArgs {
                 max_side: u32::try_from(side.saturating_mul(8)).unwrap_or(u32::MAX),
             },
             cache_bytes: self.watch_cache_bytes,
+            idle_timeout: std::time::Duration::from_secs(self.watch_idle_timeout.max(1)),
         })
     }
 }
