@@ -80,6 +80,37 @@ fn ask_over_mtls_equals_generate_and_services_are_separate_processes() {
         assert!(mesh_out["timings"]["prefill_ms"].as_f64().unwrap() > 0.0);
     }
     assert_eq!(seen_cache, ["miss", "hit"]);
+
+    // Frequency and presence penalties (vLLM's semantics, over the generated tokens): the mesh
+    // equals the in-process run, and they change what greedy decoding repeats.
+    let plain = ask_json(mesh.state.path(), &image, PROMPT, &["--max-tokens", "16"]);
+    let ids = |v: &serde_json::Value| -> Vec<u64> {
+        v["token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap())
+            .collect()
+    };
+    let mut distinct = ids(&plain);
+    distinct.sort();
+    distinct.dedup();
+    assert!(
+        distinct.len() < 16,
+        "the plain answer repeats a token: {plain}"
+    );
+    let penalties = [
+        "--max-tokens",
+        "16",
+        "--frequency-penalty",
+        "2",
+        "--presence-penalty",
+        "2",
+    ];
+    let mesh_out = ask_json(mesh.state.path(), &image, PROMPT, &penalties);
+    let local_out = generate_json(&model, &image, PROMPT, &penalties);
+    assert_eq!(mesh_out["token_ids"], local_out["token_ids"]);
+    assert_ne!(ids(&mesh_out), ids(&plain), "the penalties changed nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -184,11 +184,9 @@ fn request_monitored(max_tokens: u32, monitor_layers: bool) -> GenerateRequest {
         prompt: PROMPT.into(),
         params: Some(vlm_proto::SamplingParams {
             max_tokens: Some(max_tokens),
-            temperature: 0.0,
             top_p: 1.0,
-            top_k: 0,
             seed: Some(1),
-            stop: vec![],
+            ..Default::default()
         }),
         monitor_layers,
     }

@@ -593,6 +593,8 @@ pub fn request(image: &[u8], p: &vlm_model::SamplingParams) -> vlm_proto::Genera
             top_k: p.top_k,
             seed: Some(p.seed),
             stop: vec![],
+            frequency_penalty: p.frequency_penalty,
+            presence_penalty: p.presence_penalty,
         }),
         monitor_layers: false,
     }

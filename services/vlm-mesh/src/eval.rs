@@ -229,11 +229,9 @@ async fn ask_one(
         prompt: prompt(&question),
         params: Some(vlm_proto::SamplingParams {
             max_tokens: Some(max_tokens),
-            temperature: 0.0,
             top_p: 1.0,
-            top_k: 0,
             seed: Some(0),
-            stop: vec![],
+            ..Default::default()
         }),
         monitor_layers: false,
     });

@@ -33,6 +33,24 @@ pub struct SamplingArgs {
     /// Stop when the text contains this string (repeatable).
     #[arg(long = "stop", env = "VLM_STOP")]
     pub stop: Vec<String>,
+    /// Lower each token's logit by this × the times it was generated so far (OpenAI's
+    /// frequency_penalty, vLLM's semantics), in [-2, 2].
+    #[arg(
+        long,
+        env = "VLM_FREQUENCY_PENALTY",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
+    pub frequency_penalty: f32,
+    /// Lower the logit of every token generated so far by this (OpenAI's presence_penalty), in
+    /// [-2, 2].
+    #[arg(
+        long,
+        env = "VLM_PRESENCE_PENALTY",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
+    pub presence_penalty: f32,
 }
 
 /// `generate`'s `--max-tokens` when none is given.
@@ -49,6 +67,8 @@ impl SamplingArgs {
             top_k: self.top_k,
             seed: self.seed.unwrap_or_else(random_seed),
             stop: self.stop.clone(),
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
         }
     }
 
@@ -63,6 +83,8 @@ impl SamplingArgs {
             top_k: p.top_k,
             seed: Some(p.seed),
             stop: p.stop,
+            frequency_penalty: p.frequency_penalty,
+            presence_penalty: p.presence_penalty,
         }
     }
 }

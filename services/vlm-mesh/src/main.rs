@@ -210,6 +210,8 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
                 top_k: 0,
                 seed: Some(0),
                 stop: vec![],
+                frequency_penalty: 0.0,
+                presence_penalty: 0.0,
             },
             timeout: 120,
             json: false,

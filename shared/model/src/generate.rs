@@ -112,11 +112,11 @@ impl<'a> Completion<'a> {
     }
 
     /// Samples the next token from `logits` (the vocabulary's scores at the last position); the
-    /// draw depends only on (seed, step). The event's `finish` is set on the last token.
+    /// draw depends only on (seed, step) and the tokens generated so far (penalties). The event's `finish` is set on the last token.
     pub fn accept(&mut self, logits: &[f32]) -> Result<TokenEvent> {
         debug_assert!(self.finished.is_none(), "accept after the last token");
         let step = self.generated.len();
-        let id = self.sampler.sample(logits, step as u64);
+        let id = self.sampler.sample(logits, step as u64, &self.generated);
         self.generated.push(id);
         let mut finish = None;
         let mut text = String::new();

@@ -1,8 +1,11 @@
-//! Token sampling: greedy, temperature, top-k, top-p.
+//! Token sampling: frequency and presence penalties, then greedy, or temperature, top-k, top-p.
 //!
 //! Each step draws from a ChaCha8 stream selected by `(seed, step)` alone, never from state carried
 //! between steps. That makes a stream resumable: a replica that re-prefills the prompt plus the tokens
 //! already produced continues with exactly the draws an uninterrupted run would have made.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -26,6 +29,12 @@ pub struct SamplingParams {
     pub seed: u64,
     /// Generation stops when the text contains one of these (the stop string itself is not returned).
     pub stop: Vec<String>,
+    /// OpenAI/vLLM frequency penalty: a token's logit is lowered by this × its count among the
+    /// tokens generated so far. In [-2, 2].
+    pub frequency_penalty: f32,
+    /// OpenAI/vLLM presence penalty: a token's logit is lowered by this once it has been
+    /// generated. In [-2, 2].
+    pub presence_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -37,6 +46,8 @@ impl Default for SamplingParams {
             top_k: 0,
             seed: 0,
             stop: vec![],
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
         }
     }
 }
@@ -60,6 +71,14 @@ impl SamplingParams {
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        for (name, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} must be in [-2, 2], got {v}"));
+            }
         }
         if self.stop.len() > MAX_STOP_STRINGS {
             return bad(format!(
@@ -98,13 +117,16 @@ impl Sampler {
         &self.params
     }
 
-    /// Picks the token for generation step `step` (0 = first generated token): the argmax when
-    /// greedy, otherwise the inverse CDF of [`Sampler::distribution`] at the step's uniform draw.
-    pub fn sample(&self, logits: &[f32], step: u64) -> u32 {
+    /// Picks the token for generation step `step` (0 = first generated token) after the tokens
+    /// `generated` so far: the logits are penalised ([`Sampler::penalized`]), then the argmax
+    /// when greedy, otherwise the inverse CDF of [`Sampler::distribution`] at the step's uniform
+    /// draw. A pure function of (seed, step, logits, generated), so a resumed stream is the same.
+    pub fn sample(&self, logits: &[f32], step: u64, generated: &[u32]) -> u32 {
+        let logits = self.penalized(logits, generated);
         if self.params.is_greedy() {
-            return argmax(logits);
+            return argmax(&logits);
         }
-        let dist = self.distribution(logits);
+        let dist = self.distribution(&logits);
         let Some(&(last, _)) = dist.last() else {
             return 0;
         };
@@ -119,6 +141,28 @@ impl Sampler {
             }
         }
         last
+    }
+
+    /// `logits` with the frequency and presence penalties of the tokens `generated` so far, as
+    /// vLLM applies OpenAI's: `logit[t] -= frequency_penalty × count(t) + presence_penalty ×
+    /// (count(t) > 0)`, counting generated tokens only (not the prompt). Borrowed unchanged when
+    /// both penalties are 0 or nothing was generated yet.
+    pub fn penalized<'a>(&self, logits: &'a [f32], generated: &[u32]) -> Cow<'a, [f32]> {
+        let (f, p) = (self.params.frequency_penalty, self.params.presence_penalty);
+        if (f == 0.0 && p == 0.0) || generated.is_empty() {
+            return Cow::Borrowed(logits);
+        }
+        let mut counts: BTreeMap<u32, u32> = BTreeMap::new();
+        for &t in generated {
+            *counts.entry(t).or_default() += 1;
+        }
+        let mut out = logits.to_vec();
+        for (t, n) in counts {
+            if let Some(l) = out.get_mut(t as usize) {
+                *l -= f * n as f32 + p;
+            }
+        }
+        Cow::Owned(out)
     }
 
     /// The distribution a sampled step draws from: the candidates (most likely first, ties by
@@ -204,21 +248,21 @@ mod tests {
     #[test]
     fn greedy_takes_first_maximum_and_ignores_nan() {
         let s = Sampler::new(SamplingParams::default());
-        assert_eq!(s.sample(&[0.1, 3.0, 3.0, f32::NAN, -1.0], 0), 1);
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, f32::NAN, -1.0], 0, &[]), 1);
     }
 
     #[test]
     fn draws_depend_only_on_seed_and_step() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 7919) % 13) as f32 * 0.3).collect();
         let s = Sampler::new(params(1.0, 1.0, 0, 42));
-        let a: Vec<u32> = (0..20).map(|k| s.sample(&logits, k)).collect();
+        let a: Vec<u32> = (0..20).map(|k| s.sample(&logits, k, &[])).collect();
         // Same (seed, step) in any order, from a fresh sampler: same tokens.
         let s2 = Sampler::new(params(1.0, 1.0, 0, 42));
-        let b: Vec<u32> = (0..20).rev().map(|k| s2.sample(&logits, k)).collect();
+        let b: Vec<u32> = (0..20).rev().map(|k| s2.sample(&logits, k, &[])).collect();
         assert_eq!(a, b.into_iter().rev().collect::<Vec<_>>());
         // A different seed gives a different sequence.
         let s3 = Sampler::new(params(1.0, 1.0, 0, 43));
-        let c: Vec<u32> = (0..20).map(|k| s3.sample(&logits, k)).collect();
+        let c: Vec<u32> = (0..20).map(|k| s3.sample(&logits, k, &[])).collect();
         assert_ne!(a, c);
         // Draws vary across steps (not one token repeated).
         assert!(a.iter().any(|&x| x != a[0]));
@@ -228,14 +272,78 @@ mod tests {
     fn top_k_and_top_p_restrict_the_support() {
         let logits = [5.0, 4.9, 4.8, -10.0, -10.0, 1.0];
         let k1 = Sampler::new(params(1.0, 1.0, 1, 7));
-        assert!((0..100).all(|step| k1.sample(&logits, step) == 0));
+        assert!((0..100).all(|step| k1.sample(&logits, step, &[]) == 0));
         let k2 = Sampler::new(params(1.0, 1.0, 2, 7));
         let picked: std::collections::BTreeSet<u32> =
-            (0..200).map(|s| k2.sample(&logits, s)).collect();
+            (0..200).map(|s| k2.sample(&logits, s, &[])).collect();
         assert_eq!(picked, [0, 1].into_iter().collect());
         // p small enough that only the top token's mass (~0.36) is needed.
         let p = Sampler::new(params(1.0, 0.3, 0, 7));
-        assert!((0..100).all(|step| p.sample(&logits, step) == 0));
+        assert!((0..100).all(|step| p.sample(&logits, step, &[]) == 0));
+    }
+
+    fn penalties(frequency_penalty: f32, presence_penalty: f32) -> SamplingParams {
+        SamplingParams {
+            frequency_penalty,
+            presence_penalty,
+            ..Default::default()
+        }
+    }
+
+    /// OpenAI's definition, as vLLM applies it: `logit[t] - count(t) * frequency - (count(t) > 0)
+    /// * presence`, over the generated tokens only.
+    #[test]
+    fn penalties_follow_the_openai_definition() {
+        let logits = [2.0, 1.5, 1.0, 0.5, -1.0];
+        let generated = [0, 0, 1, 0, 3];
+        let s = Sampler::new(penalties(0.25, 0.5));
+        let got = s.penalized(&logits, &generated);
+        let want = [
+            2.0 - 3.0 * 0.25 - 0.5, // token 0, generated 3 times
+            1.5 - 0.25 - 0.5,       // token 1, once
+            1.0,                    // never generated
+            0.5 - 0.25 - 0.5,       // token 3, once
+            -1.0,
+        ];
+        assert_eq!(&*got, &want);
+        // Greedy decoding sees the penalised logits: token 2 now wins over 0 and 1.
+        assert_eq!(s.sample(&logits, 5, &generated), 2);
+        // Without history, or with both penalties 0, the logits are untouched (and not copied).
+        assert!(matches!(s.penalized(&logits, &[]), Cow::Borrowed(_)));
+        let off = Sampler::new(SamplingParams::default());
+        assert!(matches!(
+            off.penalized(&logits, &generated),
+            Cow::Borrowed(_)
+        ));
+        assert_eq!(off.sample(&logits, 5, &generated), 0);
+        // Negative values encourage repetition; ids beyond the vocabulary are ignored.
+        let s = Sampler::new(penalties(-1.0, 0.0));
+        assert_eq!(
+            &*s.penalized(&logits, &[4, 4, 99]),
+            &[2.0, 1.5, 1.0, 0.5, 1.0]
+        );
+    }
+
+    /// A sampled step draws from the penalised distribution, still by (seed, step) alone.
+    #[test]
+    fn sampled_penalties_shift_the_distribution() {
+        let logits = [1.0, 1.0, 1.0];
+        let mut p = penalties(0.0, 2.0);
+        p.temperature = 1.0;
+        p.seed = 9;
+        let s = Sampler::new(p);
+        let dist = s.distribution(&s.penalized(&logits, &[0]));
+        let p0 = dist.iter().find(|(i, _)| *i == 0).unwrap().1;
+        let e = (-2.0f64).exp();
+        assert!((p0 - e / (e + 2.0)).abs() < 1e-12, "{dist:?}");
+        let a: Vec<u32> = (0..50).map(|k| s.sample(&logits, k, &[0])).collect();
+        let b: Vec<u32> = (0..50).map(|k| s.sample(&logits, k, &[0])).collect();
+        assert_eq!(a, b);
+        let zeros = a.iter().filter(|&&t| t == 0).count();
+        assert!(
+            zeros < 15,
+            "token 0 drawn {zeros} times of 50 at p = {p0:.3}"
+        );
     }
 
     #[test]
@@ -258,6 +366,21 @@ mod tests {
         p.temperature = 0.5;
         p.stop = vec![String::new()];
         assert!(p.validate().unwrap_err().to_string().contains("stop"));
+        p.stop = vec![];
+        p.frequency_penalty = 2.5;
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("frequency_penalty must be in [-2, 2]"));
+        p.frequency_penalty = 0.0;
+        p.presence_penalty = f32::NAN;
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("presence_penalty"));
+        p.presence_penalty = 0.0;
         p.stop = vec!["ok".into(), "x".repeat(100_000)];
         let msg = p.validate().unwrap_err().to_string();
         assert!(msg.contains("stop[1] is 100000 bytes"), "{msg}");

@@ -128,7 +128,8 @@ fn run(p: &Pipeline, params: &SamplingParams, resume: &[u32]) -> (Vec<u32>, Stri
 }
 
 /// A stream resumed from any point (prompt + tokens so far, as a failover replica does) continues
-/// with exactly the tokens and text of an uninterrupted run, greedy and seeded.
+/// with exactly the tokens and text of an uninterrupted run, greedy and seeded, with and without
+/// penalties.
 #[test]
 fn resumed_generation_equals_uninterrupted_run() {
     let p = pipeline();
@@ -143,6 +144,21 @@ fn resumed_generation_equals_uninterrupted_run() {
             top_p: 0.95,
             top_k: 50,
             seed: 1234,
+            ..Default::default()
+        },
+        // Penalties depend on the tokens generated so far, resumed ones included.
+        SamplingParams {
+            max_tokens: 12,
+            frequency_penalty: 1.5,
+            presence_penalty: 0.5,
+            ..Default::default()
+        },
+        SamplingParams {
+            max_tokens: 12,
+            temperature: 0.9,
+            seed: 99,
+            frequency_penalty: -0.5,
+            presence_penalty: 1.0,
             ..Default::default()
         },
     ] {

@@ -90,7 +90,7 @@ fn drawn_tokens_follow_transformers_distribution() {
         let sampler = Sampler::new(case.params.clone());
         let mut counts = vec![0u64; case.logits.len()];
         for step in 0..DRAWS {
-            counts[sampler.sample(&case.logits, step) as usize] += 1;
+            counts[sampler.sample(&case.logits, step, &[]) as usize] += 1;
         }
         for (i, (&n, &p)) in counts.iter().zip(&case.probs).enumerate() {
             let freq = n as f64 / DRAWS as f64;

@@ -136,6 +136,8 @@ pub fn params_from_proto(
         top_k: p.top_k,
         seed: p.seed.unwrap_or_else(random_seed),
         stop: p.stop.clone(),
+        frequency_penalty: p.frequency_penalty,
+        presence_penalty: p.presence_penalty,
     };
     params.validate().map_err(model_status)?;
     Ok(params)
@@ -151,6 +153,8 @@ pub fn params_to_proto(p: &vlm_model::SamplingParams) -> vlm_proto::SamplingPara
         top_k: p.top_k,
         seed: Some(p.seed),
         stop: p.stop.clone(),
+        frequency_penalty: p.frequency_penalty,
+        presence_penalty: p.presence_penalty,
     }
 }
 

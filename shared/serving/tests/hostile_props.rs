@@ -163,6 +163,8 @@ proptest! {
         top_k in any::<u32>(),
         seed in prop::option::of(any::<u64>()),
         stop in prop::collection::vec(prop_oneof![Just(0usize), 1usize..300, Just(100_000)], 0..20),
+        frequency_penalty in prop_oneof![any::<f32>(), Just(f32::NAN), -3f32..3.0],
+        presence_penalty in prop_oneof![any::<f32>(), Just(f32::INFINITY), -3f32..3.0],
     ) {
         let p = vlm_proto::SamplingParams {
             max_tokens,
@@ -171,6 +173,8 @@ proptest! {
             top_k,
             seed,
             stop: stop.iter().map(|&n| "x".repeat(n)).collect(),
+            frequency_penalty,
+            presence_penalty,
         };
         if let Err(s) = params_from_proto(Some(&p), 64) {
             prop_assert!(DOCUMENTED.contains(&s.code()), "{:?}", s);

@@ -89,6 +89,9 @@ impl ChatRequest {
             top_k: req.top_k.unwrap_or(0),
             seed: req.seed,
             stop: req.stop.map(|s| s.0).unwrap_or_default(),
+            // OpenAI's default 0; the decoder checks the range.
+            frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
+            presence_penalty: req.presence_penalty.unwrap_or(0.0),
         };
         Ok(ChatRequest {
             messages,

@@ -81,6 +81,8 @@ fn null_is_absent_and_unknown_fields_are_ignored_at_every_level() {
     assert_eq!(r.params.temperature, 1.0);
     assert_eq!(r.params.max_tokens, Some(3));
     assert_eq!(r.params.stop, ["a", "b"]);
+    assert_eq!(r.params.frequency_penalty, 0.5, "passed on to the decoder");
+    assert_eq!(r.params.presence_penalty, 0.0);
     assert_eq!(r.messages[0].role, "system");
     assert!(r.messages[2].content.is_empty());
     assert_eq!(r.images.len(), 2);

@@ -1,7 +1,7 @@
 //! OpenAI's chat-completion request and response bodies as serde types.
 //!
 //! Requests are read tolerantly, as this endpoint always did: unknown fields are ignored at every
-//! level (SDKs send `user`, `frequency_penalty`, `detail` and the like, which this server has no
+//! level (SDKs send `user`, `detail`, `response_format` and the like, which this server has no
 //! use for), and `null` is the same as an absent field. What is required or supported is checked
 //! in [`super::convert`], with messages that name the field; a wrong JSON type is refused here, and
 //! [`ApiError::from_json`] names the field's path. Objects must be JSON objects (serde's derived
@@ -62,6 +62,9 @@ pub struct ChatCompletionRequest {
     /// Not in OpenAI's API; accepted as vLLM and others do.
     pub top_k: Option<u32>,
     pub seed: Option<u64>,
+    /// OpenAI's penalties, applied by the decoder's sampler with vLLM's semantics.
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
     pub stream: Option<bool>,
     pub stream_options: Option<Obj<StreamOptions>>,
 }

@@ -242,11 +242,7 @@ pub async fn run(args: &MeshBenchArgs) -> anyhow::Result<MeshReport> {
     .with_context(|| format!("cannot load model from {}", args.input.model.display()))?;
     let params = vlm_model::SamplingParams {
         max_tokens: args.max_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        top_k: 0,
-        seed: 0,
-        stop: vec![],
+        ..Default::default()
     };
 
     // Cache off: every request pays for the encoder, as in process.
