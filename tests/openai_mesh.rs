@@ -608,3 +608,61 @@ async fn a_client_that_disconnects_cancels_the_generation() {
     // without cancellation all 180 would be decoded.
     assert!((3..=60).contains(&tokens), "{tokens} tokens: {line}");
 }
+
+/// What Open-AutoGLM's client needs besides the model: its text-only preflight (`"Hi"`,
+/// `max_tokens` 5, not streamed) under a `--served-model-name` alias, with the key `up` was given
+/// (401 without it), and the penalties it sends, on a request with an image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_only_preflight_alias_api_key_and_penalties() {
+    let mesh = start(
+        &[],
+        &[
+            "--served-model-name",
+            "autoglm-phone-9b",
+            "--api-key",
+            "k-xyz",
+        ],
+    );
+    let api = OpenAi::new(&mesh);
+    let preflight = json!({"model": "autoglm-phone-9b", "max_tokens": 5,
+        "messages": [{"role": "user", "content": "Hi"}]});
+    let post = |key: Option<&'static str>, body: &Value| {
+        let mut req = api
+            .http
+            .post(format!("{}/chat/completions", api.base))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        req.send()
+    };
+    let (status, body) = json_of(post(None, &preflight).await.unwrap()).await;
+    assert_eq!(status, 401, "{body}");
+    assert_openai_error(&body, "invalid_request_error", Some("invalid_api_key"));
+    let (status, body) = json_of(post(Some("k-xyz"), &preflight).await.unwrap()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["model"], "autoglm-phone-9b");
+    assert_eq!(body["usage"]["completion_tokens"], 5, "{body}");
+    // Not on the gateway's command line: `up` hands the key over in the environment.
+    let gateway = mesh.mesh_json()["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["role"] == "gateway")
+        .and_then(|s| s["pid"].as_u64())
+        .unwrap();
+    let cmdline = std::fs::read_to_string(format!("/proc/{gateway}/cmdline")).unwrap();
+    assert!(cmdline.contains("--served-model-name"), "{cmdline}");
+    assert!(!cmdline.contains("k-xyz"), "{cmdline}");
+    // The client's sampling: temperature 0, top_p 0.85, frequency_penalty 0.2.
+    let mut req = chat_request(8, false, json!({"top_p": 0.85, "frequency_penalty": 0.2}));
+    req["model"] = json!("autoglm-phone-9b");
+    let (status, body) = json_of(post(Some("k-xyz"), &req).await.unwrap()).await;
+    assert_eq!(status, 200, "{body}");
+    req["frequency_penalty"] = json!(2.5);
+    let (status, body) = json_of(post(Some("k-xyz"), &req).await.unwrap()).await;
+    assert_eq!(status, 400, "{body}");
+    let message = assert_openai_error(&body, "invalid_request_error", Some("invalid_argument"));
+    assert!(message.contains("frequency_penalty"), "{message}");
+}

@@ -121,6 +121,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn up(args: UpArgs) -> anyhow::Result<()> {
+    if let Some(key) = &args.http.api_key {
+        // The gateway reads its key from the environment it inherits, not from its command line.
+        // Set before any thread exists (the runtime starts below).
+        std::env::set_var("VLM_API_KEY", key);
+    }
     runtime()?.block_on(async {
         let opts = mesh::MeshOptions {
             model: bundled::model_dir(&args.model)?,

@@ -36,10 +36,10 @@ impl ChatRequest {
     /// checked when it was read).
     pub(super) fn check(
         req: ChatCompletionRequest,
-        model_id: &str,
+        names: &[&str],
         image_token: &str,
     ) -> Result<Self, ApiError> {
-        check_model(req.model.as_deref(), model_id)?;
+        check_model(req.model.as_deref(), names)?;
         if let Some(n) = req.n.filter(|&n| n != 1) {
             return Err(ApiError::invalid(
                 "n",
@@ -107,9 +107,11 @@ impl ChatRequest {
     }
 }
 
-fn check_model(model: Option<&str>, model_id: &str) -> Result<(), ApiError> {
+/// `model` must be one of the served names (`names[0]` is the one responses use).
+fn check_model(model: Option<&str>, names: &[&str]) -> Result<(), ApiError> {
+    let model_id = names.join("`, `");
     match model {
-        Some(m) if m == model_id => Ok(()),
+        Some(m) if names.contains(&m) => Ok(()),
         Some(m) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",

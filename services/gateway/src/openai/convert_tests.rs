@@ -7,7 +7,7 @@ const PNG_B64: &str = "iVBORw0KGgo=";
 
 fn parse(v: Value) -> Result<ChatRequest, ApiError> {
     let req = parse_request(v.to_string().as_bytes())?;
-    ChatRequest::check(req, "tiny-llava", "<image>")
+    ChatRequest::check(req, &["tiny-llava"], "<image>")
 }
 
 fn user_with_image(url: &str) -> Value {

@@ -11,6 +11,7 @@
 //! An axum router behind hyper's HTTP/1.1 server, which bounds the time to send request headers
 //! (axum's own `serve` cannot) and runs behind the optional TLS acceptor.
 
+mod auth;
 mod convert;
 mod error;
 mod limits;
@@ -50,8 +51,14 @@ const BODY_READ_TIMEOUT: Duration = Duration::from_secs(120);
 #[derive(Debug, Clone)]
 pub struct OpenAiConfig {
     /// The served model's name, which clients pass as `model` (the gateway's own, so the endpoint
-    /// starts before, or without, the stages being up).
+    /// starts before, or without, the stages being up); responses name it.
     pub model_id: String,
+    /// More names clients may pass as `model` (`--served-model-name` beyond the first, as vLLM
+    /// takes them); `GET /v1/models` lists them after `model_id`.
+    pub aliases: Vec<String>,
+    /// With a key, every request must carry `Authorization: Bearer <key>` (401 otherwise);
+    /// without one, any key (or none) is accepted.
+    pub api_key: Option<String>,
     /// Checkpoint directory: the chat template and special tokens are read from it.
     pub model_dir: PathBuf,
     /// Fetch `http(s)://` image URLs (off: they are refused with 400).
@@ -188,22 +195,33 @@ impl<G: Gateway> OpenAiEndpoint<G> {
             .route("/v1/models", get(models::<G>).fallback(method_not_allowed))
             .route("/v1/models/{*id}", get(model::<G>).fallback(unknown_url))
             .fallback(unknown_url)
+            // Outermost: a request without the key is refused before its body is read.
+            .layer(middleware::from_fn_with_state(
+                auth::ApiKey::new(self.cfg.api_key.as_deref()),
+                auth::require_key,
+            ))
             .with_state(self.clone());
         NormalizePath::trim_trailing_slash(router)
     }
 
-    fn model_object(&self) -> types::Model<'_> {
+    fn model_object<'a>(&'a self, id: &'a str) -> types::Model<'a> {
         types::Model {
-            id: &self.model_id,
+            id,
             object: "model",
             created: self.created,
             owned_by: "vlm-mesh",
         }
     }
 
+    /// Every name a client may pass as `model`, the one responses use first.
+    fn names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.model_id.as_str()).chain(self.cfg.aliases.iter().map(String::as_str))
+    }
+
     /// A checked chat request, run through the gateway.
     async fn complete(&self, body: types::ChatCompletionRequest) -> Result<Response, ApiError> {
-        let chat = convert::ChatRequest::check(body, &self.model_id, &self.template.image_token)?;
+        let names: Vec<&str> = self.names().collect();
+        let chat = convert::ChatRequest::check(body, &names, &self.template.image_token)?;
         let policy = convert::FetchPolicy {
             allow_urls: self.cfg.allow_image_urls,
             allow_internal: self.cfg.allow_private_image_urls,
@@ -265,15 +283,15 @@ async fn chat<G: Gateway>(
 async fn models<G: Gateway>(State(endpoint): State<Arc<OpenAiEndpoint<G>>>) -> Response {
     Json(types::ModelList {
         object: "list",
-        data: [endpoint.model_object()],
+        data: endpoint.names().map(|n| endpoint.model_object(n)).collect(),
     })
     .into_response()
 }
 
 async fn model<G: Gateway>(State(endpoint): State<Arc<OpenAiEndpoint<G>>>, uri: Uri) -> Response {
     let id = uri.path().strip_prefix("/v1/models/").unwrap_or_default();
-    if id == endpoint.model_id {
-        return Json(endpoint.model_object()).into_response();
+    if let Some(name) = endpoint.names().find(|n| *n == id) {
+        return Json(endpoint.model_object(name)).into_response();
     }
     ApiError::new(
         StatusCode::NOT_FOUND,

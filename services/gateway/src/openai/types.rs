@@ -287,5 +287,5 @@ pub struct Model<'a> {
 #[derive(Debug, Serialize)]
 pub struct ModelList<'a> {
     pub object: &'static str,
-    pub data: [Model<'a>; 1],
+    pub data: Vec<Model<'a>>,
 }

@@ -353,6 +353,16 @@ pub struct HttpArgs {
         requires = "allow_image_urls"
     )]
     pub allow_private_image_urls: bool,
+    /// Names clients may pass as `model` on the OpenAI endpoint, comma separated or repeated
+    /// (as vLLM's flag); the first is the one responses carry. Default: the checkpoint
+    /// directory's name.
+    #[arg(long, env = "VLM_SERVED_MODEL_NAME", value_delimiter = ',')]
+    pub served_model_name: Vec<String>,
+    /// Require `Authorization: Bearer <key>` on the OpenAI endpoint (401 otherwise). Without it,
+    /// any key or none is accepted. Prefer the VLM_API_KEY environment variable to the flag, which
+    /// other users can read in the process list.
+    #[arg(long, env = "VLM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 impl HttpArgs {
@@ -368,6 +378,14 @@ impl HttpArgs {
         if self.allow_private_image_urls {
             args.push("--allow-private-image-urls".into());
         }
+        if !self.served_model_name.is_empty() {
+            args.extend([
+                "--served-model-name".to_string(),
+                self.served_model_name.join(","),
+            ]);
+        }
+        // The API key is not an argument: the gateway inherits VLM_API_KEY (see `up`), so the
+        // key never shows in the process list.
         args
     }
 }

@@ -110,11 +110,19 @@ async fn openai_port(
     admission: vlm_net::AdmissionGate,
     addr: SocketAddr,
 ) -> anyhow::Result<HttpPort> {
-    let model_id = svc.model_id().to_string();
+    // `--served-model-name`: the first names the model in responses, all are accepted.
+    let mut names = a.http.served_model_name.clone();
+    let model_id = if names.is_empty() {
+        svc.model_id().to_string()
+    } else {
+        names.remove(0)
+    };
     let endpoint = vlm_gateway::openai::OpenAiEndpoint::new(
         svc,
         vlm_gateway::openai::OpenAiConfig {
             model_id,
+            aliases: names,
+            api_key: a.http.api_key.clone(),
             model_dir: a.common.model.clone(),
             allow_image_urls: a.http.allow_image_urls,
             allow_private_image_urls: a.http.allow_private_image_urls,

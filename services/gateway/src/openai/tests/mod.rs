@@ -103,6 +103,8 @@ impl Harness {
         let (tx, calls) = mpsc::unbounded_channel();
         let cfg = OpenAiConfig {
             model_id: "tiny-llava".into(),
+            aliases: vec![],
+            api_key: None,
             model_dir: dir.path().into(),
             allow_image_urls: false,
             allow_private_image_urls: false,
@@ -229,4 +231,5 @@ async fn cancelled(call: &Call) {
 }
 
 mod answers;
+mod auth;
 mod limits;
