@@ -870,6 +870,19 @@ class MetricsOpenAIAndModel(unittest.TestCase):
         self.assertEqual(got, {"encoder": ("q8_0", "f32"), "projector": ("none", "f16"), "decoder": ("q4_k", "f32")})
 
 
+    def test_openai_names_and_api_key_secret(self):
+        values = {"gateway": {"openai": {"enabled": True, "servedModelNames": ["autoglm-phone-9b", "glm"],
+                                         "apiKeySecret": {"name": "openai-key", "key": "token"}}}}
+        gateway = mesh_container(objects(render(values), "Deployment")[name_of("gateway")])
+        self.assertEqual(arg(gateway, "--served-model-name"), "autoglm-phone-9b,glm")
+        env = {e["name"]: e for e in gateway["env"]}
+        self.assertEqual(env["VLM_API_KEY"]["valueFrom"]["secretKeyRef"], {"name": "openai-key", "key": "token"})
+        self.assertNotIn("--api-key", gateway["args"])
+        # Off by default: no names, no key.
+        gateway = mesh_container(objects(render({"gateway": {"openai": {"enabled": True}}}), "Deployment")[name_of("gateway")])
+        self.assertNotIn("--served-model-name", gateway["args"])
+        self.assertNotIn("VLM_API_KEY", {e["name"] for e in gateway["env"]})
+
     def test_watch_limits_reach_the_gateway(self):
         gateway = mesh_container(objects(render(None), "Deployment")[name_of("gateway")])
         self.assertEqual(arg(gateway, "--max-watch-streams"), "16")
