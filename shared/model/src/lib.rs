@@ -15,6 +15,7 @@ pub mod decoder;
 pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod grid_sample;
 mod kernels;
 pub mod kv;
 mod linear;
