@@ -30,6 +30,7 @@ mod qweight;
 pub mod region;
 pub mod resize;
 pub mod sampling;
+pub mod smart_resize;
 pub mod views;
 pub mod vision;
 
