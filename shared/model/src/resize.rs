@@ -63,15 +63,26 @@ impl Filter {
     }
 }
 
-/// Per-output-pixel taps: first input index, and fixed-point weights.
+/// Per-output-pixel taps: first input index, and fixed-point weights of `precision` bits.
 struct Coeffs {
     ksize: usize,
     bounds: Vec<(usize, usize)>,
     weights: Vec<i32>,
+    precision: u32,
+}
+
+/// How the normalised weights become fixed point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fixed {
+    /// PIL: always [`PRECISION_BITS`] (22) bits.
+    Pil,
+    /// torchvision's uint8 antialiased path (`_compute_index_ranges_int16_weights`): the most
+    /// bits (below 22) for which the largest weight still fits an int16.
+    Int16,
 }
 
 /// `precompute_coeffs` + `normalize_coeffs_8bpc` for the full input range `[0, in_size)`.
-fn precompute(in_size: usize, out_size: usize, filter: Filter) -> Result<Coeffs> {
+fn precompute(in_size: usize, out_size: usize, filter: Filter, fixed: Fixed) -> Result<Coeffs> {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = filter.support() * filterscale;
@@ -81,6 +92,7 @@ fn precompute(in_size: usize, out_size: usize, filter: Filter) -> Result<Coeffs>
     let weight_count = out_size.saturating_mul(ksize);
     let mut weights = zeroed::<i32>(weight_count, "resize coefficients")?;
     let mut k = zeroed::<f64>(ksize, "resize kernel")?;
+    let mut normalised = zeroed::<f64>(weight_count, "resize coefficients")?;
     for xx in 0..out_size {
         let center = (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
@@ -94,27 +106,49 @@ fn precompute(in_size: usize, out_size: usize, filter: Filter) -> Result<Coeffs>
             ww += w;
         }
         for x in 0..ksize {
-            let w = if x < xmax && ww != 0.0 {
+            normalised[xx * ksize + x] = if x < xmax && ww != 0.0 {
                 k[x] / ww
             } else if x < xmax {
                 k[x]
             } else {
                 0.0
             };
-            let fixed = w * (1u32 << PRECISION_BITS) as f64;
-            weights[xx * ksize + x] = if w < 0.0 {
-                (fixed - 0.5) as i32
-            } else {
-                (fixed + 0.5) as i32
-            };
         }
         bounds.push((xmin, xmax));
+    }
+    let precision = match fixed {
+        Fixed::Pil => PRECISION_BITS,
+        Fixed::Int16 => int16_precision(&normalised),
+    };
+    for (w, &n) in weights.iter_mut().zip(&normalised) {
+        let scaled = n * (1u32 << precision) as f64;
+        *w = if n < 0.0 {
+            (scaled - 0.5) as i32
+        } else {
+            (scaled + 0.5) as i32
+        };
     }
     Ok(Coeffs {
         ksize,
         bounds,
         weights,
+        precision,
     })
+}
+
+/// torchvision's choice of fixed-point bits for int16 weights: counting up from 0, stop at the
+/// first precision whose next step would round the largest weight to 2^15 or more (at most 22).
+fn int16_precision(weights: &[f64]) -> u32 {
+    let max = weights.iter().copied().fold(weights[0], f64::max);
+    let mut precision = 0;
+    while precision < 22 {
+        let next = (0.5 + max * (1u32 << (precision + 1)) as f64) as i32;
+        if next >= 1 << 15 {
+            break;
+        }
+        precision += 1;
+    }
+    precision
 }
 
 /// `n` default values, or [`ModelError::OutOfMemory`] when they cannot be allocated (instead of
@@ -143,13 +177,23 @@ fn blank(width: u32, height: u32) -> Result<RgbImage> {
 }
 
 #[inline]
-fn clip8(v: i64) -> u8 {
-    if v >= (1i64 << PRECISION_BITS << 8) {
+fn clip8(v: i64, precision: u32) -> u8 {
+    if v >= (1i64 << precision << 8) {
         255
     } else if v <= 0 {
         0
     } else {
-        (v >> PRECISION_BITS) as u8
+        (v >> precision) as u8
+    }
+}
+
+/// The rounding term added before the shift (0 with no fractional bits).
+#[inline]
+fn half(precision: u32) -> i64 {
+    if precision == 0 {
+        0
+    } else {
+        1i64 << (precision - 1)
     }
 }
 
@@ -164,7 +208,7 @@ fn horizontal(src: &RgbImage, out_w: u32, c: &Coeffs) -> Result<RgbImage> {
         for xx in 0..out_w as usize {
             let (xmin, xmax) = c.bounds[xx];
             let k = &c.weights[xx * c.ksize..xx * c.ksize + xmax];
-            let mut ss = [1i64 << (PRECISION_BITS - 1); 3];
+            let mut ss = [half(c.precision); 3];
             for (x, &kx) in k.iter().enumerate() {
                 let p = &row[(xmin + x) * 3..(xmin + x) * 3 + 3];
                 for ch in 0..3 {
@@ -173,7 +217,7 @@ fn horizontal(src: &RgbImage, out_w: u32, c: &Coeffs) -> Result<RgbImage> {
             }
             let o = (y * out_w as usize + xx) * 3;
             for ch in 0..3 {
-                oraw[o + ch] = clip8(ss[ch]);
+                oraw[o + ch] = clip8(ss[ch], c.precision);
             }
         }
     }
@@ -190,7 +234,7 @@ fn vertical(src: &RgbImage, out_h: u32, c: &Coeffs) -> Result<RgbImage> {
         let (ymin, ymax) = c.bounds[yy];
         let k = &c.weights[yy * c.ksize..yy * c.ksize + ymax];
         for x in 0..w {
-            let mut ss = [1i64 << (PRECISION_BITS - 1); 3];
+            let mut ss = [half(c.precision); 3];
             for (y, &ky) in k.iter().enumerate() {
                 let o = (ymin + y) * stride + x * 3;
                 for ch in 0..3 {
@@ -199,7 +243,7 @@ fn vertical(src: &RgbImage, out_h: u32, c: &Coeffs) -> Result<RgbImage> {
             }
             let o = yy * stride + x * 3;
             for ch in 0..3 {
-                oraw[o + ch] = clip8(ss[ch]);
+                oraw[o + ch] = clip8(ss[ch], c.precision);
             }
         }
     }
@@ -210,13 +254,36 @@ fn vertical(src: &RgbImage, out_h: u32, c: &Coeffs) -> Result<RgbImage> {
 /// Buffers are allocated fallibly: a size the process cannot hold is [`ModelError::OutOfMemory`].
 /// Callers bound `width` × `height` first (see [`crate::ImageLimits`]).
 pub fn resize(src: &RgbImage, width: u32, height: u32, filter: Filter) -> Result<RgbImage> {
+    separable(src, width, height, filter, Fixed::Pil)
+}
+
+/// Resizes exactly as torchvision's `resize(uint8 tensor, size, BICUBIC, antialias=True)` does
+/// on the CPU: PIL's algorithm and kernel (a = −0.5), horizontal pass first, but with int16
+/// weights whose fixed-point precision depends on the largest weight (the uint8 path torchvision
+/// took over from Pillow-SIMD). transformers' torchvision-backed image processors (GLM-4.1V's
+/// default one) resize this way; PIL's 22-bit weights differ from it by a level here and there.
+pub fn resize_torchvision(src: &RgbImage, width: u32, height: u32) -> Result<RgbImage> {
+    separable(src, width, height, Filter::Bicubic, Fixed::Int16)
+}
+
+fn separable(
+    src: &RgbImage,
+    width: u32,
+    height: u32,
+    filter: Filter,
+    fixed: Fixed,
+) -> Result<RgbImage> {
     let (w, h) = src.dimensions();
     if (w, h) == (width, height) {
         return Ok(src.clone());
     }
     // PIL runs the horizontal pass first and skips a pass whose size does not change.
     let tmp = if width != w {
-        horizontal(src, width, &precompute(w as usize, width as usize, filter)?)?
+        horizontal(
+            src,
+            width,
+            &precompute(w as usize, width as usize, filter, fixed)?,
+        )?
     } else {
         src.clone()
     };
@@ -224,7 +291,7 @@ pub fn resize(src: &RgbImage, width: u32, height: u32, filter: Filter) -> Result
         vertical(
             &tmp,
             height,
-            &precompute(h as usize, height as usize, filter)?,
+            &precompute(h as usize, height as usize, filter, fixed)?,
         )
     } else {
         Ok(tmp)
