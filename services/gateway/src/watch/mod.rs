@@ -205,9 +205,12 @@ impl Outbox {
     /// A frame event, or nothing if the client has fallen a whole queue behind: frame intake
     /// never waits for a client that does not read.
     pub fn frame(&self, event: FrameEvent) {
-        let msg = WatchResponse {
-            kind: Some(ResponseKind::Frame(event)),
-        };
+        self.try_queue(ResponseKind::Frame(event));
+    }
+
+    /// Queues `kind` if there is room; otherwise it is discarded and counted.
+    fn try_queue(&self, kind: ResponseKind) {
+        let msg = WatchResponse { kind: Some(kind) };
         if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(Ok(msg)) {
             let m = MeshMetrics::global();
             m.watch_events_discarded.get_or_create(&NoLabels).inc();
@@ -226,13 +229,7 @@ impl Outbox {
     /// An answer that ends a question before it started; like a frame event, discarded (and
     /// counted) when the client has fallen a whole queue behind.
     pub fn refuse(&self, answer: WatchAnswer) {
-        let msg = WatchResponse {
-            kind: Some(ResponseKind::Answer(answer)),
-        };
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(Ok(msg)) {
-            let m = MeshMetrics::global();
-            m.watch_events_discarded.get_or_create(&NoLabels).inc();
-        }
+        self.try_queue(ResponseKind::Answer(answer));
     }
 
     async fn closed(&self) {
