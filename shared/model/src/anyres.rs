@@ -35,6 +35,10 @@ pub struct ImageLayout {
     pub width: u32,
     /// `None`: one view (LLaVA-1.5 and other single-view models).
     pub grid: Option<TileGrid>,
+    /// GLM-4.1V (images at their own resolution): the image's token grid after the spatial
+    /// merge, rows × columns; its tokens get 3-D rotary positions from it ([`crate::mrope`]).
+    /// `None` for other models.
+    pub tokens: Option<TileGrid>,
 }
 
 impl ImageLayout {
@@ -52,6 +56,9 @@ impl ImageLayout {
     /// `LlavaNextProcessor._get_number_of_features` (minus the CLS token, which the `default`
     /// strategy that tiling requires drops).
     pub fn packed_rows(&self, side: usize, view_rows: usize) -> usize {
+        if let Some(t) = self.tokens {
+            return (t.rows * t.cols) as usize;
+        }
         match self.grid {
             None => view_rows,
             Some(_) => {
@@ -243,6 +250,7 @@ mod tests {
             height: 480,
             width: 640,
             grid: Some(TileGrid { rows: 2, cols: 2 }),
+            tokens: None,
         };
         assert_eq!(l.unpadded(24), ((6, 42), (0, 48)));
         assert_eq!(l.packed_rows(24, 576), 576 + 36 * 49);
@@ -250,6 +258,7 @@ mod tests {
             height: 5,
             width: 7,
             grid: None,
+            tokens: None,
         };
         assert_eq!(single.packed_rows(24, 577), 577);
     }
@@ -262,6 +271,7 @@ mod tests {
             height: 10,
             width: 10,
             grid: Some(TileGrid { rows: 2, cols: 2 }),
+            tokens: None,
         };
         let nl = Tensor::new(&[9f32], &Device::Cpu).unwrap();
         let p = pack(&views, &l, 1, &nl).unwrap();

@@ -46,7 +46,31 @@ impl PartKind {
 
     /// (logical prefix the model code asks for, physical candidates, probe tensor that must exist
     /// under the candidate, whether the alias is required).
-    fn aliases(self) -> &'static [(&'static str, &'static [&'static str], &'static str, bool)] {
+    /// GLM-4.1V (`glm4v`) keeps its vision tower and merger under `model.visual.`: the encoder
+    /// reads the tower, the projector the merger.
+    fn aliases(
+        self,
+        glm4v: bool,
+    ) -> &'static [(&'static str, &'static [&'static str], &'static str, bool)] {
+        match (self, glm4v) {
+            (PartKind::Vision, true) => {
+                return &[(
+                    "",
+                    &["model.visual.", "visual."],
+                    "patch_embed.proj.weight",
+                    true,
+                )]
+            }
+            (PartKind::Projector, true) => {
+                return &[(
+                    "",
+                    &["model.visual.merger.", "visual.merger."],
+                    "proj.weight",
+                    true,
+                )]
+            }
+            _ => {}
+        }
         match self {
             PartKind::Vision => &[(
                 "",
@@ -173,7 +197,7 @@ impl Checkpoint {
     pub fn part(&self, kind: PartKind, dtype: DType, device: &Device) -> Result<CheckpointPart> {
         check_compute_dtype(dtype, device)?;
         let mut aliases = Vec::new();
-        for (logical, candidates, probe, required) in kind.aliases() {
+        for (logical, candidates, probe, required) in kind.aliases(self.config.glm4v.is_some()) {
             let found = candidates
                 .iter()
                 .find(|c| self.weight_map.contains_key(&format!("{c}{probe}")));

@@ -10,8 +10,10 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 
+mod glm4v;
 mod processor;
-pub use processor::{ImageProcessorConfig, ResizeTarget};
+pub use glm4v::Glm4vConfig;
+pub use processor::{ImageProcessorConfig, NativeResize, ResizeTarget};
 
 /// Activation functions named by `hidden_act` / `projector_hidden_act`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,13 +114,15 @@ pub enum DecoderFamily {
 
 impl DecoderFamily {
     /// The `text_config.model_type` values this build serves.
-    pub const SUPPORTED: &'static str = "llama, mistral, vicuna, glm, glm4";
+    pub const SUPPORTED: &'static str = "llama, mistral, vicuna, glm, glm4, glm4v_text";
 
     pub fn from_model_type(model_type: &str) -> Result<Self> {
         match model_type {
             "llama" | "mistral" | "vicuna" => Ok(DecoderFamily::Llama),
             "glm" => Ok(DecoderFamily::Glm),
-            "glm4" => Ok(DecoderFamily::Glm4),
+            // GLM-4.1V's text model is GLM-4's layer with 3-D rotary positions
+            // (`TextConfig::mrope_section`).
+            "glm4" | "glm4v_text" => Ok(DecoderFamily::Glm4),
             other => Err(ModelError::Unsupported(format!(
                 "decoder text_config.model_type '{other}' (supported decoders: {})",
                 Self::SUPPORTED
@@ -158,6 +162,10 @@ pub struct TextConfig {
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// GLM-4.1V's M-RoPE: the rotary frequencies, in order, split into sections that follow the
+    /// temporal, height and width position (`rope_parameters.mrope_section`, section i follows
+    /// axis i % 3). `None`: one position per token.
+    pub mrope_section: Option<Vec<usize>>,
 }
 
 /// The whole `config.json` of a `LlavaForConditionalGeneration` checkpoint.
@@ -175,6 +183,9 @@ pub struct LlavaConfig {
     /// LLaVA-NeXT (`model_type: llava_next`): the resolutions `(height, width)` an image may be
     /// tiled at ([`crate::anyres`]); `None` for single-view LLaVA.
     pub image_grid_pinpoints: Option<Vec<crate::anyres::Resolution>>,
+    /// GLM-4.1V (`model_type: glm4v`): its own vision tower and merger, images at their own
+    /// resolution ([`crate::glm4v`]); `None` for LLaVA.
+    pub glm4v: Option<Glm4vConfig>,
 }
 
 impl LlavaConfig {
@@ -193,13 +204,16 @@ impl LlavaConfig {
         let next = match raw.model_type.as_deref() {
             None | Some("llava") => false,
             Some("llava_next") => true,
+            Some("glm4v") => return Self::glm4v(raw, text),
             Some(mt) => {
                 return Err(ModelError::Unsupported(format!(
-                    "checkpoint model_type '{mt}' (supported: llava, llava_next)"
+                    "checkpoint model_type '{mt}' (supported: llava, llava_next, glm4v)"
                 )))
             }
         };
-        let vision = raw.vision_config.resolve()?;
+        let vision: RawVision = serde_json::from_value(raw.vision_config)
+            .map_err(|e| bad(format!("vision_config: invalid: {e}")))?;
+        let vision = vision.resolve()?;
         let text = raw.text_config.resolve()?;
         let image_token_id = raw
             .image_token_id
@@ -275,6 +289,42 @@ impl LlavaConfig {
             projector_bias: raw.multimodal_projector_bias.unwrap_or(true),
             vision_feature_layers,
             select_strategy,
+            glm4v: None,
+        })
+    }
+
+    /// A `glm4v` checkpoint: GLM-4.1V's vision tower and merger over a `glm4v_text` decoder.
+    fn glm4v(raw: RawLlava, json: &str) -> Result<Self> {
+        let bad = |msg: String| ModelError::checkpoint("config.json", msg);
+        let top: Value = serde_json::from_str(json).map_err(|e| bad(format!("invalid: {e}")))?;
+        let (vision, g) = glm4v::parse_vision(&raw.vision_config, &top)?;
+        let text = raw.text_config.resolve()?;
+        if text.model_type != "glm4v_text" || text.mrope_section.is_none() {
+            return Err(ModelError::Unsupported(format!(
+                "text_config.model_type '{}' in a glm4v checkpoint (supported: glm4v_text)",
+                text.model_type
+            )));
+        }
+        if g.out_hidden_size != text.hidden_size {
+            return Err(bad(format!(
+                "vision_config.out_hidden_size {} differs from text_config.hidden_size {}",
+                g.out_hidden_size, text.hidden_size
+            )));
+        }
+        let image_token_id = raw
+            .image_token_id
+            .or(raw.image_token_index)
+            .unwrap_or(151343);
+        Ok(LlavaConfig {
+            projector_hidden_act: vision.hidden_act,
+            vision,
+            text,
+            image_token_id,
+            projector_bias: false,
+            vision_feature_layers: vec![-1],
+            select_strategy: SelectStrategy::Full,
+            image_grid_pinpoints: None,
+            glm4v: Some(g),
         })
     }
 
@@ -296,7 +346,7 @@ impl LlavaConfig {
 #[derive(Deserialize)]
 struct RawLlava {
     model_type: Option<String>,
-    vision_config: RawVision,
+    vision_config: Value,
     text_config: RawText,
     image_token_index: Option<u32>,
     image_token_id: Option<u32>,
@@ -405,7 +455,12 @@ impl RawText {
             |msg: String| ModelError::checkpoint("config.json", format!("text_config: {msg}"));
         let model_type = self.model_type.unwrap_or_else(|| "llama".into());
         let family = DecoderFamily::from_model_type(&model_type)?;
-        let d = TextDefaults::of(family);
+        let mut d = TextDefaults::of(family);
+        if model_type == "glm4v_text" {
+            // Glm4vTextConfig's own defaults.
+            d.rms_norm_eps = 1e-5;
+            d.max_position_embeddings = 32768;
+        }
         let hidden_size = self.hidden_size.unwrap_or(d.hidden_size);
         let heads = self.num_attention_heads.unwrap_or(d.heads);
         if heads == 0 {
@@ -419,9 +474,14 @@ impl RawText {
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             )));
         }
-        let head_dim = self
-            .head_dim
-            .unwrap_or(d.head_dim.unwrap_or(hidden_size / heads));
+        let glm4v = model_type == "glm4v_text";
+        // Glm4vTextAttention's head width is always hidden_size / heads.
+        let head_dim = if glm4v {
+            hidden_size / heads
+        } else {
+            self.head_dim
+                .unwrap_or(d.head_dim.unwrap_or(hidden_size / heads))
+        };
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(bad(format!(
                 "head_dim {head_dim} must be even and non-zero"
@@ -463,6 +523,9 @@ impl RawText {
                 dim
             }
         };
+        let mrope_section = glm4v
+            .then(|| glm4v::mrope_section(rope.as_ref(), rope_dim).map_err(bad))
+            .transpose()?;
         let eos_token_ids = match self.eos_token_id {
             None => d.eos.to_vec(),
             Some(v) => token_id_list(&v).map_err(bad)?,
@@ -507,6 +570,7 @@ impl RawText {
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
             bos_token_id: self.bos_token_id.or(d.bos_token_id),
             eos_token_ids,
+            mrope_section,
         })
     }
 }

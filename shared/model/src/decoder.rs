@@ -75,6 +75,9 @@ struct Rope {
     /// Leading values of each head that are rotated; the rest pass through unchanged.
     rotary_dim: usize,
     interleaved: bool,
+    /// M-RoPE: per axis (temporal, height, width), a `[1, rotary/2]` 0/1 mask of the
+    /// frequencies that follow that axis's position.
+    axes: Option<[Tensor; 3]>,
 }
 
 impl Rope {
@@ -87,12 +90,58 @@ impl Rope {
             freqs.extend(inv.iter().map(|f| p as f32 * f));
         }
         let freqs = Tensor::from_vec(freqs, (n, half), device)?;
+        let axes = match &c.mrope_section {
+            None => None,
+            Some(section) => {
+                // Section i follows axis i % 3 (transformers' recomposition_frequencies).
+                let mut axis_of = Vec::with_capacity(half);
+                for (i, &len) in section.iter().enumerate() {
+                    axis_of.extend(std::iter::repeat_n(i % 3, len));
+                }
+                let mask = |axis: usize| {
+                    let m: Vec<f32> = (0..half)
+                        .map(|j| f32::from(axis_of.get(j) == Some(&axis)))
+                        .collect();
+                    Tensor::from_vec(m, (1, half), device)?.to_dtype(dtype)
+                };
+                Some([mask(0)?, mask(1)?, mask(2)?])
+            }
+        };
         Ok(Rope {
             cos: freqs.cos()?.to_dtype(dtype)?,
             sin: freqs.sin()?.to_dtype(dtype)?,
             rotary_dim: 2 * half,
             interleaved: c.family.interleaved_rope(),
+            axes,
         })
+    }
+
+    /// `cos` and `sin` rows `[T, rotary/2]` at 3-D positions (M-RoPE): each frequency takes the
+    /// angle of its axis's position. A model without M-RoPE takes the temporal position.
+    fn at_3d(
+        &self,
+        positions: &[[u32; 3]],
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let n = positions.len();
+        let axis = |a: usize| Tensor::from_vec(positions.iter().map(|p| p[a]).collect(), n, device);
+        let Some(masks) = &self.axes else {
+            return self.at(&axis(0)?);
+        };
+        let (mut cos, mut sin) = (None, None);
+        for (a, mask) in masks.iter().enumerate() {
+            let (c, s) = self.at(&axis(a)?)?;
+            let (c, s) = (c.broadcast_mul(mask)?, s.broadcast_mul(mask)?);
+            cos = Some(match cos {
+                None => c,
+                Some(acc) => (acc + c)?,
+            });
+            sin = Some(match sin {
+                None => s,
+                Some(acc) => (acc + s)?,
+            });
+        }
+        Ok((cos.expect("three axes"), sin.expect("three axes")))
     }
 
     /// Rotates `[B, H, T, D]` at positions `pos..pos+T`.
@@ -550,12 +599,20 @@ impl Decoder {
                     s.blocks.len()
                 )));
             }
-            positions.extend((s.pos..end).map(|p| p as u32));
+            match s.rope {
+                // Rotary positions never exceed cache indices (images take fewer positions
+                // than rows), so the context check above covers them.
+                Some(r) => positions.extend((s.pos..end).map(|i| r.at(i))),
+                None => positions.extend((s.pos..end).map(|p| [p as u32; 3])),
+            }
             last.push(positions.len() as u32 - 1);
         }
-        let (cos, sin) = self
-            .rope
-            .at(&Tensor::from_vec(positions, n, &self.device)?)?;
+        if self.rope.axes.is_none() && seqs.iter().any(|s| s.rope.is_some()) {
+            return Err(ModelError::InvalidInput(
+                "3-D rotary positions given to a model without M-RoPE".into(),
+            ));
+        }
+        let (cos, sin) = self.rope.at_3d(&positions, &self.device)?;
         let mut x = embeds.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward_batch(&x, (&self.rope, &cos, &sin), i, seqs, pool)?;

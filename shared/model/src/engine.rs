@@ -23,6 +23,7 @@ use crate::error::{ModelError, Result};
 use crate::generate::{Completion, TokenEvent};
 use crate::kv::{block_hashes, next_block_hash, BlockHash, BlockId, KvPool, KvShape, PosKey};
 use crate::monitor::LayerStats;
+use crate::mrope::RopePositions;
 use crate::prompt::PromptBuilder;
 use crate::sampling::SamplingParams;
 
@@ -90,6 +91,10 @@ pub struct SeqRequest {
     /// Per-layer statistics of the prefill. Such a sequence prefills in one piece and computes
     /// every position (no prefix reuse), so the statistics cover the whole prompt.
     pub monitor: bool,
+    /// M-RoPE models (GLM-4.1V) with images in the prompt: the prompt's 3-D positions
+    /// ([`crate::mrope`]), one per prompt row. `None`: position = index (text only, and every
+    /// other model).
+    pub rope: Option<RopePositions>,
 }
 
 /// Outcome of [`Engine::try_admit`].
@@ -152,6 +157,7 @@ struct Seq<'a> {
     completion: Completion<'a>,
     /// The last sampled token, to feed at the next step.
     pending: Option<u32>,
+    rope: Option<RopePositions>,
 }
 
 /// Continuous-batching scheduler over one decoder; see the module docs.
@@ -236,6 +242,14 @@ impl<'a> Engine<'a> {
                 self.decoder.hidden_size()
             )));
         }
+        if let Some(r) = &req.rope {
+            if r.len() != t {
+                return Err(ModelError::InvalidInput(format!(
+                    "{} rotary positions for a prompt of {t} rows",
+                    r.len()
+                )));
+            }
+        }
         let max_tokens = req.params.max_tokens as usize;
         self.check(t, max_tokens)?;
         let completion = Completion::new(
@@ -293,6 +307,7 @@ impl<'a> Engine<'a> {
             monitor: req.monitor.then(Vec::new),
             completion,
             pending: None,
+            rope: req.rope,
         });
         Ok(Admission::Admitted { cached_tokens })
     }
@@ -410,6 +425,7 @@ impl<'a> Engine<'a> {
             blocks: &s.blocks,
             pos: start,
             rows,
+            rope: s.rope.as_ref(),
         };
         let logits = self.decoder.forward_batch(
             &x,
@@ -488,6 +504,7 @@ impl<'a> Engine<'a> {
                     blocks: &self.running[i].blocks,
                     pos: self.running[i].len,
                     rows: 1,
+                    rope: self.running[i].rope.as_ref(),
                 })
                 .collect();
             self.decoder

@@ -9,6 +9,7 @@ use crate::engine::{Admission, Engine, EngineConfig, SeqId, SeqRequest, StepEven
 use crate::error::{ModelError, Result};
 use crate::kv::PosKey;
 use crate::monitor::LayerStats;
+use crate::mrope::RopePositions;
 use crate::prompt::{PromptBuilder, TextStreamer};
 use crate::sampling::{Sampler, SamplingParams};
 
@@ -170,14 +171,16 @@ impl<'a> Generation<'a> {
         params: &SamplingParams,
         resume: &[u32],
     ) -> Result<Self> {
-        Self::start_monitored(decoder, prompt, prompt_embeds, params, resume, None)
+        Self::start_monitored(decoder, prompt, prompt_embeds, None, params, resume, None)
     }
 
-    /// [`Self::start`], also pushing per-layer statistics of the prefill to `monitor`.
+    /// [`Self::start`] with the prompt's 3-D rotary positions (M-RoPE models; `None` otherwise),
+    /// also pushing per-layer statistics of the prefill to `monitor`.
     pub fn start_monitored(
         decoder: &'a Decoder,
         prompt: &'a PromptBuilder,
         prompt_embeds: &Tensor,
+        rope: Option<RopePositions>,
         params: &SamplingParams,
         resume: &[u32],
         monitor: Option<&mut Vec<LayerStats>>,
@@ -196,6 +199,7 @@ impl<'a> Generation<'a> {
             params: params.clone(),
             resume: resume.to_vec(),
             monitor: monitor.is_some(),
+            rope,
         };
         match engine.try_admit(SEQ, req)? {
             Admission::Admitted { .. } => {}

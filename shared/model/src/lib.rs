@@ -15,11 +15,13 @@ pub mod decoder;
 pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod glm4v;
 pub mod grid_sample;
 mod kernels;
 pub mod kv;
 mod linear;
 pub mod monitor;
+pub mod mrope;
 mod norm;
 pub mod pipeline;
 pub mod preprocess;
@@ -43,7 +45,8 @@ pub use cancel::{Cancel, CancelOnDrop};
 pub use candle_core::{DType, Device, Tensor};
 pub use checkpoint::{Checkpoint, CheckpointPart};
 pub use config::{
-    Activation, ImageProcessorConfig, LlavaConfig, SelectStrategy, TextConfig, VisionConfig,
+    Activation, Glm4vConfig, ImageProcessorConfig, LlavaConfig, SelectStrategy, TextConfig,
+    VisionConfig,
 };
 pub use decoder::{BatchSeq, Decoder, KvCache};
 pub use engine::{Admission, Engine, EngineConfig, EngineUsage, SeqId, SeqRequest, StepEvent};
@@ -51,6 +54,7 @@ pub use error::{ModelError, Result};
 pub use generate::{Completion, FinishReason, Generation, TokenEvent};
 pub use kv::{KvShape, PosKey};
 pub use monitor::LayerStats;
+pub use mrope::RopePositions;
 pub use pipeline::{GenerateOutput, ImageInput, Pipeline, StageTimings};
 pub use preprocess::{ImageLimits, Preprocessor, DEFAULT_MAX_ASPECT_RATIO};
 pub use projector::Projector;

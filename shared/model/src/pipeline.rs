@@ -9,11 +9,12 @@ use serde::Serialize;
 use crate::checkpoint::Checkpoint;
 use crate::config::{ImageProcessorConfig, LlavaConfig};
 use crate::decoder::Decoder;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::generate::{FinishReason, Generation, TokenEvent};
+use crate::mrope::RopePositions;
 use crate::preprocess::{ImageLimits, Preprocessor};
 use crate::projector::Projector;
-use crate::prompt::PromptBuilder;
+use crate::prompt::{PreparedPrompt, PromptBuilder};
 use crate::quant::Quantization;
 use crate::region::Region;
 use crate::sampling::SamplingParams;
@@ -137,6 +138,28 @@ impl Pipeline {
         Ok(packed)
     }
 
+    /// M-RoPE models (GLM-4.1V): the prompt's 3-D positions from each image's (and region's)
+    /// token grid; `None` for other models.
+    pub fn rope_positions(
+        &self,
+        prepared: &PreparedPrompt,
+        groups: &[Vec<ImageViews>],
+    ) -> Result<Option<RopePositions>> {
+        if self.decoder.config().mrope_section.is_none() {
+            return Ok(None);
+        }
+        let grids = groups
+            .iter()
+            .flatten()
+            .map(|v| {
+                v.layout.tokens.ok_or_else(|| {
+                    ModelError::InvalidInput("an M-RoPE model needs each image's token grid".into())
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(RopePositions::for_prompt(prepared, &grids)?))
+    }
+
     /// [`Self::generate`] with regions: each image's placeholder is followed by one more slot per
     /// region of it (the region cropped at full resolution and processed as an image), so
     /// `<image>` expands to the image's rows and then each region's rows.
@@ -185,7 +208,16 @@ impl Pipeline {
         if long {
             tracing::info!(target: crate::PROGRESS_TARGET, "prefilling {positions} positions…");
         }
-        let mut gen = Generation::start(&self.decoder, &self.prompt, &embeds, params, &[])?;
+        let rope = self.rope_positions(&prepared, &groups)?;
+        let mut gen = Generation::start_monitored(
+            &self.decoder,
+            &self.prompt,
+            &embeds,
+            rope,
+            params,
+            &[],
+            None,
+        )?;
         timings.prefill_ms = ms(t);
         if long {
             tracing::info!(

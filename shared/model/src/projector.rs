@@ -8,6 +8,7 @@ use crate::anyres::ImageLayout;
 use crate::checkpoint::{Checkpoint, PartKind};
 use crate::config::{Activation, LlavaConfig};
 use crate::error::{ModelError, Result};
+use crate::glm4v::Glm4vMerger;
 use crate::linear::Linear;
 use crate::norm::TorchLayerNorm;
 use crate::quant::{QuantPlan, Quantization};
@@ -15,11 +16,22 @@ use crate::quant::{QuantPlan, Quantization};
 /// InternVL's projector LayerNorm is a plain `nn.LayerNorm`, so torch's default eps.
 const LAYER_NORM_EPS: f64 = 1e-5;
 
-pub struct Projector {
+/// LLaVA's `[LayerNorm →] linear_1 → act → linear_2`.
+struct Mlp {
     layer_norm: Option<TorchLayerNorm>,
     linear_1: Linear,
     act: Activation,
     linear_2: Linear,
+}
+
+enum Head {
+    Mlp(Mlp),
+    /// GLM-4.1V's merger ([`crate::glm4v`]).
+    Merger(Glm4vMerger),
+}
+
+pub struct Projector {
+    head: Head,
     /// LLaVA-NeXT's `image_newline` `[out_dim]`, which ends every row of a packed tile grid.
     newline: Option<Tensor>,
     /// Feature rows per side of one view (`image_size / patch_size`).
@@ -33,18 +45,10 @@ pub struct Projector {
     quantization: Quantization,
 }
 
-impl Projector {
-    /// Builds from a `multi_modal_projector` variable builder. A `layer_norm` tensor pair, when present,
-    /// selects the LayerNorm variant.
-    pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
-        Self::new_with(cfg, vb, &QuantPlan::none())
-    }
-
-    /// [`Self::new`] with the two linear layers quantized as `q` says (see [`crate::quant`]).
-    pub fn new_with(cfg: &LlavaConfig, vb: VarBuilder, q: &QuantPlan) -> Result<Self> {
+impl Mlp {
+    fn new(cfg: &LlavaConfig, vb: VarBuilder, q: &QuantPlan, dims: (usize, usize)) -> Result<Self> {
+        let (in_dim, out_dim) = dims;
         let bias = cfg.projector_bias;
-        let in_dim = cfg.vision_feature_dim();
-        let out_dim = cfg.text.hidden_size;
         let layer_norm = if vb.contains_tensor("layer_norm.weight") {
             Some(TorchLayerNorm::new(
                 in_dim,
@@ -53,6 +57,47 @@ impl Projector {
             )?)
         } else {
             None
+        };
+        Ok(Mlp {
+            layer_norm,
+            linear_1: q.linear_plain(in_dim, out_dim, bias, vb.pp("linear_1"))?,
+            act: cfg.projector_hidden_act,
+            linear_2: q.linear_plain(out_dim, out_dim, bias, vb.pp("linear_2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = x.clone();
+        if let Some(ln) = &self.layer_norm {
+            x = ln.forward(&x)?;
+        }
+        let x = self.act.apply(&self.linear_1.forward(&x)?)?;
+        Ok(self.linear_2.forward(&x)?)
+    }
+}
+
+impl Projector {
+    /// Builds from a `multi_modal_projector` variable builder (GLM-4.1V: its `merger`). A
+    /// `layer_norm` tensor pair, when present, selects the LayerNorm variant.
+    pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new_with(cfg, vb, &QuantPlan::none())
+    }
+
+    /// [`Self::new`] with the linear layers quantized as `q` says (see [`crate::quant`]).
+    pub fn new_with(cfg: &LlavaConfig, vb: VarBuilder, q: &QuantPlan) -> Result<Self> {
+        let out_dim = cfg.text.hidden_size;
+        let (head, in_dim) = match &cfg.glm4v {
+            Some(g) => (
+                Head::Merger(Glm4vMerger::new(cfg, vb.clone(), q)?),
+                g.out_hidden_size,
+            ),
+            None => {
+                let in_dim = cfg.vision_feature_dim();
+                (
+                    Head::Mlp(Mlp::new(cfg, vb.clone(), q, (in_dim, out_dim))?),
+                    in_dim,
+                )
+            }
         };
         let newline = if cfg.image_grid_pinpoints.is_some() {
             Some(vb.get(out_dim, "image_newline").map_err(|e| {
@@ -65,13 +110,10 @@ impl Projector {
             None
         };
         Ok(Projector {
+            head,
             newline,
             side: cfg.vision.image_size / cfg.vision.patch_size,
             view_rows: cfg.image_tokens(),
-            layer_norm,
-            linear_1: q.linear_plain(in_dim, out_dim, bias, vb.pp("linear_1"))?,
-            act: cfg.projector_hidden_act,
-            linear_2: q.linear_plain(out_dim, out_dim, bias, vb.pp("linear_2"))?,
             in_dim,
             out_dim,
             dtype: vb.dtype(),
@@ -137,12 +179,18 @@ impl Projector {
                 self.in_dim
             )));
         }
-        let mut x = rows.to_dtype(self.dtype)?;
-        if let Some(ln) = &self.layer_norm {
-            x = ln.forward(&x)?;
+        let x = rows.to_dtype(self.dtype)?;
+        match &self.head {
+            Head::Mlp(m) => m.forward(&x),
+            Head::Merger(g) => {
+                // Row-wise: any leading dimensions are rows.
+                let dims = x.dims().to_vec();
+                let rows = g.forward(&x.reshape(((), self.in_dim))?)?;
+                let mut out = dims;
+                *out.last_mut().expect("a row dimension") = self.out_dim;
+                Ok(rows.reshape(out)?)
+            }
         }
-        let x = self.act.apply(&self.linear_1.forward(&x)?)?;
-        Ok(self.linear_2.forward(&x)?)
     }
 
     /// Whether this projector can pack tile grids (it loaded `image_newline`).

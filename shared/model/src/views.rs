@@ -6,11 +6,12 @@ use candle_core::{Device, Tensor};
 use image::RgbImage;
 
 use crate::anyres::{patch_output_size, select_best_resolution, ImageLayout, TileGrid};
-use crate::config::ResizeTarget;
+use crate::config::{NativeResize, ResizeTarget};
 use crate::error::{ModelError, Result};
 use crate::preprocess::Preprocessor;
 use crate::region::Region;
-use crate::resize::resize;
+use crate::resize::{resize, resize_torchvision};
+use crate::smart_resize::smart_resize;
 
 /// An image cut into views, before rescaling and normalisation.
 #[derive(Debug, Clone)]
@@ -58,12 +59,16 @@ impl Preprocessor {
     /// (`LlavaNextImageProcessor.get_image_patches` for anyres checkpoints).
     pub fn views(&self, img: &RgbImage) -> Result<ImageViews> {
         let (w, h) = img.dimensions();
+        if let Some(n) = &self.config().native {
+            return self.native_view(img, n);
+        }
         let Some(pins) = &self.config().image_grid_pinpoints else {
             return Ok(ImageViews {
                 layout: ImageLayout {
                     height: h,
                     width: w,
                     grid: None,
+                    tokens: None,
                 },
                 views: vec![self.resize_and_crop(img)?],
             });
@@ -108,8 +113,41 @@ impl Preprocessor {
                 height: h,
                 width: w,
                 grid: Some(grid),
+                tokens: None,
             },
             views,
+        })
+    }
+
+    /// GLM-4.1V: the image resized by `smart_resize` (as `Glm4vImageProcessor` does), one view of
+    /// its own size, and its token grid (one row per merged patch window).
+    fn native_view(&self, img: &RgbImage, n: &NativeResize) -> Result<ImageViews> {
+        let (w, h) = img.dimensions();
+        let (nh, nw) = smart_resize(n.smart.temporal_factor, h, w, &n.smart)
+            .map_err(|e| ModelError::InvalidImage(format!("a {w}x{h} image: {e}")))?;
+        if nh as u64 * nw as u64 > self.limits().max_pixels {
+            return Err(ModelError::InvalidImage(format!(
+                "a {w}x{h} image would be resized to {nw}x{nh}, over the limit of {} pixels",
+                self.limits().max_pixels
+            )));
+        }
+        let resized = if n.torchvision {
+            resize_torchvision(img, nw, nh)?
+        } else {
+            resize(img, nw, nh, self.filter())?
+        };
+        let unit = n.patch_size * n.merge_size;
+        Ok(ImageViews {
+            layout: ImageLayout {
+                height: h,
+                width: w,
+                grid: None,
+                tokens: Some(TileGrid {
+                    rows: nh / unit,
+                    cols: nw / unit,
+                }),
+            },
+            views: vec![resized],
         })
     }
 

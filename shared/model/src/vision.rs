@@ -12,6 +12,7 @@ use crate::cancel::Cancel;
 use crate::checkpoint::{Checkpoint, PartKind};
 use crate::config::{Activation, LlavaConfig, SelectStrategy, VisionConfig};
 use crate::error::{ModelError, Result};
+use crate::glm4v::Glm4vVision;
 use crate::linear::Linear;
 use crate::monitor::LayerStats;
 use crate::norm::TorchLayerNorm as LayerNorm;
@@ -148,14 +149,25 @@ impl EncoderLayer {
     }
 }
 
-/// The vision stage: `pixel_values [B, 3, H, W]` → selected features `[B, N, D]`.
-pub struct VisionEncoder {
+/// LLaVA's CLIP tower and the layers it selects.
+struct ClipTower {
     embeddings: Embeddings,
     pre_ln: LayerNorm,
     layers: Vec<EncoderLayer>,
     /// Non-negative indices into `hidden_states` (0 = after `pre_layrnorm`).
     selected: Vec<usize>,
     strategy: SelectStrategy,
+}
+
+enum Tower {
+    Clip(ClipTower),
+    /// GLM-4.1V's tower up to the downsample ([`crate::glm4v`]), and its spatial merge size.
+    Glm4v(Glm4vVision, usize),
+}
+
+/// The vision stage: `pixel_values [B, 3, H, W]` → selected features `[B, N, D]`.
+pub struct VisionEncoder {
+    tower: Tower,
     cfg: VisionConfig,
     dtype: DType,
     fingerprint: String,
@@ -170,6 +182,24 @@ impl VisionEncoder {
 
     /// [`Self::new`] with the linear layers quantized as `q` says (see [`crate::quant`]).
     pub fn new_with(cfg: &LlavaConfig, vb: VarBuilder, q: &QuantPlan) -> Result<Self> {
+        let c = &cfg.vision;
+        let tower = if let Some(g) = &cfg.glm4v {
+            Tower::Glm4v(Glm4vVision::new(cfg, vb.clone(), q)?, g.spatial_merge_size)
+        } else {
+            Tower::Clip(ClipTower::new(cfg, vb.clone(), q)?)
+        };
+        Ok(VisionEncoder {
+            tower,
+            cfg: c.clone(),
+            dtype: vb.dtype(),
+            fingerprint: String::new(),
+            quantization: q.mode(),
+        })
+    }
+}
+
+impl ClipTower {
+    fn new(cfg: &LlavaConfig, vb: VarBuilder, q: &QuantPlan) -> Result<Self> {
         let c = &cfg.vision;
         let n = c.num_hidden_layers as i64;
         let selected: Vec<usize> = cfg
@@ -187,19 +217,17 @@ impl VisionEncoder {
         let layers = (0..depth)
             .map(|i| EncoderLayer::new(c, vb.pp("encoder").pp("layers").pp(i), q))
             .collect::<Result<Vec<_>>>()?;
-        Ok(VisionEncoder {
+        Ok(ClipTower {
             embeddings: Embeddings::new(c, vb.pp("embeddings"))?,
             pre_ln: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("pre_layrnorm"))?,
             layers,
             selected,
             strategy: cfg.select_strategy,
-            cfg: c.clone(),
-            dtype: vb.dtype(),
-            fingerprint: String::new(),
-            quantization: q.mode(),
         })
     }
+}
 
+impl VisionEncoder {
     /// Loads the vision tower (and nothing else) from a checkpoint.
     pub fn load(ckpt: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
         Self::load_quantized(ckpt, dtype, device, Quantization::None)
@@ -218,8 +246,9 @@ impl VisionEncoder {
         let mut enc = Self::new_with(ckpt.config(), part.vb(), &plan)?;
         let c = ckpt.config();
         enc.fingerprint = part.fingerprint(&format!(
-            "{:?}|{:?}|{:?}|{dtype:?}{}",
+            "{:?}|{:?}|{:?}|{:?}|{dtype:?}{}",
             c.vision,
+            c.glm4v,
             c.vision_feature_layers,
             c.select_strategy,
             quant.fingerprint_suffix()
@@ -239,14 +268,29 @@ impl VisionEncoder {
         &self.fingerprint
     }
 
-    /// Feature rows per image.
+    /// Feature rows per view. GLM-4.1V encodes each image at its own size: its rows are in the
+    /// image's layout ([`crate::ImageLayout::tokens`]); this is the count of an image of the
+    /// tower's nominal `image_size`.
     pub fn num_features(&self) -> usize {
-        self.cfg.num_patches() + usize::from(self.strategy == SelectStrategy::Full)
+        match &self.tower {
+            Tower::Clip(t) => {
+                self.cfg.num_patches() + usize::from(t.strategy == SelectStrategy::Full)
+            }
+            Tower::Glm4v(_, m) => self.cfg.num_patches() / (m * m),
+        }
     }
 
     /// Width of a feature row.
     pub fn feature_dim(&self) -> usize {
-        self.cfg.hidden_size * self.selected.len()
+        match &self.tower {
+            Tower::Clip(t) => self.cfg.hidden_size * t.selected.len(),
+            Tower::Glm4v(g, _) => g.out_dim(),
+        }
+    }
+
+    /// Whether views have their own size (GLM-4.1V) rather than the tower's `image_size`.
+    pub fn native_resolution(&self) -> bool {
+        matches!(self.tower, Tower::Glm4v(..))
     }
 
     /// Patches per side of one view (`image_size / patch_size`).
@@ -273,20 +317,39 @@ impl VisionEncoder {
     pub fn forward_monitored(
         &self,
         pixel_values: &Tensor,
+        monitor: Option<&mut Vec<LayerStats>>,
+        cancel: &Cancel,
+    ) -> Result<Tensor> {
+        let t = match &self.tower {
+            Tower::Clip(t) => t,
+            Tower::Glm4v(g, _) => {
+                cancel.check()?;
+                let rows = g.forward_monitored(&pixel_values.to_dtype(self.dtype)?, monitor)?;
+                return Ok(rows.unsqueeze(0)?);
+            }
+        };
+        t.forward(pixel_values, &self.cfg, self.dtype, monitor, cancel)
+    }
+}
+
+impl ClipTower {
+    fn forward(
+        &self,
+        pixel_values: &Tensor,
+        cfg: &VisionConfig,
+        dtype: DType,
         mut monitor: Option<&mut Vec<LayerStats>>,
         cancel: &Cancel,
     ) -> Result<Tensor> {
         let (_, ch, h, w) = pixel_values.dims4()?;
-        let s = self.cfg.image_size;
+        let s = cfg.image_size;
         if (ch, h, w) != (3, s, s) {
             return Err(ModelError::InvalidInput(format!(
                 "pixel_values must be [B, 3, {s}, {s}], got {:?}",
                 pixel_values.dims()
             )));
         }
-        let x = self
-            .embeddings
-            .forward(&pixel_values.to_dtype(self.dtype)?)?;
+        let x = self.embeddings.forward(&pixel_values.to_dtype(dtype)?)?;
         let mut x = self.pre_ln.forward(&x)?;
         let mut states = Vec::with_capacity(self.selected.len());
         let mut take = |i: usize, x: &Tensor| {
@@ -361,15 +424,19 @@ pub(crate) mod monitor_tests {
     fn monitor_gives_one_row_per_layer_matching_the_layer_outputs() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llava");
         let ckpt = Checkpoint::open(&dir).unwrap();
-        let v = VisionEncoder::load(&ckpt, DType::F32, &Device::Cpu).unwrap();
-        let s = v.cfg.image_size;
+        let enc = VisionEncoder::load(&ckpt, DType::F32, &Device::Cpu).unwrap();
+        let s = enc.cfg.image_size;
+        let v = match &enc.tower {
+            Tower::Clip(t) => t,
+            Tower::Glm4v(..) => unreachable!("tiny-llava has a CLIP tower"),
+        };
         let pixels = Tensor::randn(0f32, 1.0, (1, 3, s, s), &Device::Cpu).unwrap();
         let mut rows = Vec::new();
-        let monitored = v
+        let monitored = enc
             .forward_monitored(&pixels, Some(&mut rows), &Cancel::never())
             .unwrap();
         // Monitoring does not change the result.
-        let plain = v.forward(&pixels).unwrap();
+        let plain = enc.forward(&pixels).unwrap();
         let diff = (monitored - plain)
             .unwrap()
             .abs()

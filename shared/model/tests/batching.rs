@@ -60,6 +60,7 @@ fn request(p: &Pipeline, prompt: &str, img: &str, params: SamplingParams) -> Seq
         params,
         resume: Vec::new(),
         monitor: false,
+        rope: None,
     }
 }
 
@@ -309,6 +310,7 @@ fn batched_logits_match_the_single_sequence_reference_within_1e_4() {
                 blocks: &blocks[i],
                 pos: 0,
                 rows: pr.len(),
+                rope: None,
             };
             let ours = d.forward_batch(&e, &[seq], &mut pool, None).unwrap();
             let reference = d.forward_embeds(&e, &mut caches[i]).unwrap();
@@ -324,6 +326,7 @@ fn batched_logits_match_the_single_sequence_reference_within_1e_4() {
                     blocks: &blocks[i],
                     pos: pr.len() + step,
                     rows: 1,
+                    rope: None,
                 })
                 .collect();
             let ours = d.forward_batch(&x, &seqs, &mut pool, None).unwrap();

@@ -53,6 +53,7 @@ fn clip_preprocessor(max_pixels: u64) -> Preprocessor {
 fn shortest_edge_preprocessor(size: u32, max_pixels: u64) -> Preprocessor {
     let cfg = ImageProcessorConfig {
         image_grid_pinpoints: None,
+        native: None,
         do_convert_rgb: true,
         do_resize: true,
         size: ResizeTarget::ShortestEdge(size),

@@ -133,6 +133,7 @@ fn quantized_batched_decoding_equals_decoding_alone() {
                     },
                     resume: Vec::new(),
                     monitor: false,
+                    rope: None,
                 }
             })
             .collect();

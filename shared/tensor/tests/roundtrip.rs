@@ -260,6 +260,8 @@ fn the_image_layout_travels_with_streams_stored_values_and_views() {
         width: 36,
         grid_rows: 3,
         grid_cols: 1,
+        token_rows: 0,
+        token_cols: 0,
     };
     let values: Vec<f32> = (0..4 * 6 * 8).map(|i| i as f32).collect();
     let v = TensorValue::from_f32(&values, &[4, 6, 8], WireDType::F16)
@@ -284,4 +286,16 @@ fn the_image_layout_travels_with_streams_stored_values_and_views() {
         ..layout
     }));
     assert_ne!(other.encode(), v.encode());
+    // So is one with another token grid (GLM-4.1V), and the token grid survives storage.
+    let tokens = v.clone().with_layout(Some(vlm_proto::ImageLayout {
+        token_rows: 2,
+        token_cols: 12,
+        ..layout
+    }));
+    assert_ne!(tokens.encode(), v.encode());
+    let back = TensorValue::decode(tokens.encode().into(), &limits).unwrap();
+    assert_eq!(
+        back.meta().layout().map(|l| (l.token_rows, l.token_cols)),
+        Some((2, 12))
+    );
 }

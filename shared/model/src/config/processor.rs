@@ -27,6 +27,22 @@ pub struct ImageProcessorConfig {
     pub image_std: [f32; 3],
     /// LLaVA-NeXT tiling resolutions (see [`Self::for_model`]); `None`: one view per image.
     pub image_grid_pinpoints: Option<Vec<crate::anyres::Resolution>>,
+    /// GLM-4.1V: images keep their own resolution (see [`NativeResize`]); `None` otherwise.
+    pub native: Option<NativeResize>,
+}
+
+/// GLM-4.1V's `Glm4vImageProcessor`: each image is resized by `smart_resize` to multiples of
+/// patch × merge within the pixel bounds and encoded at that size, one row per merged window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NativeResize {
+    /// Pixel bounds and side granularity (`size.shortest_edge` / `size.longest_edge`, patch × merge).
+    pub smart: crate::smart_resize::SmartResize,
+    pub patch_size: u32,
+    pub merge_size: u32,
+    /// The torchvision backend (transformers 5's default `Glm4vImageProcessor`: uint8 antialiased
+    /// bicubic, [`crate::resize::resize_torchvision`]); `false`: the PIL backend
+    /// (`Glm4vImageProcessorPil`).
+    pub torchvision: bool,
 }
 
 /// `size` of the image processor: `{"shortest_edge": n}` or `{"height": h, "width": w}`.
@@ -52,12 +68,26 @@ struct RawImageProcessor {
     image_grid_pinpoints: Option<Value>,
 }
 
+#[derive(Deserialize)]
+struct RawNative {
+    image_processor_type: Option<String>,
+    size: Option<Value>,
+    min_pixels: Option<u64>,
+    max_pixels: Option<u64>,
+    patch_size: Option<u32>,
+    merge_size: Option<u32>,
+    temporal_patch_size: Option<u32>,
+}
+
 impl ImageProcessorConfig {
     /// [`Self::from_dir`] for the checkpoint `cfg` describes: a LLaVA-NeXT checkpoint tiles with
     /// its `image_grid_pinpoints`, which the processor config must not contradict (the model
     /// packs features by the config's grid, so a processor tiling differently would misplace
     /// every tile); a single-view checkpoint never tiles.
     pub fn for_model(dir: &Path, cfg: &LlavaConfig) -> Result<Self> {
+        if let Some(g) = &cfg.glm4v {
+            return Self::native(dir, cfg, g);
+        }
         let mut p = Self::from_dir(dir, &cfg.vision)?;
         p.image_grid_pinpoints = match (&cfg.image_grid_pinpoints, p.image_grid_pinpoints.take()) {
             (None, _) => None,
@@ -74,27 +104,83 @@ impl ImageProcessorConfig {
         Ok(p)
     }
 
+    /// A GLM-4.1V checkpoint's `Glm4vImageProcessor` settings, which must agree with the vision
+    /// tower's patch, merge and temporal patch sizes.
+    fn native(dir: &Path, cfg: &LlavaConfig, g: &super::Glm4vConfig) -> Result<Self> {
+        let (path, value) = read_processor(dir)?;
+        let bad = |msg: String| ModelError::checkpoint(&path, msg);
+        let raw: RawNative = serde_json::from_value(value.clone())
+            .map_err(|e| bad(format!("invalid image processor config: {e}")))?;
+        let edge = |k: &str| {
+            raw.size
+                .as_ref()
+                .and_then(|s| s.get(k))
+                .and_then(Value::as_u64)
+        };
+        let patch_size = raw.patch_size.unwrap_or(14);
+        let merge_size = raw.merge_size.unwrap_or(2);
+        let temporal = raw.temporal_patch_size.unwrap_or(2);
+        let model = (
+            cfg.vision.patch_size as u32,
+            g.spatial_merge_size as u32,
+            g.temporal_patch_size as u32,
+        );
+        if (patch_size, merge_size, temporal) != model {
+            return Err(bad(format!(
+                "the image processor's patch/merge/temporal sizes {:?} differ from the vision tower's {model:?}",
+                (patch_size, merge_size, temporal)
+            )));
+        }
+        let smart = crate::smart_resize::SmartResize {
+            temporal_factor: temporal,
+            factor: patch_size * merge_size,
+            min_pixels: edge("shortest_edge")
+                .or(raw.min_pixels)
+                .unwrap_or(112 * 112),
+            max_pixels: edge("longest_edge")
+                .or(raw.max_pixels)
+                .unwrap_or(28 * 28 * 15000),
+        };
+        if smart.min_pixels > smart.max_pixels || smart.max_pixels == 0 {
+            return Err(bad(format!(
+                "size.shortest_edge {} exceeds size.longest_edge {}",
+                smart.min_pixels, smart.max_pixels
+            )));
+        }
+        let mut base = Self::parse(&path, value, &cfg.vision)?;
+        base.do_center_crop = false;
+        base.native = Some(NativeResize {
+            smart,
+            patch_size,
+            merge_size,
+            torchvision: raw.image_processor_type.as_deref() != Some("Glm4vImageProcessorPil"),
+        });
+        Ok(base)
+    }
+
     /// Reads `preprocessor_config.json`, or the `image_processor` section of `processor_config.json`
     /// (what transformers 5 writes). Falls back to the vision tower's size with CLIP's constants.
     pub fn from_dir(dir: &Path, vision: &VisionConfig) -> Result<Self> {
-        let pre = dir.join("preprocessor_config.json");
-        let proc_ = dir.join("processor_config.json");
-        let (path, value) = if pre.exists() {
-            (pre.clone(), read_json(&pre)?)
-        } else if proc_.exists() {
-            let v = read_json(&proc_)?;
-            let inner = v.get("image_processor").cloned().unwrap_or(v);
-            (proc_.clone(), inner)
-        } else {
+        let (path, value) = read_processor(dir)?;
+        let cfg = Self::parse(&path, value, vision)?;
+        let (h, w) = cfg.output_size();
+        if (h as usize, w as usize) != (vision.image_size, vision.image_size) {
             return Err(ModelError::checkpoint(
-                dir,
-                "no preprocessor_config.json or processor_config.json (the image processor settings)",
+                &path,
+                format!(
+                    "the image processor produces {h}x{w} images but the vision tower expects {0}x{0}",
+                    vision.image_size
+                ),
             ));
-        };
+        }
+        Ok(cfg)
+    }
+
+    fn parse(path: &Path, value: Value, vision: &VisionConfig) -> Result<Self> {
         let raw: RawImageProcessor = serde_json::from_value(value).map_err(|e| {
-            ModelError::checkpoint(&path, format!("invalid image processor config: {e}"))
+            ModelError::checkpoint(path, format!("invalid image processor config: {e}"))
         })?;
-        let bad = |msg: String| ModelError::checkpoint(&path, msg);
+        let bad = |msg: String| ModelError::checkpoint(path, msg);
         let size = match raw.size {
             None => ResizeTarget::ShortestEdge(vision.image_size as u32),
             Some(v) => parse_size(&v).map_err(bad)?,
@@ -119,6 +205,7 @@ impl ImageProcessorConfig {
         };
         let cfg = ImageProcessorConfig {
             image_grid_pinpoints,
+            native: None,
             do_convert_rgb: raw.do_convert_rgb.unwrap_or(true),
             do_resize: raw.do_resize.unwrap_or(true),
             size,
@@ -139,13 +226,6 @@ impl ImageProcessorConfig {
                 "image_std",
             )?,
         };
-        let (h, w) = cfg.output_size();
-        if (h as usize, w as usize) != (vision.image_size, vision.image_size) {
-            return Err(bad(format!(
-                "the image processor produces {h}x{w} images but the vision tower expects {0}x{0}",
-                vision.image_size
-            )));
-        }
         Ok(cfg)
     }
 
@@ -159,6 +239,24 @@ impl ImageProcessorConfig {
                 ResizeTarget::ShortestEdge(s) => (s, s),
             }
         }
+    }
+}
+
+/// `preprocessor_config.json`, or the `image_processor` section of `processor_config.json`.
+fn read_processor(dir: &Path) -> Result<(std::path::PathBuf, Value)> {
+    let pre = dir.join("preprocessor_config.json");
+    let proc_ = dir.join("processor_config.json");
+    if pre.exists() {
+        Ok((pre.clone(), read_json(&pre)?))
+    } else if proc_.exists() {
+        let v = read_json(&proc_)?;
+        let inner = v.get("image_processor").cloned().unwrap_or(v);
+        Ok((proc_.clone(), inner))
+    } else {
+        Err(ModelError::checkpoint(
+            dir,
+            "no preprocessor_config.json or processor_config.json (the image processor settings)",
+        ))
     }
 }
 

@@ -172,4 +172,7 @@ pub struct BatchSeq<'b> {
     pub pos: usize,
     /// Its rows of the batch input (consecutive, in `seqs` order).
     pub rows: usize,
+    /// M-RoPE models (GLM-4.1V): the sequence's 3-D positions; `None`: position = cache index
+    /// on every axis (text only).
+    pub rope: Option<&'b crate::mrope::RopePositions>,
 }
