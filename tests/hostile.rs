@@ -191,8 +191,8 @@ async fn counts_a_peer_sends_the_decoder_are_checked_before_allocation() {
         images: rows
             .into_iter()
             .map(|rows| vlm_proto::ImageSlot {
-                region: false,
                 rows,
+                ..Default::default()
             })
             .collect(),
         ..Default::default()

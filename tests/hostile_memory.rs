@@ -198,8 +198,8 @@ async fn memory_is_admitted_by_bytes_not_by_count() {
         }),
         images: vec![
             vlm_proto::ImageSlot {
-                region: false,
-                rows: 10
+                rows: 10,
+                ..Default::default()
             };
             20
         ],

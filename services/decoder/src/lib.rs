@@ -12,7 +12,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use vlm_model::{
     Checkpoint, DType, Decoder as DecoderModel, Device, EngineConfig, FinishReason, PromptBuilder,
-    Quantization, SeqRequest, Tensor,
+    Quantization, RopePositions, SeqRequest, Tensor,
 };
 use vlm_net::DeadlineSource;
 use vlm_proto::decode_request::Kind as RequestKind;
@@ -86,7 +86,8 @@ impl DecoderService {
         let decoder =
             DecoderModel::load_quantized(&ckpt, cfg.dtype, &Device::Cpu, cfg.quantization)?;
         let prompt = PromptBuilder::from_dir(&cfg.model, ckpt.config())?;
-        let tiles = ckpt.config().image_grid_pinpoints.is_some();
+        // Tiled (LLaVA-NeXT) and native-resolution (GLM-4.1V) images vary in rows.
+        let tiles = ckpt.config().image_grid_pinpoints.is_some() || ckpt.config().glm4v.is_some();
         let max_batch = cfg.max_concurrent.max(1);
         let kv_bytes = match cfg.kv_cache_bytes {
             Some(b) => budget::check_explicit(b)?,
@@ -251,6 +252,43 @@ async fn receive_images(
     Ok(images)
 }
 
+/// An M-RoPE model's (GLM-4.1V) token grid of every slot, each covering the slot's rows;
+/// `None` for other models, which ignore the grids.
+fn token_grids(
+    slots: &[vlm_proto::ImageSlot],
+    rows: &[usize],
+    mrope: bool,
+) -> Result<Option<Vec<vlm_model::TileGrid>>, Status> {
+    if !mrope {
+        return Ok(None);
+    }
+    let grids = slots
+        .iter()
+        .zip(rows)
+        .enumerate()
+        .map(|(i, (s, &rows))| {
+            let g = vlm_serving::token_grid_from_proto(s.token_rows, s.token_cols)
+                .map_err(|e| Status::invalid_argument(format!("image slot {}: {}", i + 1, e.message())))?
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "image slot {}: this model gives image rows 3-D positions, so the slot must give its token grid (token_rows x token_cols)",
+                        i + 1
+                    ))
+                })?;
+            if (g.rows * g.cols) as usize != rows {
+                return Err(Status::invalid_argument(format!(
+                    "image slot {}: a {}x{} token grid is not its {rows} rows",
+                    i + 1,
+                    g.rows,
+                    g.cols
+                )));
+            }
+            Ok(g)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(grids))
+}
+
 #[tonic::async_trait]
 impl Decoder for DecoderService {
     type GenerateStream = GenerateStream;
@@ -294,6 +332,11 @@ impl Decoder for DecoderService {
                 (r, _) => Ok(r as usize),
             })
             .collect::<Result<_, _>>()?;
+        let grids = token_grids(
+            &setup.images,
+            &rows,
+            model.decoder.config().mrope_section.is_some(),
+        )?;
         let groups = slot_groups(&setup.images)?;
         // One placeholder per group: the image's rows, then its regions' rows.
         let placeholder_rows: Vec<usize> = groups
@@ -365,12 +408,16 @@ impl Decoder for DecoderService {
                     .collect::<Result<Vec<_>, _>>()?;
                 let embeds = prepared.embeddings(&model.decoder, &images)?;
                 let keys = prepared.position_keys(&images)?;
+                let rope = grids
+                    .map(|g| RopePositions::for_prompt(&prepared, &g))
+                    .transpose()?;
                 Ok::<_, vlm_model::ModelError>(SeqRequest {
                     embeds,
                     keys,
                     params,
                     resume,
                     monitor,
+                    rope,
                 })
             })
             .await;

@@ -131,9 +131,9 @@ impl Encoder for EncoderService {
                     let layers = vlm_serving::layer_stats_rows("vision", &monitored);
                     Ok::<_, vlm_model::ModelError>((features, layers))
                 })?;
-            // A single-view model answers [rows, dim], as it always has; a tiling one
-            // [views, rows, dim] with the layout in the header.
-            let features = if layout.grid.is_none() {
+            // A single-view model answers [rows, dim], as it always has; a tiling or
+            // native-resolution one [views, rows, dim] with the layout in the header.
+            let features = if layout.grid.is_none() && layout.tokens.is_none() {
                 features.squeeze(0)?
             } else {
                 features
@@ -154,9 +154,8 @@ impl Encoder for EncoderService {
         let (shape, values) = from_model_tensor(&features)?;
         tracing::debug!(?shape, ?stats, "encoded image");
         let chunks = TensorChunker::new(values, &shape, wire, options.chunk_bytes as usize)?;
-        let layout = layout
-            .grid
-            .is_some()
+        // Tiled (LLaVA-NeXT) and native-resolution (GLM-4.1V) images carry their layout.
+        let layout = (layout.grid.is_some() || layout.tokens.is_some())
             .then(|| vlm_serving::layout_to_proto(&layout));
         let out = chunks
             .map(move |mut c| {
@@ -190,11 +189,17 @@ impl Encoder for EncoderService {
             let t = Instant::now();
             let views = model.preprocessor.image_views(&req.image, region)?;
             let side = model.vision.patches_per_side();
+            let packed_rows = views.layout.packed_rows(side, model.vision.num_features());
+            // A native-resolution view is the whole image: its rows are the image's.
+            let rows_per_view = match views.layout.tokens {
+                Some(_) => packed_rows,
+                None => model.vision.num_features(),
+            };
             Ok(ImagePlan {
                 layout: Some(vlm_serving::layout_to_proto(&views.layout)),
                 view_digests: views.digests().iter().map(|d| d.to_vec().into()).collect(),
-                rows_per_view: model.vision.num_features() as u32,
-                packed_rows: views.layout.packed_rows(side, model.vision.num_features()) as u32,
+                rows_per_view: rows_per_view as u32,
+                packed_rows: packed_rows as u32,
                 preprocess_ms: ms(t),
             })
         })
@@ -270,7 +275,8 @@ impl EncoderService {
                 .preprocessor
                 .config()
                 .image_grid_pinpoints
-                .is_some(),
+                .is_some()
+                || self.model.vision.native_resolution(),
             model_fingerprint: self.model.vision.fingerprint().to_string(),
             quantization: self.model.vision.quantization().to_string(),
             preprocessing: self.preprocessing.clone(),
@@ -279,7 +285,11 @@ impl EncoderService {
             feature_dim: self.model.vision.feature_dim() as u32,
             default_wire_dtype: self.default_wire.to_proto() as i32,
             image_size: self.model.vision.image_size() as u32,
-            vision_model_type: "clip_vision_model".into(),
+            vision_model_type: if self.model.vision.native_resolution() {
+                "glm4v_vision".into()
+            } else {
+                "clip_vision_model".into()
+            },
         }
     }
 }

@@ -150,9 +150,14 @@ impl Generator {
             images: slots
                 .iter()
                 .zip(&plans)
-                .map(|(s, p)| ImageSlot {
-                    rows: p.as_ref().map_or(0, |p| p.packed_rows),
-                    region: s.region.is_some(),
+                .map(|(s, p)| {
+                    let layout = p.as_ref().and_then(|p| p.layout);
+                    ImageSlot {
+                        rows: p.as_ref().map_or(0, |p| p.packed_rows),
+                        region: s.region.is_some(),
+                        token_rows: layout.map_or(0, |l| l.token_rows),
+                        token_cols: layout.map_or(0, |l| l.token_cols),
+                    }
                 })
                 .collect(),
             resume_token_ids: vec![],

@@ -111,7 +111,11 @@ impl ProjectStreamTask {
                 .clone();
             let chunk_rows = chunk.header.as_ref().map_or(0, |h| h.chunk_rows);
             let layout = chunk.header.as_ref().and_then(|h| h.layout.as_ref());
-            if let Some(l) = layout.filter(|l| l.grid_rows > 0 || l.grid_cols > 0) {
+            // A tiled (LLaVA-NeXT) or native-resolution (GLM-4.1V) image's views.
+            let views = |l: &&vlm_proto::ImageLayout| {
+                l.grid_rows > 0 || l.grid_cols > 0 || l.token_rows > 0 || l.token_cols > 0
+            };
+            if let Some(l) = layout.filter(views) {
                 tiled = Some(Tiled::new(l, &meta, self.model.in_dim(), chunk_rows)?);
             }
             if tiled.is_none() && (meta.shape().len() != 2 || meta.row_len() != self.model.in_dim())

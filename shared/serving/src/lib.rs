@@ -20,11 +20,38 @@ pub fn region_from_proto(r: &vlm_proto::Region) -> Result<vlm_model::Region, Sta
 /// An image layout for the wire.
 pub fn layout_to_proto(l: &vlm_model::ImageLayout) -> vlm_proto::ImageLayout {
     let (grid_rows, grid_cols) = l.grid.map_or((0, 0), |g| (g.rows, g.cols));
+    let (token_rows, token_cols) = l.tokens.map_or((0, 0), |g| (g.rows, g.cols));
     vlm_proto::ImageLayout {
         height: l.height,
         width: l.width,
         grid_rows,
         grid_cols,
+        token_rows,
+        token_cols,
+    }
+}
+
+/// Most token rows or columns one image may claim (GLM-4.1V's default pixel bound gives at most
+/// a few hundred per side), and most tokens in all.
+pub const MAX_TOKEN_SIDE: u32 = 4096;
+pub const MAX_TOKEN_GRID: u64 = 1 << 20;
+
+/// A token grid from the wire (`ImageLayout.token_*`, `ImageSlot.token_*`): 0 x 0 is none;
+/// otherwise both sides 1..=4096 and at most 2^20 tokens (INVALID_ARGUMENT).
+pub fn token_grid_from_proto(rows: u32, cols: u32) -> Result<Option<vlm_model::TileGrid>, Status> {
+    match (rows, cols) {
+        (0, 0) => Ok(None),
+        (r, c)
+            if (1..=MAX_TOKEN_SIDE).contains(&r)
+                && (1..=MAX_TOKEN_SIDE).contains(&c)
+                && r as u64 * c as u64 <= MAX_TOKEN_GRID =>
+        {
+            Ok(Some(vlm_model::TileGrid { rows: r, cols: c }))
+        }
+        (r, c) => Err(Status::invalid_argument(format!(
+            "token grid {r}x{c} is not a grid (both sides 1..{MAX_TOKEN_SIDE}, at most \
+             {MAX_TOKEN_GRID} tokens, or 0x0)"
+        ))),
     }
 }
 
@@ -51,6 +78,7 @@ pub fn layout_from_proto(l: &vlm_proto::ImageLayout) -> Result<vlm_model::ImageL
         height: l.height,
         width: l.width,
         grid,
+        tokens: token_grid_from_proto(l.token_rows, l.token_cols)?,
     })
 }
 

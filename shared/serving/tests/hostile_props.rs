@@ -22,6 +22,7 @@ fn repo() -> PathBuf {
 fn preprocessor() -> Preprocessor {
     let cfg = ImageProcessorConfig {
         image_grid_pinpoints: None,
+        native: None,
         do_convert_rgb: true,
         do_resize: true,
         size: ResizeTarget::ShortestEdge(30),

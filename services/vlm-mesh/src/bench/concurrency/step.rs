@@ -60,6 +60,7 @@ pub(super) fn decode_steps(
                     blocks: b,
                     pos: context + step,
                     rows: 1,
+                    rope: None,
                 })
                 .collect();
             let t = Instant::now();
