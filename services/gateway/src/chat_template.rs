@@ -40,6 +40,8 @@ pub struct TemplateMessage {
 /// A compiled chat template plus the special tokens it may refer to.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// Text-only messages reach the template as a string (see [`Self::new`]).
+    text_as_string: bool,
     /// Where the template came from (for logs and errors).
     pub source: String,
     /// The model's image placeholder (`<image>` for llava-hf checkpoints).
@@ -87,6 +89,21 @@ fn token_value(v: &serde_json::Value) -> Option<String> {
         .or_else(|| v["content"].as_str().map(str::to_string))
 }
 
+/// The added token whose id is config.json's `image_token_id` (`image_token_index`), for
+/// checkpoints whose tokenizer_config.json does not name it (GLM-4.1V's `<|image|>`).
+fn image_token_of_config(dir: &Path) -> Option<String> {
+    let cfg = read_json(&dir.join("config.json")).ok()??;
+    let id = cfg["image_token_id"]
+        .as_u64()
+        .or_else(|| cfg["image_token_index"].as_u64())?;
+    let tok = read_json(&dir.join("tokenizer.json")).ok()??;
+    tok["added_tokens"]
+        .as_array()?
+        .iter()
+        .find(|t| t["id"].as_u64() == Some(id))
+        .and_then(|t| t["content"].as_str().map(str::to_string))
+}
+
 impl ChatTemplate {
     /// The checkpoint's template, or the LLaVA-1.5 fallback.
     pub fn from_model_dir(dir: &Path) -> anyhow::Result<Self> {
@@ -115,7 +132,9 @@ impl ChatTemplate {
                 "built-in LLaVA-1.5 template".to_string(),
             )
         };
-        let image_token = token_value(&tok_cfg["image_token"]).unwrap_or_else(|| "<image>".into());
+        let image_token = token_value(&tok_cfg["image_token"])
+            .or_else(|| image_token_of_config(dir))
+            .unwrap_or_else(|| "<image>".into());
         Self::new(
             &template,
             source,
@@ -133,6 +152,11 @@ impl ChatTemplate {
         eos_token: String,
     ) -> anyhow::Result<Self> {
         let mut env = Environment::new();
+        // transformers compiles chat templates with trim_blocks and lstrip_blocks: a block tag's
+        // newline and its line's leading whitespace are not output (multi-line templates such
+        // as GLM-4.1V's depend on it).
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
         // Python string/dict methods (`.upper()`, `.strip()`, `.items()`…) that HF templates use.
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
@@ -149,15 +173,36 @@ impl ChatTemplate {
             .replace("{%- endgeneration %}", "")
             .replace("{% generation -%}", "")
             .replace("{% endgeneration -%}", "");
+        // A template that tests `content is string` (GLM-4.1V's) prints a text-only message's
+        // content as it is; such messages get their text as a string, as vLLM's content-format
+        // detection gives them. Other templates always see the list of parts.
+        let text_as_string = template.contains("is string");
         env.add_template_owned("chat", template)
             .map_err(|e| anyhow::anyhow!("chat template from {source} does not compile: {e}"))?;
         Ok(ChatTemplate {
             env,
+            text_as_string,
             source,
             image_token,
             bos_token,
             eos_token,
         })
+    }
+
+    /// A text-only message's text (parts joined by newlines), for templates that take strings.
+    fn string_content(&self, m: &TemplateMessage) -> Option<String> {
+        if !self.text_as_string {
+            return None;
+        }
+        let texts: Option<Vec<&str>> = m
+            .content
+            .iter()
+            .map(|p| match p {
+                TemplatePart::Text { text } => Some(text.as_str()),
+                TemplatePart::Image => None,
+            })
+            .collect();
+        texts.map(|t| t.join("\n"))
     }
 
     /// The prompt for `messages`, ending with the assistant's turn being opened.
@@ -166,8 +211,15 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| format!("chat template: {e}"))?;
+        let messages: Vec<Value> = messages
+            .iter()
+            .map(|m| match self.string_content(m) {
+                Some(text) => minijinja::context! { role => m.role.clone(), content => text },
+                None => Value::from_serialize(m),
+            })
+            .collect();
         tmpl.render(minijinja::context! {
-            messages => Value::from_serialize(messages),
+            messages => messages,
             add_generation_prompt => true,
             image_token => self.image_token.clone(),
             bos_token => self.bos_token.clone(),
@@ -318,5 +370,70 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("chat_template.jinja"), "{e}");
+    }
+
+    /// GLM-4.1V's own template, rendered as transformers rendered it for the fixture: images as
+    /// `<|begin_of_image|><|image|><|end_of_image|>`, a system string, and Open-AutoGLM's history
+    /// (text-only user turns, assistant turns as text). The image token comes from config.json's
+    /// image_token_id when tokenizer_config.json does not name it.
+    #[test]
+    fn glm4v_template_renders_as_transformers_does() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-glm4v");
+        let t = ChatTemplate::from_model_dir(&dir).unwrap();
+        assert_eq!(t.image_token, "<|image|>");
+        assert_eq!(image_token_of_config(&dir).as_deref(), Some("<|image|>"));
+        let reference: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("reference/reference.json")).unwrap(),
+        )
+        .unwrap();
+        let parts = |content: &serde_json::Value| -> Vec<TemplatePart> {
+            match content {
+                serde_json::Value::String(s) => vec![text(s)],
+                v => v
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| match p["type"].as_str().unwrap() {
+                        "image" => TemplatePart::Image,
+                        _ => text(p["text"].as_str().unwrap()),
+                    })
+                    .collect(),
+            }
+        };
+        let history = &reference["templates"][0];
+        let messages: Vec<TemplateMessage> = history["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| TemplateMessage {
+                role: m["role"].as_str().unwrap().into(),
+                content: parts(&m["content"]),
+            })
+            .collect();
+        assert_eq!(
+            t.render(&messages).unwrap(),
+            history["prompt"].as_str().unwrap()
+        );
+        let two = reference["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "two")
+            .unwrap();
+        let messages = [
+            TemplateMessage {
+                role: "system".into(),
+                content: vec![text("You are a phone agent.")],
+            },
+            user(vec![
+                TemplatePart::Image,
+                TemplatePart::Image,
+                text("How many shapes are there?"),
+            ]),
+        ];
+        assert_eq!(
+            t.render(&messages).unwrap(),
+            two["prompt"].as_str().unwrap()
+        );
     }
 }

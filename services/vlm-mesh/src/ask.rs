@@ -55,7 +55,8 @@ pub struct AskArgs {
     /// Image file; repeat for several images (one `<image>` each in the prompt).
     #[arg(long, env = "VLM_IMAGE")]
     pub image: Vec<PathBuf>,
-    /// The raw prompt, with `<image>` where each image goes.
+    /// The raw prompt, with the checkpoint's image placeholder (`<image>`; GLM-4.1V: `<|image|>`)
+    /// where each image goes.
     #[arg(long, env = "VLM_PROMPT")]
     pub prompt: String,
     /// A region of interest, `[IMAGE:]x0,y0,x1,y1` in relative coordinates 0–1000 (IMAGE counts

@@ -100,10 +100,12 @@ pub struct GenerateArgs {
     /// demo model compiled into this binary (unpacked once into ~/.cache/vlm-mesh, or $VLM_CACHE_DIR).
     #[arg(long, env = "VLM_MODEL", default_value = crate::bundled::BUNDLED_MODEL)]
     pub model: PathBuf,
-    /// Image file (PNG, JPEG or WebP); repeat for several images, one `<image>` each in the prompt.
-    #[arg(long, env = "VLM_IMAGE", required = true)]
+    /// Image file (PNG, JPEG or WebP); repeat for several images, one `<image>` each in the prompt;
+    /// none for a text-only prompt.
+    #[arg(long, env = "VLM_IMAGE")]
     pub image: Vec<PathBuf>,
-    /// The raw prompt, with `<image>` where each image goes, e.g. "USER: <image>\nWhat is this? ASSISTANT:".
+    /// The raw prompt, with the checkpoint's image placeholder where each image goes, e.g.
+    /// "USER: <image>\nWhat is this? ASSISTANT:" (GLM-4.1V: `<|image|>`, in its own chat format).
     #[arg(long, env = "VLM_PROMPT")]
     pub prompt: String,
     /// A region of interest, `[IMAGE:]x0,y0,x1,y1` in relative coordinates 0–1000 (IMAGE counts
