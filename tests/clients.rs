@@ -354,3 +354,211 @@ fn openai_sdk_gets_the_text_and_usage_of_generate_and_openai_shaped_errors() {
         "cached_tokens {cached} of {prompt}"
     );
 }
+
+/// GLM-4.1V's chat template (models/tiny-glm4v/chat_template.jinja) as transformers renders it
+/// (`trim_blocks`, `lstrip_blocks`) for what Open-AutoGLM sends: a system string, user turns of
+/// image and text parts, assistant strings. The test checks it against the fixture's own
+/// transformers rendering before using it.
+fn glm4v_prompt(messages: &Value) -> String {
+    let mut prompt = String::from("[gMASK]<sop>");
+    for m in messages.as_array().unwrap() {
+        let role = m["role"].as_str().unwrap();
+        assert!(["system", "user", "assistant"].contains(&role), "{m}");
+        prompt += &format!("<|{role}|>\n");
+        match &m["content"] {
+            Value::String(text) => prompt += text,
+            parts => {
+                for p in parts.as_array().unwrap() {
+                    match p["type"].as_str().unwrap() {
+                        "image" | "image_url" => {
+                            prompt += "<|begin_of_image|><|image|><|end_of_image|>"
+                        }
+                        "text" => prompt += p["text"].as_str().unwrap(),
+                        other => panic!("a {other} part: {m}"),
+                    }
+                }
+            }
+        }
+    }
+    prompt + "<|assistant|>\n"
+}
+
+/// A PNG's width and height, from its IHDR chunk.
+fn png_size(path: &Path) -> (u32, u32) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{}", path.display());
+    assert_eq!(&bytes[12..16], b"IHDR", "{}", path.display());
+    let be = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+    (be(16), be(20))
+}
+
+/// Open-AutoGLM's phone agent (its `openai` SDK calls, stream handling, answer parsing and
+/// history, reproduced by tests/support/autoglm_client.py) against a mesh serving GLM-4.1V under
+/// the name it asks for, with an API key: the preflight, three agent steps with a fresh
+/// screenshot each (one of them 1080×2400) and the earlier ones dropped from the history. Every
+/// streamed answer is the model's own answer in process for the prompt GLM-4.1V's template makes
+/// of those messages, with Open-AutoGLM's frequency_penalty applied.
+#[test]
+fn open_autoglm_phone_agent_client_drives_glm4v_through_the_openai_endpoint() {
+    const KEY: &str = "autoglm-test-key";
+    const SERVED: &str = "autoglm-phone-9b";
+    // Open-AutoGLM asks for 3000 tokens a step; the tiny model has 512 positions for the whole
+    // conversation (step 3 carries two earlier answers), so the steps ask for fewer. Its own
+    // 3000 is sent once, below.
+    const MAX_TOKENS: &str = "32";
+    const TASK: &str = "打开设置 (open Settings)";
+    let glm = repo().join("models/tiny-glm4v");
+    let reference: Value =
+        serde_json::from_slice(&std::fs::read(glm.join("reference/reference.json")).unwrap())
+            .unwrap();
+    // The fixture's Open-AutoGLM-shaped history, rendered by transformers.
+    let history = &reference["templates"][0];
+    assert_eq!(
+        glm4v_prompt(&history["messages"]),
+        history["prompt"].as_str().unwrap()
+    );
+
+    let installing = std::thread::spawn(tools);
+    let mesh = MeshProc::start_with(
+        &glm,
+        &[
+            "--http-listen",
+            "127.0.0.1:0",
+            "--served-model-name",
+            SERVED,
+            "--api-key",
+            KEY,
+        ],
+        &[],
+    );
+    installing.join().unwrap();
+    let base_url = mesh
+        .ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("openai="))
+        .unwrap_or_else(|| panic!("the ready line names no openai= URL: {}", mesh.ready))
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let large = dir.path().join("screenshot-1080x2400.png");
+    let shots = [
+        repo().join("models/images/glm4v_tall_60x130.png"),
+        large.clone(),
+        repo().join("models/images/glm4v_wide_90x50.png"),
+    ];
+    let mut agent = python("tests/support/autoglm_client.py");
+    agent
+        .args(["--base-url", &base_url, "--ca"])
+        .arg(mesh.certs().join("ca.pem"))
+        .args(["--api-key", KEY, "--task", TASK, "--max-tokens", MAX_TOKENS])
+        .arg("--large-screenshot")
+        .arg(&large);
+    for shot in &shots {
+        agent.arg("--screenshot").arg(shot);
+    }
+    let out = client_json(&mut agent, "Open-AutoGLM's client");
+    // A phone's screenshot, 2.6 megapixels, went through as step 2's image.
+    assert_eq!(png_size(&large), (1080, 2400));
+
+    // main.py's check_model_api: text only, not streamed.
+    let pre = &out["preflight"];
+    assert_eq!(pre["choices"], 1, "{pre}");
+    assert_eq!(pre["model"], SERVED, "{pre}");
+    assert!(pre["text"].is_string(), "{pre}");
+    let completion = pre["usage"]["completion_tokens"].as_u64().unwrap();
+    match pre["finish_reason"].as_str() {
+        Some("length") => assert_eq!(completion, 5, "{pre}"),
+        Some("stop") => assert!(completion <= 5, "{pre}"),
+        other => panic!("preflight finish_reason {other:?}: {pre}"),
+    }
+    let wrong = &out["wrong_key"];
+    assert_eq!(wrong["raised"], "AuthenticationError", "{wrong}");
+    assert_eq!(wrong["status"], 401, "{wrong}");
+
+    let steps = out["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), shots.len(), "{out}");
+    let sampling = |penalty: &'static str| {
+        [
+            "--max-tokens",
+            MAX_TOKENS,
+            "--top-p",
+            "0.85",
+            "--frequency-penalty",
+            penalty,
+        ]
+    };
+    let mut expected = vec![];
+    for (i, (step, shot)) in steps.iter().zip(&shots).enumerate() {
+        let what = format!("step {}", i + 1);
+        // What Open-AutoGLM sent: the system prompt, the earlier turns as text only, then this
+        // step's screenshot and screen info.
+        let sent = step["sent"].as_array().unwrap();
+        assert_eq!(sent.len(), 2 + 2 * i, "{what}: {sent:?}");
+        let images: Vec<&Value> = sent
+            .iter()
+            .filter_map(|m| m["content"].as_array())
+            .flatten()
+            .filter(|p| p["type"] == "image_url")
+            .collect();
+        assert_eq!(images.len(), 1, "{what}: {sent:?}");
+        assert_eq!(sent[sent.len() - 1]["content"][0], *images[0], "{what}");
+        assert_eq!(
+            images[0]["image_url"]["url"],
+            shot.to_str().unwrap(),
+            "{what}"
+        );
+        // The stream as Open-AutoGLM reads it.
+        assert!(
+            step["content_chunks"].as_u64().unwrap() >= 1,
+            "{what}: {step}"
+        );
+        assert!(step["ttft_s"].is_f64(), "{what}: {step}");
+        assert_eq!(step["models"], serde_json::json!([SERVED]), "{what}");
+        // The model's answer, in process, to the prompt the template makes of those messages.
+        let local = generate_json(&glm, shot, &glm4v_prompt(&step["sent"]), &sampling("0.2"));
+        assert_eq!(step["text"], local["text"], "{what}: {step}");
+        assert_eq!(step["finish_reason"], local["finish_reason"], "{what}");
+        expected.push(local);
+    }
+
+    // Step 1 not streamed: the same answer, with the model's token ids and usage.
+    let twin = &out["twin"];
+    assert_eq!(twin["text"], steps[0]["text"], "{twin}");
+    assert_eq!(twin["finish_reason"], steps[0]["finish_reason"], "{twin}");
+    assert_eq!(twin["token_ids"], expected[0]["token_ids"], "{twin}");
+    assert_eq!(
+        twin["usage"]["prompt_tokens"], expected[0]["prompt_tokens"],
+        "{twin}"
+    );
+    assert_eq!(
+        twin["usage"]["completion_tokens"].as_u64().unwrap(),
+        expected[0]["token_ids"].as_array().unwrap().len() as u64,
+        "{twin}"
+    );
+    // frequency_penalty is applied: without it the answer is the unpenalised one, and on this
+    // prompt the two differ.
+    let unpenalised = generate_json(
+        &glm,
+        &shots[0],
+        &glm4v_prompt(&steps[0]["sent"]),
+        &sampling("0"),
+    );
+    assert_ne!(
+        unpenalised["token_ids"], expected[0]["token_ids"],
+        "frequency_penalty 0.2 changes nothing on step 1: this check cannot tell it is applied"
+    );
+    assert_eq!(
+        out["unpenalised"]["token_ids"], unpenalised["token_ids"],
+        "{}",
+        out["unpenalised"]
+    );
+
+    // Open-AutoGLM's own max_tokens does not fit the tiny model's context: refused before the
+    // stream starts, as a 400 the SDK raises, saying why.
+    let too_long = &out["autoglm_max_tokens"];
+    assert_eq!(too_long["raised"], "BadRequestError", "{too_long}");
+    assert_eq!(too_long["status"], 400, "{too_long}");
+    assert!(
+        too_long["message"].as_str().unwrap().contains("context"),
+        "{too_long}"
+    );
+}
