@@ -159,7 +159,10 @@ def build(seed):
     )
     text = dict(
         vocab_size=len(hf_tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+        num_attention_heads=2, num_key_value_heads=1,
+        # transformers' default context, so that Open-AutoGLM's max_tokens=3000 fits a three-step
+        # history (tests/clients.rs); the positions the cases use are far below it.
+        max_position_embeddings=32768,
         rms_norm_eps=1e-5, hidden_act="silu",
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                          "partial_rotary_factor": 0.5, "mrope_section": [2, 3, 3]},
