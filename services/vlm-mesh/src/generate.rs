@@ -106,8 +106,12 @@ pub struct GenerateArgs {
     pub image: Vec<PathBuf>,
     /// The raw prompt, with the checkpoint's image placeholder where each image goes, e.g.
     /// "USER: <image>\nWhat is this? ASSISTANT:" (GLM-4.1V: `<|image|>`, in its own chat format).
-    #[arg(long, env = "VLM_PROMPT")]
-    pub prompt: String,
+    #[arg(long, env = "VLM_PROMPT", required_unless_present = "prompt_file")]
+    pub prompt: Option<String>,
+    /// Read the raw prompt from this UTF-8 file instead (for prompts a command line cannot carry,
+    /// such as ones with a NUL character).
+    #[arg(long, env = "VLM_PROMPT_FILE", conflicts_with = "prompt")]
+    pub prompt_file: Option<PathBuf>,
     /// A region of interest, `[IMAGE:]x0,y0,x1,y1` in relative coordinates 0–1000 (IMAGE counts
     /// from 0, default the first). Repeatable. Each region is cropped from the image at full
     /// resolution and processed as an image of its own; its rows follow the image's rows at the
@@ -160,6 +164,12 @@ pub fn run(mut args: GenerateArgs) -> anyhow::Result<()> {
     let pipeline =
         Pipeline::load_quantized(&args.model, dtype, &Device::Cpu, limits, args.quantize)
             .with_context(|| format!("cannot load model from {}", args.model.display()))?;
+    let prompt = match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the prompt file {}", f.display()))?,
+        (None, None) => anyhow::bail!("give --prompt or --prompt-file"),
+    };
     let params = args.sampling.to_params();
     let regions = crate::region_arg::per_image(&args.region, images.len())?;
     let inputs: Vec<ImageInput> = images
@@ -169,7 +179,7 @@ pub fn run(mut args: GenerateArgs) -> anyhow::Result<()> {
         .collect();
     let stream = !args.json;
     let mut stdout = std::io::stdout().lock();
-    let out = pipeline.generate_inputs(&inputs, &args.prompt, &params, |ev| {
+    let out = pipeline.generate_inputs(&inputs, &prompt, &params, |ev| {
         if stream && !ev.text.is_empty() {
             let _ = stdout.write_all(ev.text.as_bytes());
             let _ = stdout.flush();
