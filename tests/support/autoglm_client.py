@@ -11,7 +11,8 @@
   turn are removed (only its text parts stay), and the next user turn brings a fresh screenshot;
 - step 1 again, not streamed (the twin the stream must equal), and not streamed with
   frequency_penalty=0 (to show the penalty is applied);
-- step 1 with Open-AutoGLM's own max_tokens=3000, and the preflight with a wrong API key.
+- step 1 with a max_tokens beyond the model's context (--beyond-context), and the preflight
+  with a wrong API key.
 
 Prints one JSON object; the Rust test decides what is right. The messages of each step are
 printed with every image's data URL replaced by the file it was read from.
@@ -28,7 +29,7 @@ import zlib
 import openai
 
 MODEL = "autoglm-phone-9b"
-# Open-AutoGLM's system prompt opens like this (shortened: the tiny test model has 512 positions).
+# Open-AutoGLM's system prompt opens like this (shortened).
 SYSTEM_PROMPT = "你是一个智能体分析专家。You are a phone agent."
 # Open-AutoGLM's own max_tokens for an agent step.
 AUTOGLM_MAX_TOKENS = 3000
@@ -122,6 +123,8 @@ def main():
                          "--screenshot files)")
     ap.add_argument("--max-tokens", type=int, default=AUTOGLM_MAX_TOKENS,
                     help="max_tokens of the agent steps (default: Open-AutoGLM's %(default)s)")
+    ap.add_argument("--beyond-context", type=int, required=True,
+                    help="a max_tokens more than the model's context, sent once (step 1)")
     args = ap.parse_args()
 
     if args.large_screenshot:
@@ -217,8 +220,7 @@ def main():
         step["sent"] = shown(messages)
         out["steps"].append(step)
         if i == 0:
-            # The same first step: not streamed, without the penalty, with Open-AutoGLM's
-            # max_tokens.
+            # The same first step: not streamed, and without the penalty.
             twin = sdk.chat.completions.create(messages=messages, stream=False,
                                                **sampling(args.max_tokens))
             unpenalised = sdk.chat.completions.create(
@@ -230,11 +232,11 @@ def main():
                              "token_ids": (c.model_extra or {}).get("vlm", {}).get("token_ids")}
             try:
                 for _ in sdk.chat.completions.create(messages=messages, stream=True,
-                                                     **sampling(AUTOGLM_MAX_TOKENS)):
+                                                     **sampling(args.beyond_context)):
                     pass
-                out["autoglm_max_tokens"] = {"raised": None}
+                out["beyond_context"] = {"raised": None}
             except openai.OpenAIError as e:
-                out["autoglm_max_tokens"] = error_of(e)
+                out["beyond_context"] = error_of(e)
         # PhoneAgent._execute_step: images out of the context, the answer in.
         remove_images(messages[-1])
         messages.append({"role": "assistant", "content":
