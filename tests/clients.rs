@@ -407,9 +407,9 @@ fn png_size(path: &Path) -> (u32, u32) {
 /// Open-AutoGLM's phone agent (its `openai` SDK calls, stream handling, answer parsing and
 /// history, reproduced by tests/support/autoglm_client.py) against a mesh serving GLM-4.1V under
 /// the name it asks for, with an API key: the preflight, three agent steps with a fresh
-/// screenshot each (one of them 1080×2400) and the earlier ones dropped from the history. Every
-/// streamed answer is the model's own answer in process for the prompt GLM-4.1V's template makes
-/// of those messages, with Open-AutoGLM's frequency_penalty applied.
+/// screenshot each (one of them 1440×3200, 4.6 megapixels) and the earlier ones dropped from the
+/// history. Every streamed answer is the model's own answer in process for the prompt GLM-4.1V's
+/// template makes of those messages, with Open-AutoGLM's frequency_penalty applied.
 #[test]
 fn open_autoglm_phone_agent_client_drives_glm4v_through_the_openai_endpoint() {
     const KEY: &str = "autoglm-test-key";
@@ -451,7 +451,7 @@ fn open_autoglm_phone_agent_client_drives_glm4v_through_the_openai_endpoint() {
         .unwrap_or_else(|| panic!("the ready line names no openai= URL: {}", mesh.ready))
         .to_string();
     let dir = tempfile::tempdir().unwrap();
-    let large = dir.path().join("screenshot-1080x2400.png");
+    let large = dir.path().join("screenshot-1440x3200.png");
     let shots = [
         repo().join("models/images/glm4v_tall_60x130.png"),
         large.clone(),
@@ -469,8 +469,8 @@ fn open_autoglm_phone_agent_client_drives_glm4v_through_the_openai_endpoint() {
         agent.arg("--screenshot").arg(shot);
     }
     let out = client_json(&mut agent, "Open-AutoGLM's client");
-    // A phone's screenshot, 2.6 megapixels, went through as step 2's image.
-    assert_eq!(png_size(&large), (1080, 2400));
+    // A QHD+ phone screenshot, 4.6 megapixels, went through as step 2's image.
+    assert_eq!(png_size(&large), (1440, 3200));
 
     // main.py's check_model_api: text only, not streamed.
     let pre = &out["preflight"];

@@ -119,7 +119,7 @@ def main():
     ap.add_argument("--screenshot", action="append", required=True,
                     help="one PNG per agent step, in order")
     ap.add_argument("--large-screenshot", metavar="PATH",
-                    help="write a generated 1080x2400 PNG here first (it may then be one of the "
+                    help="write a generated 1440x3200 PNG here first (it may then be one of the "
                          "--screenshot files)")
     ap.add_argument("--max-tokens", type=int, default=AUTOGLM_MAX_TOKENS,
                     help="max_tokens of the agent steps (default: Open-AutoGLM's %(default)s)")
@@ -129,7 +129,7 @@ def main():
 
     if args.large_screenshot:
         with open(args.large_screenshot, "wb") as f:
-            f.write(png(1080, 2400, seed=7))
+            f.write(png(1440, 3200, seed=7))
 
     def client(key):
         # Open-AutoGLM: OpenAI(base_url=…, api_key=…). The CA is the mesh's; no retries, so that
