@@ -88,11 +88,36 @@ impl Attention {
         let q = rotate(qkv.get(0)?)?;
         let k = rotate(qkv.get(1)?)?;
         let v = qkv.get(2)?.unsqueeze(0)?.contiguous()?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?;
-        let y = softmax_f32(&scores)?.matmul(&v)?;
+        let y = attend(&q, &k, &v, self.scale, SCORE_BUDGET)?;
         let y = y.transpose(1, 2)?.reshape((n, d))?;
         self.proj.forward(&y)
     }
+}
+
+/// Attention scores held at once by one vision attention (elements: 64 MiB in f32).
+const SCORE_BUDGET: usize = 1 << 24;
+
+/// `softmax(q kᵀ · scale) v` for `q`, `k`, `v` `[1, heads, N, hd]`, the query rows taken in chunks
+/// so that at most `budget` scores are held at once whatever the image's patch count (a
+/// screenshot at a checkpoint's largest size has tens of thousands of patches: its whole score
+/// matrix would take tens of GB). Every row's softmax is its own, so chunking changes nothing.
+fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    budget: usize,
+) -> candle_core::Result<Tensor> {
+    let (_, heads, n, _) = q.dims4()?;
+    let kt = k.t()?;
+    let rows = (budget / (heads * n).max(1)).clamp(1, n.max(1));
+    let mut ys = Vec::with_capacity(n.div_ceil(rows));
+    for start in (0..n).step_by(rows) {
+        let q = q.narrow(2, start, rows.min(n - start))?;
+        let scores = (q.matmul(&kt)? * scale)?;
+        ys.push(softmax_f32(&scores)?.matmul(v)?);
+    }
+    Tensor::cat(&ys, 2)
 }
 
 /// `x + attn(norm1(x))`, then `x + down(act(gate(x')) * up(x'))` with `x' = norm2(x)`.
@@ -392,5 +417,37 @@ impl Glm4vVision {
         Ok(windows
             .matmul(&self.down_weight)?
             .broadcast_add(&self.down_bias)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Chunked attention equals the whole score matrix's, for chunks that divide the rows and
+    /// chunks that leave a remainder, down to one row at a time.
+    #[test]
+    fn chunked_attention_equals_whole() {
+        let dev = Device::Cpu;
+        let (heads, n, hd) = (3, 37, 8);
+        let q = Tensor::randn(0f32, 1.0, (1, heads, n, hd), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, heads, n, hd), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, heads, n, hd), &dev).unwrap();
+        let whole = attend(&q, &k, &v, 0.35, usize::MAX).unwrap();
+        assert_eq!(whole.dims(), &[1, heads, n, hd]);
+        for budget in [0, heads * n, 5 * heads * n, 36 * heads * n] {
+            let got = attend(&q, &k, &v, 0.35, budget).unwrap();
+            let diff = (got - &whole)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-6, "budget {budget}: differs by {diff}");
+        }
     }
 }
