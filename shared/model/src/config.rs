@@ -646,7 +646,9 @@ fn parse_rope_scaling(r: &Value) -> std::result::Result<RopeScaling, String> {
             .ok_or_else(|| format!("rope '{kind}' needs '{k}'"))
     };
     match kind {
-        "default" => Ok(RopeScaling::None),
+        // transformers 4's Qwen2-VL-style configs say "mrope" for M-RoPE, which it reads as
+        // "default" frequencies (the sections are `TextConfig::mrope_section`).
+        "default" | "mrope" => Ok(RopeScaling::None),
         "linear" => Ok(RopeScaling::Linear {
             factor: num("factor")?,
         }),

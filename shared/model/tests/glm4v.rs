@@ -6,7 +6,9 @@
 //! references; no Python runs here.
 
 use candle_core::{Device, Tensor};
-use vlm_model::{ImageLimits, Pipeline, RopePositions, SamplingParams, StageTimings, TileGrid};
+use vlm_model::{
+    ImageLimits, LlavaConfig, Pipeline, RopePositions, SamplingParams, StageTimings, TileGrid,
+};
 
 mod support;
 use support::{max_abs_diff, models_dir};
@@ -197,4 +199,33 @@ fn a_prompt_without_the_image_placeholder_is_refused_with_the_checkpoint_token()
         )
         .unwrap_err();
     assert!(err.to_string().contains("<|image|>"), "{err}");
+}
+
+/// A GLM-4.1V config as transformers 4 wrote them (GLM-4.1V-9B-Thinking's layout: `rope_theta` and
+/// `partial_rotary_factor` beside `rope_scaling`, which holds `mrope_section`, its type "default"
+/// or Qwen2-VL's "mrope") reads as the fixture's transformers 5 config does.
+#[test]
+fn transformers_4_config_layout_reads_the_same() {
+    let dir = models_dir().join("tiny-glm4v");
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let want = LlavaConfig::from_json(&text).unwrap();
+    let v5: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let rope = &v5["text_config"]["rope_parameters"];
+    for kind in ["default", "mrope"] {
+        let mut json = v5.clone();
+        let tc = json["text_config"].as_object_mut().unwrap();
+        tc.remove("rope_parameters");
+        tc.insert("rope_theta".into(), rope["rope_theta"].clone());
+        tc.insert(
+            "partial_rotary_factor".into(),
+            rope["partial_rotary_factor"].clone(),
+        );
+        tc.insert(
+            "rope_scaling".into(),
+            serde_json::json!({"type": kind, "mrope_section": rope["mrope_section"]}),
+        );
+        let got = LlavaConfig::from_json(&json.to_string()).unwrap();
+        assert_eq!(got.text, want.text, "rope_scaling type {kind}");
+        assert_eq!(got.text.mrope_section, Some(vec![2, 3, 3]));
+    }
 }
