@@ -407,7 +407,7 @@ impl Decoder for DecoderService {
                     .map(|g| Tensor::cat(&images[g].iter().collect::<Vec<_>>(), 0))
                     .collect::<Result<Vec<_>, _>>()?;
                 let embeds = prepared.embeddings(&model.decoder, &images)?;
-                let keys = prepared.position_keys(&images)?;
+                let keys = prepared.position_keys(&images, grids.as_deref())?;
                 let rope = grids
                     .map(|g| RopePositions::for_prompt(&prepared, &g))
                     .transpose()?;

@@ -5,6 +5,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use tokenizers::Tokenizer;
 
+use crate::anyres::TileGrid;
 use crate::config::{read_json, token_id_list, LlavaConfig};
 use crate::decoder::Decoder;
 use crate::error::{ModelError, Result};
@@ -227,13 +228,23 @@ impl PreparedPrompt {
 
 impl PreparedPrompt {
     /// What each position is, for prefix sharing in the KV cache: text tokens by id, image rows by
-    /// a digest of that image's embeddings (`images[i]`, as spliced in) and the row index, so equal
-    /// prompts with equal image embeddings get equal keys and nothing else does.
-    pub fn position_keys(&self, images: &[Tensor]) -> Result<Vec<PosKey>> {
+    /// a digest of that image's embeddings (`images[i]`, as spliced in), its token grid when the
+    /// model places images by grid (M-RoPE: `grids[i]`, which moves every later position) and the
+    /// row index, so equal prompts with equal images get equal keys and nothing else does.
+    pub fn position_keys(
+        &self,
+        images: &[Tensor],
+        grids: Option<&[TileGrid]>,
+    ) -> Result<Vec<PosKey>> {
         let mut keys: Vec<PosKey> = self.ids.iter().map(|&id| PosKey::Token(id)).collect();
-        for (&(start, rows), img) in self.image_spans.iter().zip(images) {
+        for (i, (&(start, rows), img)) in self.image_spans.iter().zip(images).enumerate() {
             let values = img.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let mut h = blake3::Hasher::new();
+            if let Some(g) = grids.and_then(|g| g.get(i)) {
+                h.update(b"grid");
+                h.update(&g.rows.to_le_bytes());
+                h.update(&g.cols.to_le_bytes());
+            }
             h.update(&(img.dims().len() as u32).to_le_bytes());
             for d in img.dims() {
                 h.update(&(*d as u64).to_le_bytes());
@@ -376,4 +387,41 @@ fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
             text.is_char_boundary(text.len() - n) && stop.starts_with(&text[text.len() - n..])
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An image's keys follow its embeddings and, where given, its token grid: the same rows on
+    /// another grid (other M-RoPE positions) share no key with them.
+    #[test]
+    fn image_keys_follow_embeddings_and_grid() {
+        let p = PreparedPrompt {
+            ids: vec![5, 0, 0, 0, 0, 0, 0, 6],
+            image_spans: vec![(1, 6)],
+        };
+        let img = Tensor::arange(0f32, 12.0, &candle_core::Device::Cpu)
+            .unwrap()
+            .reshape((6, 2))
+            .unwrap();
+        let other = (&img + 1.0).unwrap();
+        let grid = |rows, cols| [TileGrid { rows, cols }];
+        let keys = |img: &Tensor, g: Option<&[TileGrid]>| {
+            p.position_keys(std::slice::from_ref(img), g).unwrap()
+        };
+        let a = keys(&img, Some(&grid(2, 3)));
+        assert_eq!(a[0], PosKey::Token(5));
+        assert_eq!(a[7], PosKey::Token(6));
+        assert!(matches!(a[3], PosKey::Image { row: 2, .. }));
+        assert_eq!(a, keys(&img, Some(&grid(2, 3))));
+        for b in [
+            keys(&img, Some(&grid(3, 2))),
+            keys(&img, None),
+            keys(&other, Some(&grid(2, 3))),
+        ] {
+            assert_eq!((&b[0], &b[7]), (&a[0], &a[7]));
+            assert!((1..7).all(|i| a[i] != b[i]), "{a:?} vs {b:?}");
+        }
+    }
 }

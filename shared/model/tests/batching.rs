@@ -56,7 +56,7 @@ fn request(p: &Pipeline, prompt: &str, img: &str, params: SamplingParams) -> Seq
         embeds: prepared
             .embeddings(&p.decoder, std::slice::from_ref(&proj))
             .unwrap(),
-        keys: prepared.position_keys(&[proj]).unwrap(),
+        keys: prepared.position_keys(&[proj], None).unwrap(),
         params,
         resume: Vec::new(),
         monitor: false,

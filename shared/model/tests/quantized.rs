@@ -124,7 +124,9 @@ fn quantized_batched_decoding_equals_decoding_alone() {
                     embeds: prepared
                         .embeddings(&p.decoder, std::slice::from_ref(&proj))
                         .unwrap(),
-                    keys: prepared.position_keys(std::slice::from_ref(&proj)).unwrap(),
+                    keys: prepared
+                        .position_keys(std::slice::from_ref(&proj), None)
+                        .unwrap(),
                     params: SamplingParams {
                         max_tokens: 4 + i,
                         temperature: if i % 3 == 2 { 0.9 } else { 0.0 },
