@@ -135,6 +135,7 @@ impl DecoderService {
             context_length: decoder.max_positions() as u32,
             default_max_tokens: cfg.default_max_tokens,
             compute_dtype: vlm_serving::wire_dtype_for(cfg.dtype).to_proto() as i32,
+            chat_template: Some(chat_template(&cfg.model)?),
         };
         let model = Arc::new(Model {
             decoder,
@@ -194,6 +195,19 @@ pub(crate) fn finish_reason(r: FinishReason) -> vlm_proto::FinishReason {
 }
 
 /// The slots each placeholder covers: an image's slot and the region slots right after it.
+/// The checkpoint's chat template, for `DecoderInfo` (the gateway renders it).
+fn chat_template(dir: &std::path::Path) -> anyhow::Result<vlm_proto::ChatTemplate> {
+    let t = vlm_model::ChatTemplateSource::from_dir(dir)?;
+    tracing::info!(source = %t.source, image_token = %t.image_token, "chat template");
+    Ok(vlm_proto::ChatTemplate {
+        template: t.template,
+        source: t.source,
+        image_token: t.image_token,
+        bos_token: t.bos_token,
+        eos_token: t.eos_token,
+    })
+}
+
 fn slot_groups(slots: &[vlm_proto::ImageSlot]) -> Result<Vec<std::ops::Range<usize>>, Status> {
     let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
     for (i, s) in slots.iter().enumerate() {

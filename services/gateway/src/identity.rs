@@ -113,6 +113,7 @@ impl Identity {
             encoder_quantization: e.quantization.clone(),
             projector_quantization: p.quantization.clone(),
             decoder_quantization: d.quantization.clone(),
+            chat_template: d.chat_template.clone(),
         }
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod anyres;
 pub mod cancel;
+pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
@@ -43,6 +44,7 @@ pub const PROGRESS_TARGET: &str = "vlm_progress";
 pub use anyres::{ImageLayout, TileGrid};
 pub use cancel::{Cancel, CancelOnDrop};
 pub use candle_core::{DType, Device, Tensor};
+pub use chat_template::ChatTemplateSource;
 pub use checkpoint::{Checkpoint, CheckpointPart};
 pub use config::{
     Activation, Glm4vConfig, ImageProcessorConfig, LlavaConfig, SelectStrategy, TextConfig,
