@@ -98,10 +98,29 @@ fn glm4v_through_the_mesh_equals_transformers_and_generate() {
 }
 
 /// A decoder serving an M-RoPE model refuses image slots that do not give their token grid, or
-/// give one that is not the slot's rows: INVALID_ARGUMENT naming the slot.
+/// give one that is not the slot's rows: INVALID_ARGUMENT naming the slot. (And the model's
+/// identity carries the checkpoint's chat template, as the decoder read it.)
 #[tokio::test]
 async fn slots_without_a_matching_token_grid_are_refused() {
     let mesh = MeshProc::start_with(&model_dir(), &[], &[]);
+    let info = mesh
+        .client()
+        .await
+        .get_model_info(vlm_proto::GetModelInfoRequest {})
+        .await
+        .expect("GetModelInfo")
+        .into_inner();
+    assert_eq!(info.text_model_type, "glm4v_text");
+    let template = info.chat_template.expect("a chat template");
+    assert_eq!(
+        template.template,
+        std::fs::read_to_string(model_dir().join("chat_template.jinja")).unwrap()
+    );
+    assert_eq!(template.image_token, "<|image|>");
+    assert!(
+        template.source.ends_with("chat_template.jinja"),
+        "{template:?}"
+    );
     let prompt =
         "[gMASK]<sop><|user|>\n<|begin_of_image|><|image|><|end_of_image|>Hi<|assistant|>\n";
     for (slot, needle) in [

@@ -1,27 +1,15 @@
 //! Turns chat messages into the model's prompt, as transformers' `apply_chat_template` does.
 //!
-//! The template comes from the checkpoint, first found of: `chat_template.jinja`,
-//! `chat_template.json` (`{"chat_template": …}`, what llava-hf processors ship),
-//! `tokenizer_config.json`'s `chat_template` (a string, or a list of named templates: `default`
-//! is used). Without one, [`LLAVA_1_5_TEMPLATE`] is used: llava-hf's LLaVA-1.5 template, which gives
-//! `USER: <image>\n<text> ASSISTANT:` for one user turn with an image.
+//! The template and its special tokens come from the decoder (`DecoderInfo.chat_template`, read
+//! from the checkpoint there: the gateway reads no checkpoint); the endpoint compiles it once per
+//! template it is given.
 //!
 //! Messages are passed in the Hugging Face multimodal shape: `content` is a list of
 //! `{"type": "text", "text": …}` and `{"type": "image"}` parts, and the template writes the
 //! model's image placeholder where each image goes.
 
-use std::path::Path;
-
 use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
 use serde::Serialize;
-
-/// llava-hf/llava-1.5-7b-hf's chat template (its `{% generation %}` markers removed): per message
-/// `ROLE: `, then its images, then its texts each followed by a space; `ASSISTANT:` at the end.
-pub const LLAVA_1_5_TEMPLATE: &str = "{% for message in messages %}\
-{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}\
-{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ image_token + '\\n' }}{% endfor %}\
-{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}{% endfor %}\
-{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}";
 
 /// One part of a message, in the shape chat templates expect.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -59,88 +47,15 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
-fn read_json(path: &Path) -> anyhow::Result<Option<serde_json::Value>> {
-    match std::fs::read(path) {
-        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|e| {
-            anyhow::anyhow!("{} is not valid JSON: {e}", path.display())
-        })?)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
-    }
-}
-
-/// A `chat_template` value: a string, or transformers' list of `{name, template}`.
-fn template_value(v: &serde_json::Value) -> Option<String> {
-    match v {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Array(list) => list
-            .iter()
-            .find(|t| t["name"] == "default")
-            .or_else(|| list.first())
-            .and_then(|t| t["template"].as_str().map(str::to_string)),
-        _ => None,
-    }
-}
-
-/// A special token in tokenizer_config.json: a string or an AddedToken object.
-fn token_value(v: &serde_json::Value) -> Option<String> {
-    v.as_str()
-        .map(str::to_string)
-        .or_else(|| v["content"].as_str().map(str::to_string))
-}
-
-/// The added token whose id is config.json's `image_token_id` (`image_token_index`), for
-/// checkpoints whose tokenizer_config.json does not name it (GLM-4.1V's `<|image|>`).
-fn image_token_of_config(dir: &Path) -> Option<String> {
-    let cfg = read_json(&dir.join("config.json")).ok()??;
-    let id = cfg["image_token_id"]
-        .as_u64()
-        .or_else(|| cfg["image_token_index"].as_u64())?;
-    let tok = read_json(&dir.join("tokenizer.json")).ok()??;
-    tok["added_tokens"]
-        .as_array()?
-        .iter()
-        .find(|t| t["id"].as_u64() == Some(id))
-        .and_then(|t| t["content"].as_str().map(str::to_string))
-}
-
 impl ChatTemplate {
-    /// The checkpoint's template, or the LLaVA-1.5 fallback.
-    pub fn from_model_dir(dir: &Path) -> anyhow::Result<Self> {
-        let tok_cfg = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or_default();
-        let jinja = dir.join("chat_template.jinja");
-        let (template, source) = if jinja.exists() {
-            let t = std::fs::read_to_string(&jinja)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", jinja.display()))?;
-            (t, jinja.display().to_string())
-        } else if let Some(t) = read_json(&dir.join("chat_template.json"))?
-            .as_ref()
-            .and_then(|v| template_value(&v["chat_template"]))
-        {
-            (t, dir.join("chat_template.json").display().to_string())
-        } else if let Some(t) = template_value(&tok_cfg["chat_template"]) {
-            (
-                t,
-                format!(
-                    "{} (chat_template)",
-                    dir.join("tokenizer_config.json").display()
-                ),
-            )
-        } else {
-            (
-                LLAVA_1_5_TEMPLATE.to_string(),
-                "built-in LLaVA-1.5 template".to_string(),
-            )
-        };
-        let image_token = token_value(&tok_cfg["image_token"])
-            .or_else(|| image_token_of_config(dir))
-            .unwrap_or_else(|| "<image>".into());
+    /// The template the decoder reported.
+    pub fn from_proto(t: &vlm_proto::ChatTemplate) -> anyhow::Result<Self> {
         Self::new(
-            &template,
-            source,
-            image_token,
-            token_value(&tok_cfg["bos_token"]).unwrap_or_default(),
-            token_value(&tok_cfg["eos_token"]).unwrap_or_default(),
+            &t.template,
+            t.source.clone(),
+            t.image_token.clone(),
+            t.bos_token.clone(),
+            t.eos_token.clone(),
         )
     }
 
@@ -239,6 +154,10 @@ impl ChatTemplate {
 mod tests {
     use super::*;
 
+    /// llava-hf's LLaVA-1.5 template, the decoder's fallback (`vlm_model::chat_template`).
+    const LLAVA_1_5_TEMPLATE: &str =
+        include_str!("../../../shared/model/src/llava_1_5_chat_template.jinja");
+
     fn fallback() -> ChatTemplate {
         ChatTemplate::new(
             LLAVA_1_5_TEMPLATE,
@@ -324,64 +243,31 @@ mod tests {
     }
 
     #[test]
-    fn templates_are_found_in_the_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        // No template anywhere: the fallback.
-        std::fs::write(
-            dir.path().join("tokenizer_config.json"),
-            r#"{"image_token": "<im>"}"#,
-        )
-        .unwrap();
-        let t = ChatTemplate::from_model_dir(dir.path()).unwrap();
-        assert_eq!(t.source, "built-in LLaVA-1.5 template");
-        assert_eq!(t.image_token, "<im>");
-        // tokenizer_config.json's list form picks `default`.
-        std::fs::write(
-            dir.path().join("tokenizer_config.json"),
-            r#"{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D{{ messages | length }}"}]}"#,
-        )
-        .unwrap();
-        let t = ChatTemplate::from_model_dir(dir.path()).unwrap();
-        assert_eq!(t.render(&[user(vec![])]).unwrap(), "D1");
-        // chat_template.json wins over tokenizer_config.json, chat_template.jinja over both.
-        std::fs::write(
-            dir.path().join("chat_template.json"),
-            r#"{"chat_template": "J"}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            ChatTemplate::from_model_dir(dir.path())
-                .unwrap()
-                .render(&[])
-                .unwrap(),
-            "J"
-        );
-        std::fs::write(dir.path().join("chat_template.jinja"), "K").unwrap();
-        assert_eq!(
-            ChatTemplate::from_model_dir(dir.path())
-                .unwrap()
-                .render(&[])
-                .unwrap(),
-            "K"
-        );
-        // A broken template is a start-up error naming its file.
-        std::fs::write(dir.path().join("chat_template.jinja"), "{% for %}").unwrap();
-        let e = ChatTemplate::from_model_dir(dir.path())
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("chat_template.jinja"), "{e}");
+    fn a_template_that_does_not_compile_is_an_error_naming_its_source() {
+        let e = ChatTemplate::from_proto(&vlm_proto::ChatTemplate {
+            template: "{% for %}".into(),
+            source: "/m/chat_template.jinja".into(),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/m/chat_template.jinja"), "{e}");
     }
 
     /// GLM-4.1V's own template, rendered as transformers rendered it for the fixture: images as
     /// `<|begin_of_image|><|image|><|end_of_image|>`, a system string, and Open-AutoGLM's history
-    /// (text-only user turns, assistant turns as text). The image token comes from config.json's
-    /// image_token_id when tokenizer_config.json does not name it.
+    /// (text-only user turns, assistant turns as text).
     #[test]
     fn glm4v_template_renders_as_transformers_does() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-glm4v");
-        let t = ChatTemplate::from_model_dir(&dir).unwrap();
-        assert_eq!(t.image_token, "<|image|>");
-        assert_eq!(image_token_of_config(&dir).as_deref(), Some("<|image|>"));
+        let t = ChatTemplate::new(
+            &std::fs::read_to_string(dir.join("chat_template.jinja")).unwrap(),
+            "chat_template.jinja".into(),
+            "<|image|>".into(),
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
         let reference: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(dir.join("reference/reference.json")).unwrap(),
         )

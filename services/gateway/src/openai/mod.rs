@@ -21,8 +21,7 @@ mod tests;
 mod types;
 
 use std::future::Future;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, FromRef, State};
@@ -33,10 +32,11 @@ use axum::{middleware, Json, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tonic::Status;
 use tower_http::normalize_path::NormalizePath;
 use vlm_net::HttpTlsAcceptor;
 use vlm_proto::gateway_server::Gateway;
-use vlm_proto::GenerateRequest;
+use vlm_proto::{GenerateRequest, GetModelInfoRequest};
 
 use crate::chat_template::ChatTemplate;
 use crate::GatewayService;
@@ -59,8 +59,6 @@ pub struct OpenAiConfig {
     /// With a key, every request must carry `Authorization: Bearer <key>` (401 otherwise);
     /// without one, any key (or none) is accepted.
     pub api_key: Option<String>,
-    /// Checkpoint directory: the chat template and special tokens are read from it.
-    pub model_dir: PathBuf,
     /// Fetch `http(s)://` image URLs (off: they are refused with 400).
     pub allow_image_urls: bool,
     /// Let image URLs reach loopback, private, link-local and other internal addresses (off:
@@ -82,7 +80,8 @@ pub struct OpenAiConfig {
 /// The endpoint, sharing its gateway (a [`GatewayService`] but in tests) with the gRPC server.
 pub struct OpenAiEndpoint<G = GatewayService> {
     gateway: Arc<G>,
-    template: ChatTemplate,
+    /// The chat template the decoder last reported, with its compiled form.
+    template: Mutex<Option<(vlm_proto::ChatTemplate, Arc<ChatTemplate>)>>,
     model_id: String,
     created: u64,
     cfg: OpenAiConfig,
@@ -113,11 +112,9 @@ fn unix_now() -> u64 {
 
 impl<G: Gateway> OpenAiEndpoint<G> {
     pub fn new(gateway: Arc<G>, cfg: OpenAiConfig) -> anyhow::Result<Self> {
-        let template = ChatTemplate::from_model_dir(&cfg.model_dir)?;
-        tracing::info!(source = %template.source, "chat template");
         Ok(OpenAiEndpoint {
             gateway,
-            template,
+            template: Mutex::new(None),
             model_id: cfg.model_id.clone(),
             created: unix_now(),
             body: BodyLimits {
@@ -218,10 +215,41 @@ impl<G: Gateway> OpenAiEndpoint<G> {
         std::iter::once(self.model_id.as_str()).chain(self.cfg.aliases.iter().map(String::as_str))
     }
 
+    /// The model's chat template, as the decoder reports it (through the gateway's model
+    /// identity, asked again when a replica's weights change); compiled once per template.
+    async fn template(&self) -> Result<Arc<ChatTemplate>, ApiError> {
+        let info = Gateway::get_model_info(
+            self.gateway.as_ref(),
+            tonic::Request::new(GetModelInfoRequest {}),
+        )
+        .await
+        .map_err(|s| ApiError::from_status(&s))?
+        .into_inner();
+        let reported = info.chat_template.ok_or_else(|| {
+            ApiError::from_status(&Status::internal(
+                "the decoder reported no chat template (an older decoder?)",
+            ))
+        })?;
+        let mut known = self.template.lock().expect("chat template lock");
+        if let Some((t, compiled)) = known.as_ref() {
+            if *t == reported {
+                return Ok(compiled.clone());
+            }
+        }
+        let compiled = Arc::new(ChatTemplate::from_proto(&reported).map_err(|e| {
+            tracing::error!("the model's chat template is unusable: {e:#}");
+            ApiError::from_status(&Status::internal(format!("{e:#}")))
+        })?);
+        tracing::info!(source = %reported.source, image_token = %reported.image_token, "chat template");
+        *known = Some((reported, compiled.clone()));
+        Ok(compiled)
+    }
+
     /// A checked chat request, run through the gateway.
     async fn complete(&self, body: types::ChatCompletionRequest) -> Result<Response, ApiError> {
         let names: Vec<&str> = self.names().collect();
-        let chat = convert::ChatRequest::check(body, &names, &self.template.image_token)?;
+        let template = self.template().await?;
+        let chat = convert::ChatRequest::check(body, &names, &template.image_token)?;
         let policy = convert::FetchPolicy {
             allow_urls: self.cfg.allow_image_urls,
             allow_internal: self.cfg.allow_private_image_urls,
@@ -231,8 +259,7 @@ impl<G: Gateway> OpenAiEndpoint<G> {
             max_total_bytes: self.cfg.max_body_bytes,
         };
         let images = convert::load_images(chat.images, policy).await?;
-        let prompt = self
-            .template
+        let prompt = template
             .render(&chat.messages)
             .map_err(|e| ApiError::invalid("messages", e))?;
         // Regions need `image_inputs`; without any, images go as plain `images`.

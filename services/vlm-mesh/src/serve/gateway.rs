@@ -123,7 +123,6 @@ async fn openai_port(
             model_id,
             aliases: names,
             api_key: a.http.api_key.clone(),
-            model_dir: a.common.model.clone(),
             allow_image_urls: a.http.allow_image_urls,
             allow_private_image_urls: a.http.allow_private_image_urls,
             max_images: a.max_images,

@@ -61,6 +61,16 @@ impl Gateway for FakeGateway {
     ) -> Result<tonic::Response<ModelInfo>, Status> {
         Ok(tonic::Response::new(ModelInfo {
             model_id: "tiny-llava".into(),
+            // What a decoder serving a checkpoint without a template reports.
+            chat_template: Some(vlm_proto::ChatTemplate {
+                template: include_str!(
+                    "../../../../../shared/model/src/llava_1_5_chat_template.jinja"
+                )
+                .into(),
+                source: "built-in LLaVA-1.5 template".into(),
+                image_token: "<image>".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         }))
     }
@@ -71,7 +81,6 @@ struct Harness {
     /// The endpoint's admission (what a gRPC port beside it would share).
     gate: vlm_net::AdmissionGate,
     calls: mpsc::UnboundedReceiver<Call>,
-    _model_dir: tempfile::TempDir,
 }
 
 impl Harness {
@@ -99,13 +108,11 @@ impl Harness {
             },
             vlm_net::ByteBudget::new("vlm.v1.Gateway", memory_bytes, 0),
         );
-        let dir = tempfile::tempdir().unwrap();
         let (tx, calls) = mpsc::unbounded_channel();
         let cfg = OpenAiConfig {
             model_id: "tiny-llava".into(),
             aliases: vec![],
             api_key: None,
-            model_dir: dir.path().into(),
             allow_image_urls: false,
             allow_private_image_urls: false,
             max_images: 8,
@@ -119,7 +126,6 @@ impl Harness {
             app: Arc::new(endpoint).app(),
             gate,
             calls,
-            _model_dir: dir,
         }
     }
 
