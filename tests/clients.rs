@@ -218,12 +218,7 @@ fn openai_sdk_gets_the_text_and_usage_of_generate_and_openai_shaped_errors() {
     let installing = std::thread::spawn(tools);
     let mesh = MeshProc::start_with(&model(), &["--http-listen", "127.0.0.1:0"], &[]);
     installing.join().unwrap();
-    let base_url = mesh
-        .ready
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("openai="))
-        .unwrap_or_else(|| panic!("the ready line names no openai= URL: {}", mesh.ready))
-        .to_string();
+    let base_url = mesh.openai_url();
     assert!(
         base_url.starts_with("https://127.0.0.1:") && base_url.ends_with("/v1"),
         "{base_url}"
@@ -444,12 +439,7 @@ fn open_autoglm_phone_agent_client_drives_glm4v_through_the_openai_endpoint() {
         &[],
     );
     installing.join().unwrap();
-    let base_url = mesh
-        .ready
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("openai="))
-        .unwrap_or_else(|| panic!("the ready line names no openai= URL: {}", mesh.ready))
-        .to_string();
+    let base_url = mesh.openai_url();
     let dir = tempfile::tempdir().unwrap();
     let large = dir.path().join("screenshot-1440x3200.png");
     let shots = [

@@ -36,12 +36,7 @@ struct OpenAi {
 
 impl OpenAi {
     fn new(mesh: &MeshProc) -> OpenAi {
-        let base = mesh
-            .ready
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("openai="))
-            .unwrap_or_else(|| panic!("no openai= URL on the ready line: {}", mesh.ready))
-            .to_string();
+        let base = mesh.openai_url();
         let mut roots = rustls::RootCertStore::empty();
         let ca = std::fs::read(mesh.certs().join("ca.pem")).unwrap();
         use rustls_pki_types::pem::PemObject;

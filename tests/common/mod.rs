@@ -151,6 +151,16 @@ impl MeshProc {
         }
     }
 
+    /// The OpenAI endpoint's base URL (`https://…/v1`), from the ready line's `openai=` (the
+    /// mesh was started with `--http-listen`).
+    pub fn openai_url(&self) -> String {
+        self.ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("openai="))
+            .unwrap_or_else(|| panic!("the ready line names no openai= URL: {}", self.ready))
+            .to_string()
+    }
+
     pub fn certs(&self) -> PathBuf {
         self.state.path().join("certs")
     }

@@ -11,7 +11,7 @@ use vlm_model::{
 };
 
 mod support;
-use support::{max_abs_diff, models_dir};
+use support::{max_abs_diff, models_dir, references};
 
 struct Case {
     name: String,
@@ -27,13 +27,7 @@ fn fixture() -> (
     Vec<Case>,
 ) {
     let dir = models_dir().join("tiny-glm4v");
-    let refs =
-        candle_core::safetensors::load(dir.join("reference/reference.safetensors"), &Device::Cpu)
-            .unwrap();
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("reference/reference.json")).unwrap(),
-    )
-    .unwrap();
+    let (refs, meta) = references(&dir);
     let cases = meta["cases"]
         .as_array()
         .unwrap()

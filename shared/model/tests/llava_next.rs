@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use vlm_model::{ImageInput, ImageLimits, Pipeline, Region, SamplingParams, StageTimings};
 
 mod support;
-use support::{max_abs_diff, models_dir};
+use support::{max_abs_diff, models_dir, references};
 
 struct Case {
     name: String,
@@ -36,13 +36,7 @@ fn u32s(v: &serde_json::Value) -> Vec<u32> {
 
 fn fixture(name: &str) -> Fixture {
     let dir = models_dir().join(name);
-    let refs =
-        candle_core::safetensors::load(dir.join("reference/reference.safetensors"), &Device::Cpu)
-            .unwrap();
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("reference/reference.json")).unwrap(),
-    )
-    .unwrap();
+    let (refs, meta) = references(&dir);
     let cases = meta["cases"]
         .as_array()
         .unwrap()

@@ -11,7 +11,7 @@ use vlm_model::config::DecoderFamily;
 use vlm_model::{Checkpoint, ImageLimits, LlavaConfig, ModelError, Pipeline, SamplingParams};
 
 mod support;
-use support::{max_abs_diff, models_dir};
+use support::{max_abs_diff, models_dir, references};
 
 struct Fixture {
     dir: PathBuf,
@@ -23,13 +23,7 @@ struct Fixture {
 
 fn fixture(name: &str) -> Fixture {
     let dir = models_dir().join(name);
-    let refs =
-        candle_core::safetensors::load(dir.join("reference/reference.safetensors"), &Device::Cpu)
-            .unwrap();
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("reference/reference.json")).unwrap(),
-    )
-    .unwrap();
+    let (refs, meta) = references(&dir);
     let image = std::fs::read(dir.join(meta["image"].as_str().unwrap())).unwrap();
     let greedy = meta["greedy_ids"]
         .as_array()

@@ -11,7 +11,7 @@ use vlm_model::{
 };
 
 mod support;
-use support::max_abs_diff;
+use support::{max_abs_diff, references};
 
 fn models() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models")
@@ -32,13 +32,7 @@ fn pipeline(name: &str, q: Quantization) -> Pipeline {
 /// and the greedy ids from the image file.
 fn prefill_and_greedy(p: &Pipeline, name: &str) -> (Tensor, Tensor, Vec<u32>, Vec<u32>) {
     let dir = models().join(name);
-    let refs =
-        candle_core::safetensors::load(dir.join("reference/reference.safetensors"), &Device::Cpu)
-            .unwrap();
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("reference/reference.json")).unwrap(),
-    )
-    .unwrap();
+    let (refs, meta) = references(&dir);
     let prompt = meta["prompt"].as_str().unwrap();
     let prepared = p
         .prompt

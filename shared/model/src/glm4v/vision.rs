@@ -427,27 +427,19 @@ mod tests {
     /// Chunked attention equals the whole score matrix's, for chunks that divide the rows and
     /// chunks that leave a remainder, down to one row at a time.
     #[test]
-    fn chunked_attention_equals_whole() {
+    fn chunked_attention_equals_whole() -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let (heads, n, hd) = (3, 37, 8);
-        let q = Tensor::randn(0f32, 1.0, (1, heads, n, hd), &dev).unwrap();
-        let k = Tensor::randn(0f32, 1.0, (1, heads, n, hd), &dev).unwrap();
-        let v = Tensor::randn(0f32, 1.0, (1, heads, n, hd), &dev).unwrap();
-        let whole = attend(&q, &k, &v, 0.35, usize::MAX).unwrap();
+        let q = Tensor::randn(0f32, 1.0, (1, heads, n, hd), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (1, heads, n, hd), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (1, heads, n, hd), &dev)?;
+        let whole = attend(&q, &k, &v, 0.35, usize::MAX)?;
         assert_eq!(whole.dims(), &[1, heads, n, hd]);
         for budget in [0, heads * n, 5 * heads * n, 36 * heads * n] {
-            let got = attend(&q, &k, &v, 0.35, budget).unwrap();
-            let diff = (got - &whole)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let got = attend(&q, &k, &v, 0.35, budget)?;
+            let diff: f32 = (got - &whole)?.abs()?.flatten_all()?.max(0)?.to_scalar()?;
             assert!(diff < 1e-6, "budget {budget}: differs by {diff}");
         }
+        Ok(())
     }
 }

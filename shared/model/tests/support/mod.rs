@@ -1,13 +1,29 @@
 //! Helpers every parity test binary shares.
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 
 /// The repository's `models/` directory (fixtures and their references).
 pub fn models_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models")
+}
+
+/// A fixture's references, as its generator wrote them: `reference/reference.safetensors` (the
+/// tensors, by name) and `reference/reference.json` (the rest).
+pub fn references(dir: &Path) -> (HashMap<String, Tensor>, serde_json::Value) {
+    let refs = candle_core::safetensors::load(
+        dir.join("reference/reference.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let meta = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("reference/reference.json")).unwrap(),
+    )
+    .unwrap();
+    (refs, meta)
 }
 
 /// Largest absolute element difference of two equally shaped tensors, in f32.
