@@ -194,7 +194,6 @@ pub(crate) fn finish_reason(r: FinishReason) -> vlm_proto::FinishReason {
     }
 }
 
-/// The slots each placeholder covers: an image's slot and the region slots right after it.
 /// The checkpoint's chat template, for `DecoderInfo` (the gateway renders it).
 fn chat_template(dir: &std::path::Path) -> anyhow::Result<vlm_proto::ChatTemplate> {
     let t = vlm_model::ChatTemplateSource::from_dir(dir)?;
@@ -208,6 +207,7 @@ fn chat_template(dir: &std::path::Path) -> anyhow::Result<vlm_proto::ChatTemplat
     })
 }
 
+/// The slots each placeholder covers: an image's slot and the region slots right after it.
 fn slot_groups(slots: &[vlm_proto::ImageSlot]) -> Result<Vec<std::ops::Range<usize>>, Status> {
     let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
     for (i, s) in slots.iter().enumerate() {

@@ -133,7 +133,7 @@ impl Encoder for EncoderService {
                 })?;
             // A single-view model answers [rows, dim], as it always has; a tiling or
             // native-resolution one [views, rows, dim] with the layout in the header.
-            let features = if layout.grid.is_none() && layout.tokens.is_none() {
+            let features = if layout.is_plain() {
                 features.squeeze(0)?
             } else {
                 features
@@ -155,8 +155,7 @@ impl Encoder for EncoderService {
         tracing::debug!(?shape, ?stats, "encoded image");
         let chunks = TensorChunker::new(values, &shape, wire, options.chunk_bytes as usize)?;
         // Tiled (LLaVA-NeXT) and native-resolution (GLM-4.1V) images carry their layout.
-        let layout = (layout.grid.is_some() || layout.tokens.is_some())
-            .then(|| vlm_serving::layout_to_proto(&layout));
+        let layout = (!layout.is_plain()).then(|| vlm_serving::layout_to_proto(&layout));
         let out = chunks
             .map(move |mut c| {
                 if let Some(h) = &mut c.header {

@@ -42,6 +42,12 @@ pub struct ImageLayout {
 }
 
 impl ImageLayout {
+    /// One view at the tower's own size (LLaVA-1.5): neither a tile grid nor a token grid, so
+    /// nothing about the layout matters past the encoder.
+    pub fn is_plain(&self) -> bool {
+        self.grid.is_none() && self.tokens.is_none()
+    }
+
     /// Views the encoder runs: the base view, then the tiles row by row.
     pub fn num_views(&self) -> usize {
         match self.grid {

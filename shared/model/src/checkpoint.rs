@@ -53,26 +53,19 @@ impl PartKind {
         glm4v: bool,
     ) -> &'static [(&'static str, &'static [&'static str], &'static str, bool)] {
         match (self, glm4v) {
-            (PartKind::Vision, true) => {
-                return &[(
-                    "",
-                    &["model.visual.", "visual."],
-                    "patch_embed.proj.weight",
-                    true,
-                )]
-            }
-            (PartKind::Projector, true) => {
-                return &[(
-                    "",
-                    &["model.visual.merger.", "visual.merger."],
-                    "proj.weight",
-                    true,
-                )]
-            }
-            _ => {}
-        }
-        match self {
-            PartKind::Vision => &[(
+            (PartKind::Vision, true) => &[(
+                "",
+                &["model.visual.", "visual."],
+                "patch_embed.proj.weight",
+                true,
+            )],
+            (PartKind::Projector, true) => &[(
+                "",
+                &["model.visual.merger.", "visual.merger."],
+                "proj.weight",
+                true,
+            )],
+            (PartKind::Vision, false) => &[(
                 "",
                 &[
                     "vision_tower.vision_model.",
@@ -83,7 +76,7 @@ impl PartKind {
                 "embeddings.patch_embedding.weight",
                 true,
             )],
-            PartKind::Projector => &[
+            (PartKind::Projector, false) => &[
                 (
                     "",
                     &["multi_modal_projector.", "model.multi_modal_projector."],
@@ -98,7 +91,7 @@ impl PartKind {
                     false,
                 ),
             ],
-            PartKind::Decoder => &[
+            (PartKind::Decoder, _) => &[
                 (
                     "model.",
                     &[

@@ -455,8 +455,9 @@ impl RawText {
             |msg: String| ModelError::checkpoint("config.json", format!("text_config: {msg}"));
         let model_type = self.model_type.unwrap_or_else(|| "llama".into());
         let family = DecoderFamily::from_model_type(&model_type)?;
+        let glm4v = model_type == "glm4v_text";
         let mut d = TextDefaults::of(family);
-        if model_type == "glm4v_text" {
+        if glm4v {
             // Glm4vTextConfig's own defaults.
             d.rms_norm_eps = 1e-5;
             d.max_position_embeddings = 32768;
@@ -474,7 +475,6 @@ impl RawText {
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             )));
         }
-        let glm4v = model_type == "glm4v_text";
         // Glm4vTextAttention's head width is always hidden_size / heads.
         let head_dim = if glm4v {
             hidden_size / heads

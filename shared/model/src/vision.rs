@@ -323,8 +323,8 @@ impl VisionEncoder {
         let t = match &self.tower {
             Tower::Clip(t) => t,
             Tower::Glm4v(g, _) => {
-                cancel.check()?;
-                let rows = g.forward_monitored(&pixel_values.to_dtype(self.dtype)?, monitor)?;
+                let rows =
+                    g.forward_monitored(&pixel_values.to_dtype(self.dtype)?, monitor, cancel)?;
                 return Ok(rows.unsqueeze(0)?);
             }
         };

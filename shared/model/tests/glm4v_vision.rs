@@ -157,10 +157,20 @@ fn batch_of_equal_images_concatenates_rows() {
     let mut stats = Vec::new();
     let monitored = f
         .vision
-        .forward_monitored(&image, Some(&mut stats))
+        .forward_monitored(&image, Some(&mut stats), &vlm_model::Cancel::never())
         .unwrap();
     assert_eq!(max_abs_diff(&monitored, &one), 0.0);
     assert_eq!(stats.len(), f.cfg.vision.num_hidden_layers);
+    // A cancelled request stops before the first block.
+    let cancel = vlm_model::Cancel::never();
+    cancel.cancel();
+    let mut stats = Vec::new();
+    let err = f
+        .vision
+        .forward_monitored(&image, Some(&mut stats), &cancel)
+        .unwrap_err();
+    assert!(matches!(err, vlm_model::ModelError::Cancelled), "{err}");
+    assert!(stats.is_empty());
 }
 
 #[test]

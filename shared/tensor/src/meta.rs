@@ -41,9 +41,9 @@ pub struct TensorMeta {
     rows: usize,
     row_len: usize,
     total_bytes: u64,
-    /// The image layout the header carries (height, width, grid rows, grid cols, token rows,
-    /// token cols), if any: it travels with the tensor through streams and cache values.
-    layout: Option<[u32; 6]>,
+    /// The image layout the header carries, if any: it travels with the tensor through streams
+    /// and cache values.
+    layout: Option<vlm_proto::ImageLayout>,
 }
 
 impl TensorMeta {
@@ -123,33 +123,13 @@ impl TensorMeta {
 
     /// The same tensor described with `layout` (`None`: no image layout).
     pub fn with_layout(mut self, layout: Option<vlm_proto::ImageLayout>) -> Self {
-        self.layout = layout.map(|l| {
-            [
-                l.height,
-                l.width,
-                l.grid_rows,
-                l.grid_cols,
-                l.token_rows,
-                l.token_cols,
-            ]
-        });
+        self.layout = layout;
         self
     }
 
     /// The image layout the tensor carries, if any.
     pub fn layout(&self) -> Option<vlm_proto::ImageLayout> {
-        self.layout.map(
-            |[height, width, grid_rows, grid_cols, token_rows, token_cols]| {
-                vlm_proto::ImageLayout {
-                    height,
-                    width,
-                    grid_rows,
-                    grid_cols,
-                    token_rows,
-                    token_cols,
-                }
-            },
-        )
+        self.layout
     }
 
     pub fn dtype(&self) -> WireDType {

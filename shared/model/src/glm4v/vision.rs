@@ -10,6 +10,7 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
+use crate::cancel::Cancel;
 use crate::config::{Activation, Glm4vConfig, LlavaConfig, VisionConfig};
 use crate::error::{ModelError, Result};
 use crate::grid_sample::grid_sample_bicubic;
@@ -271,21 +272,22 @@ impl Glm4vVision {
     /// dtype: each image's merged windows in row-major order, images one after another. Equals
     /// transformers' `last_hidden_state` of `Glm4vVisionModel` for those images.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.forward_monitored(pixel_values, None)
+        self.forward_monitored(pixel_values, None, &Cancel::never())
     }
 
     /// [`Self::forward`], also pushing the statistics of every block's output to `monitor` when
     /// given (one row per block, `layer` = block index; for several images, each image's rows in
-    /// turn).
+    /// turn). `cancel` is checked before every block: a large image takes seconds.
     pub fn forward_monitored(
         &self,
         pixel_values: &Tensor,
         mut monitor: Option<&mut Vec<LayerStats>>,
+        cancel: &Cancel,
     ) -> Result<Tensor> {
         let (b, gh, gw) = self.check_input(pixel_values)?;
         let pixels = pixel_values.to_dtype(self.dtype)?;
         let rows = (0..b)
-            .map(|i| self.encode_one(&pixels.get(i)?, gh, gw, monitor.as_deref_mut()))
+            .map(|i| self.encode_one(&pixels.get(i)?, (gh, gw), monitor.as_deref_mut(), cancel))
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&rows, 0)?)
     }
@@ -311,9 +313,9 @@ impl Glm4vVision {
     fn encode_one(
         &self,
         image: &Tensor,
-        gh: usize,
-        gw: usize,
+        (gh, gw): (usize, usize),
         mut monitor: Option<&mut Vec<LayerStats>>,
+        cancel: &Cancel,
     ) -> Result<Tensor> {
         let positions = self.patch_positions(gh, gw);
         let x = self.patchify(image, gh, gw)?;
@@ -324,6 +326,7 @@ impl Glm4vVision {
         let mut x = (x + self.position_embedding(&positions, gh, gw)?)?;
         let (cos, sin) = self.rope(&positions)?;
         for (i, block) in self.blocks.iter().enumerate() {
+            cancel.check()?;
             x = block.forward(&x, &cos, &sin)?;
             if let Some(m) = monitor.as_deref_mut() {
                 m.push(LayerStats::of(i, &x)?);
