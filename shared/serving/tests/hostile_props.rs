@@ -1,14 +1,14 @@
 //! Random and mutated input for every surface a stage parses, mapped to the statuses the stages
 //! answer with: never a panic, and never a status outside the documented set (INVALID_ARGUMENT,
 //! RESOURCE_EXHAUSTED). Images (PNG bytes mutated, headers forged), prompts with image-row
-//! counts a peer claims, sampling parameters, and tensor-chunk streams.
+//! counts a peer claims, token grids, sampling parameters, and tensor-chunk streams.
 
 use std::path::PathBuf;
 
 use proptest::prelude::*;
 use tonic::Code;
 use vlm_model::config::{ImageProcessorConfig, ResizeTarget};
-use vlm_model::{Device, ImageLimits, Preprocessor, PromptBuilder};
+use vlm_model::{Device, ImageLimits, PreparedPrompt, Preprocessor, PromptBuilder, RopePositions};
 use vlm_proto::{TensorChunk, TensorHeader};
 use vlm_serving::{model_status, params_from_proto};
 use vlm_tensor::{TensorCollector, TensorLimits};
@@ -152,6 +152,33 @@ proptest! {
             Err(e) => {
                 let s = model_status(e);
                 prop_assert!(DOCUMENTED.contains(&s.code()), "{:?}", s);
+            }
+        }
+    }
+
+    /// A token grid a peer claims (ImageSlot / ImageLayout token_rows x token_cols), and the 3-D
+    /// positions of a prompt whose image span it may or may not cover: bounded sides, positions
+    /// or INVALID_ARGUMENT, never a panic.
+    #[test]
+    fn token_grids_get_a_documented_status(
+        rows in prop_oneof![any::<u32>(), 0u32..80, Just(4096), Just(4097)],
+        cols in prop_oneof![any::<u32>(), 0u32..80, Just(256)],
+        span in 1usize..7000,
+    ) {
+        match vlm_serving::token_grid_from_proto(rows, cols) {
+            Err(s) => prop_assert_eq!(s.code(), Code::InvalidArgument),
+            Ok(None) => prop_assert_eq!((rows, cols), (0, 0)),
+            Ok(Some(g)) => {
+                prop_assert!(g.rows <= 4096 && g.cols <= 4096);
+                prop_assert!(g.rows as u64 * g.cols as u64 <= 1 << 20);
+                let prompt = PreparedPrompt { ids: vec![1; span + 2], image_spans: vec![(1, span)] };
+                match RopePositions::for_prompt(&prompt, &[g]) {
+                    Ok(r) => {
+                        prop_assert_eq!((g.rows * g.cols) as usize, span);
+                        prop_assert_eq!(r.len(), span + 2);
+                    }
+                    Err(e) => prop_assert_eq!(model_status(e).code(), Code::InvalidArgument),
+                }
             }
         }
     }
