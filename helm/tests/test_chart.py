@@ -870,6 +870,32 @@ class MetricsOpenAIAndModel(unittest.TestCase):
         self.assertEqual(got, {"encoder": ("q8_0", "f32"), "projector": ("none", "f16"), "decoder": ("q4_k", "f32")})
 
 
+    def test_only_the_model_stages_mount_the_model(self):
+        """The gateway reads no checkpoint: no model volume, no init containers that fill one."""
+        values = {
+            "model": {
+                "volume": {"emptyDir": {"sizeLimit": "20Gi"}},
+                "initContainers": [{"name": "fetch", "image": "busybox:1.36", "command": ["true"]}],
+            }
+        }
+        deployments = objects(render(values), "Deployment")
+        for component in ("gateway",) + tuple(INTERNAL):
+            spec = deployments[name_of(component)]["spec"]["template"]["spec"]
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            mounts = {m["name"]: m for m in mesh_container(deployments[name_of(component)])["volumeMounts"]}
+            inits = [c["name"] for c in spec.get("initContainers", [])]
+            with self.subTest(component=component):
+                if component == "gateway":
+                    self.assertNotIn("model", volumes)
+                    self.assertNotIn("model", mounts)
+                    self.assertEqual(inits, [])
+                else:
+                    self.assertEqual(volumes["model"]["emptyDir"], {"sizeLimit": "20Gi"})
+                    self.assertEqual(mounts["model"], {"name": "model", "mountPath": "/models", "readOnly": True})
+                    self.assertEqual(inits, ["fetch"])
+                # Every process still gets --model: the gateway names the model after it.
+                self.assertEqual(arg(mesh_container(deployments[name_of(component)]), "--model"), "/models/llava-1.5-7b-hf")
+
     def test_openai_names_and_api_key_secret(self):
         values = {"gateway": {"openai": {"enabled": True, "servedModelNames": ["autoglm-phone-9b", "glm"],
                                          "apiKeySecret": {"name": "openai-key", "key": "token"}}}}

@@ -126,6 +126,10 @@ class RenderedPodsRun(unittest.TestCase):
                 self.assertTrue(path.startswith(mount + "/"), (flag, path))
                 replace_arg(args, flag, str(secrets / c / path[len(mount) + 1 :]))
             if c == "gateway":
+                # The gateway's pod has no model volume: run it where the checkpoint cannot be
+                # read, as in the cluster (the directory's name still names the model).
+                self.assertNotIn("model", [m["name"] for m in container["volumeMounts"]])
+                replace_arg(args, "--model", str(Path(self.tmp.name) / "no-model-volume" / Path(arg(container, "--model")).name))
                 for stage in INTERNAL:
                     replace_arg(args, f"--{stage}", f"https://localhost:{ports['--listen'][stage]}")
                 # The cache key, from the Secret the chart rendered, where the pod mounts it.

@@ -1,5 +1,5 @@
-//! The encoder service: image bytes → preprocessing → CLIP vision tower → feature chunks.
-//! Loads only `vision_tower.*` from the checkpoint.
+//! The encoder service: image bytes → preprocessing → vision tower (CLIP, or GLM-4.1V's up to
+//! its downsample) → feature chunks. Loads only the vision tower's weights from the checkpoint.
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -24,7 +24,7 @@ use vlm_tensor::{TensorChunker, WireDType};
 
 #[derive(Debug, Clone)]
 pub struct EncoderConfig {
-    /// Checkpoint directory (llava-hf layout).
+    /// Checkpoint directory (a LLaVA, LLaVA-NeXT or GLM-4.1V layout).
     pub model: PathBuf,
     pub dtype: DType,
     /// How the vision tower's linear layers are stored (`--quantize`).

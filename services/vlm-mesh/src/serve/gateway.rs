@@ -93,8 +93,9 @@ fn config(
     })
 }
 
-/// The served model's name: the checkpoint directory's name (the gateway reads nothing in it
-/// but the chat template, for the OpenAI endpoint).
+/// The served model's name: the checkpoint directory's name. The gateway reads nothing in it
+/// (the OpenAI endpoint's chat template comes from the decoder), so the directory need not
+/// exist where the gateway runs.
 fn model_id(dir: &std::path::Path) -> String {
     let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     dir.file_name()
