@@ -10,7 +10,7 @@
 //! block size (32 for q8_0, 256 for q4_k / q6_K) cannot be cut into blocks and stays as it is;
 //! the part logs every such tensor in one line ([`QuantPlan::report`]).
 //!
-//! Products with quantized weights ([`QWeight`]) read each weight once per step and compute
+//! Products with quantized weights (`QWeight`) read each weight once per step and compute
 //! every output element with one fixed chain whatever the number of rows, so a sequence decodes
 //! the same in a batch as alone: q8_0 with our own kernel (int8 widened to f32 in registers, f32
 //! inputs), q4_K / q6_K with candle's k-quant dot products (inputs rounded to 8 bits per block

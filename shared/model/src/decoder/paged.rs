@@ -163,7 +163,7 @@ impl Layer {
     }
 }
 
-/// One sequence's share of a batched forward ([`Decoder::forward_batch`]).
+/// One sequence's share of a batched forward ([`super::Decoder::forward_batch`]).
 #[derive(Debug, Clone, Copy)]
 pub struct BatchSeq<'b> {
     /// Its KV blocks, covering at least positions `0..pos + rows`.
