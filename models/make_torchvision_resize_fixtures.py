@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""Writes torchvision's `resize(uint8, BICUBIC, antialias=True)` on random RGB images (issue 22:
+"""Writes torchvision's `resize(uint8, BICUBIC | BILINEAR, antialias=True)` on random RGB images (issue 22:
 transformers' default GLM-4.1V image processor is torchvision-backed and resizes this way), for
 `vlm_model::resize::resize_torchvision` to be checked against bit for bit
 (`shared/model/tests/torchvision_resize.rs`).
 
     ~/vlm-venv/bin/python models/make_torchvision_resize_fixtures.py
 
-Output: models/glm4v/torchvision_resize.safetensors with `input_k` [H, W, 3] and `output_k`
-[h, w, 3] (uint8) per case: down- and upscaling, each axis alone, both, and a 4x downscale.
+Output: models/glm4v/torchvision_resize.safetensors with `input_k` [H, W, 3], `output_k` (bicubic)
+and `bilinear_output_k` [h, w, 3] (uint8) per case: down- and upscaling, each axis alone, both, and a 4x downscale.
 """
 import os
 
@@ -32,6 +32,9 @@ def main():
         out = tvF.resize(img, [oh, ow], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
         tensors[f"input_{k}"] = img.permute(1, 2, 0).contiguous()
         tensors[f"output_{k}"] = out.permute(1, 2, 0).contiguous()
+        # BILINEAR, which an image processor's `resample: 2` asks for.
+        lin = tvF.resize(img, [oh, ow], interpolation=tvF.InterpolationMode.BILINEAR, antialias=True)
+        tensors[f"bilinear_output_{k}"] = lin.permute(1, 2, 0).contiguous()
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     save_file(tensors, OUT, metadata={"torch": torch.__version__, "torchvision": torchvision.__version__})
     print(f"wrote {len(CASES)} cases to {OUT}")

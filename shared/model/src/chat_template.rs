@@ -87,6 +87,20 @@ fn image_token_of_config(dir: &Path) -> Result<Option<String>> {
     }))
 }
 
+/// The keys of `tokenizer_config.json` that are read (see [`ChatTemplateSource::from_dir`]).
+#[derive(serde::Deserialize)]
+#[allow(dead_code)] // only its field names are used
+struct RawTokenizerConfig {
+    chat_template: Option<Value>,
+    image_token: Option<Value>,
+    bos_token: Option<Value>,
+    eos_token: Option<Value>,
+}
+
+pub(crate) fn tokenizer_config_keys() -> &'static [&'static str] {
+    crate::config::keys::keys_of::<RawTokenizerConfig>()
+}
+
 impl ChatTemplateSource {
     /// The checkpoint's template, or the LLaVA-1.5 fallback.
     pub fn from_dir(dir: &Path) -> Result<Self> {

@@ -11,9 +11,11 @@ use serde_json::Value;
 use crate::error::{ModelError, Result};
 
 mod glm4v;
+pub(crate) mod keys;
 mod processor;
 mod text;
 pub use glm4v::Glm4vConfig;
+pub use keys::ConfigSection;
 pub use processor::{ImageProcessorConfig, NativeResize, ResizeTarget};
 use text::RawText;
 pub use text::{DecoderFamily, RopeScaling, TextConfig};
@@ -123,7 +125,7 @@ impl LlavaConfig {
         let next = match raw.model_type.as_deref() {
             None | Some("llava") => false,
             Some("llava_next") => true,
-            Some("glm4v") => return Self::glm4v(raw, text),
+            Some("glm4v") => return Self::glm4v(raw),
             Some(mt) => {
                 return Err(ModelError::Unsupported(format!(
                     "checkpoint model_type '{mt}' (supported: llava, llava_next, glm4v)"
@@ -133,7 +135,8 @@ impl LlavaConfig {
         let vision: RawVision = serde_json::from_value(raw.vision_config)
             .map_err(|e| bad(format!("vision_config: invalid: {e}")))?;
         let vision = vision.resolve()?;
-        let text = raw.text_config.resolve()?;
+        let mut text = raw.text_config.resolve()?;
+        text.tie_word_embeddings |= raw.tie_word_embeddings.unwrap_or(false);
         let image_token_id = raw
             .image_token_id
             .or(raw.image_token_index)
@@ -213,11 +216,11 @@ impl LlavaConfig {
     }
 
     /// A `glm4v` checkpoint: GLM-4.1V's vision tower and merger over a `glm4v_text` decoder.
-    fn glm4v(raw: RawLlava, json: &str) -> Result<Self> {
+    fn glm4v(raw: RawLlava) -> Result<Self> {
         let bad = |msg: String| ModelError::checkpoint("config.json", msg);
-        let top: Value = serde_json::from_str(json).map_err(|e| bad(format!("invalid: {e}")))?;
-        let (vision, g) = glm4v::parse_vision(&raw.vision_config, &top)?;
-        let text = raw.text_config.resolve()?;
+        let (vision, g) = glm4v::parse_vision(&raw.vision_config)?;
+        let mut text = raw.text_config.resolve()?;
+        text.tie_word_embeddings |= raw.tie_word_embeddings.unwrap_or(false);
         if text.model_type != "glm4v_text" || text.mrope_section.is_none() {
             return Err(ModelError::Unsupported(format!(
                 "text_config.model_type '{}' in a glm4v checkpoint (supported: glm4v_text)",
@@ -262,6 +265,80 @@ impl LlavaConfig {
     }
 }
 
+/// Every section of a checkpoint's files the loader reads, with the keys it reads there (taken
+/// from the loader's own structs). `tests/field_coverage.rs` checks that the varied fixtures set
+/// each of them away from its default.
+pub fn read_sections() -> Vec<ConfigSection> {
+    use keys::keys_of;
+    const ALL: &[&str] = &["llava", "llava_next", "glm4v"];
+    const CLIP: &[&str] = &["llava", "llava_next"];
+    const GLM4V: &[&str] = &["glm4v"];
+    let s = |file, path, families, keys| ConfigSection {
+        file,
+        path,
+        families,
+        keys,
+    };
+    vec![
+        s("config.json", &[], ALL, keys_of::<RawLlava>()),
+        s(
+            "config.json",
+            &["vision_config"],
+            CLIP,
+            keys_of::<RawVision>(),
+        ),
+        s(
+            "config.json",
+            &["vision_config"],
+            GLM4V,
+            glm4v::vision_keys(),
+        ),
+        s(
+            "config.json",
+            &["vision_config", "rope_parameters"],
+            GLM4V,
+            glm4v::vision_rope_keys(),
+        ),
+        s("config.json", &["text_config"], ALL, keys_of::<RawText>()),
+        s(
+            "config.json",
+            &["text_config", "rope_parameters"],
+            ALL,
+            keys_of::<text::RawRope>(),
+        ),
+        s(
+            "processor_config.json",
+            &["image_processor"],
+            ALL,
+            processor::image_processor_keys(),
+        ),
+        s(
+            "processor_config.json",
+            &["image_processor"],
+            GLM4V,
+            processor::native_keys(),
+        ),
+        s(
+            "processor_config.json",
+            &["image_processor", "size"],
+            ALL,
+            processor::size_keys(),
+        ),
+        s(
+            "generation_config.json",
+            &[],
+            ALL,
+            crate::prompt::generation_keys(),
+        ),
+        s(
+            "tokenizer_config.json",
+            &[],
+            ALL,
+            crate::chat_template::tokenizer_config_keys(),
+        ),
+    ]
+}
+
 #[derive(Deserialize)]
 struct RawLlava {
     model_type: Option<String>,
@@ -274,6 +351,9 @@ struct RawLlava {
     vision_feature_layer: Option<Value>,
     vision_feature_select_strategy: Option<String>,
     image_grid_pinpoints: Option<Value>,
+    /// transformers 5 reads it here; checkpoints written before it, in `text_config`. Either
+    /// ties the head.
+    tie_word_embeddings: Option<bool>,
 }
 
 /// Defaults are transformers' `CLIPVisionConfig` defaults.

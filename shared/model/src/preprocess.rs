@@ -72,7 +72,8 @@ impl Preprocessor {
     }
 
     /// Decodes PNG, JPEG or WebP bytes into 8-bit RGB (alpha dropped as PIL's `convert("RGB")` does;
-    /// EXIF orientation is ignored, as transformers ignores it).
+    /// EXIF orientation is ignored, as transformers ignores it). With the processor's
+    /// `do_convert_rgb` false, only images that are 8-bit RGB already are accepted.
     pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage> {
         if bytes.is_empty() {
             return Err(ModelError::InvalidImage("empty image (0 bytes)".into()));
@@ -103,6 +104,14 @@ impl Preprocessor {
         let img = r.decode().map_err(|e| {
             ModelError::InvalidImage(format!("corrupt or truncated {format:?} image: {e}"))
         })?;
+        if !self.cfg.do_convert_rgb && img.color() != image::ColorType::Rgb8 {
+            // transformers would feed the image's own channels to a 3-channel tower and fail.
+            return Err(ModelError::InvalidImage(format!(
+                "a {:?} image, but the checkpoint's image processor has do_convert_rgb false \
+                 (only 8-bit RGB images are accepted then)",
+                img.color()
+            )));
+        }
         Ok(img.to_rgb8())
     }
 

@@ -31,6 +31,16 @@ pub struct PreparedPrompt {
     pub image_spans: Vec<(usize, usize)>,
 }
 
+/// The keys of `generation_config.json` that are read: generation stops at these ids too.
+#[derive(serde::Deserialize)]
+struct RawGeneration {
+    eos_token_id: Option<serde_json::Value>,
+}
+
+pub(crate) fn generation_keys() -> &'static [&'static str] {
+    crate::config::keys::keys_of::<RawGeneration>()
+}
+
 impl PromptBuilder {
     /// Loads `tokenizer.json`; end-of-sequence ids come from the text config and
     /// `generation_config.json` (either may list several).
@@ -44,7 +54,9 @@ impl PromptBuilder {
         let mut eos_ids = cfg.text.eos_token_ids.clone();
         let gen = dir.join("generation_config.json");
         if gen.exists() {
-            if let Some(v) = read_json(&gen)?.get("eos_token_id") {
+            let raw: RawGeneration = serde_json::from_value(read_json(&gen)?)
+                .map_err(|e| ModelError::checkpoint(&gen, format!("invalid: {e}")))?;
+            if let Some(v) = &raw.eos_token_id {
                 let ids = token_id_list(v).map_err(|m| ModelError::checkpoint(&gen, m))?;
                 for id in ids {
                     if !eos_ids.contains(&id) {

@@ -257,13 +257,19 @@ pub fn resize(src: &RgbImage, width: u32, height: u32, filter: Filter) -> Result
     separable(src, width, height, filter, Fixed::Pil)
 }
 
-/// Resizes exactly as torchvision's `resize(uint8 tensor, size, BICUBIC, antialias=True)` does
-/// on the CPU: PIL's algorithm and kernel (a = −0.5), horizontal pass first, but with int16
+/// Resizes exactly as torchvision's `resize(uint8 tensor, size, BICUBIC | BILINEAR,
+/// antialias=True)` does on the CPU: PIL's algorithm and kernels (bicubic a = −0.5), horizontal
+/// pass first, but with int16
 /// weights whose fixed-point precision depends on the largest weight (the uint8 path torchvision
 /// took over from Pillow-SIMD). transformers' torchvision-backed image processors (GLM-4.1V's
 /// default one) resize this way; PIL's 22-bit weights differ from it by a level here and there.
-pub fn resize_torchvision(src: &RgbImage, width: u32, height: u32) -> Result<RgbImage> {
-    separable(src, width, height, Filter::Bicubic, Fixed::Int16)
+pub fn resize_torchvision(
+    src: &RgbImage,
+    width: u32,
+    height: u32,
+    filter: Filter,
+) -> Result<RgbImage> {
+    separable(src, width, height, filter, Fixed::Int16)
 }
 
 fn separable(

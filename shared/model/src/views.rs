@@ -132,7 +132,7 @@ impl Preprocessor {
             )));
         }
         let resized = if n.torchvision {
-            resize_torchvision(img, nw, nh)?
+            resize_torchvision(img, nw, nh, self.filter())?
         } else {
             resize(img, nw, nh, self.filter())?
         };

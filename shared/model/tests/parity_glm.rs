@@ -331,7 +331,6 @@ fn glm_config_defaults_follow_transformers() {
         assert_eq!(c.rms_norm_eps, 1.5625e-7);
         assert_eq!(c.max_position_embeddings, 131072);
         assert!(c.attention_bias && !c.mlp_bias && !c.tie_word_embeddings);
-        assert_eq!(c.bos_token_id, None);
         assert_eq!(c.eos_token_ids, [151329, 151336, 151338]);
     }
     // transformers 4.x layout (THUDM/glm-4-9b-chat-hf): rope keys at the top level.
@@ -361,10 +360,7 @@ fn glm_config_defaults_follow_transformers() {
         (c.head_dim, c.rope_dim, c.num_key_value_heads),
         (128, 128, 32)
     );
-    assert_eq!(
-        (c.bos_token_id, c.eos_token_ids.as_slice()),
-        (Some(1), &[2][..])
-    );
+    assert_eq!(c.eos_token_ids, [2]);
     // A rotary width the head cannot hold is refused at load.
     let err = LlavaConfig::from_json(&llava_json(
         r#"{"model_type": "glm", "head_dim": 16, "partial_rotary_factor": 1.5}"#,

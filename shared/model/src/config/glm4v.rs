@@ -26,9 +26,6 @@ pub struct Glm4vConfig {
     /// Base of the 2-D vision rope.
     pub rope_theta: f64,
     pub rms_norm_eps: f64,
-    /// `<|begin_of_image|>` and `<|end_of_image|>`.
-    pub image_start_token_id: Option<u32>,
-    pub image_end_token_id: Option<u32>,
 }
 
 /// transformers' `Glm4vVisionConfig` defaults for missing keys.
@@ -52,8 +49,28 @@ struct RawGlm4vVision {
     rope_theta: Option<f64>,
 }
 
-/// Parses `vision_config` of a `glm4v` checkpoint; `top` is the whole `config.json`.
-pub(super) fn parse_vision(v: &Value, top: &Value) -> Result<(VisionConfig, Glm4vConfig)> {
+/// `vision_config.rope_parameters`: the 2-D rope has a base and no scaling.
+#[derive(Deserialize, Default)]
+struct RawAxialRope {
+    rope_type: Option<String>,
+    /// transformers 4's name for `rope_type`.
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    rope_theta: Option<f64>,
+}
+
+/// The keys a `glm4v` checkpoint's `vision_config` is read for.
+pub(super) fn vision_keys() -> &'static [&'static str] {
+    super::keys::keys_of::<RawGlm4vVision>()
+}
+
+/// The keys its `vision_config.rope_parameters` is read for.
+pub(super) fn vision_rope_keys() -> &'static [&'static str] {
+    super::keys::keys_of::<RawAxialRope>()
+}
+
+/// `vision_config` of a `glm4v` checkpoint .
+pub(super) fn parse_vision(v: &Value) -> Result<(VisionConfig, Glm4vConfig)> {
     let bad = |msg: String| ModelError::checkpoint("config.json", format!("vision_config: {msg}"));
     let raw: RawGlm4vVision =
         serde_json::from_value(v.clone()).map_err(|e| bad(format!("invalid: {e}")))?;
@@ -79,14 +96,21 @@ pub(super) fn parse_vision(v: &Value, top: &Value) -> Result<(VisionConfig, Glm4
         hidden_act: Activation::parse(raw.hidden_act.as_deref().unwrap_or("silu"))?,
         layer_norm_eps: raw.rms_norm_eps.unwrap_or(1e-5),
     };
-    let rope_theta = raw
-        .rope_parameters
-        .as_ref()
-        .and_then(|r| r.get("rope_theta"))
-        .and_then(Value::as_f64)
-        .or(raw.rope_theta)
-        .unwrap_or(10000.0);
-    let id = |k: &str| top.get(k).and_then(Value::as_u64).map(|x| x as u32);
+    let rope: RawAxialRope = match raw.rope_parameters.clone().filter(|v| !v.is_null()) {
+        None => RawAxialRope::default(),
+        Some(v) => {
+            serde_json::from_value(v).map_err(|e| bad(format!("rope_parameters: invalid: {e}")))?
+        }
+    };
+    // Glm4vVisionRotaryEmbedding raises for any other type.
+    let kind = rope.rope_type.as_deref().or(rope.kind.as_deref());
+    if !matches!(kind, None | Some("axial" | "default")) {
+        return Err(ModelError::Unsupported(format!(
+            "vision_config rope type '{}' (supported: axial)",
+            kind.unwrap_or_default()
+        )));
+    }
+    let rope_theta = rope.rope_theta.or(raw.rope_theta).unwrap_or(10000.0);
     let g = Glm4vConfig {
         out_hidden_size,
         merger_intermediate_size: raw.intermediate_size.unwrap_or(13696),
@@ -95,8 +119,6 @@ pub(super) fn parse_vision(v: &Value, top: &Value) -> Result<(VisionConfig, Glm4
         attention_bias: raw.attention_bias.unwrap_or(false),
         rope_theta,
         rms_norm_eps: vision.layer_norm_eps,
-        image_start_token_id: id("image_start_token_id"),
-        image_end_token_id: id("image_end_token_id"),
     };
     if heads == 0 || !hidden.is_multiple_of(heads) || !(hidden / heads).is_multiple_of(4) {
         return Err(bad(format!(
@@ -128,10 +150,10 @@ pub(super) fn parse_vision(v: &Value, top: &Value) -> Result<(VisionConfig, Glm4
 /// how many of the rotary frequencies follow the temporal, height and width position. They must
 /// add up to the frequencies there are (`rope_dim / 2`), as torch's `split` requires.
 pub(super) fn mrope_section(
-    rope: Option<&Value>,
+    section: Option<&Value>,
     rope_dim: usize,
 ) -> std::result::Result<Vec<usize>, String> {
-    let section = match rope.and_then(|r| r.get("mrope_section")) {
+    let section = match section {
         None | Some(Value::Null) => vec![8, 12, 12],
         Some(Value::Array(items)) => items
             .iter()

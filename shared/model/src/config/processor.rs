@@ -79,6 +79,18 @@ struct RawNative {
     temporal_patch_size: Option<u32>,
 }
 
+pub(super) fn image_processor_keys() -> &'static [&'static str] {
+    super::keys::keys_of::<RawImageProcessor>()
+}
+
+pub(super) fn native_keys() -> &'static [&'static str] {
+    super::keys::keys_of::<RawNative>()
+}
+
+pub(super) fn size_keys() -> &'static [&'static str] {
+    super::keys::keys_of::<RawSize>()
+}
+
 impl ImageProcessorConfig {
     /// [`Self::from_dir`] for the checkpoint `cfg` describes: a LLaVA-NeXT checkpoint tiles with
     /// its `image_grid_pinpoints`, which the processor config must not contradict (the model
@@ -111,12 +123,13 @@ impl ImageProcessorConfig {
         let bad = |msg: String| ModelError::checkpoint(&path, msg);
         let raw: RawNative = serde_json::from_value(value.clone())
             .map_err(|e| bad(format!("invalid image processor config: {e}")))?;
-        let edge = |k: &str| {
-            raw.size
-                .as_ref()
-                .and_then(|s| s.get(k))
-                .and_then(Value::as_u64)
-        };
+        let size: Option<RawSize> = raw
+            .size
+            .clone()
+            .filter(Value::is_object)
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| bad(format!("invalid size: {e}")))?;
         let patch_size = raw.patch_size.unwrap_or(14);
         let merge_size = raw.merge_size.unwrap_or(2);
         let temporal = raw.temporal_patch_size.unwrap_or(2);
@@ -134,10 +147,14 @@ impl ImageProcessorConfig {
         let smart = crate::smart_resize::SmartResize {
             temporal_factor: temporal,
             factor: patch_size * merge_size,
-            min_pixels: edge("shortest_edge")
+            min_pixels: size
+                .as_ref()
+                .and_then(|s| s.shortest_edge)
                 .or(raw.min_pixels)
                 .unwrap_or(112 * 112),
-            max_pixels: edge("longest_edge")
+            max_pixels: size
+                .as_ref()
+                .and_then(|s| s.longest_edge)
                 .or(raw.max_pixels)
                 .unwrap_or(28 * 28 * 15000),
         };
@@ -148,6 +165,15 @@ impl ImageProcessorConfig {
             )));
         }
         let mut base = Self::parse(&path, value, &cfg.vision)?;
+        if !base.do_resize {
+            // Glm4vImageProcessor would patchify the image at its own size, which is rarely a
+            // multiple of patch × merge; vlm-model always resizes.
+            return Err(bad(
+                "do_resize false is not supported for glm4v (images are always resized by smart_resize)"
+                    .into(),
+            ));
+        }
+        // Glm4vImageProcessor has no centre crop.
         base.do_center_crop = false;
         base.native = Some(NativeResize {
             smart,
@@ -260,6 +286,16 @@ fn read_processor(dir: &Path) -> Result<(std::path::PathBuf, Value)> {
     }
 }
 
+/// An image processor's `size` (or `crop_size`) object: the keys read there.
+#[derive(Deserialize)]
+struct RawSize {
+    shortest_edge: Option<u64>,
+    /// GLM-4.1V: the largest pixel count.
+    longest_edge: Option<u64>,
+    height: Option<u64>,
+    width: Option<u64>,
+}
+
 fn parse_size(v: &Value) -> std::result::Result<ResizeTarget, String> {
     if let Some(n) = v.as_u64() {
         return Ok(ResizeTarget::Exact {
@@ -267,14 +303,18 @@ fn parse_size(v: &Value) -> std::result::Result<ResizeTarget, String> {
             width: n as u32,
         });
     }
-    if let Some(s) = v.get("shortest_edge").and_then(Value::as_u64) {
-        return Ok(ResizeTarget::ShortestEdge(s as u32));
-    }
-    match (
-        v.get("height").and_then(Value::as_u64),
-        v.get("width").and_then(Value::as_u64),
-    ) {
-        (Some(h), Some(w)) => Ok(ResizeTarget::Exact {
+    let raw: RawSize = serde_json::from_value(v.clone())
+        .map_err(|e| format!("unsupported image size setting {v}: {e}"))?;
+    match raw {
+        RawSize {
+            shortest_edge: Some(s),
+            ..
+        } => Ok(ResizeTarget::ShortestEdge(s as u32)),
+        RawSize {
+            height: Some(h),
+            width: Some(w),
+            ..
+        } => Ok(ResizeTarget::Exact {
             height: h as u32,
             width: w as u32,
         }),

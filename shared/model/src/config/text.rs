@@ -83,7 +83,6 @@ pub struct TextConfig {
     pub attention_bias: bool,
     pub mlp_bias: bool,
     pub tie_word_embeddings: bool,
-    pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     /// GLM-4.1V's M-RoPE: the rotary frequencies, in order, split into sections that follow the
     /// temporal, height and width position (`rope_parameters.mrope_section`, section i follows
@@ -116,7 +115,6 @@ pub(super) struct RawText {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     tie_word_embeddings: Option<bool>,
-    bos_token_id: Option<u32>,
     eos_token_id: Option<Value>,
 }
 
@@ -132,6 +130,8 @@ impl RawText {
             // Glm4vTextConfig's own defaults.
             d.rms_norm_eps = 1e-5;
             d.max_position_embeddings = 32768;
+            // Its rotary init reads rope_parameters.partial_rotary_factor with default 1.0.
+            d.partial_rotary_factor = 1.0;
         }
         let hidden_size = self.hidden_size.unwrap_or(d.hidden_size);
         let heads = self.num_attention_heads.unwrap_or(d.heads);
@@ -146,8 +146,16 @@ impl RawText {
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             )));
         }
-        // Glm4vTextAttention's head width is always hidden_size / heads.
+        // Glm4vTextAttention's head width is always hidden_size / heads (its rotary init would
+        // read a `head_dim` key, so one that differs cannot describe a working checkpoint).
         let head_dim = if glm4v {
+            if let Some(h) = self.head_dim.filter(|&h| h != hidden_size / heads) {
+                return Err(bad(format!(
+                    "head_dim {h} differs from hidden_size / num_attention_heads ({}), which \
+                     glm4v_text attention always uses",
+                    hidden_size / heads
+                )));
+            }
             hidden_size / heads
         } else {
             self.head_dim
@@ -160,30 +168,24 @@ impl RawText {
         }
         // transformers 5 keeps rope_theta (and partial_rotary_factor) inside rope_parameters;
         // 4.x at the top level.
-        let rope = self
+        let rope: Option<RawRope> = self
             .rope_parameters
             .or(self.rope_scaling)
-            .filter(|v| !v.is_null());
-        let rope_theta = rope
-            .as_ref()
-            .and_then(|r| r.get("rope_theta"))
-            .and_then(Value::as_f64)
-            .or(self.rope_theta)
-            .unwrap_or(10000.0);
-        let rope_scaling = match &rope {
-            None => RopeScaling::None,
-            Some(r) => parse_rope_scaling(r).map_err(bad)?,
-        };
-        let rope_dim = match family {
-            // LlamaRotaryEmbedding's default init ignores partial_rotary_factor.
-            DecoderFamily::Llama => head_dim,
-            DecoderFamily::Glm | DecoderFamily::Glm4 => {
-                let factor = rope
-                    .as_ref()
-                    .and_then(|r| r.get("partial_rotary_factor"))
-                    .and_then(Value::as_f64)
-                    .or(self.partial_rotary_factor)
-                    .unwrap_or(0.5);
+            .filter(|v| !v.is_null())
+            .map(|v| {
+                serde_json::from_value(v).map_err(|e| bad(format!("rope_parameters: invalid: {e}")))
+            })
+            .transpose()?;
+        let rope = rope.unwrap_or_default();
+        let rope_theta = rope.rope_theta.or(self.rope_theta).unwrap_or(10000.0);
+        let rope_scaling = rope.scaling().map_err(bad)?;
+        let partial_rotary_factor = rope.partial_rotary_factor.or(self.partial_rotary_factor);
+        let rope_dim = match (family, &rope_scaling) {
+            // LlamaRotaryEmbedding's default init ignores partial_rotary_factor; the scaled
+            // inits (linear, llama3) apply it, as GLM's always do.
+            (DecoderFamily::Llama, RopeScaling::None) => head_dim,
+            _ => {
+                let factor = partial_rotary_factor.unwrap_or(d.partial_rotary_factor);
                 // Python's int() truncates, as `as` does.
                 let dim = (head_dim as f64 * factor) as usize;
                 if !(factor > 0.0 && dim > 0 && dim.div_ceil(2) * 2 <= head_dim) {
@@ -195,7 +197,7 @@ impl RawText {
             }
         };
         let mrope_section = glm4v
-            .then(|| glm4v::mrope_section(rope.as_ref(), rope_dim).map_err(bad))
+            .then(|| glm4v::mrope_section(rope.mrope_section.as_ref(), rope_dim).map_err(bad))
             .transpose()?;
         let eos_token_ids = match self.eos_token_id {
             None => d.eos.to_vec(),
@@ -219,6 +221,15 @@ impl RawText {
                 max_position_embeddings = max_position_embeddings.min(w);
             }
         }
+        // Glm4vTextAttention always has q/k/v biases (its config has no attention_bias key).
+        let attention_bias = self.attention_bias.unwrap_or(d.attention_bias);
+        if glm4v && !attention_bias {
+            return Err(bad(
+                "attention_bias false in a glm4v_text config: transformers' Glm4vTextAttention \
+                 always has q/k/v biases"
+                    .into(),
+            ));
+        }
         Ok(TextConfig {
             model_type,
             family,
@@ -235,11 +246,10 @@ impl RawText {
             rope_theta,
             rope_scaling,
             hidden_act: Activation::parse(self.hidden_act.as_deref().unwrap_or("silu"))?,
-            attention_bias: self.attention_bias.unwrap_or(d.attention_bias),
+            attention_bias,
             // GLM's MLP never has biases (no such key in GlmConfig).
             mlp_bias: family == DecoderFamily::Llama && self.mlp_bias.unwrap_or(false),
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
-            bos_token_id: self.bos_token_id.or(d.bos_token_id),
             eos_token_ids,
             mrope_section,
         })
@@ -265,7 +275,8 @@ struct TextDefaults {
     max_position_embeddings: usize,
     rms_norm_eps: f64,
     attention_bias: bool,
-    bos_token_id: Option<u32>,
+    /// Of the rotary width, for the inits that read it (GLM's; LLaMA's scaled ones).
+    partial_rotary_factor: f64,
     eos: &'static [u32],
 }
 
@@ -283,7 +294,7 @@ impl TextDefaults {
                 max_position_embeddings: 2048,
                 rms_norm_eps: 1e-6,
                 attention_bias: false,
-                bos_token_id: Some(1),
+                partial_rotary_factor: 1.0,
                 eos: &[2],
             },
             // GlmConfig and Glm4Config share their defaults (THUDM/glm-4-9b-chat).
@@ -298,39 +309,60 @@ impl TextDefaults {
                 max_position_embeddings: 131072,
                 rms_norm_eps: 1.5625e-7,
                 attention_bias: true,
-                bos_token_id: None,
+                partial_rotary_factor: 0.5,
                 eos: &[151329, 151336, 151338],
             },
         }
     }
 }
 
-fn parse_rope_scaling(r: &Value) -> std::result::Result<RopeScaling, String> {
-    let kind = r
-        .get("rope_type")
-        .or_else(|| r.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    let num = |k: &str| {
-        r.get(k)
-            .and_then(Value::as_f64)
-            .ok_or_else(|| format!("rope '{kind}' needs '{k}'"))
-    };
-    match kind {
-        // transformers 4's Qwen2-VL-style configs say "mrope" for M-RoPE, which it reads as
-        // "default" frequencies (the sections are `TextConfig::mrope_section`).
-        "default" | "mrope" => Ok(RopeScaling::None),
-        "linear" => Ok(RopeScaling::Linear {
-            factor: num("factor")?,
-        }),
-        "llama3" => Ok(RopeScaling::Llama3 {
-            factor: num("factor")?,
-            low_freq_factor: num("low_freq_factor")?,
-            high_freq_factor: num("high_freq_factor")?,
-            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
-        }),
-        other => Err(format!(
-            "rope type '{other}' is not supported (supported: default, linear, llama3)"
-        )),
+/// `rope_parameters` (transformers 5) or `rope_scaling` (transformers 4): the keys read there.
+#[derive(Deserialize, Default)]
+pub(super) struct RawRope {
+    rope_type: Option<String>,
+    /// transformers 4's name for `rope_type`.
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    rope_theta: Option<f64>,
+    partial_rotary_factor: Option<f64>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
+    /// GLM-4.1V's M-RoPE sections ([`glm4v::mrope_section`]).
+    mrope_section: Option<Value>,
+}
+
+impl RawRope {
+    fn rope_type(&self) -> &str {
+        self.rope_type
+            .as_deref()
+            .or(self.kind.as_deref())
+            .unwrap_or("default")
+    }
+
+    fn scaling(&self) -> std::result::Result<RopeScaling, String> {
+        let kind = self.rope_type();
+        let num = |v: Option<f64>, k: &str| v.ok_or_else(|| format!("rope '{kind}' needs '{k}'"));
+        match kind {
+            // transformers 4's Qwen2-VL-style configs say "mrope" for M-RoPE, which it reads as
+            // "default" frequencies (the sections are `TextConfig::mrope_section`).
+            "default" | "mrope" => Ok(RopeScaling::None),
+            "linear" => Ok(RopeScaling::Linear {
+                factor: num(self.factor, "factor")?,
+            }),
+            "llama3" => Ok(RopeScaling::Llama3 {
+                factor: num(self.factor, "factor")?,
+                low_freq_factor: num(self.low_freq_factor, "low_freq_factor")?,
+                high_freq_factor: num(self.high_freq_factor, "high_freq_factor")?,
+                original_max_position_embeddings: num(
+                    self.original_max_position_embeddings,
+                    "original_max_position_embeddings",
+                )? as usize,
+            }),
+            other => Err(format!(
+                "rope type '{other}' is not supported (supported: default, linear, llama3)"
+            )),
+        }
     }
 }
