@@ -247,7 +247,7 @@ async fn a_full_kv_budget_queues_then_serves_or_refuses_and_never_hangs() {
 #[test]
 fn a_kv_budget_larger_than_the_machine_is_refused_at_start_up() {
     let state = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(EXE)
+    let mut child = common::own_log_filter(&mut std::process::Command::new(EXE))
         .args(["up", "--listen", "127.0.0.1:0", "--model"])
         .arg(model())
         .arg("--state-dir")

@@ -417,3 +417,59 @@ fn bench_concurrency_alone_reports_the_concurrency_section() {
     ]);
     check_concurrency(&report, None);
 }
+
+/// `bench quantized --quick` (2 rounds of 4 tokens, one mesh per mode): every mode answers, its
+/// decode speed is a real spread, its ratio to the unquantized mode is what the medians say, and
+/// every service's memory was read.
+#[test]
+fn bench_quantized_quick_reports_every_mode() {
+    let model = common::model();
+    let r = common::run_json(&[
+        "bench",
+        "quantized",
+        "--quick",
+        "--json",
+        "--model",
+        model.to_str().unwrap(),
+    ]);
+    assert_eq!(r["bench"], "quantized", "{r}");
+    assert_eq!(
+        (r["rounds"].as_u64(), r["max_tokens"].as_u64()),
+        (Some(2), Some(4)),
+        "{r}"
+    );
+    assert!(num(&r["prompt_tokens"], "prompt_tokens") > 0.0, "{r}");
+    let modes = r["modes"].as_array().expect("modes");
+    let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();
+    assert_eq!(names, ["none", "q8_0", "q4_k"], "{r}");
+    let none = spread(&modes[0]["decode_tok_s"], "none.decode_tok_s");
+    for m in modes {
+        let name = m["mode"].as_str().unwrap();
+        let p50 = spread(&m["decode_tok_s"], &format!("{name}.decode_tok_s"));
+        assert!(p50 > 0.0, "{name}: {m}");
+        assert_ratio(&m["vs_none"], p50, none, &format!("{name}.vs_none"));
+        assert_eq!(m["tokens"].as_array().map(Vec::len), Some(4), "{name}: {m}");
+        let memory = m["memory_mib"].as_object().expect("memory_mib");
+        let who: Vec<&str> = memory.keys().map(String::as_str).collect();
+        assert_eq!(
+            who,
+            ["decoder", "encoder", "gateway", "projector"],
+            "{name}"
+        );
+        for (who, mem) in memory {
+            let f = |k: &str| num(&mem[k], &format!("{name}.{who}.{k}"));
+            assert!(f("ready") > 0.0 && f("steady") > 0.0, "{name}.{who}: {mem}");
+            assert!(
+                f("load_peak") >= f("ready") && f("peak") >= f("steady"),
+                "{name}.{who}: {mem}"
+            );
+            assert_ratio(
+                &mem["peak_over_steady"],
+                f("peak"),
+                f("steady"),
+                &format!("{name}.{who}"),
+            );
+        }
+        assert!(m["llama_cpp"].is_null(), "no llama.cpp was named: {m}");
+    }
+}

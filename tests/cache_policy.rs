@@ -307,16 +307,16 @@ async fn slow_redis_is_an_error_not_a_wait_and_caching_resumes() {
     );
     assert_eq!(slow.ids, first.ids, "the answer is unchanged");
     assert!(slow.encode_ms > 0.0, "encoded instead");
-    // Outer bounds only. The gateway's own time for the lookup: 250 ms by README, 8 times that
-    // allowed for a loaded machine (the Redis connection's own response timeout, 2 s, is what a
-    // lookup without its bound would end at). The whole request: far below the deadline a
-    // request waiting for Redis would run into.
+    // The gateway gives the lookup 250 ms (README): it waited that long (Redis never answered)
+    // and stopped within 250 ms more of scheduling slack on a loaded machine (the Redis
+    // connection's own response timeout, 2 s, is what a lookup without its bound would end at).
+    // The whole request: far below the deadline a request waiting for Redis would run into.
     eprintln!(
         "while Redis was stopped: lookup {} ms, request {took:?}",
         slow.cache_ms
     );
     assert!(
-        slow.cache_ms > 0.0 && slow.cache_ms < 2_000.0,
+        (249.0..500.0).contains(&slow.cache_ms),
         "lookup took {} ms",
         slow.cache_ms
     );

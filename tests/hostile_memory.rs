@@ -166,6 +166,8 @@ async fn memory_is_admitted_by_bytes_not_by_count() {
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("whole memory budget"), "{err:?}");
+    let refused = r#"vlm_memory_budget_refused_total{service="vlm.v1.Gateway"}"#;
+    wait_for_metrics(&mesh, "the refusal counted", |m| series(m, refused) == 1.0).await;
 
     // Two requests of 70 KiB each: the second waits for the first's memory (64 slots are free),
     // then is served.

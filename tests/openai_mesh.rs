@@ -497,12 +497,17 @@ async fn the_request_timeout_is_a_deadline_and_gets_504() {
     let took = t.elapsed();
     assert_eq!(status, 504, "{body}");
     assert_openai_error(&body, "server_error", Some("deadline_exceeded"));
-    // Outer bound only: well before the 15 s the whole generation would take.
-    assert!(took < Duration::from_secs(12), "{took:?}");
+    // The answer comes at the 2 s deadline (not before it, and not at the 15 s the whole
+    // generation would take), with up to 2 s of slack for a loaded machine.
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
     let line = mesh
         .wait_for_log(&["[decoder]", "decoding stopped"], Duration::from_secs(30))
         .unwrap_or_else(|| panic!("the decoder never stopped: {:?}", mesh.log.lock().unwrap()));
-    assert!(tokens_on(&line) < 150, "{line}");
+    // 2 s at 100 ms a token is 20 tokens; the cancellation may take up to 5 more to arrive.
+    assert!(tokens_on(&line) <= 25, "{line}");
 }
 
 /// The only decoder killed mid-stream (and not restarted): the stream ends with exactly one

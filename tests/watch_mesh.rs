@@ -220,6 +220,12 @@ async fn still_frames_reuse_features_and_a_changed_block_is_the_motion() {
     assert_eq!((e.changed_blocks, e.blocks), (0, 12));
     assert!(e.max_diff > 0.0 && e.max_diff < 1.0, "{e:?}");
     assert_eq!(encodes(&mesh), 1.0, "six still frames, one encoder call");
+    let saved = counter(
+        &scrape(&mesh.metrics_addr("gateway")),
+        "vlm_watch_encoder_calls_saved_total",
+        &[],
+    );
+    assert_eq!(saved, 5.0, "five reused frames, five encoder calls saved");
 
     // A question about the latest (reused) frame: no encoder call, the answer of a fresh encode.
     let (ids, end) = w.answer(question("still", 6)).await;
@@ -427,6 +433,10 @@ async fn a_client_that_stops_reading_stalls_nothing_and_leaving_cancels_everythi
     });
 
     // A reader that leaves mid-answer cancels the decode (25 ms a token: 180 would take 4.5 s).
+    // On a mesh of its own, so that the cancellation line read below cannot be one of the
+    // questions the stream above left behind.
+    drop(mesh);
+    let mesh = MeshProc::start(&[("VLM_FAULT_DECODE_DELAY_MS", "25")]);
     let mut w = Watch::open(&mesh).await.unwrap();
     w.handled(png(&frame(|_| {}), false)).await;
     w.ask(question("long", 180)).await;

@@ -364,10 +364,11 @@ class Scaling(unittest.TestCase):
         self.assertNotEqual(
             (enc["minReplicas"], enc["maxReplicas"]), (dec["minReplicas"], dec["maxReplicas"])
         )
-        # The production shape of the issue: 2 gateways, 4 encoders, 2 decoders at minimum.
-        self.assertEqual(values["gateway"]["autoscaling"]["minReplicas"], 2)
-        self.assertEqual(values["encoder"]["autoscaling"]["minReplicas"], 4)
-        self.assertEqual(values["decoder"]["autoscaling"]["minReplicas"], 2)
+        # The production shape the chart ships, as rendered (not as values.yaml says it):
+        # 2 gateways, 4 encoders, 2 decoders at minimum.
+        self.assertEqual(hpas[name_of("gateway")]["spec"]["minReplicas"], 2)
+        self.assertEqual(hpas[name_of("encoder")]["spec"]["minReplicas"], 4)
+        self.assertEqual(hpas[name_of("decoder")]["spec"]["minReplicas"], 2)
         # Each Deployment selects only its own pods.
         selectors = {
             n: tuple(sorted(d["spec"]["selector"]["matchLabels"].items())) for n, d in deployments.items()

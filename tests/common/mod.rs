@@ -59,6 +59,12 @@ pub struct MeshProc {
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
+/// The tests read INFO log lines: the services log at the tests' own level, whatever `VLM_LOG` or
+/// `RUST_LOG` the caller of `cargo test` has set (a test's own `VLM_LOG` still wins).
+pub fn own_log_filter(cmd: &mut Command) -> &mut Command {
+    cmd.env("VLM_LOG", "info").env_remove("RUST_LOG")
+}
+
 impl MeshProc {
     pub fn start(envs: &[(&str, &str)]) -> MeshProc {
         Self::start_with(&model(), &[], envs)
@@ -75,6 +81,7 @@ impl MeshProc {
             .arg(state.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        own_log_filter(&mut cmd);
         for (k, v) in envs {
             cmd.env(k, v);
         }

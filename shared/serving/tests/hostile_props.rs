@@ -204,9 +204,23 @@ proptest! {
             frequency_penalty,
             presence_penalty,
         };
-        if let Err(s) = params_from_proto(Some(&p), 64) {
-            prop_assert!(DOCUMENTED.contains(&s.code()), "{:?}", s);
-            prop_assert!(s.message().len() < 1024, "the message echoes input: {} bytes", s.message().len());
+        // The documented rules (README, "Sampling"), spelled out here rather than taken from
+        // the code under test: 0 top_p is proto3's "unset".
+        let valid = max_tokens != Some(0)
+            && temperature.is_finite()
+            && temperature >= 0.0
+            && (top_p == 0.0 || (top_p > 0.0 && top_p <= 1.0))
+            && (-2.0..=2.0).contains(&frequency_penalty)
+            && (-2.0..=2.0).contains(&presence_penalty)
+            && p.stop.len() <= 16
+            && p.stop.iter().all(|s| (1..=256).contains(&s.len()));
+        match params_from_proto(Some(&p), 64) {
+            Ok(_) => prop_assert!(valid, "accepted {:?}", p),
+            Err(s) => {
+                prop_assert!(!valid, "refused valid parameters {:?}: {:?}", p, s);
+                prop_assert_eq!(s.code(), Code::InvalidArgument, "{:?}", s);
+                prop_assert!(s.message().len() < 1024, "the message echoes input: {} bytes", s.message().len());
+            }
         }
     }
 
@@ -216,7 +230,8 @@ proptest! {
             (
                 any::<u64>(),
                 prop::collection::vec(any::<u8>(), 0..256),
-                any::<u32>(),
+                // None: the data's own checksum.
+                prop::option::of(any::<u32>()),
                 prop::option::of((
                     0i32..6,
                     prop::collection::vec(prop_oneof![0u64..8, any::<u64>()], 0..5),
@@ -229,7 +244,13 @@ proptest! {
     ) {
         let mut collector = TensorCollector::new(TensorLimits::default());
         let mut result = Ok(());
-        for (seq, data, crc32c, header) in chunks {
+        // Whether a chunk that was pushed broke the stream's integrity rules (a checksum that is
+        // not its data's, a seq out of order): such a stream must be refused.
+        let mut broken = false;
+        for (i, (seq, data, crc32c, header)) in chunks.into_iter().enumerate() {
+            let actual = crc32c::crc32c(&data);
+            let crc32c = crc32c.unwrap_or(actual);
+            broken |= crc32c != actual || seq != i as u64;
             let chunk = TensorChunk {
                 seq,
                 data: data.into(),
@@ -251,9 +272,12 @@ proptest! {
             }
         }
         let result = result.and_then(|()| collector.finish().map(|_| ()));
-        if let Err(e) = result {
-            let s: tonic::Status = e.into();
-            prop_assert!(DOCUMENTED.contains(&s.code()), "{:?}", s);
+        match result {
+            Ok(()) => prop_assert!(!broken, "a stream with a bad checksum or seq was accepted"),
+            Err(e) => {
+                let s: tonic::Status = e.into();
+                prop_assert!(DOCUMENTED.contains(&s.code()), "{:?}", s);
+            }
         }
     }
 }
