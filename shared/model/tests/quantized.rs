@@ -89,6 +89,70 @@ fn q8_0_logits_stay_within_tolerance_of_transformers_and_greedy_ids_agree() {
     }
 }
 
+/// q4_k against transformers: the trained demo model (models/shapes-llava), whose decoder
+/// `down_proj` rows hold 256 values (one q4_k super-block) and whose vision tower's are quantized
+/// too, answers every held-out question of its reference (`reference/greedy.json`, written by
+/// transformers' `generate`) with transformers' greedy ids; its prefill logits differ from the
+/// unquantized model's, so 4-bit weights were in effect.
+#[test]
+fn q4_k_greedy_answers_equal_transformers_on_the_trained_model() {
+    let dir = models().join("shapes-llava");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference/greedy.json")).unwrap())
+            .unwrap();
+    let q4 = pipeline("shapes-llava", Quantization::Q4K);
+    assert_eq!(q4.decoder.quantization(), Quantization::Q4K);
+    let f32 = pipeline("shapes-llava", Quantization::None);
+    let params = SamplingParams {
+        max_tokens: reference["max_new_tokens"].as_u64().unwrap() as u32,
+        ..Default::default()
+    };
+    let cases = reference["cases"].as_array().unwrap();
+    let mut differ = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let image = std::fs::read(dir.join(case["image"].as_str().unwrap())).unwrap();
+        let prompt = case["prompt"].as_str().unwrap();
+        let want: Vec<u32> = case["greedy_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let ours = q4.generate(&[&image], prompt, &params, |_| {}).unwrap();
+        if ours.token_ids != want {
+            differ.push((i, ours.token_ids, want));
+        }
+    }
+    assert!(
+        differ.is_empty(),
+        "q4_k answers differ from transformers': {differ:?}"
+    );
+    // The first case's prefill logits, f32 and q4_k, from the same image rows.
+    let case = &cases[0];
+    let image = std::fs::read(dir.join(case["image"].as_str().unwrap())).unwrap();
+    let logits = |p: &Pipeline| {
+        let pv = p.preprocessor.preprocess(&image, &Device::Cpu).unwrap();
+        let rows = p
+            .projector
+            .forward(&p.vision.forward(&pv).unwrap().squeeze(0).unwrap())
+            .unwrap();
+        let prepared = p
+            .prompt
+            .prepare(case["prompt"].as_str().unwrap(), &[rows.dim(0).unwrap()])
+            .unwrap();
+        let embeds = prepared.embeddings(&p.decoder, &[rows]).unwrap();
+        p.decoder
+            .forward_embeds(&embeds, &mut p.decoder.new_cache())
+            .unwrap()
+    };
+    let d = max_abs_diff(&logits(&q4), &logits(&f32));
+    eprintln!("shapes-llava q4_k: {} answers equal transformers'; prefill logits differ from f32's by {d:.3e}", cases.len());
+    assert!(
+        d > 1e-3,
+        "q4_k logits equal f32's ({d}): nothing was quantized?"
+    );
+}
+
 /// Six sequences decoded together on quantized weights get exactly the tokens each gets alone.
 #[test]
 fn quantized_batched_decoding_equals_decoding_alone() {
