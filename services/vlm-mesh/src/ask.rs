@@ -258,6 +258,7 @@ pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
         prompt: args.prompt.clone(),
         params: Some(params),
         monitor_layers: false,
+        question: String::new(),
     });
     req.set_timeout(Duration::from_secs(args.timeout));
     let mut stream = match client.generate(req).await {

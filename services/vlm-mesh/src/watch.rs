@@ -134,6 +134,7 @@ async fn feed(
                 params: Some(args.sampling.to_request_params()),
                 last_frames: args.last_frames,
                 dynamic_roi: args.dynamic_roi,
+                question: String::new(),
             };
             if tx.send(request(RequestKind::Question(q))).await.is_err() {
                 return Ok(());
