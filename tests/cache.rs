@@ -33,6 +33,7 @@ async fn try_generate(mesh: &MeshProc, image: &[u8]) -> Result<Answer, tonic::St
             ..Default::default()
         }),
         monitor_layers: false,
+        question: String::new(),
     };
     let mut stream = bounded("the call", client.generate(req))
         .await?

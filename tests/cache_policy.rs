@@ -48,6 +48,7 @@ async fn try_generate(
             ..Default::default()
         }),
         monitor_layers: false,
+        question: String::new(),
     });
     req.set_timeout(timeout);
     let mut stream = bounded("the call", client.generate(req))

@@ -34,6 +34,7 @@ fn ask(images: Vec<Vec<u8>>, prompt: &str, params: SamplingParams) -> GenerateRe
         prompt: prompt.into(),
         params: Some(params),
         monitor_layers: false,
+        question: String::new(),
     }
 }
 

@@ -233,6 +233,7 @@ async fn call(
             ..Default::default()
         }),
         monitor_layers: false,
+        question: String::new(),
     };
     let mut stream = bounded("the call", client.generate(req))
         .await?
@@ -342,6 +343,7 @@ async fn client_disconnect_mid_stream_stops_decoding() {
             ..Default::default()
         }),
         monitor_layers: false,
+        question: String::new(),
     };
     let mut stream = bounded("the call", client.generate(req))
         .await

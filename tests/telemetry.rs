@@ -189,6 +189,7 @@ fn request_monitored(max_tokens: u32, monitor_layers: bool) -> GenerateRequest {
             ..Default::default()
         }),
         monitor_layers,
+        question: String::new(),
     }
 }
 

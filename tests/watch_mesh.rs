@@ -145,6 +145,7 @@ fn question(id: &str, max_tokens: u32) -> WatchQuestion {
         params: params(max_tokens),
         last_frames: 1,
         dynamic_roi: false,
+        question: String::new(),
     }
 }
 
@@ -629,4 +630,212 @@ async fn an_idle_stream_ends_but_not_while_it_answers() {
         status.message().contains("--watch-idle-timeout"),
         "{status:?}"
     );
+}
+
+/// A plain question (the `question` field, rendered with the model's chat template).
+const WHERE: &str = "Where is the circle?";
+
+/// Token ids of a `Generate` with `question` (the gateway's shared cache: a fresh encode, or
+/// the features of the same bytes).
+async fn generate_question_ids(mesh: &MeshProc, image_inputs: Vec<ImageInput>) -> Vec<u32> {
+    let req = GenerateRequest {
+        image_inputs,
+        question: WHERE.into(),
+        params: params(3),
+        ..Default::default()
+    };
+    let mut stream = bounded("generate", mesh.client().await.generate(req))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ids = Vec::new();
+    while let Some(m) = next_message(&mut stream).await.unwrap() {
+        if let Some(vlm_proto::generate_response::Kind::Delta(d)) = m.kind {
+            ids.extend(d.token_ids);
+        }
+    }
+    ids
+}
+
+/// Streams `frames` (PNG bytes) into one Watch stream, handled one by one, and asks [`WHERE`]
+/// as a plain `question` after every `every`-th frame, cycling through the settings (latest
+/// frame or last 2) × (dynamic ROI off or on). Every answer's token ids must equal a `Generate`
+/// with the same question on the frames the answer names: each frame as the bytes of the frame
+/// whose features it uses (its own, or for a still frame the frame whose features it reused, as
+/// the proto says), and the region the final answer reports in `roi` on the latest. Returns the
+/// frame events and the answers.
+async fn answers_equal_generate(
+    mesh: &MeshProc,
+    clip: &str,
+    frames: &[Vec<u8>],
+    every: usize,
+) -> (Vec<FrameEvent>, Vec<Vec<u32>>) {
+    let mut w = Watch::open(mesh).await.unwrap();
+    let (mut events, mut features) = (Vec::new(), Vec::<usize>::new());
+    let mut answers = Vec::new();
+    for (i, data) in frames.iter().enumerate() {
+        let e = w.handled(data.clone()).await;
+        let used = match e.encode() {
+            // Still: the current features (and the bytes they came from) stay.
+            FrameEncode::Reused if e.changed_blocks == 0 => features[i - 1],
+            // Changed, but every view was in the stream's cache: its own bytes (seen before).
+            FrameEncode::Reused | FrameEncode::Full | FrameEncode::Partial => i,
+            other => panic!("{clip}: frame {i} {other:?}: {e:?}"),
+        };
+        features.push(used);
+        events.push(e);
+        if (i + 1) % every != 0 {
+            continue;
+        }
+        let asked = answers.len();
+        let (last_frames, dynamic_roi) = (1 + (asked / 2) % 2, asked % 2 == 1);
+        let q = WatchQuestion {
+            id: format!("{clip}-{i}"),
+            question: WHERE.into(),
+            params: params(3),
+            last_frames: last_frames as u32,
+            dynamic_roi,
+            ..Default::default()
+        };
+        let (ids, end) = w.answer(q).await;
+        assert!(
+            matches!(end.kind, Some(AnswerKind::Final(_))),
+            "{clip}: {end:?}"
+        );
+        let first = (i + 1).saturating_sub(last_frames);
+        let named: Vec<u64> = (first..=i).map(|f| f as u64).collect();
+        assert_eq!(end.frames, named, "{clip}: frames of the answer at {i}");
+        assert_eq!(end.frame, i as u64);
+        assert!(!ids.is_empty(), "{clip}: no tokens at frame {i}");
+        let mut inputs: Vec<ImageInput> = named
+            .iter()
+            .map(|&f| ImageInput {
+                data: frames[features[f as usize]].clone().into(),
+                regions: vec![],
+            })
+            .collect();
+        if dynamic_roi {
+            match end.roi {
+                Some(roi) => inputs.last_mut().unwrap().regions.push(roi),
+                // No box only while no frame has changed enough to be encoded.
+                None => assert!(
+                    events[1..].iter().all(|e| e.changed_blocks == 0),
+                    "{clip}: dynamic ROI at frame {i} without a box: {events:?}"
+                ),
+            }
+        } else {
+            assert_eq!(end.roi, None, "{clip}");
+        }
+        let direct = generate_question_ids(mesh, inputs).await;
+        let used: Vec<usize> = named.iter().map(|&f| features[f as usize]).collect();
+        assert_eq!(
+            ids, direct,
+            "{clip}: the answer at frame {i} (last {last_frames}, dynamic ROI {dynamic_roi}) \
+             differs from Generate on frames {named:?} (the bytes of {used:?}), roi {:?}",
+            end.roi
+        );
+        answers.push(ids);
+    }
+    assert!(answers.len() >= 4, "{clip}: every setting asked");
+    (events, answers)
+}
+
+/// How many different answers there are (the comparisons mean something only where the answers
+/// depend on the frames).
+fn distinct(answers: &[Vec<u32>]) -> usize {
+    answers
+        .iter()
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
+fn clip(spec: vlm_frames::synthetic::ClipSpec, frames: std::ops::Range<usize>) -> Vec<Vec<u8>> {
+    frames
+        .map(|i| vlm_frames::synthetic::clip_frame(&spec, i).0)
+        .collect()
+}
+
+/// Plain questions on still, jumping and slowly drifting clips, with dynamic ROI off and on and
+/// one or two frames: every answer equals `Generate` with the same question on the frames it
+/// names. The demo model, whose answers say where the circle is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn questions_answer_like_generate_on_the_frames_they_name() {
+    use vlm_frames::synthetic::ClipSpec;
+    let mesh = MeshProc::start_with(&repo().join("models/shapes-llava"), &[], &[]);
+    // Still: one frame's bytes over and over, after a first different frame (so that dynamic
+    // ROI has a motion box).
+    let mut still = clip(ClipSpec::default(), 30..31);
+    still.extend(clip(ClipSpec::default(), 0..8));
+    let (events, _) = answers_equal_generate(&mesh, "still", &still, 2).await;
+    assert!(events[2..]
+        .iter()
+        .all(|e| e.encode() == FrameEncode::Reused));
+
+    // Jumping: the circle jumps to the next cell every two frames.
+    let jumping = ClipSpec {
+        frames: 0,
+        still: 2,
+        moving: 0,
+        size: 128,
+    };
+    let (events, answers) = answers_equal_generate(&mesh, "jumping", &clip(jumping, 0..8), 2).await;
+    let kinds: Vec<FrameEncode> = events.iter().map(FrameEvent::encode).collect();
+    assert_eq!(
+        kinds,
+        [FrameEncode::Full, FrameEncode::Reused].repeat(4),
+        "{events:?}"
+    );
+    assert!(distinct(&answers) >= 3, "the circle moved: {answers:?}");
+
+    // Drifting: a third of a pixel a frame, so changes stay under --frame-threshold for a few
+    // frames (the features of an older frame are reused) until they add up past it.
+    let drifting = ClipSpec {
+        frames: 0,
+        still: 1,
+        moving: 120,
+        size: 128,
+    };
+    let (events, _) = answers_equal_generate(&mesh, "drifting", &clip(drifting, 0..16), 2).await;
+    let full = events[1..]
+        .iter()
+        .filter(|e| e.encode() == FrameEncode::Full)
+        .count();
+    let reused = events
+        .iter()
+        .filter(|e| e.encode() == FrameEncode::Reused)
+        .count();
+    assert!(full >= 1 && reused >= 4, "{events:?}");
+}
+
+/// The same on a tiled model (LLaVA-NeXT), where a change inside one tile is a partial encode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn questions_on_a_tiled_model_answer_like_generate() {
+    let mesh = MeshProc::start_with(&repo().join("models/tiny-llava-next"), &[], &[]);
+    let wide = image::open(repo().join("models/images/next-wide-100x40.png"))
+        .unwrap()
+        .to_rgb8();
+    let with_square = |x: u32| {
+        let mut f = wide.clone();
+        fill(&mut f, x..x + 12, 14..26, Rgb([255, 255, 0]));
+        png(&f, false)
+    };
+    let other = |name: &str| std::fs::read(repo().join("models/images").join(name)).unwrap();
+    // A yellow square that jumps between tiles and rests; other pictures (other sizes, other
+    // grids) in between, about which this random model says something else.
+    let frames = vec![
+        png(&wide, false),
+        with_square(44),
+        with_square(44),
+        other("next-tall-36x90.png"),
+        other("next-tall-36x90.png"),
+        with_square(10),
+        with_square(76),
+        other("next-small-20x14.png"),
+    ];
+    let (events, answers) = answers_equal_generate(&mesh, "tiled", &frames, 2).await;
+    assert!(
+        events.iter().any(|e| e.encode() == FrameEncode::Partial),
+        "{events:?}"
+    );
+    assert!(distinct(&answers) >= 2, "{answers:?}");
 }

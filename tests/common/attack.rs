@@ -23,6 +23,7 @@ pub fn ask(image: Vec<u8>, max_tokens: u32) -> GenerateRequest {
             ..Default::default()
         }),
         monitor_layers: false,
+        question: String::new(),
     }
 }
 

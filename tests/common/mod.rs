@@ -614,5 +614,6 @@ pub fn request(image: &[u8], p: &vlm_model::SamplingParams) -> vlm_proto::Genera
             presence_penalty: p.presence_penalty,
         }),
         monitor_layers: false,
+        question: String::new(),
     }
 }

@@ -14,6 +14,8 @@
 //! - [`embeddings`]: the request's projected rows in prompt order, for every decoder attempt;
 //! - [`decode`]: decoder calls, failover with resume, and the token relay to the client;
 //! - [`identity`]: the model's identity and limits as the stages report them;
+//! - [`chat_template`]: the model's chat template (compiled once), which renders a plain
+//!   `question` and the OpenAI endpoint's `messages`;
 //! - [`watch`]: live frame streams (`Watch`): change detection, feature reuse, questions;
 //! - [`openai`]: the OpenAI-compatible HTTP endpoint over the same service.
 
@@ -88,6 +90,8 @@ pub(crate) struct Stages {
     pub prefill: Arc<AdaptiveTimeout>,
     pub cache: Option<Arc<vlm_cache::FeatureCache>>,
     pub identity: Arc<Identity>,
+    /// The model's chat template, compiled (for `question`s and the OpenAI endpoint).
+    pub templates: Arc<chat_template::TemplateCache>,
     /// `EncodeOptions.wire_dtype` (0: the encoder's default).
     pub wire_dtype: i32,
     pub memory: vlm_net::ByteBudget,
@@ -111,6 +115,7 @@ impl Stages {
             prefill: Arc::new(AdaptiveTimeout::new("prefill token", cfg.timeouts.clone())),
             cache: cfg.cache.clone(),
             identity: Arc::new(Identity::new(cfg.model_id.clone(), cfg.wire_dtype)),
+            templates: Arc::default(),
             wire_dtype: cfg.wire_dtype.map_or(0, |d| d as i32),
             memory: cfg.memory.clone(),
         }

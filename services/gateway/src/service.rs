@@ -16,6 +16,7 @@ use vlm_proto::{
     ModelInfo, WatchRequest, WatchResponse,
 };
 
+use crate::chat_template::{ChatTemplate, TemplateCache};
 use crate::decode::{open_decoder, Relay};
 use crate::embeddings::{self, AbortOnDrop};
 use crate::identity::encoder_info;
@@ -45,6 +46,11 @@ impl GatewayService {
         self.gen.stages.identity.model_id()
     }
 
+    /// The gateway's compiled chat template, for the OpenAI endpoint beside it.
+    pub fn templates(&self) -> Arc<TemplateCache> {
+        self.gen.stages.templates.clone()
+    }
+
     pub fn into_server(self) -> GatewayServer<Self> {
         GatewayServer::new(self)
     }
@@ -70,11 +76,66 @@ impl Generator {
         }
     }
 
+    /// The model's chat template (the decoder's, through the model identity), compiled once.
+    pub async fn template(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<ChatTemplate>, Status> {
+        let info = self
+            .stages
+            .identity
+            .model_info(&self.stages, deadline)
+            .await?;
+        self.stages.templates.compiled(info.chat_template.as_ref())
+    }
+
+    /// A `question` becomes the `prompt` the model's chat template makes of it: one user turn
+    /// with one image part per image (regions add none), then the text. From here on the request
+    /// is checked and run as if that prompt had been sent.
+    async fn render_question(
+        &self,
+        req: &mut GenerateRequest,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), Status> {
+        if req.question.is_empty() {
+            return Ok(());
+        }
+        if !req.prompt.is_empty() {
+            return Err(Status::invalid_argument(
+                "gateway: both `prompt` and `question` are set; set one: `prompt` is the raw \
+                 prompt in the model's chat format, `question` plain text the gateway renders \
+                 with the model's chat template",
+            ));
+        }
+        if req.question.trim().is_empty() {
+            return Err(Status::invalid_argument("gateway: question is empty"));
+        }
+        let max = self.cfg.max_prompt_bytes;
+        if req.question.len() > max {
+            return Err(Status::resource_exhausted(format!(
+                "gateway: question of {} bytes exceeds the prompt limit of {max} bytes",
+                req.question.len()
+            )));
+        }
+        let template = self.template(deadline).await?;
+        let images = req.images.len() + req.image_inputs.len();
+        req.prompt = template
+            .render_question(images, &req.question)
+            .map_err(|e| {
+                Status::invalid_argument(format!(
+                    "gateway: the model's chat template refused the question: {e}"
+                ))
+            })?;
+        Ok(())
+    }
+
     /// The gateway's own limits; everything about the prompt and sampling is the decoder's.
     fn validate(&self, req: &GenerateRequest) -> Result<(), Status> {
         let c = &self.cfg;
         if req.prompt.trim().is_empty() {
-            return Err(Status::invalid_argument("gateway: prompt is empty"));
+            return Err(Status::invalid_argument(
+                "gateway: prompt is empty (set `prompt` or `question`)",
+            ));
         }
         if req.prompt.len() > c.max_prompt_bytes {
             return Err(Status::resource_exhausted(format!(
@@ -137,11 +198,12 @@ impl Generator {
     /// call (limits, plans, prompt and sampling checks) are returned as the status.
     pub async fn start(
         &self,
-        req: GenerateRequest,
+        mut req: GenerateRequest,
         deadline: tokio::time::Instant,
         started: Instant,
     ) -> Result<mpsc::Receiver<Result<GenerateResponse, Status>>, Status> {
         let slots = slots::slots(&req, self.cfg.max_images, self.cfg.max_regions)?;
+        self.render_question(&mut req, deadline).await?;
         self.validate(&req)?;
         let plans = self.plans(&slots, req.monitor_layers, deadline).await?;
         let setup = DecodeSetup {

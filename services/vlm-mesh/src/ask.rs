@@ -52,13 +52,21 @@ impl GatewayConn {
 pub struct AskArgs {
     #[command(flatten)]
     pub conn: GatewayConn,
-    /// Image file; repeat for several images (one `<image>` each in the prompt).
+    /// Image file; repeat for several images (one image placeholder each in the prompt).
     #[arg(long, env = "VLM_IMAGE")]
     pub image: Vec<PathBuf>,
-    /// The raw prompt, with the checkpoint's image placeholder (`<image>`; GLM-4.1V: `<|image|>`)
-    /// where each image goes.
-    #[arg(long, env = "VLM_PROMPT")]
-    pub prompt: String,
+    /// The question in plain text, e.g. "What is shown in this image?". The gateway renders it
+    /// with the model's chat template (as the OpenAI endpoint renders its messages): one user
+    /// turn with one image placeholder per --image, then the text. Give this or --prompt.
+    #[arg(long, env = "VLM_QUESTION", required_unless_present = "prompt")]
+    pub question: Option<String>,
+    /// The raw prompt, sent as it is: in the model's chat format, with the checkpoint's image
+    /// placeholder where each image goes (LLaVA-1.5: "USER: <image>\nWhat is this? ASSISTANT:";
+    /// GLM-4.1V: its own format and `<|image|>`). A prompt without the chat template's turn
+    /// markers gets a warning on stderr (the model tends to answer nonsense); use --question for
+    /// plain text.
+    #[arg(long, env = "VLM_PROMPT", conflicts_with = "question")]
+    pub prompt: Option<String>,
     /// A region of interest, `[IMAGE:]x0,y0,x1,y1` in relative coordinates 0–1000 (IMAGE counts
     /// from 0, default the first). Repeatable. Each region is cropped from the image at full
     /// resolution and encoded as one more image; its rows follow the image's at the image's
@@ -226,6 +234,10 @@ pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
     let mut client = GatewayClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(256 << 20);
+    let unchecked = match &args.prompt {
+        Some(prompt) => crate::chat::check_raw_prompt(&mut client, prompt).await,
+        None => None,
+    };
     let params = args.sampling.to_request_params();
     let seed = params.seed.unwrap_or_default();
     let mut req = tonic::Request::new(GenerateRequest {
@@ -255,7 +267,8 @@ pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
         } else {
             vec![]
         },
-        prompt: args.prompt.clone(),
+        prompt: args.prompt.clone().unwrap_or_default(),
+        question: args.question.clone().unwrap_or_default(),
         params: Some(params),
         monitor_layers: false,
     });
@@ -264,6 +277,9 @@ pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
         Ok(r) => r.into_inner(),
         Err(s) => return Err(explain_plaintext(&url, status_error(s)).await),
     };
+    if let Some(w) = unchecked {
+        eprintln!("{w}");
+    }
     let mut out = JsonOutput {
         seed,
         ..Default::default()

@@ -234,6 +234,7 @@ async fn ask_one(
             ..Default::default()
         }),
         monitor_layers: false,
+        question: String::new(),
     });
     req.set_timeout(timeout);
     let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());

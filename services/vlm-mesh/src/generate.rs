@@ -8,8 +8,9 @@ use clap::Args;
 use serde::Serialize;
 use vlm_model::{Device, ImageInput, ImageLimits, Pipeline, SamplingParams, StageTimings};
 
-/// The question `demo` asks.
-pub const DEFAULT_DEMO_PROMPT: &str = "USER: <image>\nDescribe the image. ASSISTANT:";
+/// The question `demo` asks (rendered with the model's chat template; for the demo model,
+/// `USER: <image>\nDescribe the image. ASSISTANT:`).
+pub const DEFAULT_DEMO_QUESTION: &str = "Describe the image.";
 
 /// Sampling flags shared by `generate` and `ask`.
 #[derive(Args, Debug, Clone)]
@@ -100,13 +101,20 @@ pub struct GenerateArgs {
     /// demo model compiled into this binary (unpacked once into ~/.cache/vlm-mesh, or $VLM_CACHE_DIR).
     #[arg(long, env = "VLM_MODEL", default_value = crate::bundled::BUNDLED_MODEL)]
     pub model: PathBuf,
-    /// Image file (PNG, JPEG or WebP); repeat for several images, one `<image>` each in the prompt;
-    /// none for a text-only prompt.
+    /// Image file (PNG, JPEG or WebP); repeat for several images, one image placeholder each in
+    /// the prompt; none for a text-only prompt.
     #[arg(long, env = "VLM_IMAGE")]
     pub image: Vec<PathBuf>,
-    /// The raw prompt, with the checkpoint's image placeholder where each image goes, e.g.
-    /// "USER: <image>\nWhat is this? ASSISTANT:" (GLM-4.1V: `<|image|>`, in its own chat format).
-    #[arg(long, env = "VLM_PROMPT", required_unless_present = "prompt_file")]
+    /// The question in plain text, rendered with the checkpoint's chat template (the same
+    /// rendering as the gateway's for `ask --question`): one user turn with one image
+    /// placeholder per --image, then the text. Give this, --prompt or --prompt-file.
+    #[arg(long, env = "VLM_QUESTION", conflicts_with_all = ["prompt", "prompt_file"])]
+    pub question: Option<String>,
+    /// The raw prompt, used as it is: in the model's chat format, with the checkpoint's image
+    /// placeholder where each image goes, e.g. "USER: <image>\nWhat is this? ASSISTANT:"
+    /// (GLM-4.1V: `<|image|>`, in its own chat format). Without the chat template's turn markers
+    /// it gets a warning on stderr.
+    #[arg(long, env = "VLM_PROMPT", required_unless_present_any = ["prompt_file", "question"])]
     pub prompt: Option<String>,
     /// Read the raw prompt from this UTF-8 file instead (for prompts a command line cannot carry,
     /// such as ones with a NUL character).
@@ -164,12 +172,17 @@ pub fn run(mut args: GenerateArgs) -> anyhow::Result<()> {
     let pipeline =
         Pipeline::load_quantized(&args.model, dtype, &Device::Cpu, limits, args.quantize)
             .with_context(|| format!("cannot load model from {}", args.model.display()))?;
-    let prompt = match (&args.prompt, &args.prompt_file) {
-        (Some(p), _) => p.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f)
+    let template = crate::chat::local_template(&args.model)?;
+    let prompt = match (&args.question, &args.prompt, &args.prompt_file) {
+        (Some(q), _, _) => crate::chat::render_question(&template, images.len(), q)?,
+        (None, Some(p), _) => p.clone(),
+        (None, None, Some(f)) => std::fs::read_to_string(f)
             .with_context(|| format!("cannot read the prompt file {}", f.display()))?,
-        (None, None) => anyhow::bail!("give --prompt or --prompt-file"),
+        (None, None, None) => anyhow::bail!("give --question, --prompt or --prompt-file"),
     };
+    if args.question.is_none() {
+        crate::chat::warn_raw_prompt(&template, &prompt);
+    }
     let params = args.sampling.to_params();
     let regions = crate::region_arg::per_image(&args.region, images.len())?;
     let inputs: Vec<ImageInput> = images

@@ -10,6 +10,7 @@ mod ask;
 mod bench;
 mod bundled;
 mod certs;
+mod chat;
 mod eval;
 mod generate;
 mod mesh;
@@ -102,13 +103,19 @@ struct DemoArgs {
     /// Image to ask about; `bundled:demo.png` is the sample compiled into this binary.
     #[arg(long, env = "VLM_IMAGE", default_value = bundled::BUNDLED_DEMO_IMAGE)]
     image: PathBuf,
-    /// Prompt (LLaVA-1.5 format).
+    /// The question in plain text, rendered with the model's chat template (one image
+    /// placeholder, then the text), so the demo works with every supported model family.
     #[arg(
         long,
-        env = "VLM_PROMPT",
-        default_value = generate::DEFAULT_DEMO_PROMPT
+        env = "VLM_QUESTION",
+        default_value = generate::DEFAULT_DEMO_QUESTION
     )]
-    prompt: String,
+    question: String,
+    /// A raw prompt instead of --question, sent as it is (in the model's chat format, e.g. the
+    /// demo model's "USER: <image>\nDescribe the image. ASSISTANT:"); warned about on stderr when
+    /// it lacks the chat template's turn markers.
+    #[arg(long, env = "VLM_PROMPT", conflicts_with = "question")]
+    prompt: Option<String>,
     /// Maximum number of tokens to generate.
     #[arg(long, env = "VLM_MAX_TOKENS", default_value_t = 24)]
     max_tokens: u32,
@@ -199,7 +206,17 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
             mesh.info.gateway_url,
             image.display()
         );
-        eprintln!("prompt: {:?}", args.prompt);
+        // A raw --prompt replaces the question.
+        let question = match &args.prompt {
+            Some(prompt) => {
+                eprintln!("prompt: {prompt:?}");
+                None
+            }
+            None => {
+                eprintln!("question: {:?}", args.question);
+                Some(args.question)
+            }
+        };
         let ask_args = ask::AskArgs {
             conn: ask::GatewayConn::local(
                 mesh.info.gateway_url.clone(),
@@ -208,6 +225,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
             image: vec![image],
             region: vec![],
             prompt: args.prompt,
+            question,
             sampling: generate::SamplingArgs {
                 max_tokens: Some(args.max_tokens),
                 temperature: 0.0,

@@ -29,10 +29,16 @@ pub struct WatchArgs {
     /// sequence (`clip/frame-%04d.png`, from the first of 0..4 that exists until one is missing).
     #[arg(long, env = "VLM_FRAMES")]
     pub frames: String,
-    /// The question, asked after every --every-th frame (the latest frame is put in front of it
-    /// as `<image>` unless it places `<image>` itself).
-    #[arg(long, env = "VLM_ASK")]
-    pub ask: String,
+    /// The question in plain text, asked after every --every-th frame; the gateway renders it
+    /// with the model's chat template, one image placeholder per frame asked about (see
+    /// --last-frames). Give this or --ask.
+    #[arg(long, env = "VLM_QUESTION", required_unless_present = "ask")]
+    pub question: Option<String>,
+    /// A raw prompt instead of --question, sent as it is (in the model's chat format; the frames
+    /// asked about are put in front of it as `<image>` lines unless it places `<image>` itself).
+    /// Without the chat template's turn markers it gets a warning on stderr.
+    #[arg(long, env = "VLM_ASK", conflicts_with = "question")]
+    pub ask: Option<String>,
     /// Ask after every N-th frame; 0: once, after the last frame.
     #[arg(long, env = "VLM_EVERY", default_value_t = 0)]
     pub every: usize,
@@ -77,6 +83,10 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     let mut client = GatewayClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(256 << 20);
+    let unchecked = match &args.ask {
+        Some(prompt) => crate::chat::check_raw_prompt(&mut client, prompt).await,
+        None => None,
+    };
     let (tx, rx) = mpsc::channel::<WatchRequest>(4);
     let mut req = tonic::Request::new(ReceiverStream::new(rx));
     req.set_timeout(Duration::from_secs(args.timeout));
@@ -84,9 +94,17 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
         Ok(r) => r.into_inner(),
         Err(s) => return Err(crate::ask::explain_plaintext(&url, status_error(s)).await),
     };
+    if let Some(w) = unchecked {
+        eprintln!("{w}");
+    }
     let (seen_tx, seen_rx) = watch::channel(Seen::default());
     let json = args.json;
-    let reader = tokio::spawn(read_events(stream, seen_tx, json, args.ask.clone()));
+    let asked = args
+        .question
+        .clone()
+        .or(args.ask.clone())
+        .unwrap_or_default();
+    let reader = tokio::spawn(read_events(stream, seen_tx, json, asked));
     let fed = feed(&args, &files, tx, seen_rx).await;
     let failed_answers = reader.await.context("reading the stream")??;
     fed?;
@@ -130,7 +148,8 @@ async fn feed(
         if due {
             let q = WatchQuestion {
                 id: format!("q{i}"),
-                prompt: args.ask.clone(),
+                prompt: args.ask.clone().unwrap_or_default(),
+                question: args.question.clone().unwrap_or_default(),
                 params: Some(args.sampling.to_request_params()),
                 last_frames: args.last_frames,
                 dynamic_roi: args.dynamic_roi,
@@ -188,7 +207,7 @@ async fn read_events(
 }
 
 /// One answer message; true when it ended its question. JSON lines name the question as asked
-/// and its id (`q<frame>`).
+/// (--question or --ask) and its id (`q<frame>`).
 fn answer(
     out: &mut impl Write,
     a: WatchAnswer,

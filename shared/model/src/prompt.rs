@@ -157,7 +157,13 @@ impl PromptBuilder {
         let placeholders = raw.iter().filter(|&&i| i == self.image_token_id).count();
         if placeholders != image_rows.len() {
             let tok = &self.image_token;
-            let hint = format!("put one {tok} where each image belongs, e.g. \"USER: {tok}\\nWhat is in the image? ASSISTANT:\"");
+            // Not an example prompt: the chat format is the model's own (LLaVA's `USER: …
+            // ASSISTANT:` would mislead a GLM user); a plain question gets it from the template.
+            let hint = format!(
+                "put one {tok} where each image belongs, in the model's chat format, or send plain \
+                 text as a question (`question`, --question), which the model's chat template \
+                 renders with the placeholders"
+            );
             return Err(ModelError::InvalidPrompt(
                 match (placeholders, image_rows.len()) {
                     (0, n) => format!(

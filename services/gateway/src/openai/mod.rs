@@ -21,7 +21,7 @@ mod tests;
 mod types;
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, FromRef, State};
@@ -32,13 +32,12 @@ use axum::{middleware, Json, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tonic::Status;
 use tower_http::normalize_path::NormalizePath;
 use vlm_net::HttpTlsAcceptor;
 use vlm_proto::gateway_server::Gateway;
 use vlm_proto::{GenerateRequest, GetModelInfoRequest};
 
-use crate::chat_template::ChatTemplate;
+use crate::chat_template::{ChatTemplate, TemplateCache};
 use crate::GatewayService;
 use error::ApiError;
 use limits::{AdmissionLimits, BodyLimits, ChatBody};
@@ -70,6 +69,9 @@ pub struct OpenAiConfig {
     pub max_body_bytes: usize,
     /// Largest image accepted, in bytes (also bounds fetched URLs).
     pub max_image_bytes: usize,
+    /// The gateway's compiled chat template ([`GatewayService::templates`]), shared with its
+    /// `Generate` and `Watch`.
+    pub templates: Arc<TemplateCache>,
     /// The gateway's admission (slots, queue, memory budget), shared with its gRPC port: a chat
     /// completion takes a slot once its body has been read (a streamed one holds it until its
     /// last chunk), and its body's memory is reserved before reading. Refusals are 503 with
@@ -80,8 +82,6 @@ pub struct OpenAiConfig {
 /// The endpoint, sharing its gateway (a [`GatewayService`] but in tests) with the gRPC server.
 pub struct OpenAiEndpoint<G = GatewayService> {
     gateway: Arc<G>,
-    /// The chat template the decoder last reported, with its compiled form.
-    template: Mutex<Option<(vlm_proto::ChatTemplate, Arc<ChatTemplate>)>>,
     model_id: String,
     created: u64,
     cfg: OpenAiConfig,
@@ -114,7 +114,6 @@ impl<G: Gateway> OpenAiEndpoint<G> {
     pub fn new(gateway: Arc<G>, cfg: OpenAiConfig) -> anyhow::Result<Self> {
         Ok(OpenAiEndpoint {
             gateway,
-            template: Mutex::new(None),
             model_id: cfg.model_id.clone(),
             created: unix_now(),
             body: BodyLimits {
@@ -216,7 +215,8 @@ impl<G: Gateway> OpenAiEndpoint<G> {
     }
 
     /// The model's chat template, as the decoder reports it (through the gateway's model
-    /// identity, asked again when a replica's weights change); compiled once per template.
+    /// identity, asked again when a replica's weights change), compiled once in the gateway's
+    /// [`TemplateCache`].
     async fn template(&self) -> Result<Arc<ChatTemplate>, ApiError> {
         let info = Gateway::get_model_info(
             self.gateway.as_ref(),
@@ -225,24 +225,10 @@ impl<G: Gateway> OpenAiEndpoint<G> {
         .await
         .map_err(|s| ApiError::from_status(&s))?
         .into_inner();
-        let reported = info.chat_template.ok_or_else(|| {
-            ApiError::from_status(&Status::internal(
-                "the decoder reported no chat template (an older decoder?)",
-            ))
-        })?;
-        let mut known = self.template.lock().expect("chat template lock");
-        if let Some((t, compiled)) = known.as_ref() {
-            if *t == reported {
-                return Ok(compiled.clone());
-            }
-        }
-        let compiled = Arc::new(ChatTemplate::from_proto(&reported).map_err(|e| {
-            tracing::error!("the model's chat template is unusable: {e:#}");
-            ApiError::from_status(&Status::internal(format!("{e:#}")))
-        })?);
-        tracing::info!(source = %reported.source, image_token = %reported.image_token, "chat template");
-        *known = Some((reported, compiled.clone()));
-        Ok(compiled)
+        self.cfg
+            .templates
+            .compiled(info.chat_template.as_ref())
+            .map_err(|s| ApiError::from_status(&s))
     }
 
     /// A checked chat request, run through the gateway.
@@ -279,6 +265,7 @@ impl<G: Gateway> OpenAiEndpoint<G> {
             prompt,
             params: Some(chat.params),
             monitor_layers: false,
+            question: String::new(),
         };
         let grpc = Gateway::generate(self.gateway.as_ref(), tonic::Request::new(request))
             .await

@@ -113,14 +113,26 @@ async fn answer(shared: &Shared, q: &WatchQuestion) -> Result<(), Status> {
 }
 
 /// The generation request for `q`: the last frames (each as the bytes of the frame whose
-/// features it uses), the motion box as a region of the latest with dynamic_roi, and one
-/// `<image>` per frame in front of the prompt unless it places them itself.
+/// features it uses), the motion box as a region of the latest with dynamic_roi, and either the
+/// raw prompt with one `<image>` per frame in front unless it places them itself, or the
+/// `question`, which the generation renders with one image part per frame.
 fn request(shared: &Shared, q: &WatchQuestion) -> Result<(GenerateRequest, Seen), Status> {
-    if q.prompt.trim().is_empty() {
-        return Err(Status::invalid_argument(format!(
-            "gateway: question {:?} has an empty prompt",
-            q.id
-        )));
+    match (q.prompt.is_empty(), q.question.is_empty()) {
+        (false, false) => {
+            return Err(Status::invalid_argument(format!(
+                "gateway: question {:?} sets both `prompt` and `question`; set one: `prompt` is \
+                 the raw prompt in the model's chat format, `question` plain text the gateway \
+                 renders with the model's chat template",
+                q.id
+            )))
+        }
+        _ if q.prompt.trim().is_empty() && q.question.trim().is_empty() => {
+            return Err(Status::invalid_argument(format!(
+                "gateway: question {:?} has an empty prompt and question",
+                q.id
+            )))
+        }
+        _ => {}
     }
     let n = q.last_frames.max(1) as usize;
     let max = shared.gen.cfg.max_images;
@@ -150,13 +162,14 @@ fn request(shared: &Shared, q: &WatchQuestion) -> Result<(GenerateRequest, Seen)
     if let (Some(r), Some(last)) = (roi, inputs.last_mut()) {
         last.regions.push(r);
     }
-    let prompt = if q.prompt.contains("<image>") {
+    let prompt = if q.prompt.is_empty() || q.prompt.contains("<image>") {
         q.prompt.clone()
     } else {
         "<image>\n".repeat(frames.len()) + &q.prompt
     };
     let req = GenerateRequest {
         prompt,
+        question: q.question.clone(),
         params: q.params.clone(),
         image_inputs: inputs,
         ..Default::default()

@@ -113,6 +113,7 @@ async fn ttft(
             ..Default::default()
         }),
         monitor_layers: false,
+        question: String::new(),
     };
     let t = Instant::now();
     let mut stream = client.generate(req).await?.into_inner();

@@ -174,6 +174,7 @@ impl Stream {
             params: Some(params(max_tokens)),
             last_frames: 1,
             dynamic_roi: false,
+            question: String::new(),
         };
         self.send(RequestKind::Question(q)).await?;
         let mut ids = Vec::new();

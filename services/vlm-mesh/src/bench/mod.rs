@@ -388,6 +388,7 @@ pub(crate) fn greedy_request(
             ..Default::default()
         }),
         monitor_layers: false,
+        question: String::new(),
     }
 }
 

@@ -118,9 +118,11 @@ async fn openai_port(
     } else {
         names.remove(0)
     };
+    let templates = svc.templates();
     let endpoint = vlm_gateway::openai::OpenAiEndpoint::new(
         svc,
         vlm_gateway::openai::OpenAiConfig {
+            templates,
             model_id,
             aliases: names,
             api_key: a.http.api_key.clone(),

@@ -118,6 +118,7 @@ impl Harness {
             max_images: 8,
             max_body_bytes,
             max_image_bytes: 1 << 20,
+            templates: Default::default(),
             admission: gate.clone(),
         };
         let mut endpoint = OpenAiEndpoint::new(Arc::new(FakeGateway { calls: tx }), cfg).unwrap();
