@@ -59,13 +59,13 @@ Where is the square? It is at the bottom right. How many shapes are there? Two s
 """
 
 
-def make_tokenizer(out_dir):
+def make_tokenizer(out_dir, special_tokens=("<unk>", "<s>", "</s>", "<pad>", "<image>"), vocab_size=420):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=420,
-        special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -31,7 +31,6 @@ import sys
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import transformers
 from transformers import (
@@ -52,11 +51,10 @@ from transformers import (
     LlavaNextProcessor,
     LlavaProcessor,
     MistralConfig,
-    PreTrainedTokenizerFast,
 )
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_tiny_fixtures import CORPUS, MIN_MARGIN, MODELS, randomise  # noqa: E402
+from make_tiny_fixtures import MIN_MARGIN, MODELS, make_tokenizer, randomise  # noqa: E402
 import make_glm4v_fixtures as glm4v_base  # noqa: E402
 
 IMAGES = os.path.join(MODELS, "images")
@@ -68,24 +66,7 @@ STOP_STEP = 6
 def llava_tokenizer():
     """A byte-level BPE whose special tokens sit at ids no config default has (bos 4, eos 3, image
     2), so that a loader falling back to a default id reads another token."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=430,
-        special_tokens=["<pad>", "<unk>", "<image>", "</s>", "<s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    lines = [l for l in CORPUS.strip().splitlines() if l]
-    tok.train_from_iterator(lines * 4, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    return make_tokenizer(None, special_tokens=["<pad>", "<unk>", "<image>", "</s>", "<s>"], vocab_size=430)
 
 
 def image(name):

@@ -180,6 +180,11 @@ async fn generate_ids(mesh: &MeshProc, image_inputs: Vec<ImageInput>, max_tokens
         params: params(max_tokens),
         ..Default::default()
     };
+    request_ids(mesh, req).await
+}
+
+/// Token ids of the answer to `req`.
+async fn request_ids(mesh: &MeshProc, req: GenerateRequest) -> Vec<u32> {
     let mut stream = bounded("generate", mesh.client().await.generate(req))
         .await
         .unwrap()
@@ -644,17 +649,7 @@ async fn generate_question_ids(mesh: &MeshProc, image_inputs: Vec<ImageInput>) -
         params: params(3),
         ..Default::default()
     };
-    let mut stream = bounded("generate", mesh.client().await.generate(req))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut ids = Vec::new();
-    while let Some(m) = next_message(&mut stream).await.unwrap() {
-        if let Some(vlm_proto::generate_response::Kind::Delta(d)) = m.kind {
-            ids.extend(d.token_ids);
-        }
-    }
-    ids
+    request_ids(mesh, req).await
 }
 
 /// Streams `frames` (PNG bytes) into one Watch stream, handled one by one, and asks [`WHERE`]

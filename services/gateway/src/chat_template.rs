@@ -530,11 +530,12 @@ mod question_tests {
     }
 
     /// The bundled checkpoints with a LLaVA or GLM text model carry no template of their own
-    /// (they get the LLaVA-1.5 fallback); only tiny-glm4v has one. If that changes, the tests
-    /// below must cover the new template.
+    /// (they get the LLaVA-1.5 fallback); only the GLM-4.1V ones have one, tiny-glm4v's. If that
+    /// changes, the tests below must cover the new template.
     #[test]
-    fn only_tiny_glm4v_ships_a_template() {
+    fn only_the_glm4v_fixtures_ship_a_template() {
         let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+        let glm4v = std::fs::read_to_string(models.join("tiny-glm4v/chat_template.jinja")).unwrap();
         for entry in std::fs::read_dir(&models).unwrap().flatten() {
             let dir = entry.path();
             if !dir.join("config.json").exists() {
@@ -545,7 +546,11 @@ mod question_tests {
                 || dir.join("chat_template.json").exists()
                 || std::fs::read_to_string(dir.join("tokenizer_config.json"))
                     .is_ok_and(|t| t.contains("\"chat_template\""));
-            assert_eq!(has_own, name == "tiny-glm4v", "{name}");
+            assert_eq!(has_own, name.ends_with("glm4v"), "{name}");
+            if has_own {
+                let own = std::fs::read_to_string(dir.join("chat_template.jinja")).unwrap();
+                assert_eq!(own, glm4v, "{name}: another template than tiny-glm4v's");
+            }
         }
     }
 

@@ -11,7 +11,7 @@ use vlm_model::{
 };
 
 mod support;
-use support::{max_abs_diff, models_dir, references};
+use support::{ids, max_abs_diff, models_dir, references};
 
 struct Case {
     name: String,
@@ -63,14 +63,6 @@ fn fixture() -> (
     )
     .unwrap();
     (p, refs, cases)
-}
-
-fn ids(t: &Tensor) -> Vec<u32> {
-    t.to_vec1::<i64>()
-        .unwrap()
-        .iter()
-        .map(|&x| x as u32)
-        .collect()
 }
 
 /// transformers' patchify of one normalised image `[1, 3, H, W]`: patches in merge-window order,

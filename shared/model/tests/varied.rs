@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use vlm_model::{ImageLimits, Pipeline, SamplingParams, StageTimings};
 
 mod support;
-use support::{max_abs_diff, models_dir, references};
+use support::{ids, max_abs_diff, models_dir, references};
 
 /// The varied fixtures, one per family.
 pub const VARIED: [&str; 4] = [
@@ -17,14 +17,6 @@ pub const VARIED: [&str; 4] = [
     "varied-llava-glm",
     "varied-glm4v",
 ];
-
-fn ids(t: &Tensor) -> Vec<u32> {
-    t.to_vec1::<i64>()
-        .unwrap()
-        .iter()
-        .map(|&x| x as u32)
-        .collect()
-}
 
 fn check(name: &str) {
     let dir = models_dir().join(name);
