@@ -356,6 +356,21 @@ async fn gateway_checks(mesh: &MeshProc, dir: &Path) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    // Beyond the prompt limit (1 MiB): RESOURCE_EXHAUSTED before it is rendered, naming it.
+    let huge = GenerateRequest {
+        question: "x".repeat((1 << 20) + 1),
+        params: params.clone(),
+        ..Default::default()
+    };
+    let err = common::generate(&mut client, huge, None, || {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message()
+            .contains("question of 1048577 bytes exceeds the prompt limit"),
+        "{err:?}"
+    );
 
     // Text only: the question is the LLaVA-1.5 prompt without an image.
     let text = |prompt: &str, question: &str| GenerateRequest {
