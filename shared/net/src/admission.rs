@@ -11,8 +11,15 @@
 //! ([`MAX_STREAMS_PER_CONNECTION`]) may be reading their first message at once, so one connection
 //! alone cannot use them all; more are refused like an overload.
 //!
+//! A gate may also bound each peer's share ([`AdmissionGate::per_peer`], the gateway's
+//! `--max-peer-share`): one peer (a connection, and a client certificate or source address:
+//! [`crate::peers`]) may hold at most that share of the pre-admission readers and of the slots
+//! and queue places together; beyond it, RESOURCE_EXHAUSTED naming the share.
+//!
 //! Calls in `vlm_proto::SELF_ADMITTED_PATHS` (long-lived streams) pass without a slot: the
-//! service admits their units of work through the shared [`AdmissionGate`] itself.
+//! service admits their units of work through the shared [`AdmissionGate`] itself. Their
+//! messages are charged to the memory budget from each message's header on
+//! ([`MeteredMessages`]; the handler takes the charges from the request's [`MessageLedger`]).
 //!
 //! A streaming call holds its slot until its response body ends or is dropped, not just until the
 //! response headers, since that is when a stream's work is done. A queued call waits at most
@@ -44,9 +51,10 @@ use tonic::Status;
 use vlm_telemetry::metrics::labels::ServiceLabels;
 use vlm_telemetry::MeshMetrics;
 
+use crate::peers::{Peer, PeerPermit, PeerShare};
 use crate::{
-    read_first_message, ByteBudget, BytePermit, DeadlineSource, Metered, FIRST_MESSAGE_TIMEOUT,
-    MAX_STREAMS_PER_CONNECTION,
+    read_first_message, ByteBudget, BytePermit, DeadlineSource, Metered, MeteredMessages,
+    FIRST_MESSAGE_TIMEOUT, MAX_STREAMS_PER_CONNECTION,
 };
 
 /// Longest a call without a deadline waits in the queue for a slot.
@@ -73,6 +81,15 @@ struct Shared {
     waiting: AtomicUsize,
     memory: ByteBudget,
     name: &'static str,
+    /// Per-peer bounds, when the gate has them.
+    peers: Option<PeerShares>,
+}
+
+/// One peer's bounds: of the readers, and of the slots and queue places together.
+#[derive(Debug)]
+struct PeerShares {
+    readers: PeerShare,
+    calls: PeerShare,
 }
 
 /// A service's admission: its slots, queue and memory budget. Clones share them, so every front
@@ -82,9 +99,12 @@ pub struct AdmissionGate {
     shared: Arc<Shared>,
 }
 
-/// A serving slot, held until dropped.
+/// A serving slot (and its place in the peer's share), held until dropped.
 #[derive(Debug)]
-pub struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct Slot {
+    _slot: OwnedSemaphorePermit,
+    _peer: PeerPermit,
+}
 
 impl AdmissionGate {
     /// Slots and queue per `limits` for `service` (its gRPC name, the metrics label), request
@@ -105,15 +125,57 @@ impl AdmissionGate {
                 waiting: AtomicUsize::new(0),
                 memory,
                 name: service,
+                peers: None,
             }),
         }
+    }
+
+    /// Bounds each peer to `share` (0 < share ≤ 1) of the readers and of the slots and queue
+    /// places. Call it on a new gate, before it is cloned.
+    pub fn per_peer(mut self, share: f64) -> Self {
+        let shared = Arc::get_mut(&mut self.shared).expect("per_peer on a gate not yet cloned");
+        let limits = shared.limits;
+        let readers = shared.readers.available_permits();
+        shared.peers = Some(PeerShares {
+            readers: PeerShare::new(
+                "calls still sending their request",
+                "--max-in-flight + --max-queue + 128",
+                readers,
+                share,
+            ),
+            calls: PeerShare::new(
+                "calls served or queued",
+                "--max-in-flight + --max-queue",
+                limits.max_in_flight + limits.max_queue,
+                share,
+            ),
+        });
+        self
     }
 
     /// A slot now, after waiting in the bounded queue (until `deadline`, at most
     /// [`MAX_QUEUE_WAIT`] without one), or the status to answer with (counted as shed).
     pub async fn admit(&self, deadline: Option<Instant>) -> Result<Slot, Status> {
-        match self.shared.admit(deadline).await {
-            Ok(p) => Ok(Slot(p)),
+        self.admit_peer(&Peer::new(None, None::<&[&[u8]]>), deadline)
+            .await
+    }
+
+    /// [`Self::admit`] for a call from `peer`, within the peer's share.
+    pub async fn admit_peer(&self, peer: &Peer, deadline: Option<Instant>) -> Result<Slot, Status> {
+        let admitted = async {
+            // A peer at its share while the service is full anyway hears that it is full.
+            let share = self
+                .shared
+                .take_call_share(peer)
+                .map_err(|refusal| self.shared.full().unwrap_or(refusal))?;
+            let slot = self.shared.admit(deadline).await?;
+            Ok(Slot {
+                _slot: slot,
+                _peer: share,
+            })
+        };
+        match admitted.await {
+            Ok(slot) => Ok(slot),
             Err(status) => {
                 count_shed(&self.shared);
                 Err(status)
@@ -176,6 +238,38 @@ impl<S: NamedService> NamedService for Admission<S> {
 }
 
 impl Shared {
+    fn take_call_share(&self, peer: &Peer) -> Result<PeerPermit, Status> {
+        match &self.peers {
+            Some(p) => p.calls.take(peer),
+            None => Ok(PeerPermit::none()),
+        }
+    }
+
+    fn take_reader_share(&self, peer: &Peer) -> Result<PeerPermit, Status> {
+        match &self.peers {
+            Some(p) => p.readers.take(peer),
+            None => Ok(PeerPermit::none()),
+        }
+    }
+
+    /// The overload refusal, when every slot is taken and the queue is full.
+    fn full(&self) -> Option<Status> {
+        let queued = self.waiting.load(Ordering::Acquire);
+        (self.slots.available_permits() == 0 && queued >= self.limits.max_queue)
+            .then(|| self.overloaded(queued))
+    }
+
+    fn overloaded(&self, queued: usize) -> Status {
+        Status::resource_exhausted(format!(
+            "{} overloaded: {} calls in flight and {} queued (limits {} and {}); retry later",
+            self.name,
+            self.limits.max_in_flight,
+            queued,
+            self.limits.max_in_flight,
+            self.limits.max_queue
+        ))
+    }
+
     /// A slot now, a slot after waiting in the bounded queue (at most until the caller's
     /// deadline), or the status to answer with.
     async fn admit(&self, deadline: Option<Instant>) -> Result<OwnedSemaphorePermit, Status> {
@@ -187,14 +281,7 @@ impl Shared {
         let mut queued = self.waiting.load(Ordering::Acquire);
         loop {
             if queued >= self.limits.max_queue {
-                return Err(Status::resource_exhausted(format!(
-                    "{} overloaded: {} calls in flight and {} queued (limits {} and {}); retry later",
-                    self.name,
-                    self.limits.max_in_flight,
-                    queued,
-                    self.limits.max_in_flight,
-                    self.limits.max_queue
-                )));
+                return Err(self.overloaded(queued));
             }
             match self.waiting.compare_exchange_weak(
                 queued,
@@ -235,8 +322,10 @@ impl Shared {
     async fn read_first_message(
         &self,
         req: Request<Body>,
+        peer: &Peer,
         deadline: Option<Instant>,
     ) -> Result<(Request<Body>, u64), Status> {
+        let _share = self.take_reader_share(peer)?;
         let _reader = self.readers.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "{} overloaded: too many calls are still sending their request; retry later",
@@ -308,18 +397,30 @@ where
         let shared = self.shared.clone();
         Box::pin(async move {
             let deadline = req.call_deadline();
+            let peer = Peer::of_http(&req);
             if vlm_proto::SELF_ADMITTED_PATHS.contains(&req.uri().path()) {
-                return inner.call(req).await;
+                // Its messages are charged to the budget as they arrive; the handler takes
+                // each one's charge from the ledger.
+                let (mut parts, body) = req.into_parts();
+                let what = "a stream message";
+                let (body, ledger) = MeteredMessages::new(body, shared.memory.clone(), peer, what);
+                parts.extensions.insert(ledger);
+                return inner
+                    .call(Request::from_parts(parts, Body::new(body)))
+                    .await;
             }
             let (req, memory) = if vlm_proto::UNARY_REQUEST_PATHS.contains(&req.uri().path()) {
                 let reserved = async {
                     const WHAT: &str = "the request message";
-                    let (req, declared) = shared.read_first_message(req, deadline).await?;
+                    let (req, declared) = shared.read_first_message(req, &peer, deadline).await?;
                     // Refused at once if it could never fit; otherwise what has been read is
                     // reserved now (waiting for room), and the rest as it arrives.
                     shared.memory.check_size(declared, WHAT)?;
                     let read = declared.min(MAX_PREFETCH_BYTES as u64);
-                    let memory = shared.memory.reserve(read, WHAT, deadline).await?;
+                    let memory = shared
+                        .memory
+                        .reserve_for(&peer, read, WHAT, deadline)
+                        .await?;
                     let memory = Arc::new(std::sync::Mutex::new(memory));
                     let (parts, body) = req.into_parts();
                     let body = Body::new(Metered::new(body, memory.clone(), WHAT));
@@ -332,6 +433,10 @@ where
             } else {
                 (req, None)
             };
+            let share = match shared.take_call_share(&peer) {
+                Ok(p) => p,
+                Err(status) => return Ok(shed(&shared, status)),
+            };
             let permit = match shared.admit(deadline).await {
                 Ok(p) => p,
                 Err(status) => return Ok(shed(&shared, status)),
@@ -341,6 +446,7 @@ where
                 Body::new(PermitBody {
                     inner: body,
                     _permit: permit,
+                    _share: share,
                     _memory: memory,
                 })
             }))
@@ -353,6 +459,7 @@ where
 struct PermitBody {
     inner: Body,
     _permit: OwnedSemaphorePermit,
+    _share: PeerPermit,
     _memory: Option<Arc<std::sync::Mutex<BytePermit>>>,
 }
 

@@ -29,6 +29,7 @@ use vlm_telemetry::metrics::labels::{MemoryBudgetLabels, MemoryState, ServiceLab
 use vlm_telemetry::MeshMetrics;
 
 use crate::admission::MAX_QUEUE_WAIT;
+use crate::peers::{Peer, PeerPermit, PeerShare};
 
 /// Default `--max-bytes-in-flight`: 512 MiB of request data per service (64 requests of a 1 MB
 /// image and LLaVA-7B's 4.7 MB of f16 embeddings each need 370 MB at the gateway).
@@ -46,6 +47,8 @@ struct Inner {
     limit: u64,
     max_waiting: usize,
     state: Mutex<State>,
+    /// Each peer's share of the budget, when bounded ([`ByteBudget::per_peer`]).
+    peers: Option<PeerShare>,
 }
 
 #[derive(Debug, Default)]
@@ -89,6 +92,8 @@ impl State {
 pub struct BytePermit {
     budget: ByteBudget,
     bytes: u64,
+    /// The same bytes in the peer's share (none for a permit of no peer).
+    peer: PeerPermit,
 }
 
 fn mib(bytes: u64) -> String {
@@ -105,6 +110,7 @@ impl ByteBudget {
                 limit: total_bytes,
                 max_waiting,
                 state: Mutex::new(State::default()),
+                peers: None,
             }),
         };
         budget.gauge(MemoryState::limit, total_bytes);
@@ -115,6 +121,49 @@ impl ByteBudget {
             .memory_budget_refused
             .get_or_create(&ServiceLabels { service });
         budget
+    }
+
+    /// Bounds what one peer's permits ([`Self::empty_for`], [`Self::reserve_for`]) hold together
+    /// to `share` of the budget. Call it on a new budget, before it is cloned.
+    pub fn per_peer(mut self, share: f64) -> Self {
+        let inner = Arc::get_mut(&mut self.inner).expect("per_peer on a budget not yet cloned");
+        let total = usize::try_from(inner.limit).unwrap_or(usize::MAX);
+        inner.peers = Some(PeerShare::new(
+            "bytes of request data",
+            "--max-bytes-in-flight",
+            total,
+            share,
+        ));
+        self
+    }
+
+    /// An empty permit of `peer`, to grow with [`BytePermit::try_grow`] within the peer's share.
+    pub fn empty_for(&self, peer: &Peer) -> BytePermit {
+        let mut permit = self.permit(0);
+        if let Some(share) = &self.inner.peers {
+            permit.peer = share.empty(peer);
+        }
+        permit
+    }
+
+    /// [`Self::reserve`] for `peer`: refused at once (RESOURCE_EXHAUSTED) when it would take the
+    /// peer beyond its share; otherwise waits for room like any reservation.
+    pub async fn reserve_for(
+        &self,
+        peer: &Peer,
+        bytes: u64,
+        what: &str,
+        deadline: Option<Instant>,
+    ) -> Result<BytePermit, Status> {
+        self.check_size(bytes, what)?;
+        let mut share = match &self.inner.peers {
+            Some(s) => s.empty(peer),
+            None => PeerPermit::none(),
+        };
+        share.try_grow(usize::try_from(bytes).unwrap_or(usize::MAX))?;
+        let mut permit = self.reserve(bytes, what, deadline).await?;
+        permit.peer = share;
+        Ok(permit)
     }
 
     /// The whole budget, in bytes.
@@ -264,6 +313,7 @@ impl ByteBudget {
         BytePermit {
             budget: self.clone(),
             bytes,
+            peer: PeerPermit::none(),
         }
     }
 
@@ -284,65 +334,6 @@ impl ByteBudget {
                 state,
             })
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
-    }
-}
-
-/// A body whose data is held against `permit` as it arrives: the permit grows (never waiting)
-/// by what exceeds it, and the body fails with RESOURCE_EXHAUSTED when the budget is full. A
-/// slow sender thus holds only what it has sent, not what it declared.
-pub struct Metered<B> {
-    inner: B,
-    permit: Arc<Mutex<BytePermit>>,
-    seen: u64,
-    what: &'static str,
-}
-
-impl<B> Metered<B> {
-    pub fn new(inner: B, permit: Arc<Mutex<BytePermit>>, what: &'static str) -> Self {
-        Metered {
-            inner,
-            permit,
-            seen: 0,
-            what,
-        }
-    }
-}
-
-impl<B> http_body::Body for Metered<B>
-where
-    B: http_body::Body<Data = bytes::Bytes> + Unpin,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    type Data = bytes::Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        let std::task::Poll::Ready(Some(Ok(frame))) = polled else {
-            return polled.map(|f| f.map(|r| r.map_err(Into::into)));
-        };
-        if let Some(data) = frame.data_ref() {
-            self.seen += data.len() as u64;
-            let mut permit = self.permit.lock().unwrap_or_else(|p| p.into_inner());
-            if self.seen > permit.bytes() {
-                let more = self.seen - permit.bytes();
-                if let Err(status) = permit.try_grow(more, self.what) {
-                    return std::task::Poll::Ready(Some(Err(Box::new(status))));
-                }
-            }
-        }
-        std::task::Poll::Ready(Some(Ok(frame)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -381,9 +372,32 @@ impl BytePermit {
 
     /// Holds `bytes` more, now or never (RESOURCE_EXHAUSTED), before any waiting reservation.
     pub fn try_grow(&mut self, bytes: u64, what: &str) -> Result<(), Status> {
-        self.budget.take_now(bytes, what)?;
+        let units = usize::try_from(bytes).unwrap_or(usize::MAX);
+        self.peer.try_grow(units)?;
+        if let Err(status) = self.budget.take_now(bytes, what) {
+            self.peer.shrink(units);
+            return Err(status);
+        }
         self.bytes += bytes;
         self.budget.gauge(MemoryState::used, self.budget.used());
+        Ok(())
+    }
+}
+
+impl BytePermit {
+    /// Holds exactly `bytes`: gives back what is above it, or takes what is missing now or never
+    /// (RESOURCE_EXHAUSTED, holding what it held).
+    pub fn resize(&mut self, bytes: u64, what: &str) -> Result<(), Status> {
+        if bytes > self.bytes {
+            return self.try_grow(bytes - self.bytes, what);
+        }
+        let give = self.bytes - bytes;
+        self.bytes = bytes;
+        if give > 0 {
+            self.peer
+                .shrink(usize::try_from(give).unwrap_or(usize::MAX));
+            self.budget.release(give);
+        }
         Ok(())
     }
 }

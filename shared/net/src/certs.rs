@@ -298,6 +298,25 @@ fn ca_pem_holds_key(cert_pem: &[u8], key: &KeyPair) -> bool {
     !pk.is_empty() && der.windows(pk.len()).any(|w| w == pk)
 }
 
+/// Makes sure `path` holds a random secret (32 bytes from the OS, hex), created 0600 when
+/// missing and kept otherwise (so every process of a mesh, and its restarts, share it). True
+/// when it was created.
+pub fn ensure_secret_file(path: &Path) -> Result<bool, NetError> {
+    if path.exists() {
+        return Ok(false);
+    }
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .map_err(|source| NetError::Write {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_file(path, &hex, true)?;
+    Ok(true)
+}
+
 /// Writes via a temporary file and rename, so a concurrent reader sees the
 /// old file or the new one, never half of one; keys are created 0600 so they
 /// are never readable by others, not even briefly.

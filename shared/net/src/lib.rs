@@ -15,6 +15,8 @@ mod first_message;
 mod health;
 mod http_tls;
 mod jitter;
+mod metered;
+pub mod peers;
 pub mod replicas;
 mod resolver;
 pub mod retry;
@@ -29,7 +31,7 @@ pub use adaptive::{AdaptiveTimeout, AdaptiveTimeoutOptions};
 pub use admission::{
     Admission, AdmissionGate, AdmissionLayer, AdmissionLimits, Slot, MAX_QUEUE_WAIT,
 };
-pub use byte_budget::{ByteBudget, BytePermit, Metered, DEFAULT_MAX_BYTES_IN_FLIGHT};
+pub use byte_budget::{ByteBudget, BytePermit, DEFAULT_MAX_BYTES_IN_FLIGHT};
 pub use channel::{
     connect, connect_lazy, endpoint, server_builder, ChannelOptions, MAX_STREAMS_PER_CONNECTION,
 };
@@ -40,6 +42,8 @@ pub use health::{
     health_and_reflection, reflection_v1alpha, wait_until_serving, wait_until_serving_url,
 };
 pub use http_tls::HttpTlsAcceptor;
+pub use metered::{MessageLedger, Metered, MeteredMessages};
+pub use peers::{Peer, PeerIdentity, PeerPermit, PeerShare};
 pub use replicas::{Lease, Replica, ReplicaOptions, ReplicaSet, TlsForHost, TracedChannel};
 pub use resolver::Resolver;
 pub use retry::{is_retryable, RetryOptions, RetryPolicy};

@@ -16,7 +16,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::ServerTlsConfig;
 use tonic_health::ServingStatus;
 use tower::layer::util::{Identity, Stack};
-use tower::ServiceBuilder;
+use tower::{Layer, ServiceBuilder};
 use vlm_telemetry::GrpcServerTraceLayer;
 
 use crate::{
@@ -82,11 +82,13 @@ where
     S::Future: Send + 'static,
     F: Future<Output = ()>,
 {
-    serve_grpc_with_health_port(listener, None, tls, service, shutdown).await
+    serve_grpc_with_health_port(listener, None, tls, service, AllowedCallers::Any, shutdown).await
 }
 
 /// [`serve_grpc`], plus — when `health_listener` is given — a second port
 /// without TLS that serves only `grpc.health.v1`, from the same reporter.
+/// Server reflection answers only `callers` (the service's own `--allowed-callers`); health
+/// answers everyone.
 ///
 /// Kubernetes' gRPC probes cannot speak TLS, let alone present a client
 /// certificate, so the kubelet cannot probe an mTLS port. The health port
@@ -97,6 +99,7 @@ pub async fn serve_grpc_with_health_port<S, F>(
     health_listener: Option<TcpListener>,
     tls: Option<ServerTlsConfig>,
     service: S,
+    callers: AllowedCallers,
     shutdown: F,
 ) -> Result<(), NetError>
 where
@@ -110,7 +113,8 @@ where
     F: Future<Output = ()>,
 {
     let (reporter, health, reflection) = health_and_reflection(S::NAME)?;
-    let reflection_v1alpha = reflection_v1alpha(S::NAME)?;
+    let reflection = CallerRoleLayer::new(callers.clone()).layer(reflection);
+    let reflection_v1alpha = CallerRoleLayer::new(callers).layer(reflection_v1alpha(S::NAME)?);
     reporter
         .set_service_status(S::NAME, ServingStatus::Serving)
         .await;

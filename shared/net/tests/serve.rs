@@ -84,6 +84,7 @@ async fn serve_grpc_serves_health_and_the_service_then_drains() {
             views: vec![],
             image: vec![0u8; 7].into(),
             options: None,
+            layout_only: false,
         })
         .await
         .unwrap()
@@ -248,6 +249,7 @@ async fn the_health_port_says_not_serving_while_open_calls_drain() {
         Some(probe),
         None,
         EncoderServer::new(held.clone()),
+        vlm_net::AllowedCallers::Any,
         async {
             let _ = stop_rx.await;
         },

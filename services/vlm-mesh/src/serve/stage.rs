@@ -96,9 +96,11 @@ where
     let shutdown = vlm_net::shutdown_signal();
     announce(&listener, stage.http.as_ref().map(|h| h.addr))?;
     let health = bind_health(common.health_listen).await?;
-    let service = vlm_net::server_layers(stage.admission, callers)
+    let service = vlm_net::server_layers(stage.admission, callers.clone())
         .service(stage.server.with_message_limit(stage.max_message_bytes));
-    let grpc = vlm_net::serve_grpc_with_health_port(listener, health, stage.tls, service, shutdown);
+    let grpc = vlm_net::serve_grpc_with_health_port(
+        listener, health, stage.tls, service, callers, shutdown,
+    );
     match stage.http {
         None => grpc.await?,
         Some(http) => {
