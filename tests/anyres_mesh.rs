@@ -365,8 +365,27 @@ async fn the_encoder_and_projector_services_pack_like_transformers() {
                 options: None,
                 region,
                 views: vec![],
+                layout_only: false,
             };
             let plan = encoder.plan(req.clone()).await.unwrap().into_inner();
+            // From the header alone: the same layout and rows, no digests, nothing decoded.
+            let header_only = vlm_proto::EncodeRequest {
+                layout_only: true,
+                ..req.clone()
+            };
+            let quick = encoder
+                .plan(header_only.clone())
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(
+                (quick.layout, quick.packed_rows, quick.rows_per_view),
+                (plan.layout, plan.packed_rows, plan.rows_per_view),
+                "{name}/{case}: the header-only plan"
+            );
+            assert!(quick.view_digests.is_empty());
+            let refused = encoder.encode(header_only).await.map(|_| ()).unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
             let layout = plan.layout.unwrap();
             assert_eq!(
                 serde_json::json!([layout.grid_rows, layout.grid_cols]),

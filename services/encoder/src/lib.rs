@@ -101,6 +101,11 @@ impl Encoder for EncoderService {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let req = req.into_inner();
         self.check_bytes(&req.image)?;
+        if req.layout_only {
+            return Err(Status::invalid_argument(
+                "encoder: `layout_only` is a Plan option; Encode always decodes the image",
+            ));
+        }
         let options = req.options.unwrap_or_default();
         let wire = WireDType::from_proto_or(options.wire_dtype, self.default_wire)?;
         let region = req
@@ -184,23 +189,20 @@ impl Encoder for EncoderService {
             .map(vlm_serving::region_from_proto)
             .transpose()?;
         let model = self.model.clone();
+        if req.layout_only {
+            // A header read: no model permit, no pixel decoded.
+            let t = Instant::now();
+            let layout = model
+                .preprocessor
+                .layout_of(&req.image, region)
+                .map_err(vlm_serving::model_status)?;
+            return Ok(Response::new(model.plan(&layout, vec![], ms(t))));
+        }
         let plan = run_model(&self.permits, move |_| {
             let t = Instant::now();
             let views = model.preprocessor.image_views(&req.image, region)?;
-            let side = model.vision.patches_per_side();
-            let packed_rows = views.layout.packed_rows(side, model.vision.num_features());
-            // A native-resolution view is the whole image: its rows are the image's.
-            let rows_per_view = match views.layout.tokens {
-                Some(_) => packed_rows,
-                None => model.vision.num_features(),
-            };
-            Ok(ImagePlan {
-                layout: Some(vlm_serving::layout_to_proto(&views.layout)),
-                view_digests: views.digests().iter().map(|d| d.to_vec().into()).collect(),
-                rows_per_view: rows_per_view as u32,
-                packed_rows: packed_rows as u32,
-                preprocess_ms: ms(t),
-            })
+            let digests = views.digests().iter().map(|d| d.to_vec().into()).collect();
+            Ok(model.plan(&views.layout, digests, ms(t)))
         })
         .await?;
         Ok(Response::new(plan))
@@ -215,6 +217,29 @@ impl Encoder for EncoderService {
 }
 
 impl Model {
+    /// The plan of an image of `layout` (its views' digests given, or none).
+    fn plan(
+        &self,
+        layout: &vlm_model::ImageLayout,
+        view_digests: Vec<tonic::codegen::Bytes>,
+        preprocess_ms: f64,
+    ) -> ImagePlan {
+        let side = self.vision.patches_per_side();
+        let packed_rows = layout.packed_rows(side, self.vision.num_features());
+        // A native-resolution view is the whole image: its rows are the image's.
+        let rows_per_view = match layout.tokens {
+            Some(_) => packed_rows,
+            None => self.vision.num_features(),
+        };
+        ImagePlan {
+            layout: Some(vlm_serving::layout_to_proto(layout)),
+            view_digests,
+            rows_per_view: rows_per_view as u32,
+            packed_rows: packed_rows as u32,
+            preprocess_ms,
+        }
+    }
+
     /// The pixel values of the requested views (all when `views` is empty) of the image or its
     /// region, with the image's layout.
     fn pixels(

@@ -73,16 +73,29 @@ impl Identity {
         stages: &Stages,
         deadline: Instant,
     ) -> Result<ModelInfo, Status> {
+        Ok(self.describe(&*self.known(stages, deadline).await?))
+    }
+
+    /// What the decoder last reported (asked now if unknown): its context, default max_tokens
+    /// and fixed image rows.
+    pub async fn decoder_info(
+        &self,
+        stages: &Stages,
+        deadline: Instant,
+    ) -> Result<DecoderInfo, Status> {
+        Ok(self.known(stages, deadline).await?.decoder.clone())
+    }
+
+    async fn known(&self, stages: &Stages, deadline: Instant) -> Result<Arc<Known>, Status> {
         let cached = self.known.lock().expect("identity lock").clone();
-        let known = match cached {
+        Ok(match cached {
             Some(k) => k,
             None => {
                 let k = Arc::new(ask_stages(stages, deadline).await?);
                 *self.known.lock().expect("identity lock") = Some(k.clone());
                 k
             }
-        };
-        Ok(self.describe(&known))
+        })
     }
 
     fn describe(&self, k: &Known) -> ModelInfo {

@@ -240,6 +240,7 @@ impl Feed<'_> {
         let req = EncodeRequest {
             region: self.job.region,
             views: vec![],
+            layout_only: false,
             image: self.job.image.clone(),
             options: Some(EncodeOptions {
                 wire_dtype: self.stages.wire_dtype,

@@ -29,14 +29,20 @@ use crate::images::{ChunkTx, ImageJob, ImageTimings};
 use crate::stage::Failure;
 use crate::Stages;
 
-/// Asks an encoder how it cuts the image (or region) of `job` into views.
-pub(crate) async fn plan(stages: &Stages, job: &ImageJob) -> Result<ImagePlan, Status> {
+/// Asks an encoder how it cuts the image (or region) of `job` into views; with `layout_only`,
+/// only its layout and row counts, read from the image's header (no view digests).
+pub(crate) async fn plan(
+    stages: &Stages,
+    job: &ImageJob,
+    layout_only: bool,
+) -> Result<ImagePlan, Status> {
     let deadline = job.deadline;
     let req = EncodeRequest {
         image: job.image.clone(),
         options: None,
         region: job.region,
         views: vec![],
+        layout_only,
     };
     stages
         .encoder
@@ -218,6 +224,7 @@ async fn encode_views(
         }),
         region: job.region,
         views: views.to_vec(),
+        layout_only: false,
     };
     // The encoder's adaptive timeout is per image; each view is one tower input.
     let (lease, answer) = stages

@@ -75,27 +75,8 @@ impl Preprocessor {
     /// EXIF orientation is ignored, as transformers ignores it). With the processor's
     /// `do_convert_rgb` false, only images that are 8-bit RGB already are accepted.
     pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage> {
-        if bytes.is_empty() {
-            return Err(ModelError::InvalidImage("empty image (0 bytes)".into()));
-        }
-        let format = image::guess_format(bytes).map_err(|_| {
-            ModelError::InvalidImage(
-                "unrecognised image format (supported: PNG, JPEG, WebP)".into(),
-            )
-        })?;
-        if !matches!(
-            format,
-            ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP
-        ) {
-            return Err(ModelError::InvalidImage(format!(
-                "{format:?} images are not supported (supported: PNG, JPEG, WebP)"
-            )));
-        }
+        let (format, _, _) = self.header(bytes)?;
         let reader = || ImageReader::with_format(Cursor::new(bytes), format);
-        let (width, height) = reader().into_dimensions().map_err(|e| {
-            ModelError::InvalidImage(format!("cannot read the {format:?} header: {e}"))
-        })?;
-        self.check_size(width, height)?;
         let mut limits = image::Limits::default();
         // The header was checked; this bounds what a lying header could make the decoder allocate.
         limits.max_alloc = Some(self.limits.max_pixels.saturating_mul(8).max(1 << 20));
@@ -113,6 +94,32 @@ impl Preprocessor {
             )));
         }
         Ok(img.to_rgb8())
+    }
+
+    /// The image's format and size from its header alone, checked against the limits.
+    pub(crate) fn header(&self, bytes: &[u8]) -> Result<(ImageFormat, u32, u32)> {
+        if bytes.is_empty() {
+            return Err(ModelError::InvalidImage("empty image (0 bytes)".into()));
+        }
+        let format = image::guess_format(bytes).map_err(|_| {
+            ModelError::InvalidImage(
+                "unrecognised image format (supported: PNG, JPEG, WebP)".into(),
+            )
+        })?;
+        if !matches!(
+            format,
+            ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP
+        ) {
+            return Err(ModelError::InvalidImage(format!(
+                "{format:?} images are not supported (supported: PNG, JPEG, WebP)"
+            )));
+        }
+        let reader = ImageReader::with_format(Cursor::new(bytes), format);
+        let (width, height) = reader.into_dimensions().map_err(|e| {
+            ModelError::InvalidImage(format!("cannot read the {format:?} header: {e}"))
+        })?;
+        self.check_size(width, height)?;
+        Ok((format, width, height))
     }
 
     /// Refuses an image (or a region of one) the limits do not allow, before any work is sized by it.

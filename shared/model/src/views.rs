@@ -55,6 +55,45 @@ impl Preprocessor {
         self.views(&img)
     }
 
+    /// The layout [`Self::image_views`] gives the image (or `region` of it), from the image's
+    /// header alone: its size, tile grid and token grid, with every size limit checked, and no
+    /// pixel decoded. What a request's image rows are, before any work is spent on them.
+    pub fn layout_of(&self, bytes: &[u8], region: Option<Region>) -> Result<ImageLayout> {
+        let (_, mut w, mut h) = self.header(bytes)?;
+        if let Some(r) = region {
+            r.check()?;
+            let (l, t, right, b) = r.pixel_box(w, h);
+            (w, h) = (right - l, b - t);
+            self.check_size(w, h)
+                .map_err(|e| ModelError::InvalidImage(format!("region {r}: {e}")))?;
+        }
+        let mut layout = ImageLayout {
+            height: h,
+            width: w,
+            grid: None,
+            tokens: None,
+        };
+        if let Some(n) = &self.config().native {
+            let (nh, nw) = smart_resize(n.smart.temporal_factor, h, w, &n.smart)
+                .map_err(|e| ModelError::InvalidImage(format!("a {w}x{h} image: {e}")))?;
+            self.check_target(w, h, nw, nh, "resized to")?;
+            let unit = n.patch_size * n.merge_size;
+            layout.tokens = Some(TileGrid {
+                rows: nh / unit,
+                cols: nw / unit,
+            });
+        } else if let Some(pins) = &self.config().image_grid_pinpoints {
+            let tile = self.config().output_size().0;
+            let (bh, bw) = select_best_resolution((h, w), pins);
+            self.check_target(w, h, bw, bh, "tiled at")?;
+            layout.grid = Some(TileGrid {
+                rows: bh / tile,
+                cols: bw / tile,
+            });
+        }
+        Ok(layout)
+    }
+
     /// The views of a decoded image, as transformers' image processor cuts them
     /// (`LlavaNextImageProcessor.get_image_patches` for anyres checkpoints).
     pub fn views(&self, img: &RgbImage) -> Result<ImageViews> {
@@ -75,12 +114,7 @@ impl Preprocessor {
         };
         let tile = self.config().output_size().0;
         let (bh, bw) = select_best_resolution((h, w), pins);
-        if bh as u64 * bw as u64 > self.limits().max_pixels {
-            return Err(ModelError::InvalidImage(format!(
-                "a {w}x{h} image would be tiled at {bw}x{bh}, over the limit of {} pixels",
-                self.limits().max_pixels
-            )));
-        }
+        self.check_target(w, h, bw, bh, "tiled at")?;
         let (nh, nw) = patch_output_size((h, w), (bh, bw));
         let resized = resize(img, nw, nh, self.filter())?;
         // Zero padding around the centred image (`_pad_for_patching`).
@@ -119,18 +153,25 @@ impl Preprocessor {
         })
     }
 
+    /// Refuses a `w × h` image that would be `how` (resized, tiled) to `tw × th`, over the
+    /// pixel limit.
+    fn check_target(&self, w: u32, h: u32, tw: u32, th: u32, how: &str) -> Result<()> {
+        if th as u64 * tw as u64 > self.limits().max_pixels {
+            return Err(ModelError::InvalidImage(format!(
+                "a {w}x{h} image would be {how} {tw}x{th}, over the limit of {} pixels",
+                self.limits().max_pixels
+            )));
+        }
+        Ok(())
+    }
+
     /// GLM-4.1V: the image resized by `smart_resize` (as `Glm4vImageProcessor` does), one view of
     /// its own size, and its token grid (one row per merged patch window).
     fn native_view(&self, img: &RgbImage, n: &NativeResize) -> Result<ImageViews> {
         let (w, h) = img.dimensions();
         let (nh, nw) = smart_resize(n.smart.temporal_factor, h, w, &n.smart)
             .map_err(|e| ModelError::InvalidImage(format!("a {w}x{h} image: {e}")))?;
-        if nh as u64 * nw as u64 > self.limits().max_pixels {
-            return Err(ModelError::InvalidImage(format!(
-                "a {w}x{h} image would be resized to {nw}x{nh}, over the limit of {} pixels",
-                self.limits().max_pixels
-            )));
-        }
+        self.check_target(w, h, nw, nh, "resized to")?;
         let resized = if n.torchvision {
             resize_torchvision(img, nw, nh, self.filter())?
         } else {

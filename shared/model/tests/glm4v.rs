@@ -101,6 +101,12 @@ fn processor_prompt_and_positions_equal_transformers() {
         for img in &case.images {
             let views = p.image_views(img, None).unwrap();
             assert_eq!(views.views.len(), 1, "{}: one view per image", case.name);
+            assert_eq!(
+                p.preprocessor.layout_of(img, None).unwrap(),
+                views.layout,
+                "{}: the layout from the header alone differs from the decoded image's",
+                case.name
+            );
             let pv = p
                 .preprocessor
                 .pixel_values(&views.views, &Device::Cpu)

@@ -74,6 +74,12 @@ fn check(name: &str) {
     assert!(!f.cases.is_empty());
     for c in &f.cases {
         let views = p.image_views(&c.image, c.region).unwrap();
+        assert_eq!(
+            p.preprocessor.layout_of(&c.image, c.region).unwrap(),
+            views.layout,
+            "{name}/{}: the layout from the header alone differs from the decoded image's",
+            c.name
+        );
         let g = views.layout.grid.expect("llava_next tiles every image");
         assert_eq!((g.rows, g.cols), c.grid, "{name}/{}: grid", c.name);
         assert_eq!(views.views.len(), c.num_views, "{name}/{}: views", c.name);
