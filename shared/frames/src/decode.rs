@@ -81,10 +81,7 @@ const DECODER_SLACK_BYTES: u64 = 64 << 20;
 /// decoder, itself bounded by `image`'s strict side limits and an allocation cap, read the pixels.
 /// So a tiny file whose header claims 100000×100000 is refused without allocating its buffer.
 pub fn decode(bytes: &[u8], limits: &FrameLimits) -> Result<Frame, FrameError> {
-    let (width, height) = reader(bytes, header_limits(limits))?
-        .into_dimensions()
-        .map_err(map_image_error)?;
-    check_dimensions(width, height, limits)?;
+    let FrameHeader { width, height, .. } = header(bytes, limits)?;
     let image = reader(bytes, decode_limits(limits))?
         .decode()
         .map_err(map_image_error)?;
@@ -102,6 +99,40 @@ pub fn decode(bytes: &[u8], limits: &FrameLimits) -> Result<Frame, FrameError> {
         other => other.into_rgb8().into_raw(),
     };
     Ok(Frame { width, height, rgb })
+}
+
+/// What a frame's header says, checked against the limits before anything is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub width: u32,
+    pub height: u32,
+    /// Bytes per pixel of the decoder's own buffer (3 for 8-bit RGB, 8 for 16-bit RGBA).
+    pub bytes_per_pixel: u8,
+}
+
+impl FrameHeader {
+    /// The most memory decoding the frame holds at once: the decoder's pixels, plus their 8-bit
+    /// RGB copy when the frame is not 8-bit RGB already.
+    pub fn decode_peak_bytes(&self) -> u64 {
+        let pixels = u64::from(self.width) * u64::from(self.height);
+        let copy = if self.bytes_per_pixel == 3 { 0 } else { 3 };
+        pixels * (u64::from(self.bytes_per_pixel) + copy)
+    }
+}
+
+/// A frame's header, read and checked against `limits` (no pixel is decoded).
+pub fn header(bytes: &[u8], limits: &FrameLimits) -> Result<FrameHeader, FrameError> {
+    let decoder = reader(bytes, header_limits(limits))?
+        .into_decoder()
+        .map_err(map_image_error)?;
+    let (width, height) = image::ImageDecoder::dimensions(&decoder);
+    check_dimensions(width, height, limits)?;
+    let bytes_per_pixel = image::ImageDecoder::color_type(&decoder).bytes_per_pixel();
+    Ok(FrameHeader {
+        width,
+        height,
+        bytes_per_pixel,
+    })
 }
 
 /// An image reader over `bytes` with its format guessed from the magic bytes.

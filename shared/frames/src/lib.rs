@@ -18,4 +18,4 @@ mod decode;
 pub mod synthetic;
 
 pub use change::{compare, relative_box, Change, PixelBox};
-pub use decode::{decode, Frame, FrameError, FrameLimits};
+pub use decode::{decode, header, Frame, FrameError, FrameHeader, FrameLimits};

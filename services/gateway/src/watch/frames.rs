@@ -14,13 +14,19 @@ use vlm_proto::{FrameEncode, FrameEvent, Region, WatchFrame};
 use vlm_telemetry::metrics::labels::{NoLabels, WatchFrame as Counted};
 use vlm_telemetry::MeshMetrics;
 
-use super::{count_frame, watch_error, Current, PendingFrame, Shared};
+use super::{count_frame, watch_error, Current, FrameData, PendingFrame, Shared};
+
 use crate::embeddings;
 use crate::slots::Slot;
 
 /// A frame from the client: refused at once when its bytes are over the gateway's image limit,
 /// otherwise put in the waiting slot (replacing, and dropping, a frame still waiting there).
-pub(super) fn receive(shared: &Shared, index: u64, f: WatchFrame) {
+pub(super) fn receive(
+    shared: &Shared,
+    index: u64,
+    f: WatchFrame,
+    charge: Option<vlm_net::BytePermit>,
+) {
     count_frame(Counted::received);
     let max = shared.gen.cfg.max_image_bytes;
     let refused = if f.data.is_empty() {
@@ -47,7 +53,7 @@ pub(super) fn receive(shared: &Shared, index: u64, f: WatchFrame) {
     let frame = PendingFrame {
         index,
         timestamp: f.timestamp,
-        data: f.data,
+        data: FrameData::new(f.data, charge),
     };
     // `busy` changes under the slot's lock, so it always names what the slot holds.
     let replaced = {
@@ -131,6 +137,17 @@ fn encode_name(e: FrameEncode) -> &'static str {
     }
 }
 
+/// The status of a frame that cannot be decoded: too large is RESOURCE_EXHAUSTED, anything else
+/// INVALID_ARGUMENT.
+fn frame_status(index: u64, e: FrameError) -> Status {
+    match e {
+        FrameError::TooLarge(why) => {
+            Status::resource_exhausted(format!("gateway: frame {index}: {why}"))
+        }
+        e => Status::invalid_argument(format!("gateway: frame {index}: {e}")),
+    }
+}
+
 fn failed(mut event: FrameEvent, status: &Status) -> FrameEvent {
     event.encode = FrameEncode::Failed as i32;
     event.error = Some(watch_error(status));
@@ -148,7 +165,19 @@ async fn handle(shared: &Shared, f: &PendingFrame) -> FrameEvent {
         let state = shared.state.lock().expect("state lock");
         state.current.as_ref().map(|c| c.pixels.clone())
     };
-    let (cfg, data) = (shared.cfg.clone(), f.data.clone());
+    let (cfg, data) = (shared.cfg.clone(), f.data.bytes.clone());
+    // The decoded pixels are charged to the memory budget, from the header's size, before a
+    // pixel is decoded (now or never: a frame never queues for memory ahead of requests, and a
+    // newer frame may be waiting anyway); the frame that becomes current keeps the RGB part.
+    let header = match vlm_frames::header(&data, &cfg.frame_limits) {
+        Ok(h) => h,
+        Err(e) => return failed(event, &frame_status(f.index, e)),
+    };
+    let what = "a Watch frame's decoded pixels";
+    let mut charge = shared.gen.cfg.memory.empty_for(&shared.peer);
+    if let Err(status) = charge.try_grow(header.decode_peak_bytes(), what) {
+        return failed(event, &status);
+    }
     let looked = tokio::task::spawn_blocking(move || {
         let frame = vlm_frames::decode(&data, &cfg.frame_limits)?;
         let change =
@@ -158,16 +187,13 @@ async fn handle(shared: &Shared, f: &PendingFrame) -> FrameEvent {
     .await;
     let (pixels, change) = match looked {
         Ok(Ok(v)) => v,
-        Ok(Err(FrameError::TooLarge(why))) => {
-            let status = Status::resource_exhausted(format!("gateway: frame {}: {why}", f.index));
-            return failed(event, &status);
-        }
-        Ok(Err(e)) => {
-            let status = Status::invalid_argument(format!("gateway: frame {}: {e}", f.index));
-            return failed(event, &status);
-        }
+        Ok(Err(e)) => return failed(event, &frame_status(f.index, e)),
         Err(e) => return failed(event, &Status::internal(format!("frame check failed: {e}"))),
     };
+    let rgb = pixels.rgb().len() as u64;
+    charge
+        .resize(rgb, what)
+        .expect("shrinking a charge cannot fail");
     let mut event = event;
     let mut motion = None;
     if let Some(c) = &change {
@@ -209,6 +235,7 @@ async fn handle(shared: &Shared, f: &PendingFrame) -> FrameEvent {
             state.current = Some(Current {
                 data: f.data.clone(),
                 pixels: Arc::new(pixels),
+                _pixels_charge: charge,
             });
             state.accept(f.index, f.data.clone(), keep);
             if motion.is_some() {
@@ -232,7 +259,7 @@ async fn encode(shared: &Shared, f: &PendingFrame) -> Result<EncodeReport, Statu
     let gen = &shared.gen;
     let deadline = Instant::now() + gen.cfg.default_timeout;
     let slot = Slot {
-        image: f.data.clone(),
+        image: f.data.bytes.clone(),
         image_index: 0,
         region: None,
     };

@@ -13,8 +13,13 @@
 //!
 //! Everything the stream holds is bounded: one waiting frame, the current frame (bytes and
 //! pixels), the last `--max-images` frames' bytes, the stream's cache (`--watch-cache-bytes`), at
-//! most `--max-watch-questions` questions and a fixed event queue.
+//! most `--max-watch-questions` questions and a fixed event queue. And everything it holds is
+//! charged to the gateway's memory budget (`--max-bytes-in-flight`) before it is held: each
+//! client message from its header on (the admission layer's ledger; a frame keeps its charge
+//! while its bytes are kept), decoded pixels from the frame's header before decoding, and the
+//! stream's cache as it fills.
 
+mod budgeted_cache;
 mod frames;
 mod questions;
 
@@ -36,8 +41,13 @@ use vlm_telemetry::MeshMetrics;
 use crate::service::Generator;
 
 /// Events a stream queues for its client; frame events beyond it are discarded (and counted)
-/// rather than stall the intake, answers wait.
+/// rather than stall the intake. A question's outcome (its answer, error or refusal) is never
+/// discarded: it waits for room.
 const EVENT_QUEUE: usize = 64;
+
+/// Question refusals (beyond --max-watch-questions) waiting for the client to read them before
+/// the stream stops reading its messages.
+const PENDING_REFUSALS: usize = 64;
 
 /// Limits and thresholds of live frame streams.
 #[derive(Clone, Debug)]
@@ -55,8 +65,12 @@ pub struct WatchConfig {
     /// Bytes of features each stream's own cache keeps.
     pub cache_bytes: usize,
     /// A stream with no client message and no question being answered for this long ends with
-    /// DEADLINE_EXCEEDED (an idle stream would otherwise hold one of `max_streams` forever).
+    /// DEADLINE_EXCEEDED (an idle stream would otherwise hold one of `max_streams` forever). A
+    /// stream's first message must come sooner: within [`vlm_net::FIRST_MESSAGE_TIMEOUT`], as
+    /// a unary call's does.
     pub idle_timeout: std::time::Duration,
+    /// Most of `max_streams` one peer may hold (`--max-peer-share`).
+    pub peer_share: f64,
 }
 
 impl Default for WatchConfig {
@@ -69,6 +83,7 @@ impl Default for WatchConfig {
             frame_limits: vlm_frames::FrameLimits::default(),
             cache_bytes: 64 << 20,
             idle_timeout: std::time::Duration::from_secs(300),
+            peer_share: 1.0,
         }
     }
 }
@@ -77,12 +92,19 @@ impl Default for WatchConfig {
 pub(crate) struct Watches {
     cfg: Arc<WatchConfig>,
     open: Arc<Semaphore>,
+    peers: vlm_net::PeerShare,
 }
 
 impl Watches {
     pub fn new(cfg: WatchConfig) -> Self {
         Watches {
             open: Arc::new(Semaphore::new(cfg.max_streams)),
+            peers: vlm_net::PeerShare::new(
+                "Watch streams",
+                "--max-watch-streams",
+                cfg.max_streams,
+                cfg.peer_share,
+            ),
             cfg: Arc::new(cfg),
         }
     }
@@ -92,9 +114,12 @@ impl Watches {
     pub fn open(
         &self,
         gen: &Generator,
+        peer: vlm_net::Peer,
         inbound: Streaming<WatchRequest>,
+        ledger: vlm_net::MessageLedger,
         deadline: Option<Instant>,
     ) -> Result<mpsc::Receiver<Result<WatchResponse, Status>>, Status> {
+        let share = self.peers.take(&peer)?;
         let permit = self.open.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "gateway: {} Watch streams are open, the most this gateway serves \
@@ -103,7 +128,11 @@ impl Watches {
             ))
         })?;
         let cache = vlm_cache::FeatureCache::new(
-            Arc::new(vlm_cache::MemoryCache::new(self.cfg.cache_bytes)),
+            Arc::new(budgeted_cache::BudgetedCache::new(
+                self.cfg.cache_bytes,
+                &gen.cfg.memory,
+                &peer,
+            )),
             std::time::Duration::from_secs(3600),
             vlm_tensor::TensorLimits::default(),
         );
@@ -117,11 +146,13 @@ impl Watches {
             pending: Mutex::new(None),
             wake: Notify::new(),
             questions: Arc::new(Semaphore::new(self.cfg.max_questions)),
+            peer,
         });
         let stream = WatchStream {
             shared,
+            ledger,
             deadline,
-            _open: permit,
+            _open: (permit, share),
         };
         let span = tracing::info_span!("vlm.watch", rpc.method = "Watch");
         tokio::spawn(stream.run(inbound).instrument(span));
@@ -144,6 +175,8 @@ pub(super) struct Shared {
     pub wake: Notify,
     /// Room for questions being answered.
     pub questions: Arc<Semaphore>,
+    /// Who opened the stream: its questions' serving slots count in this peer's share.
+    pub peer: vlm_net::Peer,
 }
 
 /// Frame indices the worker has not finished with.
@@ -160,11 +193,28 @@ impl Busy {
     }
 }
 
+/// A frame's bytes with their charge to the gateway's memory budget (the message's, taken from
+/// the stream's ledger), held as long as any copy is.
+#[derive(Clone)]
+pub(super) struct FrameData {
+    pub bytes: Bytes,
+    _charge: Option<Arc<vlm_net::BytePermit>>,
+}
+
+impl FrameData {
+    pub fn new(bytes: Bytes, charge: Option<vlm_net::BytePermit>) -> Self {
+        FrameData {
+            bytes,
+            _charge: charge.map(Arc::new),
+        }
+    }
+}
+
 /// A frame as received, waiting for the worker.
 pub(super) struct PendingFrame {
     pub index: u64,
     pub timestamp: i64,
-    pub data: Bytes,
+    pub data: FrameData,
 }
 
 /// The frame whose features are current, and the frames a question may look at.
@@ -173,7 +223,7 @@ pub(super) struct FrameState {
     pub current: Option<Current>,
     /// The last accepted frames (reused or encoded), oldest first: their index and the bytes of
     /// the frame whose features they use. At most `max_images` long.
-    pub recent: VecDeque<(u64, Bytes)>,
+    pub recent: VecDeque<(u64, FrameData)>,
     /// Where the latest change was (relative 0-1000 box).
     pub motion: Option<Region>,
     /// The worker has stopped: no more frames will be handled.
@@ -182,13 +232,15 @@ pub(super) struct FrameState {
 
 /// The frame whose features are current.
 pub(super) struct Current {
-    pub data: Bytes,
+    pub data: FrameData,
     pub pixels: Arc<vlm_frames::Frame>,
+    /// The pixels' charge to the memory budget.
+    pub _pixels_charge: vlm_net::BytePermit,
 }
 
 impl FrameState {
     /// A frame accepted: it uses the features of `data`'s frame.
-    pub fn accept(&mut self, index: u64, data: Bytes, keep: usize) {
+    pub fn accept(&mut self, index: u64, data: FrameData, keep: usize) {
         self.recent.push_back((index, data));
         while self.recent.len() > keep.max(1) {
             self.recent.pop_front();
@@ -226,12 +278,6 @@ impl Outbox {
         self.tx.send(Ok(msg)).await.is_ok()
     }
 
-    /// An answer that ends a question before it started; like a frame event, discarded (and
-    /// counted) when the client has fallen a whole queue behind.
-    pub fn refuse(&self, answer: WatchAnswer) {
-        self.try_queue(ResponseKind::Answer(answer));
-    }
-
     async fn closed(&self) {
         self.tx.closed().await
     }
@@ -264,8 +310,10 @@ async fn sleep_until_some(at: Option<Instant>) {
 /// One open stream: its intake, and the tasks it started (aborted when it ends).
 struct WatchStream {
     shared: Arc<Shared>,
+    /// The charges of the client's messages (see `vlm_net::MeteredMessages`).
+    ledger: vlm_net::MessageLedger,
     deadline: Option<Instant>,
-    _open: OwnedSemaphorePermit,
+    _open: (OwnedSemaphorePermit, vlm_net::PeerPermit),
 }
 
 impl WatchStream {
@@ -278,11 +326,16 @@ impl WatchStream {
         let worker = frames::worker(self.shared.clone());
         tasks.spawn(worker.in_current_span());
         let mut received = 0u64;
+        let refusals = Arc::new(Semaphore::new(PENDING_REFUSALS));
         let idle = self.shared.cfg.idle_timeout;
+        // Idle from the start, and the first message within the bound a unary call has.
+        let first_within = idle.min(vlm_net::FIRST_MESSAGE_TIMEOUT);
         let mut active = Instant::now();
+        let mut any_message = false;
         let ended_well = loop {
             // Idle only while no question is being answered (the worker is always in the set).
-            let idle_at = (tasks.len() <= 1).then_some(active + idle);
+            let bound = if any_message { idle } else { first_within };
+            let idle_at = (tasks.len() <= 1).then_some(active + bound);
             let msg = tokio::select! {
                 m = inbound.message() => m,
                 _ = self.shared.out.closed() => break false,
@@ -292,10 +345,17 @@ impl WatchStream {
                     continue;
                 }
                 _ = sleep_until_some(idle_at) => {
-                    let why = format!(
-                        "gateway: no frame or question for {} s (--watch-idle-timeout)",
-                        idle.as_secs_f64()
-                    );
+                    let why = if any_message {
+                        format!(
+                            "gateway: no frame or question for {} s (--watch-idle-timeout)",
+                            idle.as_secs_f64()
+                        )
+                    } else {
+                        format!(
+                            "gateway: the Watch stream sent no message within {} s of opening",
+                            bound.as_secs_f64()
+                        )
+                    };
                     let _ = self.shared.out.tx.send(Err(Status::deadline_exceeded(why))).await;
                     break false;
                 }
@@ -306,16 +366,40 @@ impl WatchStream {
                 }
             };
             active = Instant::now();
+            any_message = true;
             match msg {
                 Ok(Some(req)) => match self.accept(req, &mut received, &mut tasks) {
-                    Ok(()) => {}
+                    Ok(None) => {}
+                    // A question's refusal is its outcome: it waits for room like an answer, in
+                    // a task of its own. The intake waits only when PENDING_REFUSALS are
+                    // undelivered (a client that asks and never reads), at most the idle timeout.
+                    Ok(Some(refusal)) => {
+                        let room = tokio::select! {
+                            room = refusals.clone().acquire_owned() => room.ok(),
+                            _ = tokio::time::sleep(idle) => None,
+                            _ = sleep_until_some(self.deadline) => None,
+                        };
+                        let Some(room) = room else {
+                            break false;
+                        };
+                        let shared = self.shared.clone();
+                        tasks.spawn(async move {
+                            let _room = room;
+                            shared.out.answer(refusal).await;
+                        });
+                    }
                     Err(status) => {
                         let _ = self.shared.out.tx.send(Err(status)).await;
                         break false;
                     }
                 },
                 Ok(None) => break true,
-                Err(_) => break false, // the client went away (or broke the stream)
+                // The client went away, broke the stream, or sent a message over its memory
+                // share: it gets the status if it is still there.
+                Err(status) => {
+                    let _ = self.shared.out.tx.try_send(Err(status));
+                    break false;
+                }
             }
         };
         if ended_well {
@@ -330,29 +414,33 @@ impl WatchStream {
         open.dec();
     }
 
-    /// One client message: a frame into the slot, a question into its own task.
+    /// One client message: a frame into the slot, a question into its own task (or, beyond
+    /// `max_questions`, the refusal to send).
     fn accept(
         &self,
         req: WatchRequest,
         received: &mut u64,
         tasks: &mut JoinSet<()>,
-    ) -> Result<(), Status> {
+    ) -> Result<Option<WatchAnswer>, Status> {
+        // The message's charge: a frame keeps it as long as its bytes are kept; anything else
+        // gives it back now.
+        let charge = self.ledger.take();
         match req.kind {
             Some(RequestKind::Frame(f)) => {
                 let index = *received;
                 *received += 1;
-                frames::receive(&self.shared, index, f);
-                Ok(())
+                frames::receive(&self.shared, index, f, charge);
+                Ok(None)
             }
             Some(RequestKind::Question(q)) => {
                 match self.shared.questions.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let task = questions::ask(self.shared.clone(), q, *received, permit);
                         tasks.spawn(task.in_current_span());
+                        Ok(None)
                     }
-                    Err(_) => questions::refuse_busy(&self.shared, &q, *received),
+                    Err(_) => Ok(Some(questions::busy(&self.shared, &q, *received))),
                 }
-                Ok(())
             }
             None => Err(Status::invalid_argument(
                 "gateway: a Watch message must set `frame` or `question`",

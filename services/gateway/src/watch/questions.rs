@@ -60,19 +60,19 @@ pub(super) async fn ask(
     .await
 }
 
-/// A question beyond --max-watch-questions.
-pub(super) fn refuse_busy(shared: &Shared, q: &WatchQuestion, received: u64) {
+/// The refusal of a question beyond --max-watch-questions.
+pub(super) fn busy(shared: &Shared, q: &WatchQuestion, received: u64) -> WatchAnswer {
     let status = Status::resource_exhausted(format!(
         "gateway: {} questions of this stream are being answered, the most at once \
          (--max-watch-questions)",
         shared.cfg.max_questions
     ));
-    shared.out.refuse(WatchAnswer {
+    WatchAnswer {
         question_id: q.id.clone(),
         frame: received.saturating_sub(1),
         kind: Some(AnswerKind::Error(watch_error(&status))),
         ..Default::default()
-    });
+    }
 }
 
 /// Generates the answer and relays it; an error before the first message is returned.
@@ -83,7 +83,7 @@ async fn answer(shared: &Shared, q: &WatchQuestion) -> Result<(), Status> {
     let gen = &shared.gen;
     let deadline = Instant::now() + gen.cfg.default_timeout;
     let _slot = match &gen.cfg.admission {
-        Some(gate) => Some(gate.admit(Some(deadline)).await?),
+        Some(gate) => Some(gate.admit_peer(&shared.peer, Some(deadline)).await?),
         None => None,
     };
     let mut rx = gen.start(req, deadline, started).await?;
@@ -149,7 +149,12 @@ fn request(shared: &Shared, q: &WatchQuestion) -> Result<(GenerateRequest, Seen)
         ));
     }
     let skip = state.recent.len().saturating_sub(n);
-    let frames: Vec<(u64, Bytes)> = state.recent.iter().skip(skip).cloned().collect();
+    let frames: Vec<(u64, Bytes)> = state
+        .recent
+        .iter()
+        .skip(skip)
+        .map(|(i, d)| (*i, d.bytes.clone()))
+        .collect();
     let roi = if q.dynamic_roi { state.motion } else { None };
     drop(state);
     let mut inputs: Vec<ImageInput> = frames
