@@ -535,3 +535,70 @@ async fn gateways_with_another_secret_neither_use_nor_plant_features() {
     );
     assert_eq!(back.ids, first.ids);
 }
+
+/// Attack 6, a forged cache value. Anyone who can write to Redis can compute an unkeyed tag: a
+/// gateway run with `--cache-unkeyed` serves image B's features as image A's once they are
+/// planted under A's key (the forgery works). The default `up --redis` makes a secret in its
+/// state directory and keys every value with it, so the same planted value is refused there:
+/// A's request is a miss and answers about A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_cache_never_serves_a_forged_value() {
+    use vlm_cache::CacheBackend;
+    let redis = RedisProc::start();
+    let unkeyed =
+        MeshProc::start_with(&model(), &["--redis", &redis.url(), "--cache-unkeyed"], &[]);
+    assert!(
+        unkeyed
+            .wait_for_log(
+                &["[gateway]", "are not authenticated"],
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "no warning about the unkeyed cache"
+    );
+    let a = image();
+    let b = std::fs::read(repo().join("models/images/next-wide-100x40.png")).unwrap();
+    let answer_a = generate(&unkeyed, &a).await;
+    let key_a = wait_for_keys(&redis, 1)[0].clone();
+    let answer_b = generate(&unkeyed, &b).await;
+    assert_ne!(answer_a.ids, answer_b.ids, "the two images answer alike");
+    let key_b = wait_for_keys(&redis, 2)
+        .into_iter()
+        .find(|k| *k != key_a)
+        .unwrap();
+    // The forgery: B's features under A's key, with the tag anyone can compute.
+    let store = vlm_cache::RedisCache::new(&redis.url(), Default::default()).unwrap();
+    let anyone = vlm_cache::Sealer::new(None);
+    let limits = vlm_tensor::TensorLimits::default();
+    let stored_b = store.get(&key_b).await.unwrap().expect("B's value");
+    let features_b = anyone.open(&key_b, stored_b, &limits).unwrap();
+    let forged = anyone.seal(&key_a, &features_b);
+    store
+        .put(&key_a, forged.clone(), Duration::from_secs(600))
+        .await
+        .unwrap();
+    let fooled = generate(&unkeyed, &a).await;
+    assert_eq!(fooled.cache, [CacheStatus::Hit]);
+    assert_eq!(
+        fooled.ids, answer_b.ids,
+        "the unkeyed gateway served the forgery"
+    );
+
+    store
+        .put(&key_a, forged, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let keyed = MeshProc::start_with(&model(), &["--redis", &redis.url()], &[]);
+    let secret = keyed.state.path().join("cache-secret");
+    assert!(
+        std::fs::read(&secret).unwrap().len() >= 32,
+        "`up` made no secret"
+    );
+    let got = generate(&keyed, &a).await;
+    assert_eq!(
+        got.cache,
+        [CacheStatus::Miss],
+        "the forged value was served"
+    );
+    assert_eq!(got.ids, answer_a.ids);
+}

@@ -143,6 +143,24 @@ fn label(role: &str, replica: usize) -> String {
     }
 }
 
+/// `--cache-secret-file <state-dir>/cache-secret` (made once, kept across restarts) when the
+/// gateway gets `--redis` without a secret of its own and without `--cache-unkeyed`: a mesh that
+/// `up` starts never serves forgeable cached features.
+fn cache_secret_args(state_dir: &Path, gateway_args: &[String]) -> anyhow::Result<Vec<String>> {
+    let has = |flag: &str| gateway_args.iter().any(|a| a == flag);
+    if !has("--redis") || has("--cache-secret-file") || has("--cache-unkeyed") {
+        return Ok(vec![]);
+    }
+    let path = state_dir.join("cache-secret");
+    if vlm_net::certs::ensure_secret_file(&path)? {
+        tracing::info!(path = %path.display(), "made the feature cache's secret");
+    }
+    Ok(vec![
+        "--cache-secret-file".into(),
+        path.display().to_string(),
+    ])
+}
+
 /// What `up` writes to `<state-dir>/mesh.json` for `ask` and tests.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct MeshInfo {
@@ -274,6 +292,7 @@ impl Mesh {
             gw_args.push(urls.join(","));
         }
         gw_args.extend(opts.gateway_args.iter().cloned());
+        gw_args.extend(cache_secret_args(&opts.state_dir, &opts.gateway_args)?);
         let gw = mesh.launch("gateway", 0, &gw_args).await?;
         // VLM_PLAINTEXT (inherited by the gateway) serves its public ports without TLS; the
         // stages stay on mTLS.

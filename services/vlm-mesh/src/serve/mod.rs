@@ -10,6 +10,7 @@
 //! fast) and hands it to [`stage::serve_stage`], which serves every role the same way.
 
 mod args;
+mod cache_args;
 mod gateway;
 mod stage;
 
@@ -81,7 +82,9 @@ async fn encoder(a: EncoderArgs) -> anyhow::Result<()> {
     };
     let svc = vlm_encoder::EncoderService::load(&cfg)?;
     let stage = Stage {
-        admission: a.common.admission(vlm_proto::encoder_server::SERVICE_NAME),
+        admission: a
+            .common
+            .admission(vlm_proto::encoder_server::SERVICE_NAME, None),
         server: svc.into_server(),
         tls: Some(tls),
         // An image and its request around it.
@@ -108,7 +111,7 @@ async fn projector(a: ProjectorArgs) -> anyhow::Result<()> {
     let stage = Stage {
         admission: a
             .common
-            .admission(vlm_proto::projector_server::SERVICE_NAME),
+            .admission(vlm_proto::projector_server::SERVICE_NAME, None),
         server: svc.into_server(),
         tls: Some(tls),
         max_message_bytes: DEFAULT_MESSAGE_BYTES,
@@ -119,7 +122,9 @@ async fn projector(a: ProjectorArgs) -> anyhow::Result<()> {
 
 async fn decoder(a: DecoderArgs) -> anyhow::Result<()> {
     let tls = vlm_net::server_tls(&a.common.tls_files("decoder")?)?;
-    let admission = a.common.admission(vlm_proto::decoder_server::SERVICE_NAME);
+    let admission = a
+        .common
+        .admission(vlm_proto::decoder_server::SERVICE_NAME, None);
     let cfg = vlm_decoder::DecoderConfig {
         memory: admission.memory().clone(),
         model: a.common.model.clone(),
