@@ -23,6 +23,7 @@ pub mod chat_template;
 mod decode;
 mod embeddings;
 mod fetch;
+mod fit;
 mod identity;
 mod images;
 pub mod openai;

@@ -22,7 +22,7 @@ use crate::embeddings::{self, AbortOnDrop};
 use crate::identity::encoder_info;
 use crate::images::ImageJob;
 use crate::watch::Watches;
-use crate::{slots, views};
+use crate::{fit, slots, views};
 use crate::{GatewayConfig, Stages};
 
 pub struct GatewayService {
@@ -188,7 +188,7 @@ impl Generator {
                 deadline,
             };
             let stages = self.stages.clone();
-            async move { views::plan(&stages, &job).await.map(Some) }
+            async move { views::plan(&stages, &job, false).await.map(Some) }
         });
         futures::future::try_join_all(plans).await
     }
@@ -205,6 +205,8 @@ impl Generator {
         let slots = slots::slots(&req, self.cfg.max_images, self.cfg.max_regions)?;
         self.render_question(&mut req, deadline).await?;
         self.validate(&req)?;
+        // Refused before any image is decoded if its images cannot fit the context.
+        fit::check(&self.stages, &req, &slots, deadline).await?;
         let plans = self.plans(&slots, req.monitor_layers, deadline).await?;
         let setup = DecodeSetup {
             prompt: req.prompt,
@@ -277,7 +279,17 @@ impl Gateway for GatewayService {
         req: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
         let deadline = vlm_net::DeadlineSource::call_deadline(&req);
-        let rx = self.watches.open(&self.gen, req.into_inner(), deadline)?;
+        let peer = vlm_net::Peer::of_grpc(&req);
+        // Behind the admission layer every message is charged to the budget; in-process calls
+        // (tests) have no ledger and charge nothing.
+        let ledger = req
+            .extensions()
+            .get::<vlm_net::MessageLedger>()
+            .cloned()
+            .unwrap_or_default();
+        let rx = self
+            .watches
+            .open(&self.gen, peer, req.into_inner(), ledger, deadline)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).fuse())))
     }
 

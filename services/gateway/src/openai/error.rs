@@ -8,6 +8,9 @@ use axum::Json;
 use serde::Serialize;
 use tonic::{Code, Status};
 
+/// What a per-peer refusal's message names ([`vlm_net::PeerShare`]).
+const PEER_SHARE: &str = "--max-peer-share";
+
 /// An error in OpenAI's shape.
 #[derive(Debug)]
 pub struct ApiError {
@@ -78,8 +81,10 @@ impl ApiError {
     /// load, whose message says `overloaded` (documented in the README's error table): that one
     /// is 503 + Retry-After, which clients retry, wherever in the mesh it was refused.
     pub(super) fn from_status(s: &Status) -> Self {
-        if s.code() == Code::ResourceExhausted && s.message().contains("overloaded") {
-            return Self::overloaded(s);
+        if s.code() == Code::ResourceExhausted
+            && (s.message().contains("overloaded") || s.message().contains(PEER_SHARE))
+        {
+            return Self::refused(s);
         }
         let (status, kind, code) = match s.code() {
             Code::InvalidArgument | Code::OutOfRange => (
@@ -155,10 +160,26 @@ impl ApiError {
         )
     }
 
-    /// Refused at once because `limit` requests are being served.
+    /// An admission refusal: 429 `rate_limit_exceeded` when the client is beyond its share
+    /// of a limit (`--max-peer-share`: other clients are being served), else 503 `overloaded`;
+    /// both with `Retry-After`, which the SDKs honour.
+    pub(super) fn refused(status: &tonic::Status) -> Self {
+        if !status.message().contains(PEER_SHARE) {
+            return Self::overloaded(status);
+        }
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            status.message().to_string(),
+        )
+        .code("rate_limit_exceeded");
+        e.retry_after = Some("1");
+        e
+    }
+
     /// The gateway's admission refused the request (`status` says why: slots and queue full,
     /// its memory budget, a wait too long).
-    pub(super) fn overloaded(status: &tonic::Status) -> Self {
+    fn overloaded(status: &tonic::Status) -> Self {
         let mut e = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
@@ -215,6 +236,19 @@ mod tests {
             "gateway: the request needs 9 MiB, more than gateway's whole memory budget of 8 MiB",
         );
         assert_eq!(ApiError::from_status(&s).status.as_u16(), 413);
+    }
+
+    #[test]
+    fn a_client_beyond_its_share_is_429_with_retry_after() {
+        let share = vlm_net::PeerShare::new("calls", "--max-in-flight", 4, 0.25);
+        let peer = vlm_net::Peer::new(Some("127.0.0.1:4000".parse().unwrap()), None::<&[&[u8]]>);
+        let _held = share.take(&peer).unwrap();
+        let refusal = share.take(&peer).unwrap_err();
+        let e = ApiError::from_status(&refusal);
+        assert_eq!(e.status.as_u16(), 429, "{}", refusal.message());
+        assert_eq!(e.retry_after, Some("1"));
+        assert_eq!(e.body().error.code, Some("rate_limit_exceeded"));
+        assert_eq!(e.body().error.kind, "rate_limit_error");
     }
 
     #[test]

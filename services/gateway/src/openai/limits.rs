@@ -66,7 +66,7 @@ where
                     )
                     .code("request_too_large")
                 } else if let Some(status) = budget_refusal(&rejection) {
-                    ApiError::overloaded(&status)
+                    ApiError::refused(&status)
                 } else {
                     ApiError::new(
                         StatusCode::BAD_REQUEST,
@@ -109,10 +109,15 @@ pub(super) async fn reserve_body(
     if let Some(n) = declared {
         let n = n.min(limits.body.max_bytes as u64);
         if let Err(status) = memory.check_size(2 * n, "the request body") {
-            return ApiError::overloaded(&status).into_response();
+            return ApiError::refused(&status).into_response();
         }
     }
-    let held = Arc::new(Mutex::new(memory.empty()));
+    // Within the peer's share of the budget (no peer: an in-process call).
+    let held = match req.extensions().get::<vlm_net::Peer>() {
+        Some(peer) => memory.empty_for(peer),
+        None => memory.empty(),
+    };
+    let held = Arc::new(Mutex::new(held));
     let (parts, body) = req.into_parts();
     let body = Body::new(Metered::new(body, held.clone(), "the request body"));
     hold_until_sent(next.run(Request::from_parts(parts, body)).await, held)
@@ -124,13 +129,14 @@ pub(super) async fn reserve_body(
 /// `Retry-After` when the queue is full or the wait too long.
 pub(super) async fn in_slot(
     gate: &AdmissionGate,
+    peer: &vlm_net::Peer,
     respond: impl std::future::Future<Output = Response>,
 ) -> Response {
-    let slot = match gate.admit(None).await {
+    let slot = match gate.admit_peer(peer, None).await {
         Ok(slot) => slot,
         Err(status) => {
             tracing::debug!("chat completion refused: {}", status.message());
-            return ApiError::overloaded(&status).into_response();
+            return ApiError::refused(&status).into_response();
         }
     };
     hold_until_sent(respond.await, slot)

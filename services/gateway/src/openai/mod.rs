@@ -138,7 +138,7 @@ impl<G: Gateway> OpenAiEndpoint<G> {
     ) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, tls = tls.is_some(), model = %self.model_id, "serving the OpenAI-compatible endpoint");
-        let service = TowerToHyperService::new(self.app());
+        let app = self.app();
         tokio::pin!(shutdown);
         loop {
             let (tcp, peer) = tokio::select! {
@@ -154,21 +154,36 @@ impl<G: Gateway> OpenAiEndpoint<G> {
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let service = service.clone();
+            let app = app.clone();
             let tls = tls.clone();
             tokio::spawn(async move {
                 let mut http = hyper::server::conn::http1::Builder::new();
                 http.timer(TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT);
+                // Every request carries its peer (connection, client certificate or address):
+                // admission bounds each peer's share.
+                let serve = |certs: Option<&[rustls_pki_types::CertificateDer<'_>]>| {
+                    let peer = vlm_net::Peer::new(Some(peer), certs);
+                    TowerToHyperService::new(tower::util::MapRequest::new(
+                        app,
+                        move |mut req: hyper::Request<hyper::body::Incoming>| {
+                            req.extensions_mut().insert(peer.clone());
+                            req
+                        },
+                    ))
+                };
                 let result = match tls {
                     Some(acceptor) => match acceptor.accept(tcp).await {
-                        Ok(stream) => http.serve_connection(TokioIo::new(stream), service).await,
+                        Ok(stream) => {
+                            let service = serve(stream.get_ref().1.peer_certificates());
+                            http.serve_connection(TokioIo::new(stream), service).await
+                        }
                         Err(e) => {
                             tracing::debug!(%peer, "TLS handshake failed: {e}");
                             return;
                         }
                     },
-                    None => http.serve_connection(TokioIo::new(tcp), service).await,
+                    None => http.serve_connection(TokioIo::new(tcp), serve(None)).await,
                 };
                 if let Err(e) = result {
                     tracing::debug!(%peer, "HTTP connection ended: {e}");
@@ -283,6 +298,7 @@ impl<G: Gateway> OpenAiEndpoint<G> {
 
 async fn chat<G: Gateway>(
     State(endpoint): State<Arc<OpenAiEndpoint<G>>>,
+    peer: Option<axum::Extension<vlm_net::Peer>>,
     ChatBody(body): ChatBody,
 ) -> Response {
     let respond = async {
@@ -291,7 +307,9 @@ async fn chat<G: Gateway>(
             e.into_response()
         })
     };
-    limits::in_slot(&endpoint.cfg.admission, respond).await
+    // In-process tests call the router without a connection: no peer, no share.
+    let peer = peer.map_or_else(|| vlm_net::Peer::new(None, None::<&[&[u8]]>), |p| p.0);
+    limits::in_slot(&endpoint.cfg.admission, &peer, respond).await
 }
 
 async fn models<G: Gateway>(State(endpoint): State<Arc<OpenAiEndpoint<G>>>) -> Response {

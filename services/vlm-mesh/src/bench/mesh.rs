@@ -342,6 +342,7 @@ async fn encode_once(
             views: vec![],
             image: image.into(),
             options: None,
+            layout_only: false,
         })
         .await?
         .into_inner();

@@ -160,6 +160,7 @@ async fn grpc_once(
             views: vec![],
             image: key(rows, dim).into(),
             options: None,
+            layout_only: false,
         })
         .await?
         .into_inner();

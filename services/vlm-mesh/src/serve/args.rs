@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::builder::TypedValueParser;
 use clap::{Args, Subcommand};
+
+pub use super::cache_args::CacheArgs;
 use vlm_model::{ImageLimits, Quantization};
 use vlm_net::TlsFiles;
 
@@ -90,21 +92,35 @@ impl CommonArgs {
     }
 
     /// The admission (slots, queue, memory budget) `service` is served with; create it once
-    /// per process and share it with whatever else admits or buffers for the service.
-    pub(super) fn admission(&self, service: &'static str) -> vlm_net::AdmissionGate {
+    /// per process and share it with whatever else admits or buffers for the service. With
+    /// `peer_share`, one peer may hold at most that share of each of them.
+    pub(super) fn admission(
+        &self,
+        service: &'static str,
+        peer_share: Option<f64>,
+    ) -> vlm_net::AdmissionGate {
         let limits = vlm_net::AdmissionLimits {
             max_in_flight: self.max_in_flight,
             max_queue: self.max_queue,
         };
-        let memory = vlm_net::ByteBudget::new(service, self.max_bytes_in_flight, self.max_queue);
+        let mut memory =
+            vlm_net::ByteBudget::new(service, self.max_bytes_in_flight, self.max_queue);
+        if let Some(share) = peer_share {
+            memory = memory.per_peer(share);
+        }
         tracing::info!(
             service,
             max_in_flight = limits.max_in_flight,
             max_queue = limits.max_queue,
             max_bytes_in_flight = memory.limit(),
+            ?peer_share,
             "admission"
         );
-        vlm_net::AdmissionGate::new(service, limits, memory)
+        let gate = vlm_net::AdmissionGate::new(service, limits, memory);
+        match peer_share {
+            Some(share) => gate.per_peer(share),
+            None => gate,
+        }
     }
 }
 
@@ -263,6 +279,13 @@ pub struct GatewayArgs {
     /// Serve the public port without TLS (internal hops stay mTLS). For local debugging only.
     #[arg(long, env = "VLM_PLAINTEXT")]
     pub plaintext: bool,
+    /// Most of each shared limit one peer may hold, as a fraction (0 < share ≤ 1): of the calls
+    /// still sending their request, of the slots and queue places (--max-in-flight +
+    /// --max-queue), and of the Watch streams. A peer is a connection, and a client certificate
+    /// or else a source address (an IPv6 /64). 1 turns the per-peer bound off (e.g. behind a
+    /// proxy that terminates TLS, where every client has the proxy's address).
+    #[arg(long, env = "VLM_MAX_PEER_SHARE", default_value_t = 0.25)]
+    pub max_peer_share: f64,
     #[command(flatten)]
     pub http: HttpArgs,
     #[command(flatten)]
@@ -328,6 +351,7 @@ impl WatchArgs {
                 max_side: u32::try_from(side.saturating_mul(8)).unwrap_or(u32::MAX),
             },
             cache_bytes: self.watch_cache_bytes,
+            peer_share: 1.0,
             idle_timeout: std::time::Duration::from_secs(self.watch_idle_timeout.max(1)),
         })
     }
@@ -386,85 +410,6 @@ impl HttpArgs {
         }
         // The API key is not an argument: the gateway inherits VLM_API_KEY (see `up`), so the
         // key never shows in the process list.
-        args
-    }
-}
-
-/// Feature-cache flags of the gateway (also accepted by `up`, which passes them through).
-#[derive(Args, Debug, Clone, Default)]
-pub struct CacheArgs {
-    /// Redis URL for the shared feature cache (e.g. redis://127.0.0.1:6379). Without it, an
-    /// in-memory LRU of --cache-max-bytes is used.
-    #[arg(long, env = "VLM_REDIS")]
-    pub redis: Option<String>,
-    /// Lifetime of cached features, in seconds.
-    #[arg(long, env = "VLM_CACHE_TTL", default_value_t = 3600)]
-    pub cache_ttl: u64,
-    /// Size bound of the in-memory cache, in bytes.
-    #[arg(long, env = "VLM_CACHE_MAX_BYTES", default_value_t = 256 << 20)]
-    pub cache_max_bytes: usize,
-    /// Disable the feature cache.
-    #[arg(long, env = "VLM_NO_CACHE", conflicts_with = "redis")]
-    pub no_cache: bool,
-    /// File holding a secret shared by every gateway of the mesh: cached features are tagged
-    /// with a MAC under it, so whoever can write to Redis without it cannot plant features
-    /// (values that do not verify are deleted and recomputed). Without it, values are still
-    /// bound to their key by an unkeyed hash.
-    #[arg(long, env = "VLM_CACHE_SECRET_FILE")]
-    pub cache_secret_file: Option<std::path::PathBuf>,
-}
-
-impl CacheArgs {
-    pub fn build(&self) -> anyhow::Result<Option<std::sync::Arc<vlm_cache::FeatureCache>>> {
-        if self.no_cache {
-            return Ok(None);
-        }
-        let backend: std::sync::Arc<dyn vlm_cache::CacheBackend> = match &self.redis {
-            Some(url) => std::sync::Arc::new(vlm_cache::RedisCache::new(url, Default::default())?),
-            None => std::sync::Arc::new(vlm_cache::MemoryCache::new(self.cache_max_bytes)),
-        };
-        let secret = match &self.cache_secret_file {
-            None => None,
-            Some(path) => {
-                let secret = std::fs::read(path)
-                    .map_err(|e| anyhow::anyhow!("--cache-secret-file {}: {e}", path.display()))?;
-                let secret = secret.trim_ascii();
-                anyhow::ensure!(
-                    secret.len() >= 16,
-                    "--cache-secret-file {}: the secret must be at least 16 bytes",
-                    path.display()
-                );
-                Some(secret.to_vec())
-            }
-        };
-        Ok(Some(vlm_cache::FeatureCache::with_sealer(
-            backend,
-            std::time::Duration::from_secs(self.cache_ttl),
-            vlm_tensor::TensorLimits::default(),
-            vlm_cache::Sealer::new(secret.as_deref()),
-        )))
-    }
-
-    /// The same settings as `serve gateway` arguments.
-    pub fn to_args(&self) -> Vec<String> {
-        let mut args = vec![
-            "--cache-ttl".to_string(),
-            self.cache_ttl.to_string(),
-            "--cache-max-bytes".into(),
-            self.cache_max_bytes.to_string(),
-        ];
-        if let Some(url) = &self.redis {
-            args.extend(["--redis".to_string(), url.clone()]);
-        }
-        if self.no_cache {
-            args.push("--no-cache".into());
-        }
-        if let Some(path) = &self.cache_secret_file {
-            args.extend([
-                "--cache-secret-file".to_string(),
-                path.display().to_string(),
-            ]);
-        }
         args
     }
 }

@@ -15,7 +15,15 @@ pub(super) async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     let files = a.common.tls_files("gateway")?;
     // One admission for both front doors: gRPC calls and chat completions share slots, queue
     // and memory budget.
-    let admission = a.common.admission(vlm_proto::gateway_server::SERVICE_NAME);
+    anyhow::ensure!(
+        a.max_peer_share > 0.0 && a.max_peer_share <= 1.0,
+        "--max-peer-share must be a fraction above 0 and at most 1, not {}",
+        a.max_peer_share
+    );
+    let admission = a.common.admission(
+        vlm_proto::gateway_server::SERVICE_NAME,
+        Some(a.max_peer_share),
+    );
     let svc = Arc::new(vlm_gateway::GatewayService::new(config(
         &a, &files, &admission,
     )?)?);
@@ -89,7 +97,10 @@ fn config(
         cache: a.cache.build()?,
         memory: admission.memory().clone(),
         admission: Some(admission.clone()),
-        watch: a.watch.config()?,
+        watch: vlm_gateway::WatchConfig {
+            peer_share: a.max_peer_share,
+            ..a.watch.config()?
+        },
     })
 }
 
