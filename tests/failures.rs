@@ -198,6 +198,8 @@ async fn request_errors_are_never_retried_and_the_retry_budget_caps_retries() {
             "never",
         ],
         &[
+            // 40 requests at once from one client: no per-peer share here.
+            ("VLM_MAX_PEER_SHARE", "1"),
             ("VLM_RETRY_BUDGET_PERCENT", "0"),
             ("VLM_RETRY_ATTEMPTS", "6"),
         ],

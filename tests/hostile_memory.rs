@@ -145,6 +145,8 @@ async fn memory_is_admitted_by_bytes_not_by_count() {
         &["--no-cache", "--http-listen", "127.0.0.1:0"],
         &[
             ("VLM_MAX_BYTES_IN_FLIGHT", &BUDGET.to_string()),
+            // The whole budget for one client (hostile_peers.rs checks the per-peer share).
+            ("VLM_MAX_PEER_SHARE", "1"),
             // Requests long enough for one to hold memory while another arrives.
             ("VLM_FAULT_ENCODE_DELAY_MS", "1000"),
         ],

@@ -36,6 +36,8 @@ async fn decoder_killed_mid_stream_all_forty_requests_complete_identically() {
         &[
             ("VLM_FAULT_DECODE_DELAY_MS", "15"),
             ("VLM_HEALTH_INTERVAL_MS", "200"),
+            // 40 calls from one client: more than its default share of the gateway's 128.
+            ("VLM_MAX_PEER_SHARE", "1"),
         ],
     );
     let decoders = replicas(&mesh, "decoder");
@@ -496,6 +498,8 @@ async fn overload_at_4x_concurrency_sheds_fast_accepts_the_rest_and_memory_stays
         ("VLM_MAX_IN_FLIGHT", "4"),
         ("VLM_MAX_QUEUE", "2"),
         ("VLM_FAULT_DECODE_DELAY_MS", "40"),
+        // All 16 calls come from one client: no per-peer share, the global limits are tested.
+        ("VLM_MAX_PEER_SHARE", "1"),
     ]);
     let image = std::fs::read(image_path()).unwrap();
     let p = SamplingParams {

@@ -45,6 +45,27 @@ async fn info(stage: &str, channel: Channel) -> Result<String, tonic::Status> {
     })
 }
 
+/// A server-reflection stream with no request in it: PERMISSION_DENIED at once for a caller the
+/// stage does not accept, an empty answer otherwise.
+async fn reflection(channel: Channel) -> Result<(), tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    );
+    // Any message types: no request is sent, and a refusal comes before any decoding.
+    let codec =
+        tonic_prost::ProstCodec::<vlm_proto::EncoderInfoRequest, vlm_proto::EncoderInfo>::default();
+    let req = tonic::Request::new(tokio_stream::iter(
+        Vec::<vlm_proto::EncoderInfoRequest>::new(),
+    ));
+    let mut stream = bounded("reflection", grpc.streaming(req, path, codec))
+        .await?
+        .into_inner();
+    while stream.message().await?.is_some() {}
+    Ok(())
+}
+
 fn assert_denied(result: Result<String, tonic::Status>, stage: &str, who: &str) {
     let status = result.expect_err("the call was served");
     assert_eq!(
@@ -117,6 +138,15 @@ async fn stages_serve_only_the_gateway() {
             .into_inner()
             .status();
         assert_eq!(status, ServingStatus::Serving, "{stage}");
+        // Server reflection answers the same roles as the stage (health alone is open).
+        for (role, allowed) in [("client", false), ("gateway", true)] {
+            let reflected = reflection(mesh.stage_channel(&addr, role).await).await;
+            match (allowed, reflected) {
+                (true, Ok(())) => {}
+                (false, Err(s)) if s.code() == tonic::Code::PermissionDenied => {}
+                (_, other) => panic!("{stage} reflection, role {role}: {other:?}"),
+            }
+        }
     }
 
     // A stage's certificate does not make its holder a gateway: the encoder may not decode.

@@ -582,14 +582,14 @@ async fn one_request_is_one_trace_across_all_services_and_metrics_count() {
     assert_eq!(
         moved(
             "projector",
-            "vlm_rpc_server_requests_total{service=\"vlm.v1.Projector\""
+            "vlm_rpc_server_requests_total{service=\"vlm.v1.Projector\",method=\"Project\""
         ),
         2.0
     );
     assert_eq!(
         moved(
             "decoder",
-            "vlm_rpc_server_requests_total{service=\"vlm.v1.Decoder\""
+            "vlm_rpc_server_requests_total{service=\"vlm.v1.Decoder\",method=\"Generate\""
         ),
         2.0
     );

@@ -471,7 +471,8 @@ async fn a_client_that_stops_reading_stalls_nothing_and_leaving_cancels_everythi
 /// More streams than --max-watch-streams are refused; closing one makes room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_beyond_the_limit_are_refused() {
-    let mesh = MeshProc::start(&[("VLM_MAX_WATCH_STREAMS", "2")]);
+    // One client opens them all: no per-peer share, so the global limit is what refuses.
+    let mesh = MeshProc::start(&[("VLM_MAX_WATCH_STREAMS", "2"), ("VLM_MAX_PEER_SHARE", "1")]);
     let mut a = Watch::open(&mesh).await.unwrap();
     let mut b = Watch::open(&mesh).await.unwrap();
     // Both are open (each has answered a frame).
