@@ -40,6 +40,33 @@ fn png(img: &image::RgbImage) -> Vec<u8> {
     out.into_inner()
 }
 
+/// A Watch stream of the mesh's client (its certificate) that has sent one 64×48 frame of
+/// `color`: the sender and the events.
+async fn watch_with_a_frame(
+    mesh: &MeshProc,
+    color: [u8; 3],
+) -> (
+    mpsc::Sender<WatchRequest>,
+    tonic::Streaming<vlm_proto::WatchResponse>,
+) {
+    let mut client = mesh.client().await;
+    let (tx, rx) = mpsc::channel(8);
+    let events = bounded("open", client.watch(ReceiverStream::new(rx)))
+        .await
+        .unwrap()
+        .into_inner();
+    let frame = png(&image::RgbImage::from_pixel(64, 48, image::Rgb(color)));
+    tx.send(WatchRequest {
+        kind: Some(RequestKind::Frame(WatchFrame {
+            data: frame.into(),
+            timestamp: 0,
+        })),
+    })
+    .await
+    .unwrap();
+    (tx, events)
+}
+
 /// Attack 1: 256 calls that send headers and never a message, over two TLS connections of one
 /// client. The client holds at most a quarter of the 256 calls that may be reading their first
 /// message (64); the other 192 are refused at once naming --max-peer-share, and another client
@@ -128,25 +155,7 @@ async fn idle_watch_streams_hold_their_share_and_end_soon() {
     }
     assert_eq!((open.len(), refused), (4, 12));
     // Another client: a stream that answers a frame.
-    let mut client = mesh.client().await;
-    let (tx, rx) = mpsc::channel(4);
-    let mut events = bounded("open", client.watch(ReceiverStream::new(rx)))
-        .await
-        .unwrap()
-        .into_inner();
-    let frame = png(&image::RgbImage::from_pixel(
-        64,
-        48,
-        image::Rgb([90, 90, 90]),
-    ));
-    tx.send(WatchRequest {
-        kind: Some(RequestKind::Frame(WatchFrame {
-            data: frame.into(),
-            timestamp: 0,
-        })),
-    })
-    .await
-    .unwrap();
+    let (_tx, mut events) = watch_with_a_frame(&mesh, [90, 90, 90]).await;
     let event = next_message(&mut events).await.unwrap().unwrap();
     assert!(
         matches!(event.kind, Some(ResponseKind::Frame(ref f)) if f.error.is_none()),
@@ -174,24 +183,8 @@ async fn idle_watch_streams_hold_their_share_and_end_soon() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_question_gets_an_outcome() {
     let mesh = MeshProc::start(&[]);
-    let mut client = mesh.client().await;
-    let (tx, rx) = mpsc::channel(8);
-    let mut events = bounded("open", client.watch(ReceiverStream::new(rx)))
-        .await
-        .unwrap()
-        .into_inner();
-    let frame = png(&image::RgbImage::from_pixel(
-        64,
-        48,
-        image::Rgb([20, 200, 40]),
-    ));
+    let (tx, mut events) = watch_with_a_frame(&mesh, [20, 200, 40]).await;
     let msg = |kind| WatchRequest { kind: Some(kind) };
-    tx.send(msg(RequestKind::Frame(WatchFrame {
-        data: frame.into(),
-        timestamp: 0,
-    })))
-    .await
-    .unwrap();
     let sender = tokio::spawn(async move {
         for i in 0..200 {
             let q = WatchQuestion {
