@@ -7,7 +7,7 @@ use std::time::Duration;
 use vlm_model::EngineUsage;
 use vlm_telemetry::metrics::labels::{
     KvBlockLabels, KvBlockState, NoLabels, PrefixLabels, PrefixLookup, QueueOutcome,
-    QueueWaitLabels,
+    QueueWaitLabels, ServiceLabels,
 };
 use vlm_telemetry::MeshMetrics;
 
@@ -24,9 +24,18 @@ pub(crate) fn batch_size(n: usize) {
         .observe(n as f64);
 }
 
-/// KV blocks by state, running sequences and queued requests, after each admission round.
-pub(crate) fn engine_state(u: &EngineUsage, queued: usize) {
+/// KV blocks by state, running sequences and queued requests, after each admission round and
+/// whenever the loop goes idle; and the decoder's `vlm_saturation`: the larger of the KV blocks
+/// in use against all of them and the sequences running or waiting against `max_batch`.
+pub(crate) fn engine_state(u: &EngineUsage, queued: usize, max_batch: usize) {
     let m = MeshMetrics::global();
+    let kv = u.blocks_used as f64 / u.blocks_total.max(1) as f64;
+    let batch = (u.running + queued) as f64 / max_batch.max(1) as f64;
+    m.saturation
+        .get_or_create(&ServiceLabels {
+            service: vlm_proto::decoder_server::SERVICE_NAME,
+        })
+        .set(kv.max(batch));
     for (state, n) in [
         (KvBlockState::used, u.blocks_used),
         (KvBlockState::cached, u.blocks_cached),

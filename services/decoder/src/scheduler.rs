@@ -125,7 +125,7 @@ impl StepLoop<'_> {
             }
             self.expire_queued();
             self.admit();
-            metrics::engine_state(&self.engine.usage(), self.queue.len());
+            self.report();
             stalled = self.engine.is_idle() && !self.queue.is_empty();
             if self.engine.is_idle() {
                 continue;
@@ -145,10 +145,19 @@ impl StepLoop<'_> {
                 }
             }
             self.stop_abandoned();
+            if self.engine.is_idle() {
+                // The gauges must not keep their busy values while the loop waits for work.
+                self.report();
+            }
             if let Some(d) = self.fault_delay {
                 std::thread::sleep(d);
             }
         }
+    }
+
+    fn report(&self) {
+        let max_batch = self.engine.config().max_batch;
+        metrics::engine_state(&self.engine.usage(), self.queue.len(), max_batch);
     }
 
     /// Takes new jobs: blocks for one when nothing runs and nothing waits, else only drains. When
@@ -242,6 +251,7 @@ impl StepLoop<'_> {
                         kind: Some(EventKind::Started(DecodeStarted {
                             prefill_tokens: prefill_tokens as u32,
                             resolved_params: Some(vlm_serving::params_to_proto(&params)),
+                            cached_tokens: cached_tokens as u32,
                         })),
                     };
                     let _ = job.tx.send(Ok(started));

@@ -22,6 +22,8 @@ use vlm_proto::{
     StageTimings, TextDelta, Usage,
 };
 
+use vlm_telemetry::metrics::labels::AbandonReason;
+
 use crate::embeddings::{AbortOnDrop, EmbeddingLog, Totals};
 use crate::stage::StageCall;
 use crate::Stages;
@@ -83,8 +85,9 @@ enum AttemptEnd {
     Fatal(Status),
     /// The replica failed; the request may continue elsewhere.
     Failed(Status),
-    /// The replica produced nothing within this limit; the request may continue elsewhere.
-    TooSlow(Duration),
+    /// The replica produced nothing within this limit while its peers were faster; the request
+    /// may continue elsewhere.
+    TooSlow(Duration, AbandonReason),
 }
 
 /// Everything the token relay needs to build the client's stream and final message.
@@ -114,8 +117,9 @@ impl Relay {
                     AttemptEnd::Over => return Ok(()),
                     AttemptEnd::Fatal(status) => return Err(status),
                     AttemptEnd::Failed(status) => self.calls.failed(lease, status),
-                    AttemptEnd::TooSlow(limit) => {
-                        self.calls.too_slow(lease, limit, "produced no token")
+                    AttemptEnd::TooSlow(limit, reason) => {
+                        self.calls
+                            .too_slow(lease, limit, "produced no token", reason)
                     }
                 };
                 if self.all_produced() && vlm_net::is_retryable(&failure.status) {
@@ -191,6 +195,26 @@ impl Relay {
         }
     }
 
+    /// Why the phase whose limit just passed should be abandoned, or `None` to keep waiting:
+    /// the prefill and each step are compared with the peers ([`StageCall::is_outlier`]);
+    /// queueing (before `started`) says nothing about the replica and is abandoned at its limit.
+    fn slow_phase(
+        &self,
+        a: &DecoderAttempt,
+        prefill: Option<(Instant, f64)>,
+        last_token: Option<Instant>,
+    ) -> Option<AbandonReason> {
+        let s = &self.stages;
+        let (timeout, since, units, reason) = match (last_token, prefill) {
+            (Some(t), _) => (&s.decoder.timeout, t, 1.0, AbandonReason::slow_token),
+            (None, Some((t, units))) => (&*s.prefill, t, units, AbandonReason::slow),
+            (None, None) => return Some(AbandonReason::slow),
+        };
+        self.calls
+            .is_outlier(&a.lease, timeout, since.elapsed(), units)
+            .then_some(reason)
+    }
+
     /// Relays one attempt's tokens until `done`, the client leaving, or a failure.
     async fn relay(&mut self, a: &mut DecoderAttempt) -> AttemptEnd {
         let log = self.log.clone();
@@ -200,8 +224,11 @@ impl Relay {
         // When prefill began on the replica, and how many positions it prefills.
         let mut prefill: Option<(Instant, f64)> = None;
         let mut last_token: Option<Instant> = None;
+        // Set while waiting past a limit because every replica is as slow (see below).
+        let mut patience: Option<Instant> = None;
         loop {
             let (due, limit) = self.next_due(a, started, prefill, last_token);
+            let due = patience.map_or(due, |p| p.max(due));
             let event = tokio::select! {
                 status = &mut image_failure => return AttemptEnd::Fatal(status),
                 // The client hung up: ending here drops the decoder call (which stops decoding)
@@ -215,7 +242,15 @@ impl Relay {
                         "request deadline exceeded while generating",
                     ))
                 }
-                Err(_) => return AttemptEnd::TooSlow(limit),
+                Err(_) => match self.slow_phase(a, prefill, last_token) {
+                    // Abandoned only when this replica is slower than its peers: when all are
+                    // as slow, redoing the prefill elsewhere would only add load.
+                    Some(reason) => return AttemptEnd::TooSlow(limit, reason),
+                    None => {
+                        patience = Some(Instant::now() + limit);
+                        continue;
+                    }
+                },
                 Ok(Err(status)) => return AttemptEnd::Failed(status),
                 Ok(Ok(None)) => {
                     let status = Status::unavailable("decoder stream ended without `done`");
@@ -223,9 +258,12 @@ impl Relay {
                 }
                 Ok(Ok(Some(e))) => e,
             };
+            patience = None;
             match event.kind {
                 Some(EventKind::Started(s)) => {
-                    prefill = Some((Instant::now(), f64::from(s.prefill_tokens.max(1))));
+                    // The positions it computes: those its prefix cache did not hold.
+                    let computed = s.prefill_tokens.saturating_sub(s.cached_tokens).max(1);
+                    prefill = Some((Instant::now(), f64::from(computed)));
                     if s.resolved_params.is_some() {
                         // A replacement decoder resumes with exactly these (seed included).
                         self.setup.params = s.resolved_params;
@@ -291,6 +329,9 @@ impl Relay {
             Some(s) => s.await.unwrap_or_default(),
             None => Totals::default(),
         };
+        if let Some(reason) = self.calls.reason {
+            crate::routing::cached_tokens(reason, d.cached_prompt_tokens);
+        }
         let fin = GenerateFinal {
             usage: Some(Usage {
                 prompt_tokens: d.prompt_tokens,

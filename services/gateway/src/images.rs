@@ -22,6 +22,10 @@ use vlm_tensor::{TensorValue, DEFAULT_CHUNK_BYTES};
 
 use crate::identity::encoder_info;
 use crate::stage::{Failure, StageCall};
+
+/// Why encoder and projector calls are abandoned.
+const SLOW: vlm_telemetry::metrics::labels::AbandonReason =
+    vlm_telemetry::metrics::labels::AbandonReason::slow;
 use crate::Stages;
 
 /// Per-image numbers the encoder reports and the gateway measures.
@@ -250,15 +254,19 @@ impl Feed<'_> {
         };
         // The encoder computes the whole image before streaming, so the first message is what
         // the per-image adaptive timeout bounds.
-        let limit = self.encoder.limit(&enc, &self.encoder.stage.timeout, 1.0);
+        let timeout = &self.encoder.stage.timeout;
+        let limit = self.encoder.limit(&enc, timeout, 1.0);
         let started = Instant::now();
-        let first_due = started + limit;
         let mut client = EncoderClient::new(enc.channel());
         let call = client.encode(with_deadline(req, self.job.deadline));
-        let response = match tokio::time::timeout_at(first_due, call).await {
+        let encoder = &self.encoder;
+        let response = match encoder
+            .wait_unless_outlier(&enc, timeout, 1.0, started, limit, call)
+            .await
+        {
             Ok(Ok(r)) => r,
             Ok(Err(s)) => return Err(self.encoder.failed(enc, s)),
-            Err(_) => return Err(self.encoder.too_slow(enc, limit, "did not answer")),
+            Err(limit) => return Err(self.encoder.too_slow(enc, limit, "did not answer", SLOW)),
         };
         let fingerprint = fingerprint_of(response.metadata()).map(str::to_owned);
         self.stages
@@ -271,11 +279,22 @@ impl Feed<'_> {
         let mut stats = None;
         let mut first = true;
         loop {
-            let due = if first { first_due } else { self.job.deadline };
-            let msg = match tokio::time::timeout_at(due, features.message()).await {
+            let msg = if first {
+                let next = features.message();
+                encoder
+                    .wait_unless_outlier(&enc, timeout, 1.0, started, limit, next)
+                    .await
+            } else {
+                tokio::time::timeout_at(self.job.deadline, features.message())
+                    .await
+                    .map_err(|_| limit)
+            };
+            let msg = match msg {
                 Ok(Ok(m)) => m,
                 Ok(Err(s)) => return Err(self.encoder.failed(enc, s)),
-                Err(_) => return Err(self.encoder.too_slow(enc, limit, "did not answer")),
+                Err(limit) => {
+                    return Err(self.encoder.too_slow(enc, limit, "did not answer", SLOW))
+                }
             };
             if first {
                 let took = started.elapsed();
@@ -359,10 +378,12 @@ impl Forward<'_> {
                 Some(t0) => {
                     let timeout = &self.projector.stage.timeout;
                     let limit = self.projector.limit(&self.lease, timeout, 1.0);
-                    tokio::select! {
-                        r = &mut next => return r.map(|m| m.map(|c| (c, Some(t0)))).map_err(GiveUp::Status),
-                        _ = tokio::time::sleep_until(t0 + limit) => return Err(GiveUp::TooSlow(limit)),
-                    }
+                    let r = self
+                        .projector
+                        .wait_unless_outlier(&self.lease, timeout, 1.0, t0, limit, &mut next)
+                        .await
+                        .map_err(GiveUp::TooSlow)?;
+                    return r.map(|m| m.map(|c| (c, Some(t0)))).map_err(GiveUp::Status);
                 }
                 // Nothing sent yet for this block: the encoder is still working (and has its own
                 // timeout); wait for the projector or for the next send.
@@ -380,7 +401,10 @@ impl Forward<'_> {
     fn give_up(self, why: GiveUp) -> Failure {
         match why {
             GiveUp::Status(s) => self.projector.failed(self.lease, s),
-            GiveUp::TooSlow(limit) => self.projector.too_slow(self.lease, limit, "did not answer"),
+            GiveUp::TooSlow(limit) => {
+                self.projector
+                    .too_slow(self.lease, limit, "did not answer", SLOW)
+            }
         }
     }
 }

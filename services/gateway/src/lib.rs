@@ -13,6 +13,7 @@
 //!   views → projector (which packs);
 //! - [`embeddings`]: the request's projected rows in prompt order, for every decoder attempt;
 //! - [`decode`]: decoder calls, failover with resume, and the token relay to the client;
+//! - [`routing`]: which decoder replica a call goes to (prefix-aware, within a load bound);
 //! - [`identity`]: the model's identity and limits as the stages report them;
 //! - [`chat_template`]: the model's chat template (compiled once), which renders a plain
 //!   `question` and the OpenAI endpoint's `messages`;
@@ -27,6 +28,7 @@ mod fit;
 mod identity;
 mod images;
 pub mod openai;
+mod routing;
 mod service;
 mod slots;
 mod stage;
@@ -38,6 +40,7 @@ use std::time::Duration;
 
 use vlm_net::{AdaptiveTimeout, AdaptiveTimeoutOptions, ReplicaSet, RetryOptions};
 
+pub use routing::{RoutingConfig, RoutingMode};
 pub use service::GatewayService;
 pub use watch::WatchConfig;
 
@@ -78,6 +81,8 @@ pub struct GatewayConfig {
     pub admission: Option<vlm_net::AdmissionGate>,
     /// Live frame streams.
     pub watch: WatchConfig,
+    /// How decoder calls pick their replica.
+    pub routing: RoutingConfig,
 }
 
 /// What every request shares: the stages as the gateway calls them, the cache, the identity.
@@ -96,6 +101,8 @@ pub(crate) struct Stages {
     /// `EncodeOptions.wire_dtype` (0: the encoder's default).
     pub wire_dtype: i32,
     pub memory: vlm_net::ByteBudget,
+    /// Where decoder calls go (prefix-aware routing).
+    pub router: Arc<routing::Router>,
 }
 
 impl Stages {
@@ -119,6 +126,7 @@ impl Stages {
             templates: Arc::default(),
             wire_dtype: cfg.wire_dtype.map_or(0, |d| d as i32),
             memory: cfg.memory.clone(),
+            router: Arc::new(routing::Router::new(cfg.routing)),
         }
     }
 }

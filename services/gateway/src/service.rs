@@ -21,6 +21,7 @@ use crate::decode::{open_decoder, Relay};
 use crate::embeddings::{self, AbortOnDrop};
 use crate::identity::encoder_info;
 use crate::images::ImageJob;
+use crate::routing::{self, RouteKey};
 use crate::watch::Watches;
 use crate::{fit, slots, views};
 use crate::{GatewayConfig, Stages};
@@ -201,6 +202,7 @@ impl Generator {
         mut req: GenerateRequest,
         deadline: tokio::time::Instant,
         started: Instant,
+        session: Option<String>,
     ) -> Result<mpsc::Receiver<Result<GenerateResponse, Status>>, Status> {
         let slots = slots::slots(&req, self.cfg.max_images, self.cfg.max_regions)?;
         self.render_question(&mut req, deadline).await?;
@@ -227,6 +229,9 @@ impl Generator {
             resume_token_ids: vec![],
             monitor_layers: req.monitor_layers,
         };
+        // The decoder call goes where this prompt's prefix most likely is (see `routing`).
+        let images = slots.iter().map(|s| &s.image[..]);
+        let key = RouteKey::new(&setup.prompt, images, session.as_deref());
         let jobs = slots.into_iter().zip(plans).collect();
         let (log, sequencer) = embeddings::start(&self.stages, jobs, req.monitor_layers, deadline);
         let sequencer_abort = AbortOnDrop::new(&sequencer);
@@ -234,7 +239,11 @@ impl Generator {
         // The first decoder call is made here, so prompt and sampling errors (the decoder checks
         // them) reach the client as the call's status; once it streams, the relay handles
         // failures.
-        let mut calls = self.stages.decoder.call(deadline);
+        let mut calls = self
+            .stages
+            .decoder
+            .call(deadline)
+            .routed(self.stages.router.clone(), key);
         let first = open_decoder(&self.stages, &mut calls, &setup, &[], &log).await?;
         sequencer_abort.disarm(); // the relay owns the sequencer from here
 
@@ -270,7 +279,11 @@ impl Gateway for GatewayService {
     ) -> Result<Response<GenerateStream>, Status> {
         let started = Instant::now();
         let deadline = vlm_net::request_deadline(req.metadata(), self.gen.cfg.default_timeout);
-        let rx = self.gen.start(req.into_inner(), deadline, started).await?;
+        let session = routing::session_of(req.metadata())?;
+        let rx = self
+            .gen
+            .start(req.into_inner(), deadline, started, session)
+            .await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).fuse())))
     }
 

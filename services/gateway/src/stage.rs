@@ -11,9 +11,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::Status;
 use vlm_net::{
-    is_retryable, AdaptiveTimeout, AdaptiveTimeoutOptions, Lease, ReplicaSet, RetryOptions,
-    RetryPolicy,
+    is_retryable, AdaptiveTimeout, AdaptiveTimeoutOptions, Lease, PeerPace, ReplicaSet,
+    RetryOptions, RetryPolicy,
 };
+use vlm_telemetry::metrics::labels::{AbandonLabels, AbandonReason, RouteReason};
+use vlm_telemetry::MeshMetrics;
+
+use crate::routing::{self, RouteKey, Router};
 
 /// One stage as the gateway calls it: its replicas, its retry policy and its adaptive timeout.
 pub(crate) struct Stage {
@@ -49,6 +53,8 @@ impl Stage {
             tried: Vec::new(),
             attempt: 1,
             deadline,
+            route: None,
+            reason: None,
         }
     }
 }
@@ -90,15 +96,97 @@ pub(crate) struct StageCall {
     tried: Vec<u64>,
     attempt: u32,
     pub deadline: Instant,
+    /// Routes every pick by this key (the decoder's prefix-aware routing).
+    route: Option<(Arc<Router>, RouteKey)>,
+    /// Why the first pick went where it did, when routed.
+    pub reason: Option<RouteReason>,
 }
 
 impl StageCall {
+    /// Picks replicas for `key` with `router` from now on.
+    pub fn routed(mut self, router: Arc<Router>, key: RouteKey) -> Self {
+        self.route = Some((router, key));
+        self
+    }
+
     /// A healthy replica this request has not given up on, or the stage's reason why none is.
-    pub fn pick(&self) -> Result<Lease, Failure> {
-        self.stage
+    pub fn pick(&mut self) -> Result<Lease, Failure> {
+        let replicas = &self.stage.replicas;
+        let fail = |status| Failure::new(self.stage.name, status);
+        let Some((router, key)) = &self.route else {
+            return replicas.pick(&self.tried).map_err(fail);
+        };
+        let mut reason = RouteReason::balanced;
+        let lease = replicas
+            .pick_with(&self.tried, |candidates| {
+                let d = router.choose(key, candidates);
+                reason = d.reason;
+                d.index
+            })
+            .map_err(fail)?;
+        let live: Vec<u64> = replicas.replicas().iter().map(|r| r.id).collect();
+        router.record(key, lease.id(), &live);
+        routing::count(reason);
+        self.reason.get_or_insert(reason);
+        Ok(lease)
+    }
+
+    /// Whether `current`, which has kept this call waiting `waited` for `units` of work, is
+    /// slower than its peers (the replicas this request has not given up on that are healthy or
+    /// busy with its other calls): only then is the call abandoned for slowness. When every
+    /// replica is as slow, waiting is cheaper than doing the work again elsewhere. With no peer
+    /// heard from lately, the wait's own limit decides (a stuck replica among idle ones is
+    /// abandoned).
+    pub fn is_outlier(
+        &self,
+        current: &Lease,
+        timeout: &AdaptiveTimeout,
+        waited: Duration,
+        units: f64,
+    ) -> bool {
+        let peers: Vec<PeerPace> = self
+            .stage
             .replicas
-            .pick(&self.tried)
-            .map_err(|status| Failure::new(self.stage.name, status))
+            .replicas()
+            .iter()
+            // A busy replica counts even when its health check failed: its silence is evidence
+            // that every replica is slow (a saturated machine answers health checks late too).
+            .filter(|r| r.id != current.id() && !self.tried.contains(&r.id))
+            .filter(|r| r.is_healthy() || r.in_flight() > 0)
+            .map(|r| PeerPace {
+                id: r.id,
+                busy: r.in_flight() > 0,
+            })
+            .collect();
+        timeout.is_outlier(waited, units, &peers).unwrap_or(true)
+    }
+
+    /// Awaits `fut`, which `current` has worked on since `since`: each time `limit` passes
+    /// without it, the call is given up (`Err(limit)`) only if `current` is an outlier among
+    /// its peers ([`Self::is_outlier`] for `units` of work) or the deadline has passed; else it
+    /// waits another `limit`.
+    pub async fn wait_unless_outlier<T>(
+        &self,
+        current: &Lease,
+        timeout: &AdaptiveTimeout,
+        units: f64,
+        since: Instant,
+        limit: Duration,
+        fut: impl Future<Output = T>,
+    ) -> Result<T, Duration> {
+        tokio::pin!(fut);
+        let mut due = since + limit;
+        loop {
+            tokio::select! {
+                v = &mut fut => return Ok(v),
+                _ = tokio::time::sleep_until(due.min(self.deadline)) => {}
+            }
+            let now = Instant::now();
+            if now >= self.deadline || self.is_outlier(current, timeout, now - since, units) {
+                return Err(limit);
+            }
+            due = now + limit.max(Duration::from_millis(1));
+        }
     }
 
     /// How long `units` of work on `current` may take by `timeout`, if another healthy replica is
@@ -144,7 +232,13 @@ impl StageCall {
 
     /// Books a call given up on after `limit` (the replica answers, but too slowly), or the
     /// request's deadline passing.
-    pub fn too_slow(&mut self, lease: Lease, limit: Duration, what: &str) -> Failure {
+    pub fn too_slow(
+        &mut self,
+        lease: Lease,
+        limit: Duration,
+        what: &str,
+        reason: AbandonReason,
+    ) -> Failure {
         if Instant::now() >= self.deadline {
             return self.deadline_failure();
         }
@@ -162,6 +256,13 @@ impl StageCall {
         ));
         self.tried.push(lease.id());
         lease.abandoned();
+        MeshMetrics::global()
+            .gateway_abandoned
+            .get_or_create(&AbandonLabels {
+                stage: self.stage.name,
+                reason,
+            })
+            .inc();
         Failure::new(self.stage.name, status)
     }
 
@@ -257,17 +358,22 @@ impl StageCall {
             let failure = match self.pick() {
                 Err(f) => f,
                 Ok(lease) => {
-                    let limit = self.limit(&lease, &self.stage.timeout, units);
+                    let timeout = &self.stage.timeout;
+                    let limit = self.limit(&lease, timeout, units);
                     let started = Instant::now();
-                    match tokio::time::timeout(limit, open(&lease)).await {
+                    let call = open(&lease);
+                    match self
+                        .wait_unless_outlier(&lease, timeout, units, started, limit, call)
+                        .await
+                    {
                         Ok(Ok(v)) => {
-                            self.stage
-                                .timeout
-                                .observe(lease.id(), started.elapsed(), units);
+                            timeout.observe(lease.id(), started.elapsed(), units);
                             return Ok((lease, v));
                         }
                         Ok(Err(s)) => self.failed(lease, s),
-                        Err(_) => self.too_slow(lease, limit, "did not answer"),
+                        Err(limit) => {
+                            self.too_slow(lease, limit, "did not answer", AbandonReason::slow)
+                        }
                     }
                 }
             };

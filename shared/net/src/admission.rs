@@ -183,6 +183,32 @@ impl AdmissionGate {
         }
     }
 
+    /// Calls holding a slot or waiting for one now.
+    pub fn load(&self) -> usize {
+        let s = &self.shared;
+        let in_flight = s.limits.max_in_flight.max(1) - s.slots.available_permits();
+        in_flight + s.waiting.load(Ordering::Acquire)
+    }
+
+    /// Keeps `vlm_saturation{service}` at [`Self::load`] / `capacity` (the work the service
+    /// does at once), sampled every `every`, for as long as the process runs.
+    pub fn report_saturation(&self, capacity: usize, every: std::time::Duration) {
+        let gate = self.clone();
+        let gauge = MeshMetrics::global()
+            .saturation
+            .get_or_create(&ServiceLabels {
+                service: self.shared.name,
+            })
+            .clone();
+        let capacity = capacity.max(1) as f64;
+        tokio::spawn(async move {
+            loop {
+                gauge.set(gate.load() as f64 / capacity);
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+
     /// The service's memory budget.
     pub fn memory(&self) -> &ByteBudget {
         &self.shared.memory

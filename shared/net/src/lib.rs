@@ -27,7 +27,7 @@ mod status_hygiene;
 mod tls;
 mod util;
 
-pub use adaptive::{AdaptiveTimeout, AdaptiveTimeoutOptions};
+pub use adaptive::{AdaptiveTimeout, AdaptiveTimeoutOptions, PeerPace};
 pub use admission::{
     Admission, AdmissionGate, AdmissionLayer, AdmissionLimits, Slot, MAX_QUEUE_WAIT,
 };

@@ -79,6 +79,11 @@ impl Replica {
     fn cost(&self, now: Instant) -> f64 {
         self.load.lock().expect("load lock").cost(now)
     }
+
+    /// Calls this caller has in flight on the replica now.
+    pub fn in_flight(&self) -> usize {
+        self.load.lock().expect("load lock").pending.len()
+    }
 }
 
 impl std::fmt::Debug for Replica {
@@ -442,6 +447,17 @@ impl ReplicaSet {
     /// are tried too (a replica may be back before the next health check; a dead one fails
     /// fast). UNAVAILABLE when the set is empty.
     pub fn pick(&self, exclude: &[u64]) -> Result<Lease, Status> {
+        self.pick_with(exclude, |_| None)
+    }
+
+    /// [`Self::pick`], letting `choose` pick among the candidates (healthy replicas not in
+    /// `exclude`, as `pick` finds them) by index; when it returns `None`, power of two choices
+    /// as in `pick`.
+    pub fn pick_with(
+        &self,
+        exclude: &[u64],
+        choose: impl FnOnce(&[&Arc<Replica>]) -> Option<usize>,
+    ) -> Result<Lease, Status> {
         let all = self.replicas();
         let mut allowed: Vec<&Arc<Replica>> =
             all.iter().filter(|r| !exclude.contains(&r.id)).collect();
@@ -462,15 +478,18 @@ impl ReplicaSet {
                 )))
             }
             1 => candidates[0],
-            n => {
-                let (a, b) = two_distinct(n);
-                let (ra, rb) = (candidates[a], candidates[b]);
-                if rb.cost(now) < ra.cost(now) {
-                    rb
-                } else {
-                    ra
+            n => match choose(&candidates).filter(|i| *i < n) {
+                Some(i) => candidates[i],
+                None => {
+                    let (a, b) = two_distinct(n);
+                    let (ra, rb) = (candidates[a], candidates[b]);
+                    if rb.cost(now) < ra.cost(now) {
+                        rb
+                    } else {
+                        ra
+                    }
                 }
-            }
+            },
         };
         chosen.calls.fetch_add(1, Ordering::Relaxed);
         let call = {

@@ -29,6 +29,8 @@ pub(super) struct ChatRequest {
     pub params: vlm_proto::SamplingParams,
     pub stream: bool,
     pub include_usage: bool,
+    /// `prompt_cache_key`, else `user`: the decoder routing's affinity key.
+    pub session: Option<String>,
 }
 
 impl ChatRequest {
@@ -98,6 +100,7 @@ impl ChatRequest {
             images,
             regions,
             params,
+            session: req.prompt_cache_key.or(req.user).filter(|s| !s.is_empty()),
             stream: req.stream.unwrap_or(false),
             include_usage: req
                 .stream_options

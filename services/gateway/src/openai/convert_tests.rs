@@ -25,9 +25,14 @@ fn a_full_request_maps_to_the_gateway_parameters() {
         "max_completion_tokens": 7, "max_tokens": 99,
         "temperature": 0.5, "top_p": 0.9, "top_k": 5, "seed": 42, "stop": "\n",
         "stream": true, "stream_options": {"include_usage": true}, "n": 1,
-        "user": "ignored",
+        "user": "u-7",
     }))
     .unwrap();
+    assert_eq!(
+        r.session.as_deref(),
+        Some("u-7"),
+        "user is the affinity key"
+    );
     assert_eq!(r.params.max_tokens, Some(7));
     assert_eq!(r.params.temperature, 0.5);
     assert_eq!(r.params.top_p, 0.9);

@@ -282,7 +282,15 @@ impl<G: Gateway> OpenAiEndpoint<G> {
             monitor_layers: false,
             question: String::new(),
         };
-        let grpc = Gateway::generate(self.gateway.as_ref(), tonic::Request::new(request))
+        let mut request = tonic::Request::new(request);
+        if let Some(session) = &chat.session {
+            // Any string, as a bounded ASCII key: its digest.
+            let key = blake3::hash(session.as_bytes()).to_hex();
+            let value = tonic::metadata::MetadataValue::try_from(&key[..32])
+                .expect("hex digits are valid metadata");
+            request.metadata_mut().insert("session-id", value);
+        }
+        let grpc = Gateway::generate(self.gateway.as_ref(), request)
             .await
             .map_err(|s| ApiError::from_status(&s))?
             .into_inner();

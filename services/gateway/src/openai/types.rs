@@ -1,8 +1,8 @@
 //! OpenAI's chat-completion request and response bodies as serde types.
 //!
 //! Requests are read tolerantly, as this endpoint always did: unknown fields are ignored at every
-//! level (SDKs send `user`, `detail`, `response_format` and the like, which this server has no
-//! use for), and `null` is the same as an absent field. What is required or supported is checked
+//! level (SDKs send `detail`, `response_format` and the like, which this server has no use
+//! for), and `null` is the same as an absent field. What is required or supported is checked
 //! in [`super::convert`], with messages that name the field; a wrong JSON type is refused here, and
 //! [`ApiError::from_json`] names the field's path. Objects must be JSON objects (serde's derived
 //! structs would also take an array of their fields in order, see [`Obj`]).
@@ -67,6 +67,10 @@ pub struct ChatCompletionRequest {
     pub presence_penalty: Option<f32>,
     pub stream: Option<bool>,
     pub stream_options: Option<Obj<StreamOptions>>,
+    /// The routing affinity key (a session's requests go to the decoder that holds its
+    /// prefix); `user` when it is absent.
+    pub prompt_cache_key: Option<String>,
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

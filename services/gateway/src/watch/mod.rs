@@ -147,6 +147,7 @@ impl Watches {
             wake: Notify::new(),
             questions: Arc::new(Semaphore::new(self.cfg.max_questions)),
             peer,
+            session: vlm_net::new_request_id(),
         });
         let stream = WatchStream {
             shared,
@@ -177,6 +178,9 @@ pub(super) struct Shared {
     pub questions: Arc<Semaphore>,
     /// Who opened the stream: its questions' serving slots count in this peer's share.
     pub peer: vlm_net::Peer,
+    /// The affinity key of the stream's questions: they go to the decoder that answered the
+    /// last one (its prefix cache holds the frames' rows).
+    pub session: String,
 }
 
 /// Frame indices the worker has not finished with.

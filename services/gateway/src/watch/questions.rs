@@ -86,7 +86,9 @@ async fn answer(shared: &Shared, q: &WatchQuestion) -> Result<(), Status> {
         Some(gate) => Some(gate.admit_peer(&shared.peer, Some(deadline)).await?),
         None => None,
     };
-    let mut rx = gen.start(req, deadline, started).await?;
+    let mut rx = gen
+        .start(req, deadline, started, Some(shared.session.clone()))
+        .await?;
     while let Some(msg) = rx.recv().await {
         let mut answer = WatchAnswer {
             question_id: q.id.clone(),

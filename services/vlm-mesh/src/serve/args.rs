@@ -286,6 +286,15 @@ pub struct GatewayArgs {
     /// proxy that terminates TLS, where every client has the proxy's address).
     #[arg(long, env = "VLM_MAX_PEER_SHARE", default_value_t = 0.25)]
     pub max_peer_share: f64,
+    /// How decoder calls pick a replica: `prefix` (to the replica most likely to hold the
+    /// prompt's prefix in its cache, within the load bound; see the README's Routing section)
+    /// or `balance` (power of two choices over load, as for the other stages).
+    #[arg(long, env = "VLM_DECODER_ROUTING", default_value = "prefix", value_parser = ["prefix", "balance"])]
+    pub decoder_routing: String,
+    /// The load bound of prefix routing: a replica takes a call while its calls in flight stay
+    /// within this factor × the mean (rounded up); > 1.
+    #[arg(long, env = "VLM_ROUTING_BALANCE", default_value_t = 1.25)]
+    pub routing_balance: f64,
     #[command(flatten)]
     pub http: HttpArgs,
     #[command(flatten)]

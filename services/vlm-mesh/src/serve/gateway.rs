@@ -101,6 +101,25 @@ fn config(
             peer_share: a.max_peer_share,
             ..a.watch.config()?
         },
+        routing: routing(a)?,
+    })
+}
+
+/// `--decoder-routing` and `--routing-balance`, checked.
+fn routing(a: &GatewayArgs) -> anyhow::Result<vlm_gateway::RoutingConfig> {
+    anyhow::ensure!(
+        a.routing_balance.is_finite() && a.routing_balance > 1.0,
+        "--routing-balance must be above 1 (got {})",
+        a.routing_balance
+    );
+    let mode = match a.decoder_routing.as_str() {
+        "prefix" => vlm_gateway::RoutingMode::Prefix,
+        "balance" => vlm_gateway::RoutingMode::Balance,
+        other => anyhow::bail!("--decoder-routing {other:?}: expected prefix or balance"),
+    };
+    Ok(vlm_gateway::RoutingConfig {
+        mode,
+        balance: a.routing_balance,
     })
 }
 

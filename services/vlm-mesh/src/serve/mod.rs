@@ -81,10 +81,12 @@ async fn encoder(a: EncoderArgs) -> anyhow::Result<()> {
         fault_encode_delay: fault_delay("VLM_FAULT_ENCODE_DELAY_MS"),
     };
     let svc = vlm_encoder::EncoderService::load(&cfg)?;
+    let admission = a
+        .common
+        .admission(vlm_proto::encoder_server::SERVICE_NAME, None);
+    admission.report_saturation(a.max_concurrent, SATURATION_EVERY);
     let stage = Stage {
-        admission: a
-            .common
-            .admission(vlm_proto::encoder_server::SERVICE_NAME, None),
+        admission,
         server: svc.into_server(),
         tls: Some(tls),
         // An image and its request around it.
@@ -97,6 +99,10 @@ async fn encoder(a: EncoderArgs) -> anyhow::Result<()> {
     serve_stage(&a.common, stage).await
 }
 
+/// How often the encoder's and projector's `vlm_saturation` is sampled (the decoder's follows
+/// its step loop).
+const SATURATION_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 async fn projector(a: ProjectorArgs) -> anyhow::Result<()> {
     let tls = vlm_net::server_tls(&a.common.tls_files("projector")?)?;
     let cfg = vlm_projector::ProjectorConfig {
@@ -108,10 +114,12 @@ async fn projector(a: ProjectorArgs) -> anyhow::Result<()> {
         fault_project_delay: fault_delay("VLM_FAULT_PROJECT_DELAY_MS"),
     };
     let svc = vlm_projector::ProjectorService::load(&cfg)?;
+    let admission = a
+        .common
+        .admission(vlm_proto::projector_server::SERVICE_NAME, None);
+    admission.report_saturation(a.max_concurrent, SATURATION_EVERY);
     let stage = Stage {
-        admission: a
-            .common
-            .admission(vlm_proto::projector_server::SERVICE_NAME, None),
+        admission,
         server: svc.into_server(),
         tls: Some(tls),
         max_message_bytes: DEFAULT_MESSAGE_BYTES,

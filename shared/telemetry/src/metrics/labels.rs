@@ -185,3 +185,42 @@ pub enum WatchFrame {
 pub struct WatchFrameLabels {
     pub result: WatchFrame,
 }
+
+/// Why the gateway sent a decoder call where it did (`vlm_gateway_routing_decisions`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum RouteReason {
+    /// To the replica holding the longest prefix of the prompt.
+    prefix,
+    /// To the replica the request's session (its affinity key) went to before.
+    affinity,
+    /// The best-matching replica was over the load bound: to the best one within it.
+    spilled,
+    /// No replica holds any of the prompt: power of two choices over load.
+    balanced,
+    /// Prefix routing is off (`--decoder-routing balance`).
+    off,
+}
+
+/// `{reason}` of the routing decisions and of the cached tokens they earned.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub reason: RouteReason,
+}
+
+/// Why the gateway gave up on a stage call that was still running.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum AbandonReason {
+    /// No answer (or first token) within the adaptive timeout, while other replicas answer
+    /// faster.
+    slow,
+    /// A decoder produced no next token within the adaptive timeout, while other replicas step
+    /// faster.
+    slow_token,
+}
+
+/// `{stage,reason}` of `vlm_gateway_abandoned_calls`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AbandonLabels {
+    pub stage: &'static str,
+    pub reason: AbandonReason,
+}

@@ -10,6 +10,7 @@
 mod http;
 pub mod labels;
 
+use std::sync::atomic::AtomicU64;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -56,6 +57,7 @@ pub struct MeshMetrics {
     pub rpc_server_in_flight: Family<RpcLabels, Gauge>,
     pub admission_queue_depth: Family<ServiceLabels, Gauge>,
     pub admission_shed: Family<ServiceLabels, Counter>,
+    pub saturation: Family<ServiceLabels, Gauge<f64, AtomicU64>>,
     pub memory_budget_bytes: Family<MemoryBudgetLabels, Gauge>,
     pub memory_budget_refused: Family<ServiceLabels, Counter>,
     pub memory_budget_waiting: Family<ServiceLabels, Gauge>,
@@ -64,6 +66,9 @@ pub struct MeshMetrics {
     pub cache_lookups: Family<CacheLookupLabels, Counter>,
     pub cache_stores: Family<CacheStoreLabels, Counter>,
     pub gateway_retries: Family<RetryLabels, Counter>,
+    pub gateway_routing: Family<RouteLabels, Counter>,
+    pub gateway_routed_cached_tokens: Family<RouteLabels, Counter>,
+    pub gateway_abandoned: Family<AbandonLabels, Counter>,
     pub tokens_generated: Family<NoLabels, Counter>,
     pub time_to_first_token: Histograms<NoLabels>,
     pub inter_token_latency: Histograms<NoLabels>,
@@ -112,6 +117,9 @@ impl MeshMetrics {
             admission_shed: registered(r, "vlm_admission_shed",
                 "Calls refused because the queue was full or the deadline passed in it",
                 Family::default()),
+            saturation: registered(r, "vlm_saturation",
+                "The service's load against its capacity, for autoscalers (1 = at capacity): encoder and projector (calls in flight + queued) / --max-in-flight; decoder the larger of KV-cache blocks in use / all blocks and (running + waiting sequences) / --max-batch",
+                Family::default()),
             memory_budget_bytes: registered(r, "vlm_memory_budget_bytes",
                 "Request data held against the service's memory budget (state=used) and the budget (state=limit, --max-bytes-in-flight)",
                 Family::default()),
@@ -129,6 +137,15 @@ impl MeshMetrics {
                 "Feature-cache writes, by result (ok, error)", Family::default()),
             gateway_retries: registered(r, "vlm_gateway_retries",
                 "Stage calls repeated on another replica, by stage and kind (retry, failover)",
+                Family::default()),
+            gateway_routing: registered(r, "vlm_gateway_routing_decisions",
+                "Decoder calls by why they went to their replica (prefix, affinity, spilled, balanced, off)",
+                Family::default()),
+            gateway_routed_cached_tokens: registered(r, "vlm_gateway_routed_cached_tokens",
+                "Prompt positions the decoders served from their prefix cache, by the routing decision that sent the call",
+                Family::default()),
+            gateway_abandoned: registered(r, "vlm_gateway_abandoned_calls",
+                "Stage calls given up on while running (and tried again elsewhere), by stage and reason",
                 Family::default()),
             tokens_generated: registered(r, "vlm_tokens_generated",
                 "Tokens generated and streamed to clients", Family::default()),
