@@ -7,7 +7,8 @@
   supports (Chart.yaml kubeVersion) and the newest the validator knows; cert-manager objects
   against models generated from cert-manager's CRDs (cloudcoil.models.cert_manager), the
   ServiceMonitor against models generated from the Prometheus Operator's
-  (cloudcoil.models.prometheus_operator);
+  (cloudcoil.models.prometheus_operator), KEDA's ScaledObjects against models generated from
+  KEDA's CRDs (cloudcoil.models.keda, KEDA 2.16);
 - then the properties the issue asks for are asserted on the rendered objects.
 
 Run with scripts/test-helm.sh (installs the tools into a venv outside the repository).
@@ -29,6 +30,7 @@ import jsonschema
 import kubernetes_validate
 import yaml
 from cloudcoil.models.cert_manager import v1 as cert_manager_v1
+from cloudcoil.models.keda import v1alpha1 as keda_v1alpha1
 from cloudcoil.models.prometheus_operator import v1 as prometheus_operator_v1
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,7 +74,11 @@ def notes(values: dict | None = None) -> str:
     return next(text for path, text in out.items() if path.endswith("NOTES.txt"))
 
 
-CRD_MODELS = {"cert-manager.io/": cert_manager_v1, "monitoring.coreos.com/": prometheus_operator_v1}
+CRD_MODELS = {
+    "cert-manager.io/": cert_manager_v1,
+    "monitoring.coreos.com/": prometheus_operator_v1,
+    "keda.sh/": keda_v1alpha1,
+}
 
 
 def validate_manifest(doc: dict, version: str) -> None:

@@ -274,6 +274,15 @@ pub fn preregister(role: &str) {
             stage: stage.to_string(),
         });
     }
+    let service = match role {
+        "encoder" => Some("vlm.v1.Encoder"),
+        "projector" => Some("vlm.v1.Projector"),
+        "decoder" => Some("vlm.v1.Decoder"),
+        _ => None,
+    };
+    if let Some(service) = service {
+        let _ = m.saturation.get_or_create(&ServiceLabels { service });
+    }
     match role {
         "gateway" => {
             for result in [
@@ -293,6 +302,25 @@ pub fn preregister(role: &str) {
                         stage: stage.to_string(),
                         kind,
                     });
+                }
+            }
+            for reason in [
+                RouteReason::prefix,
+                RouteReason::affinity,
+                RouteReason::spilled,
+                RouteReason::balanced,
+                RouteReason::off,
+            ] {
+                let _ = m.gateway_routing.get_or_create(&RouteLabels { reason });
+                let _ = m
+                    .gateway_routed_cached_tokens
+                    .get_or_create(&RouteLabels { reason });
+            }
+            for stage in ["encoder", "projector", "decoder"] {
+                for reason in [AbandonReason::slow, AbandonReason::slow_token] {
+                    let _ = m
+                        .gateway_abandoned
+                        .get_or_create(&AbandonLabels { stage, reason });
                 }
             }
             let _ = m.tokens_generated.get_or_create(&NoLabels);
