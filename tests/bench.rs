@@ -473,3 +473,53 @@ fn bench_quantized_quick_reports_every_mode() {
         assert!(m["llama_cpp"].is_null(), "no llama.cpp was named: {m}");
     }
 }
+
+/// `bench scale --quick` (one decoder, then two with prefix routing and with plain balancing; an
+/// image-heavy and a long-generation second): every run is reported with consistent figures,
+/// cached prefixes are counted, and each workload pushes its own stage's saturation over the
+/// autoscaling target while the other stays under.
+#[test]
+fn bench_scale_quick_reports_routing_and_signals() {
+    let model = common::model();
+    let r = common::run_json(&[
+        "bench",
+        "scale",
+        "--quick",
+        "--json",
+        "--model",
+        model.to_str().unwrap(),
+    ]);
+    assert_eq!(r["bench"], "scale", "{r}");
+    let runs = r["agent"].as_array().expect("agent");
+    let shape: Vec<(u64, &str)> = runs
+        .iter()
+        .map(|x| {
+            (
+                x["decoders"].as_u64().unwrap(),
+                x["routing"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(shape, [(1, "prefix"), (2, "prefix"), (2, "balance")], "{r}");
+    let one = num(&runs[0]["cached_tokens"], "cached_tokens");
+    assert!(one > 0.0, "later steps reuse the system prompt: {r}");
+    for x in runs {
+        let cached = num(&x["cached_tokens"], "cached_tokens");
+        assert_ratio(&x["cached_vs_one"], cached, one, "cached_vs_one");
+        let served = x["requests_per_replica"].as_array().expect("requests");
+        assert_eq!(served.len() as u64, x["decoders"].as_u64().unwrap(), "{x}");
+        let total: f64 = served.iter().map(|v| v.as_f64().unwrap()).sum();
+        assert_eq!(total, 3.0 * 3.0, "every step is one decoder call: {x}");
+        assert!(spread(&x["ttft_ms"], "ttft_ms") > 0.0, "{x}");
+        assert_eq!(num(&x["abandoned"], "abandoned"), 0.0, "{x}");
+    }
+    let signals = r["signals"].as_array().expect("signals");
+    let s = |w: &str, k: &str| {
+        let x = signals.iter().find(|s| s["workload"] == w).expect(w);
+        num(&x[k], k)
+    };
+    assert!(s("image-heavy", "encoder_max") > 0.7, "{r}");
+    assert!(s("image-heavy", "decoder_max") < 0.7, "{r}");
+    assert!(s("long-generation", "decoder_max") > 0.7, "{r}");
+    assert!(s("long-generation", "encoder_max") < 0.7, "{r}");
+}

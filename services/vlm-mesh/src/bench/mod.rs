@@ -8,6 +8,7 @@ mod frames;
 mod mesh;
 mod plot;
 mod quantized;
+mod scale;
 mod stream;
 mod transformers;
 
@@ -70,6 +71,10 @@ pub enum BenchCommand {
     Quantized(quantized::QuantizedBenchArgs),
     /// Tensor-chunk streams over mTLS gRPC vs a raw TLS byte stream on the same loopback.
     Stream(stream::StreamBenchArgs),
+    /// Scale-out: agent sessions on 1 and N decoder replicas with prefix routing on and off
+    /// (cached prefix tokens, TTFT, each replica's share, abandoned calls), and which stage's
+    /// vlm_saturation an image-heavy and a long-generation load push over the autoscaling target.
+    Scale(scale::ScaleBenchArgs),
 }
 
 /// Every section in one run (`vlm-mesh bench`).
@@ -159,6 +164,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
             let report = stream::run(&a).await?;
             emit(&report, a.json, stream::StreamReport::print)
+        }),
+        Some(BenchCommand::Scale(a)) => rt.block_on(async {
+            scale::run(&a).await?;
+            Ok(())
         }),
         None => rt.block_on(all(args.all)),
     }
@@ -305,6 +314,24 @@ impl BenchMesh {
         gateway_args: Vec<String>,
         quantize: [vlm_model::Quantization; 3],
     ) -> anyhow::Result<BenchMesh> {
+        Self::start_with(model, gateway_args, [1; 3], quantize).await
+    }
+
+    /// [`Self::start`] with `replicas` processes per stage (encoder, projector, decoder).
+    async fn start_replicas(
+        model: &Path,
+        gateway_args: Vec<String>,
+        replicas: [usize; 3],
+    ) -> anyhow::Result<BenchMesh> {
+        Self::start_with(model, gateway_args, replicas, Default::default()).await
+    }
+
+    async fn start_with(
+        model: &Path,
+        gateway_args: Vec<String>,
+        replicas: [usize; 3],
+        quantize: [vlm_model::Quantization; 3],
+    ) -> anyhow::Result<BenchMesh> {
         let state = tempfile::tempdir()?;
         let opts = MeshOptions {
             model: model.to_path_buf(),
@@ -313,7 +340,7 @@ impl BenchMesh {
             dtype: "f32".into(),
             gateway_args,
             service_log: Some("warn".into()),
-            replicas: [1; 3],
+            replicas,
             quantize,
         };
         let mesh = Mesh::start(&opts).await?;

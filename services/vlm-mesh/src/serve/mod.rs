@@ -101,7 +101,7 @@ async fn encoder(a: EncoderArgs) -> anyhow::Result<()> {
 
 /// How often the encoder's and projector's `vlm_saturation` is sampled (the decoder's follows
 /// its step loop).
-const SATURATION_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+const SATURATION_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 async fn projector(a: ProjectorArgs) -> anyhow::Result<()> {
     let tls = vlm_net::server_tls(&a.common.tls_files("projector")?)?;
