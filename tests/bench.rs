@@ -474,7 +474,8 @@ fn bench_quantized_quick_reports_every_mode() {
     }
 }
 
-/// `bench scale --quick` (one decoder, then two with prefix routing and with plain balancing; an
+/// `bench scale --quick` (one decoder, then two with prefix routing and with plain balancing, then
+/// two under busy threads on every core with the outlier rule and with abandonment off; an
 /// image-heavy and a long-generation second): every run is reported with consistent figures,
 /// cached prefixes are counted, and each workload pushes its own stage's saturation over the
 /// autoscaling target while the other stays under.
@@ -491,16 +492,28 @@ fn bench_scale_quick_reports_routing_and_signals() {
     ]);
     assert_eq!(r["bench"], "scale", "{r}");
     let runs = r["agent"].as_array().expect("agent");
-    let shape: Vec<(u64, &str)> = runs
+    let shape: Vec<(u64, &str, bool, &str)> = runs
         .iter()
         .map(|x| {
             (
                 x["decoders"].as_u64().unwrap(),
                 x["routing"].as_str().unwrap(),
+                x["outside_load"].as_bool().unwrap(),
+                x["abandonment"].as_str().unwrap(),
             )
         })
         .collect();
-    assert_eq!(shape, [(1, "prefix"), (2, "prefix"), (2, "balance")], "{r}");
+    assert_eq!(
+        shape,
+        [
+            (1, "prefix", false, "outliers"),
+            (2, "prefix", false, "outliers"),
+            (2, "balance", false, "outliers"),
+            (2, "prefix", true, "outliers"),
+            (2, "prefix", true, "off"),
+        ],
+        "{r}"
+    );
     let one = num(&runs[0]["cached_tokens"], "cached_tokens");
     assert!(one > 0.0, "later steps reuse the system prompt: {r}");
     for x in runs {
@@ -511,6 +524,8 @@ fn bench_scale_quick_reports_routing_and_signals() {
         let total: f64 = served.iter().map(|v| v.as_f64().unwrap()).sum();
         assert_eq!(total, 3.0 * 3.0, "every step is one decoder call: {x}");
         assert!(spread(&x["ttft_ms"], "ttft_ms") > 0.0, "{x}");
+        assert!(num(&x["steps_per_s"], "steps_per_s") > 0.0, "{x}");
+        // Every replica equally slow (even under the outside load): nothing abandoned.
         assert_eq!(num(&x["abandoned"], "abandoned"), 0.0, "{x}");
     }
     let signals = r["signals"].as_array().expect("signals");

@@ -4,7 +4,9 @@
 //! system prompt and the session's text history plus one new image. Run on one decoder, then on
 //! each of `--decoders` replicas with prefix routing on and off (`--decoder-routing prefix |
 //! balance`): prompt positions served from the decoders' prefix caches on steps ≥ 2, TTFT of
-//! steps ≥ 2, each replica's share of requests, calls abandoned for slowness.
+//! steps ≥ 2, each replica's share of requests, calls abandoned for slowness; then on the first
+//! N again with busy threads saturating every core, the gateway's outlier rule against
+//! abandonment turned off (steps per second, abandoned calls).
 //! (b) **Image-heavy** (a different image per request, 2-token answers) and (c) **long
 //! generation** (one image, long answers), on one replica per stage: the largest and mean
 //! `vlm_saturation` of the encoder and the decoder while it runs, and which crosses the 0.7 an
@@ -56,6 +58,12 @@ pub struct ScaleBenchArgs {
 pub struct AgentRun {
     pub decoders: usize,
     pub routing: &'static str,
+    /// Whether busy threads (one per core) competed with the mesh for the CPU.
+    pub outside_load: bool,
+    /// `outliers` (the gateway's rule) or `off` (limits so high that nothing is abandoned).
+    pub abandonment: &'static str,
+    /// Agent steps finished per second, all sessions together.
+    pub steps_per_s: f64,
     /// Prompt positions the decoders served from their prefix caches, steps ≥ 2.
     pub cached_tokens: u64,
     /// `cached_tokens` over the single replica's.
@@ -95,27 +103,36 @@ impl ScaleReport {
             self.sessions, self.steps
         );
         println!(
-            "{:>8} {:>8} {:>10} {:>8} {:>10} {:>10} {:>10} {:>9}",
+            "{:>8} {:>8} {:>13} {:>10} {:>8} {:>10} {:>10} {:>10} {:>9} {:>8}",
             "decoders",
             "routing",
+            "outside load",
             "cached",
             "vs one",
             "TTFT p50",
             "TTFT p90",
             "max share",
-            "abandoned"
+            "abandoned",
+            "steps/s"
         );
         for r in &self.agent {
+            let load = match (r.outside_load, r.abandonment) {
+                (false, _) => "-",
+                (true, "off") => "yes, abandon off",
+                (true, _) => "yes",
+            };
             println!(
-                "{:>8} {:>8} {:>10} {:>7.2}× {:>8.1}ms {:>8.1}ms {:>9.2}× {:>9}",
+                "{:>8} {:>8} {:>13} {:>10} {:>7.2}× {:>8.1}ms {:>8.1}ms {:>9.2}× {:>9} {:>8.2}",
                 r.decoders,
                 r.routing,
+                load,
                 r.cached_tokens,
                 r.cached_vs_one,
                 r.ttft_ms.p50,
                 r.ttft_ms.p90,
                 r.max_share_over_mean,
-                r.abandoned
+                r.abandoned,
+                r.steps_per_s
             );
         }
         let mut counts: Vec<usize> = self.agent.iter().map(|r| r.decoders).collect();
@@ -124,7 +141,7 @@ impl ScaleReport {
             let of = |routing| {
                 self.agent
                     .iter()
-                    .find(|r| r.decoders == n && r.routing == routing)
+                    .find(|r| r.decoders == n && r.routing == routing && !r.outside_load)
             };
             if let (Some(on), Some(off)) = (of("prefix"), of("balance")) {
                 println!(
@@ -132,6 +149,17 @@ impl ScaleReport {
                     on.ttft_ms.p50 / off.ttft_ms.p50
                 );
             }
+        }
+        let loaded = |abandonment| {
+            self.agent
+                .iter()
+                .find(|r| r.outside_load && r.abandonment == abandonment)
+        };
+        if let (Some(on), Some(off)) = (loaded("outliers"), loaded("off")) {
+            println!(
+                "outside load: steps/s with the outlier rule / with abandonment off = {:.2}×",
+                on.steps_per_s / off.steps_per_s
+            );
         }
         println!("\nscaling signals (vlm_saturation, target {TARGET}):");
         for s in &self.signals {
@@ -158,11 +186,26 @@ pub async fn run(a: &ScaleBenchArgs) -> anyhow::Result<ScaleReport> {
         a.max_tokens = a.max_tokens.min(4);
     }
     let base = image::open(&a.input.image)?.to_rgb8();
-    let mut agent = vec![agent_run(&a, &base, 1, "prefix").await?];
+    let quiet = Run {
+        routing: "prefix",
+        outside_load: false,
+        abandonment: "outliers",
+    };
+    let mut agent = vec![agent_run(&a, &base, 1, quiet).await?];
     for &n in &a.decoders {
         for routing in ["prefix", "balance"] {
-            agent.push(agent_run(&a, &base, n, routing).await?);
+            agent.push(agent_run(&a, &base, n, Run { routing, ..quiet }).await?);
         }
+    }
+    // Every core saturated by busy threads: the outlier rule against no abandonment at all.
+    let n = a.decoders.first().copied().unwrap_or(2);
+    for abandonment in ["outliers", "off"] {
+        let run = Run {
+            outside_load: true,
+            abandonment,
+            ..quiet
+        };
+        agent.push(agent_run(&a, &base, n, run).await?);
     }
     let one = agent[0].cached_tokens.max(1) as f64;
     for r in &mut agent {
@@ -230,14 +273,58 @@ async fn answer(
     Ok((text, ttft, cached))
 }
 
+/// How one agent run is set up.
+#[derive(Clone, Copy)]
+struct Run {
+    routing: &'static str,
+    outside_load: bool,
+    abandonment: &'static str,
+}
+
+/// Busy threads, one per core, until dropped.
+struct OutsideLoad(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl OutsideLoad {
+    fn start() -> OutsideLoad {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for _ in 0..super::cores() {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            });
+        }
+        OutsideLoad(stop)
+    }
+}
+
+impl Drop for OutsideLoad {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 async fn agent_run(
     a: &ScaleBenchArgs,
     base: &image::RgbImage,
     decoders: usize,
-    routing: &'static str,
+    run: Run,
 ) -> anyhow::Result<AgentRun> {
-    let args = vec!["--decoder-routing".into(), routing.into()];
+    let mut args: Vec<String> = vec!["--decoder-routing".into(), run.routing.into()];
+    if run.abandonment == "off" {
+        for (flag, v) in [
+            ("--timeout-factor", "1000000"),
+            ("--timeout-min-ms", "600000"),
+            ("--timeout-max-ms", "600000"),
+        ] {
+            args.extend([flag.to_string(), v.to_string()]);
+        }
+    }
     let bm = BenchMesh::start_replicas(&a.input.model, args, [1, 1, decoders]).await?;
+    let _load = run.outside_load.then(OutsideLoad::start);
+    let started = Instant::now();
     let result = async {
         let before = decoder_requests(&bm).await?;
         let abandoned_before = gateway_sum(&bm, "vlm_gateway_abandoned_calls_total").await?;
@@ -270,7 +357,10 @@ async fn agent_run(
         let mut ttft: Vec<f64> = later.iter().map(|l| l.0).collect();
         Ok::<_, anyhow::Error>(AgentRun {
             decoders,
-            routing,
+            routing: run.routing,
+            outside_load: run.outside_load,
+            abandonment: run.abandonment,
+            steps_per_s: (a.sessions * a.steps) as f64 / started.elapsed().as_secs_f64(),
             cached_tokens: later.iter().map(|l| u64::from(l.1)).sum(),
             cached_vs_one: 0.0,
             ttft_ms: Spread::of(&mut ttft)?,
