@@ -136,6 +136,7 @@ impl ScaleReport {
             );
         }
         let mut counts: Vec<usize> = self.agent.iter().map(|r| r.decoders).collect();
+        counts.sort_unstable();
         counts.dedup();
         for n in counts.into_iter().filter(|n| *n > 1) {
             let of = |routing| {
