@@ -129,3 +129,33 @@ fn balance_mode_and_gone_replicas() {
     assert_eq!(r.decide(&k, &[(6, 0), (7, 0)]).index, Some(0));
     assert!(!r.state.lock().unwrap().held.contains_key(&5));
 }
+
+#[test]
+fn the_session_metadata_is_bounded_and_ascii() {
+    let mut m = tonic::metadata::MetadataMap::new();
+    assert_eq!(session_of(&m).unwrap(), None);
+    m.insert("session_id", "s-9".parse().unwrap());
+    assert_eq!(session_of(&m).unwrap().as_deref(), Some("s-9"));
+    m.insert(SESSION_METADATA, "s-1".parse().unwrap());
+    assert_eq!(
+        session_of(&m).unwrap().as_deref(),
+        Some("s-1"),
+        "session-id wins"
+    );
+    m.insert(
+        SESSION_METADATA,
+        "x".repeat(MAX_SESSION_BYTES + 1).parse().unwrap(),
+    );
+    let e = session_of(&m).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("`session-id`"), "{e:?}");
+    let mut m = tonic::metadata::MetadataMap::new();
+    m.insert(
+        SESSION_METADATA,
+        tonic::metadata::MetadataValue::try_from(&b"caf\xc3\xa9"[..]).unwrap(),
+    );
+    assert!(session_of(&m)
+        .unwrap_err()
+        .message()
+        .contains("visible ASCII"));
+}
