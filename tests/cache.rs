@@ -602,3 +602,172 @@ async fn the_default_cache_never_serves_a_forged_value() {
     );
     assert_eq!(got.ids, answer_a.ids);
 }
+
+/// A redis-server that speaks only TLS (`--port 0 --tls-port P`), with the certificate of
+/// `certs`' encoder leaf (its names include localhost); it asks clients for a certificate of the
+/// same CA when `auth_clients`.
+struct TlsRedis {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsRedis {
+    fn start(certs: &std::path::Path, auth_clients: bool) -> TlsRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str| certs.join(name).to_str().unwrap().to_string();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--tls-cert-file", &file("encoder.pem")])
+            .args(["--tls-key-file", &file("encoder.key")])
+            .args(["--tls-ca-cert-file", &file("ca.pem")])
+            .args([
+                "--tls-auth-clients",
+                if auth_clients { "yes" } else { "no" },
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (with TLS) must be installed");
+        // Ready when its TLS port accepts connections (bounded).
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20)); // polling a port, bounded above
+        }
+        TlsRedis {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("rediss://localhost:{}", self.port)
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `vlm-mesh certs` into a new directory: a CA and a leaf per role.
+fn dev_certs() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let out = output_within(
+        std::process::Command::new(EXE)
+            .args(["certs", "--out"])
+            .arg(dir.path()),
+        "vlm-mesh certs",
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{out:?}");
+    dir
+}
+
+/// Managed Redis speaks TLS: `rediss://` with `--redis-ca` (a private CA) and a client
+/// certificate (`--redis-cert`/`--redis-key`, which this Redis requires) caches features like
+/// plain Redis: the second request is a hit that never reaches the encoder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca_and_a_client_certificate_caches_features() {
+    let certs = dev_certs();
+    let redis = TlsRedis::start(certs.path(), true);
+    let file = |name: &str| certs.path().join(name).to_str().unwrap().to_string();
+    let mesh = MeshProc::start_with(
+        &model(),
+        &[
+            "--redis",
+            &redis.url(),
+            "--redis-ca",
+            &file("ca.pem"),
+            "--redis-cert",
+            &file("client.pem"),
+            "--redis-key",
+            &file("client.key"),
+        ],
+        &[],
+    );
+    let first = generate(&mesh, &image()).await;
+    assert_eq!(first.cache, [CacheStatus::Miss]);
+    let second = generate(&mesh, &image()).await;
+    assert_eq!(second.cache, [CacheStatus::Hit]);
+    assert_eq!(second.ids, first.ids);
+    assert_eq!(
+        encoder_requests(&mesh).await,
+        1,
+        "a hit must not call the encoder"
+    );
+}
+
+/// A gateway given the wrong CA for its Redis refuses to start, naming --redis-ca (a TLS failure
+/// is configuration, not an outage); without its client certificate, likewise.
+#[test]
+fn a_wrong_redis_ca_or_a_missing_client_certificate_stops_the_gateway() {
+    let certs = dev_certs();
+    let other = dev_certs();
+    let redis = TlsRedis::start(certs.path(), true);
+    let secret = certs.path().join("secret");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef").unwrap();
+    let file =
+        |d: &tempfile::TempDir, name: &str| d.path().join(name).to_str().unwrap().to_string();
+    let gateway = |extra: &[String]| {
+        let mut cmd = std::process::Command::new(EXE);
+        cmd.args(["serve", "gateway", "--listen", "127.0.0.1:0", "--model"])
+            .arg(model())
+            .arg("--tls-dir")
+            .arg(certs.path())
+            .args([
+                "--encoder",
+                "https://127.0.0.1:1",
+                "--projector",
+                "https://127.0.0.1:1",
+            ])
+            .args(["--decoder", "https://127.0.0.1:1", "--redis", &redis.url()])
+            .arg("--cache-secret-file")
+            .arg(&secret)
+            .args(extra);
+        own_log_filter(&mut cmd);
+        output_within(&mut cmd, "serve gateway", Duration::from_secs(60))
+    };
+    let client = [
+        "--redis-cert".to_string(),
+        file(&certs, "client.pem"),
+        "--redis-key".to_string(),
+        file(&certs, "client.key"),
+    ];
+    let wrong_ca = [
+        &["--redis-ca".to_string(), file(&other, "ca.pem")][..],
+        &client,
+    ]
+    .concat();
+    let no_client = ["--redis-ca".to_string(), file(&certs, "ca.pem")];
+    for extra in [&wrong_ca[..], &no_client[..]] {
+        let out = gateway(extra);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} started: {stderr}");
+        assert!(
+            stderr.contains("--redis-ca") && stderr.contains("TLS"),
+            "{extra:?}: {stderr}"
+        );
+    }
+}

@@ -35,6 +35,25 @@ pub struct RedisOptions {
     pub put_timeout: Duration,
     /// Bound on establishing a connection.
     pub connect_timeout: Duration,
+    /// For `rediss://` URLs: the CA to verify the server with (PEM; the system roots when
+    /// `None`), and a client certificate chain and key (PEM) for servers that ask for one.
+    pub tls: RedisTls,
+}
+
+/// TLS material for a `rediss://` Redis.
+#[derive(Clone, Default)]
+pub struct RedisTls {
+    pub ca_pem: Option<Vec<u8>>,
+    pub client_pem: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.client_pem.is_some())
+            .finish()
+    }
 }
 
 impl Default for RedisOptions {
@@ -43,6 +62,7 @@ impl Default for RedisOptions {
             get_timeout: Duration::from_millis(250),
             put_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_millis(500),
+            tls: RedisTls::default(),
         }
     }
 }
@@ -63,8 +83,29 @@ impl RedisCache {
         // Redis servers older than 7.2 reject CLIENT SETINFO; we never need it.
         let redis_settings = info.redis_settings().clone().set_skip_set_lib_name();
         let info = info.set_redis_settings(redis_settings);
-        let client =
-            redis::Client::open(info).map_err(|e| CacheError::Config(format!("{url}: {e}")))?;
+        let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+        let custom = opts.tls.ca_pem.is_some() || opts.tls.client_pem.is_some();
+        if custom && !tls {
+            return Err(CacheError::Config(format!(
+                "{url}: a Redis CA or client certificate is given but the URL is not rediss://"
+            )));
+        }
+        let client = if custom {
+            let certs =
+                redis::TlsCertificates {
+                    client_tls: opts.tls.client_pem.clone().map(|(cert, key)| {
+                        redis::ClientTlsConfig {
+                            client_cert: cert,
+                            client_key: key,
+                        }
+                    }),
+                    root_cert: opts.tls.ca_pem.clone(),
+                };
+            redis::Client::build_with_tls(info, certs)
+        } else {
+            redis::Client::open(info)
+        }
+        .map_err(|e| CacheError::Config(format!("{url}: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(opts.connect_timeout))
             .set_response_timeout(Some(opts.put_timeout))
@@ -73,6 +114,20 @@ impl RedisCache {
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| CacheError::Config(format!("{url}: {e}")))?;
         Ok(RedisCache { conn, opts })
+    }
+
+    /// One PING: whether Redis answers now (start-up checks; the cache itself never needs it).
+    pub async fn ping(&self) -> Result<(), CacheError> {
+        let mut conn = self.conn.clone();
+        let pong: String = bounded(
+            self.opts.connect_timeout + self.opts.get_timeout,
+            redis::cmd("PING").query_async(&mut conn),
+        )
+        .await?;
+        if pong != "PONG" {
+            return Err(CacheError::Backend(format!("PING answered {pong:?}")));
+        }
+        Ok(())
     }
 }
 

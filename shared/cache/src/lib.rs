@@ -14,7 +14,7 @@ mod backend;
 mod features;
 mod sealed;
 
-pub use backend::{CacheBackend, MemoryCache, RedisCache, RedisOptions};
+pub use backend::{CacheBackend, MemoryCache, RedisCache, RedisOptions, RedisTls};
 pub use features::{FeatureCache, Fill, Lookup, Outcome};
 pub use sealed::Sealer;
 

@@ -32,6 +32,16 @@ pub struct CacheArgs {
     /// for that image until its TTL). For trusted, isolated Redis only.
     #[arg(long, env = "VLM_CACHE_UNKEYED", conflicts_with = "cache_secret_file")]
     pub cache_unkeyed: bool,
+    /// For a `rediss://` URL: the CA (PEM) that signed Redis's certificate (default: the
+    /// system's roots).
+    #[arg(long, env = "VLM_REDIS_CA", requires = "redis")]
+    pub redis_ca: Option<std::path::PathBuf>,
+    /// For a `rediss://` URL whose server asks for client certificates: ours (PEM chain).
+    #[arg(long, env = "VLM_REDIS_CERT", requires_all = ["redis", "redis_key"])]
+    pub redis_cert: Option<std::path::PathBuf>,
+    /// The key (PEM) of --redis-cert.
+    #[arg(long, env = "VLM_REDIS_KEY", requires = "redis_cert")]
+    pub redis_key: Option<std::path::PathBuf>,
 }
 
 impl CacheArgs {
@@ -70,7 +80,9 @@ impl CacheArgs {
             }
         };
         let backend: std::sync::Arc<dyn vlm_cache::CacheBackend> = match &self.redis {
-            Some(url) => std::sync::Arc::new(vlm_cache::RedisCache::new(url, Default::default())?),
+            Some(url) => {
+                std::sync::Arc::new(vlm_cache::RedisCache::new(url, self.redis_options()?)?)
+            }
             None => std::sync::Arc::new(vlm_cache::MemoryCache::new(self.cache_max_bytes)),
         };
         Ok(Some(vlm_cache::FeatureCache::with_sealer(
@@ -79,6 +91,55 @@ impl CacheArgs {
             vlm_tensor::TensorLimits::default(),
             vlm_cache::Sealer::new(secret.as_deref()),
         )))
+    }
+
+    /// The Redis connection's settings, with the TLS files read.
+    fn redis_options(&self) -> anyhow::Result<vlm_cache::RedisOptions> {
+        let read = |flag: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))
+        };
+        let ca_pem = match &self.redis_ca {
+            Some(p) => Some(read("--redis-ca", p)?),
+            None => None,
+        };
+        let client_pem = match (&self.redis_cert, &self.redis_key) {
+            (Some(c), Some(k)) => Some((read("--redis-cert", c)?, read("--redis-key", k)?)),
+            (None, None) => None,
+            _ => anyhow::bail!("--redis-cert and --redis-key go together"),
+        };
+        Ok(vlm_cache::RedisOptions {
+            tls: vlm_cache::RedisTls { ca_pem, client_pem },
+            ..Default::default()
+        })
+    }
+
+    /// At start-up: one PING to the Redis of --redis. A TLS failure (wrong CA, a client
+    /// certificate Redis refuses) is a configuration error and stops the gateway, naming the
+    /// flags; Redis being down is not (the cache connects when it is back).
+    pub async fn check_redis(&self) -> anyhow::Result<()> {
+        let Some(url) = &self.redis else {
+            return Ok(());
+        };
+        let redis = vlm_cache::RedisCache::new(url, self.redis_options()?)?;
+        match redis.ping().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let why = e.to_string();
+                let lower = why.to_ascii_lowercase();
+                if ["certificate", "tls", "handshake", "unknownissuer"]
+                    .iter()
+                    .any(|w| lower.contains(w))
+                {
+                    anyhow::bail!(
+                        "--redis {url}: the TLS connection failed: {why}. Check --redis-ca (the                          CA that signed Redis's certificate; without it, the system's roots)                          and, if Redis asks for client certificates, --redis-cert/--redis-key"
+                    );
+                }
+                tracing::warn!(
+                    "--redis {url} does not answer yet ({why}); the cache connects when it does"
+                );
+                Ok(())
+            }
+        }
     }
 
     /// The same settings as `serve gateway` arguments.
@@ -103,6 +164,15 @@ impl CacheArgs {
         }
         if self.cache_unkeyed {
             args.push("--cache-unkeyed".into());
+        }
+        for (flag, path) in [
+            ("--redis-ca", &self.redis_ca),
+            ("--redis-cert", &self.redis_cert),
+            ("--redis-key", &self.redis_key),
+        ] {
+            if let Some(p) = path {
+                args.extend([flag.to_string(), p.display().to_string()]);
+            }
         }
         args
     }

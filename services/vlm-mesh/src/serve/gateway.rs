@@ -24,6 +24,7 @@ pub(super) async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         vlm_proto::gateway_server::SERVICE_NAME,
         Some(a.max_peer_share),
     );
+    a.cache.check_redis().await?;
     let svc = Arc::new(vlm_gateway::GatewayService::new(config(
         &a, &files, &admission,
     )?)?);
