@@ -90,7 +90,8 @@ impl CacheReport {
     }
 }
 
-fn variant(base: &image::RgbImage, round: usize) -> anyhow::Result<Vec<u8>> {
+/// `base` as a PNG with its first pixel set from `round`: another image per round.
+pub(super) fn variant(base: &image::RgbImage, round: usize) -> anyhow::Result<Vec<u8>> {
     let mut img = base.clone();
     let p = img.get_pixel_mut(0, 0);
     p.0 = [(round % 256) as u8, (round / 256 % 256) as u8, 77];

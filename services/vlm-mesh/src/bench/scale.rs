@@ -241,15 +241,6 @@ fn agent_prompt(session: usize, answers: &[String], step: usize) -> String {
     p
 }
 
-fn png(base: &image::RgbImage, variant: usize) -> anyhow::Result<Vec<u8>> {
-    let mut img = base.clone();
-    let p = img.get_pixel_mut(0, 0);
-    p.0 = [(variant % 256) as u8, (variant / 256 % 256) as u8, 11];
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png)?;
-    Ok(out.into_inner())
-}
-
 /// One streamed answer: its text, time to first token and cached prompt positions.
 async fn answer(
     bm: &BenchMesh,
@@ -334,7 +325,7 @@ async fn agent_run(
             async move {
                 let (mut answers, mut later) = (Vec::new(), Vec::new());
                 for step in 1..=a.steps {
-                    let image = png(base, s * 1000 + step)?;
+                    let image = super::cache::variant(base, s * 1000 + step)?;
                     let prompt = agent_prompt(s, &answers, step);
                     let (text, ttft, cached) =
                         answer(bm, greedy_request(image, prompt, a.max_tokens)).await?;
@@ -400,7 +391,11 @@ async fn signals(
                     }
                     let variant = if workload == "image-heavy" { i + 1 } else { 0 };
                     let prompt = "USER: <image>\nWhat is shown in this image? ASSISTANT:";
-                    let req = greedy_request(png(base, variant)?, prompt.into(), tokens);
+                    let req = greedy_request(
+                        super::cache::variant(base, variant)?,
+                        prompt.into(),
+                        tokens,
+                    );
                     answer(&bm, req).await?;
                 }
             });
