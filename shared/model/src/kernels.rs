@@ -3,6 +3,36 @@
 //! instructions the CPU has. Every output element is one fixed chain of operations whatever rows it
 //! is computed with, so a sequence gets the same numbers in a batch as alone.
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod qgemm;
+pub(crate) mod qpack;
+
+pub(crate) use qpack::{Packed, QActs};
+
+/// Whether quantized products run on the int8 GEMM (AVX-512 VNNI): weights are repacked for it
+/// at load only then.
+pub(crate) fn qgemm_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return qgemm::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `[m, n]` products of packed weights with activation rows quantized for them.
+///
+/// # Panics
+/// Where [`qgemm_available`] is false (nothing is packed there).
+pub(crate) fn qgemm(w: &Packed, a: &QActs) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    return qgemm::gemm(w, a);
+    #[cfg(not(target_arch = "x86_64"))]
+    panic!(
+        "packed weights without the int8 GEMM: {} x {}",
+        w.n,
+        a.rows()
+    )
+}
+
 /// Output elements per rayon task: large enough that scheduling costs nothing next to the
 /// `ROWS_PER_TASK × k` weights each task streams, small enough to balance two to a few dozen cores.
 pub(crate) const ROWS_PER_TASK: usize = 64;
