@@ -1,17 +1,19 @@
 //! Matrix products at prefill and decode shapes: GFLOP/s and ms of the old and new kernels
-//! (q8_0, q4_k: portable blocks vs the int8 GEMM on repacked weights; f32: candle's matmul), next to the machine's peak multiply-add rates measured in the same
+//! (q8_0, q4_k: portable blocks vs the int8 GEMM on repacked weights; f32: candle's matmul vs
+//! ours where there is one), next to the machine's peak multiply-add rates measured in the same
 //! run.
 //!
 //! ```text
 //! cargo run --release -p vlm-model --example kernel_bench [-- --quick] [-- --shapes 768x2560,...]
 //! ```
-//! Run it on an idle machine: it prints the load average first.
+//! Run it on an idle machine: it prints the load average first. `--cpu` times CPU time instead
+//! of wall time (for comparisons on a busy machine; not a measurement to report).
 
 use std::time::{Duration, Instant};
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
-use vlm_model::bench::QuantMatrix;
+use vlm_model::bench::{F32Matrix, QuantMatrix};
 
 /// The old and the new product of one weight.
 type Pair = (
@@ -60,12 +62,12 @@ fn main() -> candle_core::Result<()> {
         let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
         for format in &formats {
             let (old, new): Pair = match format.as_str() {
-                // No f32 kernel of our own yet: candle's matmul on both sides.
                 "f32" => {
-                    let (a, b) = (w.clone(), w.clone());
+                    let wt = w.clone();
+                    let ours = F32Matrix::new(&w)?;
                     (
-                        Box::new(move |x| x.matmul(&a.t().unwrap()).unwrap()),
-                        Box::new(move |x| x.matmul(&b.t().unwrap()).unwrap()),
+                        Box::new(move |x| x.matmul(&wt.t().unwrap()).unwrap()),
+                        Box::new(move |x| ours.forward(x).unwrap()),
                     )
                 }
                 q => {
@@ -87,7 +89,12 @@ fn main() -> candle_core::Result<()> {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
                 let flop = 2.0 * (m * k * n) as f64;
                 let budget = if quick { 0.1 } else { 0.6 };
-                let t_old = time(|| drop(old(&x)), budget);
+                // `--new-only`: the old kernel is not run (profiling the new one).
+                let t_old = if args.iter().any(|a| a == "--new-only") {
+                    Duration::from_secs(1)
+                } else {
+                    time(|| drop(old(&x)), budget)
+                };
                 let t_new = time(|| drop(new(&x)), budget);
                 let peak = if format == "f32" { fma } else { vnni };
                 let g = |t: Duration| flop / t.as_secs_f64() / 1e9;
@@ -112,14 +119,16 @@ fn main() -> candle_core::Result<()> {
     Ok(())
 }
 
-/// The best of repeated runs (one warm-up, then at least 3 and until `budget` seconds).
+/// The best of repeated runs (one warm-up, then at least 3 and until `budget` seconds): wall
+/// time, or with `--cpu` the process's CPU time over the threads (what a loaded machine
+/// leaves comparable; caches shared with other processes still count).
 fn time(mut f: impl FnMut(), budget: f64) -> Duration {
     f();
     let start = Instant::now();
     let mut best = Duration::MAX;
     let mut runs = 0;
     while runs < 3 || start.elapsed().as_secs_f64() < budget {
-        let t = Instant::now();
+        let t = Clock::now();
         f();
         best = best.min(t.elapsed());
         runs += 1;
@@ -127,10 +136,38 @@ fn time(mut f: impl FnMut(), budget: f64) -> Duration {
     best
 }
 
+/// Wall or CPU time, as `--cpu` says.
+struct Clock(Instant, Duration);
+
+impl Clock {
+    fn now() -> Clock {
+        Clock(Instant::now(), cpu_time())
+    }
+
+    fn elapsed(&self) -> Duration {
+        if std::env::args().any(|a| a == "--cpu") {
+            (cpu_time() - self.1) / rayon::current_num_threads() as u32
+        } else {
+            self.0.elapsed()
+        }
+    }
+}
+
+/// CPU time of every thread of the process.
+fn cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// Peak rates with every thread busy: f32 FMA (GFLOP/s) and int8 VNNI multiply-adds (GOP/s).
 fn peaks(threads: usize) -> (f64, f64) {
     let run = |f: fn(u64) -> u64, iters: u64| {
-        let start = Instant::now();
+        let start = Clock::now();
         std::thread::scope(|s| {
             for _ in 0..threads {
                 s.spawn(move || std::hint::black_box(f(std::hint::black_box(iters))));

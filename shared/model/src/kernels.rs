@@ -6,6 +6,7 @@
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod qgemm;
 pub(crate) mod qpack;
+pub(crate) mod sgemm;
 
 pub(crate) use qpack::{Packed, QActs};
 

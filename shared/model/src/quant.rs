@@ -184,8 +184,8 @@ impl QuantPlan {
         self.linear_as(Role::Layer, in_dim, out_dim, bias, vb)
     }
 
-    /// [`Self::linear`] for the vision tower and projector: dense layers stay candle's plain
-    /// `Linear` (the same numbers as before quantization existed, whatever the chunking).
+    /// [`Self::linear`] for the vision tower and projector: dense layers multiply every input on
+    /// the f32 GEMM (the same numbers for a row whatever the chunking; see `Linear::plain`).
     pub fn linear_plain(
         &self,
         in_dim: usize,
