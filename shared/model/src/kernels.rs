@@ -3,6 +3,7 @@
 //! instructions the CPU has. Every output element is one fixed chain of operations whatever rows it
 //! is computed with, so a sequence gets the same numbers in a batch as alone.
 
+mod out;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod qgemm;
 pub(crate) mod qpack;

@@ -8,8 +8,7 @@
 //! prefill of hundreds: [`super::qpack::product_scalar`] is that chain in portable code, and
 //! the tests hold every tile shape to it.
 
-use rayon::prelude::*;
-
+use super::out::{par_column_blocks, Columns};
 use super::qpack::{ActRow, Format, Line, Packed, QActs, GROUP, Q4K_LINES, Q8_LINES};
 
 /// Groups of output columns per rayon task (64 columns): each task's weights stay in the L2
@@ -46,33 +45,17 @@ pub(crate) fn gemm(w: &Packed, a: &QActs) -> Vec<f32> {
         "activations quantized for another matrix"
     );
     let (m, n, groups) = (a.rows(), w.n, w.groups());
-    let tasks = groups.div_ceil(TASK_GROUPS);
-    let mut blocked = vec![0f32; tasks * m * TASK_COLS];
-    let task = |(t, out): (usize, &mut [f32])| {
+    let mut dst = vec![0f32; m * n];
+    par_column_blocks(&mut dst, (m, n), TASK_COLS, |t, out| {
         let g0 = t * TASK_GROUPS;
         task_tiles(w, a, g0..groups.min(g0 + TASK_GROUPS), out);
-    };
-    if tasks > 1 {
-        blocked
-            .par_chunks_mut(m * TASK_COLS)
-            .enumerate()
-            .for_each(task);
-    } else {
-        blocked.chunks_mut(m * TASK_COLS).enumerate().for_each(task);
-    }
-    let mut dst = Vec::with_capacity(m * n);
-    for r in 0..m {
-        for (t, block) in blocked.chunks(m * TASK_COLS).enumerate() {
-            let cols = TASK_COLS.min(n - t * TASK_COLS);
-            dst.extend_from_slice(&block[r * TASK_COLS..r * TASK_COLS + cols]);
-        }
-    }
+    });
     dst
 }
 
-/// One task: groups `gs` for every row, written to `out` laid out `[row][TASK_COLS]`. Tiles go
-/// over all rows for `NR` groups before the next `NR` (those groups' weights stay in cache).
-fn task_tiles(w: &Packed, a: &QActs, gs: std::ops::Range<usize>, out: &mut [f32]) {
+/// One task: groups `gs` for every row, written to `out` (the groups' columns). Tiles go over
+/// all rows for `NR` groups before the next `NR` (those groups' weights stay in cache).
+fn task_tiles(w: &Packed, a: &QActs, gs: std::ops::Range<usize>, out: &Columns<'_>) {
     let m = a.rows();
     let (mr_max, nr_max) = tile_shape(w.format, m);
     let mut g = gs.start;
@@ -82,8 +65,10 @@ fn task_tiles(w: &Packed, a: &QActs, gs: std::ops::Range<usize>, out: &mut [f32]
         while r < m {
             let mr = mr_max.min(m - r);
             tile(w, a, (r, mr), (g, nr), &mut |rr, gg, v: &[f32; GROUP]| {
-                let at = (r + rr) * TASK_COLS + (g + gg - gs.start) * GROUP;
-                out[at..at + GROUP].copy_from_slice(v);
+                // The last group's padding columns are not part of the output.
+                let c = (g + gg - gs.start) * GROUP;
+                let live = GROUP.min(out.cols() - c);
+                out.put(r + rr, c, &v[..live]);
             });
             r += mr;
         }
@@ -92,13 +77,15 @@ fn task_tiles(w: &Packed, a: &QActs, gs: std::ops::Range<usize>, out: &mut [f32]
 }
 
 /// The largest tile (rows, groups) for `m` rows: a decode step's few rows use wide tiles of
-/// columns, a prefill's many rows tall tiles that reuse each loaded weight line for 4 rows.
+/// columns, a prefill's many rows tall tiles that reuse each loaded weight line for 5 or 6 rows
+/// (12 or 10 independent sums of 16 lanes: enough to hide `vpdpbusd`'s latency, few enough
+/// to stay in registers; measured best of 3 to 6 rows × 2 or 3 groups).
 fn tile_shape(format: Format, m: usize) -> (usize, usize) {
     match (format, m) {
         (_, 1) => (1, 4),
         (_, 2) => (2, 4),
-        (Format::Q8_0, _) => (4, 3),
-        (Format::Q4K, _) => (4, 2),
+        (Format::Q8_0, _) => (6, 2),
+        (Format::Q4K, _) => (5, 2),
     }
 }
 
@@ -114,7 +101,7 @@ fn tile(
     assert!(available() && r0 + mr <= a.rows() && g0 + nr <= w.groups());
     assert!(a.format == w.format && a.k == w.k && w.k.is_multiple_of(w.format.block()));
     let wl: [&[Line]; 4] = std::array::from_fn(|i| w.group(g0 + i.min(nr - 1)));
-    let xr: [ActRow<'_>; 4] = std::array::from_fn(|i| a.row(r0 + i.min(mr - 1)));
+    let xr: [ActRow<'_>; 6] = std::array::from_fn(|i| a.row(r0 + i.min(mr - 1)));
     macro_rules! shapes {
         ($kernel:ident: $($m:literal x $n:literal),+) => {
             match (mr, nr) {
@@ -142,10 +129,12 @@ fn tile(
         };
     }
     match w.format {
-        Format::Q8_0 => shapes!(q8_tile: 1 x 1, 1 x 2, 1 x 3, 1 x 4, 2 x 1, 2 x 2, 2 x 3, 2 x 4,
-                                3 x 1, 3 x 2, 3 x 3, 4 x 1, 4 x 2, 4 x 3),
-        Format::Q4K => shapes!(q4k_tile: 1 x 1, 1 x 2, 1 x 3, 1 x 4, 2 x 1, 2 x 2, 2 x 3, 2 x 4,
-                               3 x 1, 3 x 2, 4 x 1, 4 x 2),
+        Format::Q8_0 => {
+            shapes!(q8_tile: 1 x 1, 1 x 2, 1 x 3, 1 x 4, 2 x 1, 2 x 2, 2 x 3, 2 x 4, 3 x 1, 3 x 2, 4 x 1, 4 x 2, 5 x 1, 5 x 2, 6 x 1, 6 x 2)
+        }
+        Format::Q4K => {
+            shapes!(q4k_tile: 1 x 1, 1 x 2, 1 x 3, 1 x 4, 2 x 1, 2 x 2, 2 x 3, 2 x 4, 3 x 1, 3 x 2, 4 x 1, 4 x 2, 5 x 1, 5 x 2)
+        }
     }
 }
 
@@ -158,6 +147,8 @@ fn tile(
 /// `x[r]` `32 · kb` values, `kb` scales and `kb` sums, where `kb = x[0].d.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+// Indexed loops over the register arrays: with constant bounds they unroll into named registers.
+#[allow(clippy::needless_range_loop)]
 unsafe fn q8_tile<const MR: usize, const NR: usize>(
     w: [&[Line]; NR],
     x: [ActRow<'_>; MR],
@@ -211,10 +202,10 @@ unsafe fn q8_tile<const MR: usize, const NR: usize>(
     }
 }
 
-/// The q4_K tile. Per super-block of 256, per pair of 32-value sub-blocks: one loaded line gives
-/// both sub-blocks' four values of 16 columns (low and high nibbles); each sub-block's integer
-/// sum is multiplied by its 6-bit scale and added to the super-block's total; the mins meet the
-/// activation's sub-block sums in 16-bit pairs (`vpdpwssd`). Then, in floats,
+/// The q4_K tile. Per super-block of 256, per 32-value sub-block: its four values of 16 columns
+/// are one line's low or high nibbles (the line holds a pair of sub-blocks); each sub-block's
+/// integer sum is multiplied by its 6-bit scale and added to the super-block's total; the mins
+/// meet the activation's sub-block sums in 16-bit pairs (`vpdpwssd`). Then, in floats,
 /// `+ total · (d · d_x)` and `− mins · (dmin · d_x)`, each one fused multiply-add.
 ///
 /// # Safety
@@ -222,6 +213,8 @@ unsafe fn q8_tile<const MR: usize, const NR: usize>(
 /// `x[r]` `256 · kb` values, `kb` scales and `4 · kb` sums, where `kb = x[0].d.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+// Indexed loops over the register arrays: with constant bounds they unroll into named registers.
+#[allow(clippy::needless_range_loop)]
 unsafe fn q4k_tile<const MR: usize, const NR: usize>(
     w: [&[Line]; NR],
     x: [ActRow<'_>; MR],
@@ -236,43 +229,36 @@ unsafe fn q4k_tile<const MR: usize, const NR: usize>(
         let line =
             |g: usize, l: usize| unsafe { w[g].as_ptr().add(b * Q4K_LINES + l) as *const u8 };
         let mut total = [[_mm512_setzero_si512(); NR]; MR];
-        for pair in 0..4 {
-            let mut i0 = [[_mm512_setzero_si512(); NR]; MR];
-            let mut i1 = [[_mm512_setzero_si512(); NR]; MR];
+        // Sub-block `j`: the low nibbles of pair `j / 2`'s lines when `j` is even, the high ones
+        // when odd (each line is loaded twice, from L1: one sum register per element instead
+        // of two).
+        for j in 0..8 {
+            let (pair, high) = (j / 2, j % 2 == 1);
+            let mut isum = [[_mm512_setzero_si512(); NR]; MR];
             for quad in 0..8 {
-                let mut lo = [_mm512_setzero_si512(); NR];
-                let mut hi = [_mm512_setzero_si512(); NR];
+                let mut wv = [_mm512_setzero_si512(); NR];
                 for g in 0..NR {
                     let v =
                         unsafe { _mm512_load_si512(line(g, pair * 8 + quad) as *const __m512i) };
-                    lo[g] = _mm512_and_si512(v, nibble);
-                    hi[g] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble);
+                    let v = if high { _mm512_srli_epi16::<4>(v) } else { v };
+                    wv[g] = _mm512_and_si512(v, nibble);
                 }
                 for r in 0..MR {
-                    let at = b * 256 + 64 * pair + 4 * quad;
-                    let q = x[r].qs.as_ptr();
-                    let x0 =
-                        _mm512_set1_epi32(unsafe { (q.add(at) as *const i32).read_unaligned() });
-                    let x1 = _mm512_set1_epi32(unsafe {
-                        (q.add(at + 32) as *const i32).read_unaligned()
+                    let at = b * 256 + 32 * j + 4 * quad;
+                    let xb = _mm512_set1_epi32(unsafe {
+                        (x[r].qs.as_ptr().add(at) as *const i32).read_unaligned()
                     });
                     for g in 0..NR {
-                        i0[r][g] = _mm512_dpbusd_epi32(i0[r][g], lo[g], x0);
-                        i1[r][g] = _mm512_dpbusd_epi32(i1[r][g], hi[g], x1);
+                        isum[r][g] = _mm512_dpbusd_epi32(isum[r][g], wv[g], xb);
                     }
                 }
             }
             for g in 0..NR {
-                let scales = line(g, 32);
-                let s0 = _mm512_cvtepu8_epi32(unsafe {
-                    _mm_load_si128(scales.add(2 * pair * GROUP) as *const __m128i)
-                });
-                let s1 = _mm512_cvtepu8_epi32(unsafe {
-                    _mm_load_si128(scales.add((2 * pair + 1) * GROUP) as *const __m128i)
+                let sc = _mm512_cvtepu8_epi32(unsafe {
+                    _mm_load_si128(line(g, 32).add(j * GROUP) as *const __m128i)
                 });
                 for r in 0..MR {
-                    let t = _mm512_add_epi32(total[r][g], _mm512_mullo_epi32(i0[r][g], s0));
-                    total[r][g] = _mm512_add_epi32(t, _mm512_mullo_epi32(i1[r][g], s1));
+                    total[r][g] = _mm512_add_epi32(total[r][g], _mm512_mullo_epi32(isum[r][g], sc));
                 }
             }
         }
@@ -366,7 +352,7 @@ mod tests {
                     Format::Q8_0 => q8_packed(n, k, n as u64),
                     Format::Q4K => q4k_packed(n, k, n as u64),
                 };
-                for m in [1, 2, 3, 5, 11] {
+                for m in [1, 2, 3, 4, 5, 11, 13] {
                     let x = values(m * k, 7 + m as u64);
                     let a = QActs::quantize(format, &x, k);
                     let ours = gemm(&w, &a);

@@ -350,6 +350,124 @@ pub(crate) struct ActRow<'a> {
 /// `q = round(x / d)`), q4_K's partner as GGML's `quantize_row_q8_K` (`q = round(−127 / max · x)`
 /// where `max` is the value of largest magnitude, `d` its inverse).
 fn quantize_row(format: Format, x: &[f32], qs: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        let block = format.block();
+        assert!(x.len() == qs.len() && x.len() == d.len() * block);
+        assert!(sums.len() == d.len() * (block / 64).max(1));
+        for (b, (x, q)) in x
+            .chunks_exact(block)
+            .zip(qs.chunks_exact_mut(block))
+            .enumerate()
+        {
+            let sums = match format {
+                Format::Q8_0 => &mut sums[b..b + 1],
+                Format::Q4K => &mut sums[4 * b..4 * b + 4],
+            };
+            // SAFETY: the CPU has AVX-512 F and BW; the block lengths are checked above.
+            d[b] = unsafe { quantize_block_avx512(format, x, q, sums) };
+        }
+        return;
+    }
+    quantize_row_scalar(format, x, qs, d, sums)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+    })
+}
+
+/// One block of [`quantize_row_scalar`] in AVX-512 registers: the same numbers for finite
+/// inputs (maxima are exact, and the scale, the products and the rounding are the same
+/// operations lane by lane); its scale is returned, its values and sums written.
+///
+/// # Safety
+/// AVX-512 F and BW; `x` and `q` hold one block, `sums` the block's sums (1 or 4).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_block_avx512(format: Format, x: &[f32], q: &mut [i8], sums: &mut [i32]) -> f32 {
+    use std::arch::x86_64::*;
+    let regs = x.len() / 16;
+    // SAFETY (every load and store): register `i < regs` of the block.
+    let load = |i: usize| unsafe { _mm512_loadu_ps(x.as_ptr().add(16 * i)) };
+    let mut amax = _mm512_setzero_ps();
+    for i in 0..regs {
+        amax = _mm512_max_ps(_mm512_abs_ps(load(i)), amax);
+    }
+    let amax = _mm512_reduce_max_ps(amax);
+    let (scale, inv) = match format {
+        Format::Q8_0 => {
+            let d = amax / 127.0;
+            (d, if d != 0.0 { 1.0 / d } else { 0.0 })
+        }
+        Format::Q4K => {
+            // The first value of the largest magnitude, with its sign.
+            let mut max = 0f32;
+            for i in 0..regs {
+                let hit =
+                    _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_abs_ps(load(i)), _mm512_set1_ps(amax));
+                if hit != 0 {
+                    max = x[16 * i + hit.trailing_zeros() as usize];
+                    break;
+                }
+            }
+            if amax == 0.0 {
+                (0.0, 0.0)
+            } else {
+                let iscale = -127.0 / max;
+                (1.0 / iscale, iscale)
+            }
+        }
+    };
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let half = _mm512_castps_si512(_mm512_set1_ps(0.499_999_97));
+    let mut sum = [_mm512_setzero_si512(); 2];
+    for i in 0..regs {
+        let v = _mm512_mul_ps(load(i), _mm512_set1_ps(inv));
+        let signed_half = _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(v), sign), half);
+        let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(_mm512_add_ps(
+            v,
+            _mm512_castsi512_ps(signed_half),
+        ));
+        let r = _mm512_min_ps(
+            _mm512_max_ps(r, _mm512_set1_ps(-128.0)),
+            _mm512_set1_ps(127.0),
+        );
+        let n = _mm512_cvttps_epi32(r);
+        unsafe {
+            _mm_storeu_si128(
+                q.as_mut_ptr().add(16 * i) as *mut __m128i,
+                _mm512_cvtepi32_epi8(n),
+            )
+        };
+        sum[i % 2] = _mm512_add_epi32(sum[i % 2], n);
+        if i % 2 == 1 {
+            // Each 32 values' sum.
+            let s = _mm512_reduce_add_epi32(_mm512_add_epi32(sum[0], sum[1]));
+            sum = [_mm512_setzero_si512(); 2];
+            match format {
+                Format::Q8_0 => sums[0] = -128 * s,
+                Format::Q4K => {
+                    let (pair, hi) = (i / 4, (i / 2) % 2 == 1);
+                    let cur = sums[pair] as u32;
+                    sums[pair] = if hi {
+                        (cur & 0xFFFF | ((s as u16 as u32) << 16)) as i32
+                    } else {
+                        (s as u16 as u32) as i32
+                    };
+                }
+            }
+        }
+    }
+    scale
+}
+
+/// [`quantize_row`] in portable code (the reference of the vector version).
+fn quantize_row_scalar(format: Format, x: &[f32], qs: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
     let block = format.block();
     for (b, (x, q)) in x
         .chunks_exact(block)
@@ -456,4 +574,49 @@ pub(crate) fn product_scalar(w: &Packed, g: usize, c: usize, x: ActRow<'_>) -> f
         }
     }
     acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vector quantization of activation rows is the portable one, value for value, on
+    /// random rows and edge blocks: all zeros, one huge value, equal magnitudes of both signs
+    /// (q4_K's scale takes the first one's sign), values that land on exact halves.
+    #[test]
+    fn vector_and_portable_activation_quantization_agree() {
+        let k = 512;
+        let mut x: Vec<f32> = (0..4 * k)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect();
+        x[..64].fill(0.0);
+        x[256 + 40] = 1.0e6;
+        x[k..k + 256].fill(0.0);
+        x[k + 3] = -2.0;
+        x[k + 9] = 2.0;
+        for (i, v) in x[2 * k..3 * k].iter_mut().enumerate() {
+            // 127 · (i mod 5) / 4 / 127 · 4 …: quarter steps of the scale, many exact halves.
+            *v = (i % 9) as f32 * 0.125 - 0.5;
+        }
+        for format in [Format::Q8_0, Format::Q4K] {
+            let a = QActs::quantize(format, &x, k);
+            let kb = k / format.block();
+            let ns = QActs::sums_per_row(format, k);
+            for r in 0..4 {
+                let (mut qs, mut d, mut sums) = (vec![0; k], vec![0.0; kb], vec![0; ns]);
+                quantize_row_scalar(format, &x[r * k..(r + 1) * k], &mut qs, &mut d, &mut sums);
+                let row = a.row(r);
+                assert_eq!(row.qs, &qs[..], "{format:?} row {r}: values");
+                assert_eq!(row.d, &d[..], "{format:?} row {r}: scales");
+                assert_eq!(row.sums, &sums[..], "{format:?} row {r}: sums");
+            }
+            assert!(a.row(0).qs[..32].iter().all(|&q| q == 0));
+        }
+        // q4_K: -2 comes before 2, so it sets the scale (-127 / -2): -2 maps to -127 (2 first
+        // would have mapped it to 127).
+        let a = QActs::quantize(Format::Q4K, &x[k..2 * k], k);
+        assert_eq!((a.row(0).qs[3], a.row(0).qs[9]), (-127, 127));
+    }
 }

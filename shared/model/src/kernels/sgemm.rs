@@ -12,6 +12,8 @@
 
 use rayon::prelude::*;
 
+use super::out::{par_column_blocks, Columns};
+
 /// Weight rows per register tile.
 const MR: usize = 6;
 /// Activation rows per panel (four 16-lane registers).
@@ -59,54 +61,13 @@ pub(crate) fn gemm(w: &[f32], n: usize, x: &[f32], m: usize, k: usize) -> Vec<f3
     }
     with_scratch(&PANELS, |panels| {
         pack_panels(x, m, k, panels);
-        let tr = task_rows(n);
-        let out = OutPtr(dst.as_mut_ptr());
-        (0..n.div_ceil(tr)).into_par_iter().for_each(|t| {
-            let i0 = t * tr;
-            let rows = tr.min(n - i0);
-            let out = Out {
-                ptr: &out,
-                stride: n,
-                col0: i0,
-                rows: m,
-                cols: rows,
-            };
-            task(&w[i0 * k..(i0 + rows) * k], rows, panels, (m, k), &out);
+        par_column_blocks(&mut dst, (m, n), task_rows(n), |t, out| {
+            let i0 = t * task_rows(n);
+            let rows = out.cols();
+            task(&w[i0 * k..(i0 + rows) * k], rows, panels, (m, k), out);
         });
     });
     dst
-}
-
-/// The output's start, shared by the tasks (each writes its own columns of every row).
-struct OutPtr(*mut f32);
-// SAFETY: the tasks write disjoint elements (see [`Out`]).
-unsafe impl Sync for OutPtr {}
-
-/// One task's part of the output: columns `col0..col0 + cols` of `rows` rows of `stride`
-/// values. `gemm` makes one per task, each with its own columns of a buffer of `rows · stride`
-/// values that outlives the tasks, so no two write the same element.
-struct Out<'a> {
-    ptr: &'a OutPtr,
-    stride: usize,
-    col0: usize,
-    rows: usize,
-    cols: usize,
-}
-
-impl Out<'_> {
-    /// Writes `v` at row `j`, columns `col0 + i..col0 + i + v.len()`.
-    fn put(&self, j: usize, i: usize, v: &[f32]) {
-        assert!(j < self.rows && i + v.len() <= self.cols);
-        // SAFETY: in bounds (checked above and by construction, see the type) and written by
-        // this task only.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                v.as_ptr(),
-                self.ptr.0.add(j * self.stride + self.col0 + i),
-                v.len(),
-            )
-        };
-    }
 }
 
 thread_local! {
@@ -158,7 +119,7 @@ fn pack_panels(x: &[f32], m: usize, k: usize, panels: &mut Vec<V16>) {
 /// One task: weight rows `w` (`rows` of them) against every panel, written to `out`. Slices of
 /// `k` outermost: a slice of the task's weight rows stays in cache while every panel passes;
 /// the accumulators of the whole task (`[panel][row][4]`) wait in the L2 cache between slices.
-fn task(w: &[f32], rows: usize, panels: &[V16], (m, k): (usize, usize), out: &Out<'_>) {
+fn task(w: &[f32], rows: usize, panels: &[V16], (m, k): (usize, usize), out: &Columns<'_>) {
     let per = k * XP / 16;
     let np = panels.len() / per;
     with_scratch(&ACC, |acc| {
@@ -195,7 +156,7 @@ fn task(w: &[f32], rows: usize, panels: &[V16], (m, k): (usize, usize), out: &Ou
 
 /// One panel's results (`acc`: `[weight row][4 registers of activation rows]`), transposed into
 /// rows `j0..j0 + live` of output: 16 × 16 blocks at once, the rest one by one.
-fn write_panel(acc: &[V16], rows: usize, j0: usize, live: usize, out: &Out<'_>) {
+fn write_panel(acc: &[V16], rows: usize, j0: usize, live: usize, out: &Columns<'_>) {
     let mut i = 0;
     while i + 16 <= rows {
         for v in 0..live.div_ceil(16) {
