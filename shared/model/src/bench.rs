@@ -55,7 +55,7 @@ impl F32Matrix {
     /// `x Wᵀ` for `x [m, k]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (m, k) = x.dims2()?;
-        if !crate::kernels::sgemm::available() {
+        if !crate::kernels::sgemm::available() || crate::kernels::gemm_disabled() {
             let w = Tensor::from_slice(&self.w, (self.n, self.k), x.device())?;
             return x.matmul(&w.t()?);
         }

@@ -11,9 +11,22 @@ pub(crate) mod sgemm;
 
 pub(crate) use qpack::{Packed, QActs};
 
-/// Whether quantized products run on the int8 GEMM (AVX-512 VNNI): weights are repacked for it
-/// at load only then.
+/// `VLM_NO_GEMM` set (to anything) when the process starts: the GEMMs are not used, whatever the
+/// CPU (quantized weights keep their blocks and portable products, f32 products go to candle's
+/// matmul: the paths of CPUs without AVX-512), for measuring one against the other.
+pub(crate) fn gemm_disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var_os("VLM_NO_GEMM").is_some())
+}
+
+/// Whether quantized products run on the int8 GEMM (AVX-512 VNNI, and not [`gemm_disabled`]):
+/// weights are repacked for it at load only then.
 pub(crate) fn qgemm_available() -> bool {
+    qgemm_supported() && !gemm_disabled()
+}
+
+/// Whether the CPU runs the int8 GEMM.
+pub(crate) fn qgemm_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     return qgemm::available();
     #[cfg(not(target_arch = "x86_64"))]

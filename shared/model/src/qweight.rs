@@ -321,8 +321,12 @@ impl QWeight {
         }
     }
 
-    /// q8_0 and q4_K `blocks` repacked for the int8 GEMM (other formats kept).
+    /// q8_0 and q4_K `blocks` repacked for the int8 GEMM (other formats kept, and every format
+    /// where the CPU cannot run the GEMM).
     pub(crate) fn packed(blocks: impl IntoBlocks, (n, k): (usize, usize)) -> Self {
+        if !kernels::qgemm_supported() {
+            return Self::unpacked(blocks, (n, k));
+        }
         let blocks = match blocks.into_blocks() {
             Blocks::Q8_0(rows) => {
                 let (qs, d) = rows.parts();
@@ -489,7 +493,7 @@ mod tests {
             let portable = QWeight::unpacked(quantize_blocks(&w, format).unwrap(), (n, k));
             let packed = QWeight::packed(quantize_blocks(&w, format).unwrap(), (n, k));
             assert!(!portable.is_packed());
-            assert_eq!(packed.is_packed(), kernels::qgemm_available());
+            assert_eq!(packed.is_packed(), kernels::qgemm_supported());
             let ids = Tensor::new(&[0u32, 16, 36], &dev).unwrap();
             assert_eq!(
                 packed.rows(&ids).unwrap().to_vec2::<f32>().unwrap(),
