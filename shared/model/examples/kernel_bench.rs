@@ -76,8 +76,17 @@ fn main() -> candle_core::Result<()> {
                     } else {
                         GgmlDType::Q4K
                     };
+                    let t = Instant::now();
                     let a = QuantMatrix::new(&w, f, false)?;
+                    let t_blocks = t.elapsed();
+                    let t = Instant::now();
                     let b = QuantMatrix::new(&w, f, true)?;
+                    let t_packed = t.elapsed();
+                    println!(
+                        "{q} {k} x {n}: quantized in {:.0} ms; quantized and repacked in {:.0} ms",
+                        t_blocks.as_secs_f64() * 1e3,
+                        t_packed.as_secs_f64() * 1e3
+                    );
                     assert!(b.is_packed(), "no int8 GEMM on this CPU");
                     (
                         Box::new(move |x| a.forward(x).unwrap()),
