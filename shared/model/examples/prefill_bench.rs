@@ -88,16 +88,36 @@ fn config(vision: &str) -> LlavaConfig {
     LlavaConfig::from_json(&c.to_string()).unwrap()
 }
 
-/// The best of `runs` timings of `f`, in ms (after one warm-up).
+/// The best of `runs` timings of `f`, in ms (after one warm-up): wall time, or with `--cpu` the
+/// process's CPU time (comparable on a busy machine when both thread pools have one thread:
+/// `RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1`; not a measurement to report).
 fn best_ms(runs: usize, mut f: impl FnMut()) -> f64 {
+    let cpu = std::env::args().any(|a| a == "--cpu");
+    let now = || {
+        if cpu {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `ts` is a valid timespec to write.
+            unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+            ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+        } else {
+            START.with(|s| s.elapsed().as_secs_f64())
+        }
+    };
     f();
     (0..runs)
         .map(|_| {
-            let t = Instant::now();
+            let t = now();
             f();
-            t.elapsed().as_secs_f64() * 1e3
+            (now() - t) * 1e3
         })
         .fold(f64::INFINITY, f64::min)
+}
+
+thread_local! {
+    static START: Instant = Instant::now();
 }
 
 fn load() -> String {

@@ -53,21 +53,29 @@ pub(crate) fn product_scalar(w_row: &[f32], x_row: &[f32]) -> f32 {
 /// # Panics
 /// If the CPU lacks AVX-512F ([`available`]) or the lengths are not `n · k` and `m · k`.
 pub(crate) fn gemm(w: &[f32], n: usize, x: &[f32], m: usize, k: usize) -> Vec<f32> {
-    assert!(available(), "the f32 GEMM needs AVX-512F");
-    assert!(w.len() == n * k && x.len() == m * k && k > 0);
     let mut dst = vec![0f32; m * n];
+    gemm_into(w, n, x, m, k, &mut dst);
+    dst
+}
+
+/// [`gemm`] into `dst` (`m · n` values, every one overwritten).
+///
+/// # Panics
+/// As [`gemm`], and if `dst` does not hold `m · n` values.
+pub(crate) fn gemm_into(w: &[f32], n: usize, x: &[f32], m: usize, k: usize, dst: &mut [f32]) {
+    assert!(available(), "the f32 GEMM needs AVX-512F");
+    assert!(w.len() == n * k && x.len() == m * k && k > 0 && dst.len() == m * n);
     if m == 0 || n == 0 {
-        return dst;
+        return;
     }
     with_scratch(&PANELS, |panels| {
         pack_panels(x, m, k, panels);
-        par_column_blocks(&mut dst, (m, n), task_rows(n), |t, out| {
+        par_column_blocks(dst, (m, n), task_rows(n), |t, out| {
             let i0 = t * task_rows(n);
             let rows = out.cols();
             task(&w[i0 * k..(i0 + rows) * k], rows, panels, (m, k), out);
         });
     });
-    dst
 }
 
 thread_local! {
@@ -92,8 +100,9 @@ fn with_scratch<R>(
 
 /// Weight rows per task: [`TASK_ROWS`], fewer where that leaves fewer than two tasks per thread.
 fn task_rows(n: usize) -> usize {
-    let per_thread = n.div_ceil(2 * rayon::current_num_threads()).div_ceil(MR) * MR;
-    TASK_ROWS.min(per_thread).max(MR)
+    // Multiples of 48 where possible: whole tiles of 6 rows, whole 16-row transposes.
+    let per_thread = n.div_ceil(2 * rayon::current_num_threads()).div_ceil(48) * 48;
+    TASK_ROWS.min(per_thread)
 }
 
 /// The activation rows as transposed panels in `panels`: panel `p` holds rows `64p..64p + 64`
@@ -107,9 +116,27 @@ fn pack_panels(x: &[f32], m: usize, k: usize, panels: &mut Vec<V16>) {
         .enumerate()
         .for_each(|(p, panel)| {
             let rows = XP.min(m - p * XP);
-            for j in 0..rows {
-                let row = &x[(p * XP + j) * k..(p * XP + j + 1) * k];
-                for (kk, &v) in row.iter().enumerate() {
+            let row = |j: usize| &x[(p * XP + j) * k..(p * XP + j + 1) * k];
+            // 16 rows × 16 values at a time, transposed in registers; the rest one by one.
+            for j0 in (0..rows / 16 * 16).step_by(16) {
+                let mut kk = 0;
+                while kk + 16 <= k {
+                    let block: [&[f32; 16]; 16] = std::array::from_fn(|r| {
+                        row(j0 + r)[kk..kk + 16].try_into().expect("16 values")
+                    });
+                    for (c, col) in transpose16(block).into_iter().enumerate() {
+                        panel[(kk + c) * (XP / 16) + j0 / 16] = col;
+                    }
+                    kk += 16;
+                }
+                for kk in kk..k {
+                    for r in 0..16 {
+                        panel[kk * (XP / 16) + j0 / 16].0[r] = row(j0 + r)[kk];
+                    }
+                }
+            }
+            for j in rows / 16 * 16..rows {
+                for (kk, &v) in row(j).iter().enumerate() {
                     panel[kk * (XP / 16) + j / 16].0[j % 16] = v;
                 }
             }
@@ -160,7 +187,7 @@ fn write_panel(acc: &[V16], rows: usize, j0: usize, live: usize, out: &Columns<'
     let mut i = 0;
     while i + 16 <= rows {
         for v in 0..live.div_ceil(16) {
-            let block: [&V16; 16] = std::array::from_fn(|r| &acc[(i + r) * XP / 16 + v]);
+            let block: [&[f32; 16]; 16] = std::array::from_fn(|r| &acc[(i + r) * XP / 16 + v].0);
             let t = transpose16(block);
             for (jj, row) in t.iter().enumerate().take(live - 16 * v) {
                 out.put(j0 + 16 * v + jj, i, &row.0);
@@ -176,13 +203,13 @@ fn write_panel(acc: &[V16], rows: usize, j0: usize, live: usize, out: &Columns<'
 }
 
 /// The 16 × 16 transpose of `rows`.
-fn transpose16(rows: [&V16; 16]) -> [V16; 16] {
+fn transpose16(rows: [&[f32; 16]; 16]) -> [V16; 16] {
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: the CPU has AVX-512F.
         return unsafe { transpose16_avx512(rows) };
     }
-    std::array::from_fn(|c| V16(std::array::from_fn(|r| rows[r].0[c])))
+    std::array::from_fn(|c| V16(std::array::from_fn(|r| rows[r][c])))
 }
 
 /// [`transpose16`] in 64 shuffles: 32-bit then 64-bit interleaves within 128-bit lanes (each
@@ -192,12 +219,12 @@ fn transpose16(rows: [&V16; 16]) -> [V16; 16] {
 /// AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose16_avx512(rows: [&V16; 16]) -> [V16; 16] {
+unsafe fn transpose16_avx512(rows: [&[f32; 16]; 16]) -> [V16; 16] {
     use std::arch::x86_64::*;
     let mut r = [_mm512_setzero_ps(); 16];
     for (v, row) in r.iter_mut().zip(rows) {
-        // SAFETY: a `V16` is 16 f32 on a 64-byte boundary.
-        *v = unsafe { _mm512_load_ps(row.0.as_ptr()) };
+        // SAFETY: 16 f32.
+        *v = unsafe { _mm512_loadu_ps(row.as_ptr()) };
     }
     let mut t = [_mm512_setzero_ps(); 16];
     for i in 0..8 {
@@ -363,7 +390,7 @@ mod tests {
         let rows: Vec<V16> = (0..16)
             .map(|r| V16(std::array::from_fn(|c| (r * 16 + c) as f32)))
             .collect();
-        let t = transpose16(std::array::from_fn(|r| &rows[r]));
+        let t = transpose16(std::array::from_fn(|r| &rows[r].0));
         for (c, col) in t.iter().enumerate() {
             for (r, &v) in col.0.iter().enumerate() {
                 assert_eq!(v, (r * 16 + c) as f32, "[{c}][{r}]");
