@@ -22,6 +22,7 @@ use crate::decoder::{BatchSeq, Decoder};
 use crate::error::{ModelError, Result};
 use crate::generate::Completion;
 use crate::kv::{block_hashes, next_block_hash, BlockHash, BlockId, KvPool, KvShape, PosKey};
+use crate::linear::MAX_FAST_ROWS;
 use crate::monitor::LayerStats;
 use crate::mrope::RopePositions;
 use crate::prompt::PromptBuilder;
@@ -48,6 +49,8 @@ struct Seq<'a> {
     len: usize,
     /// Positions to prefill (prompt + resumed tokens).
     prefill_len: usize,
+    /// The prompt's positions: those after it (resumed tokens) are replayed as decode rows.
+    prompt_len: usize,
     cached_tokens: usize,
     monitor: Option<Vec<LayerStats>>,
     completion: Completion<'a>,
@@ -161,11 +164,13 @@ impl<'a> Engine<'a> {
         let mut keys = req.keys.clone();
         keys.extend(req.resume.iter().map(|&id| PosKey::Token(id)));
         let prefill_len = keys.len();
-        // The last prefill position is always computed: its logits give the first token.
+        // The last prefill position is always computed: its logits give the first token. Only
+        // prompt blocks are shared: resumed positions are replayed as the decode steps that
+        // first computed them (see `prefill_chunk`).
         let shareable = if req.monitor {
             0
         } else {
-            (prefill_len - 1) / self.cfg.block_size
+            (prefill_len - 1).min(t) / self.cfg.block_size
         };
         let hashes = block_hashes(
             &keys[..shareable * self.cfg.block_size],
@@ -199,6 +204,7 @@ impl<'a> Engine<'a> {
             reserved: new_blocks,
             len: cached_tokens,
             prefill_len,
+            prompt_len: t,
             cached_tokens,
             monitor: req.monitor.then(Vec::new),
             completion,
@@ -298,17 +304,34 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn prefill_chunk(&mut self, i: usize, events: &mut Vec<StepEvent>) -> Result<()> {
-        let (start, rows, monitor) = {
-            let s = &self.running[i];
-            let left = s.prefill_len - s.len;
+    /// The next chunk of sequence `i`'s prefill: `(start, rows, replay)`. Prompt positions go in
+    /// chunks of at most `prefill_chunk` (all at once for a monitored sequence); resumed tokens
+    /// (`replay`) in chunks of at most [`MAX_FAST_ROWS`], each row on its own as a decode step.
+    fn next_chunk(&self, i: usize) -> (usize, usize, bool) {
+        let s = &self.running[i];
+        if s.len < s.prompt_len {
+            let left = s.prompt_len - s.len;
             let rows = if s.monitor.is_some() {
                 left
             } else {
                 left.min(self.cfg.prefill_chunk)
             };
-            (s.len, rows, s.monitor.is_some())
-        };
+            return (s.len, rows, false);
+        }
+        let rows = (s.prefill_len - s.len)
+            .min(self.cfg.prefill_chunk)
+            .min(MAX_FAST_ROWS);
+        (s.len, rows, true)
+    }
+
+    /// Runs the next chunk of sequence `i`'s prefill. A resumed stream's tokens (those an earlier
+    /// replica delivered) are replayed as one-row sequences sharing its blocks: each row takes
+    /// the decode path (the few-row products and the in-place attention), so their keys, values
+    /// and the last one's logits are the bits the uninterrupted run's decode steps computed, and
+    /// a failover resumes with exactly its tokens, whatever kernels prefill uses.
+    fn prefill_chunk(&mut self, i: usize, events: &mut Vec<StepEvent>) -> Result<()> {
+        let (start, rows, replay) = self.next_chunk(i);
+        let monitor = self.running[i].monitor.is_some() && !replay;
         self.grow(i, rows)?;
         let s = &mut self.running[i];
         let x = s
@@ -317,18 +340,21 @@ impl<'a> Engine<'a> {
             .expect("prefilling sequences have embeddings")
             .narrow(0, start, rows)?;
         let mut stats = Vec::new();
-        let seq = BatchSeq {
+        let seq = |pos: usize, rows: usize| BatchSeq {
             blocks: &s.blocks,
-            pos: start,
+            pos,
             rows,
             rope: s.rope.as_ref(),
         };
-        let logits = self.decoder.forward_batch(
-            &x,
-            &[seq],
-            &mut self.pool,
-            monitor.then_some(&mut stats),
-        )?;
+        let seqs: Vec<BatchSeq> = if replay {
+            (start..start + rows).map(|p| seq(p, 1)).collect()
+        } else {
+            vec![seq(start, rows)]
+        };
+        let logits =
+            self.decoder
+                .forward_batch(&x, &seqs, &mut self.pool, monitor.then_some(&mut stats))?;
+        drop(seqs);
         s.len += rows;
         if let Some(m) = s.monitor.as_mut() {
             m.extend(stats);
@@ -344,7 +370,11 @@ impl<'a> Engine<'a> {
             cached_tokens: s.cached_tokens,
             layers: s.monitor.take().unwrap_or_default(),
         });
-        let row = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        // The chunk's last row: the prompt's last position, or the last resumed token.
+        let row = logits
+            .get(logits.dim(0)? - 1)?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
         let token = s.completion.accept(&row)?;
         s.pending = token.finish.is_none().then_some(token.id);
         events.push(StepEvent::Token {

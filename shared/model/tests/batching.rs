@@ -448,3 +448,89 @@ fn kv_budget_queues_what_does_not_fit_now_and_refuses_what_never_fits() {
     assert!(matches!(err, ModelError::InvalidParams(_)), "{err}");
     assert!(err.to_string().contains("budget"), "{err}");
 }
+
+/// Logits of `prompt` prefilled, then of `tokens` fed one decode step each (`replay` false) or
+/// all in one forward as one-row sequences sharing the blocks (`replay` true, as the engine
+/// replays a resumed stream's tokens): one logits row per token, as bits.
+fn decode_logits(
+    d: &vlm_model::Decoder,
+    prompt: &[u32],
+    tokens: &[u32],
+    replay: bool,
+) -> Vec<Vec<u32>> {
+    let bs = 16;
+    let total = prompt.len() + tokens.len();
+    let mut pool = KvPool::new(d.kv_shape(bs), total.div_ceil(bs));
+    pool.reserve(total.div_ceil(bs));
+    let blocks: Vec<u32> = (0..total.div_ceil(bs)).map(|_| pool.allocate()).collect();
+    let seq = |pos, rows| BatchSeq {
+        blocks: &blocks,
+        pos,
+        rows,
+        rope: None,
+    };
+    let e = d.embed_tokens(prompt).unwrap();
+    d.forward_batch(&e, &[seq(0, prompt.len())], &mut pool, None)
+        .unwrap();
+    let bits = |t: Tensor| -> Vec<Vec<u32>> {
+        t.to_vec2::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.into_iter().map(f32::to_bits).collect())
+            .collect()
+    };
+    let x = d.embed_tokens(tokens).unwrap();
+    if replay {
+        let seqs: Vec<BatchSeq> = (0..tokens.len())
+            .map(|i| seq(prompt.len() + i, 1))
+            .collect();
+        bits(d.forward_batch(&x, &seqs, &mut pool, None).unwrap())
+    } else {
+        (0..tokens.len())
+            .flat_map(|i| {
+                let row = x.narrow(0, i, 1).unwrap();
+                let logits = d
+                    .forward_batch(&row, &[seq(prompt.len() + i, 1)], &mut pool, None)
+                    .unwrap();
+                bits(logits)
+            })
+            .collect()
+    }
+}
+
+/// A resumed stream's tokens replayed in one forward (one-row sequences over the shared blocks,
+/// as the engine does after a failover) give the very bits the uninterrupted run's decode steps
+/// gave, on every fixture, f32 and q8_0 (whose activation rounding would turn the smallest
+/// difference between a prefill and a decode path into a visible one): the resumed stream's next
+/// token is the uninterrupted run's, greedy or sampled, whatever kernels prefill runs on.
+#[test]
+fn replayed_tokens_give_exactly_the_decode_steps_logits() {
+    let prompt: Vec<u32> = (0..40).map(|i| i * 7 % 45 + 1).collect();
+    let tokens: Vec<u32> = (0..20).map(|i| i * 5 % 37 + 2).collect();
+    let mut pipelines: Vec<(String, Pipeline)> = FIXTURES
+        .iter()
+        .map(|n| (n.to_string(), pipeline(n)))
+        .collect();
+    pipelines.push((
+        "tiny-llava q8_0".into(),
+        Pipeline::load_quantized(
+            models().join("tiny-llava"),
+            DType::F32,
+            &Device::Cpu,
+            ImageLimits::default(),
+            vlm_model::Quantization::Q8_0,
+        )
+        .unwrap(),
+    ));
+    for (name, p) in &pipelines {
+        let stepped = decode_logits(&p.decoder, &prompt, &tokens, false);
+        let replayed = decode_logits(&p.decoder, &prompt, &tokens, true);
+        assert_eq!(stepped.len(), tokens.len());
+        for (i, (a, b)) in stepped.iter().zip(&replayed).enumerate() {
+            assert!(
+                a == b,
+                "{name}: token {i}'s logits differ between decode and replay"
+            );
+        }
+    }
+}
