@@ -3,6 +3,51 @@
 //! instructions the CPU has. Every output element is one fixed chain of operations whatever rows it
 //! is computed with, so a sequence gets the same numbers in a batch as alone.
 
+mod out;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod qgemm;
+pub(crate) mod qpack;
+pub(crate) mod sgemm;
+
+pub(crate) use qpack::{Packed, QActs};
+
+/// `VLM_NO_GEMM` set (to anything) when the process starts: the GEMMs are not used, whatever the
+/// CPU (quantized weights keep their blocks and portable products, f32 products go to candle's
+/// matmul: the paths of CPUs without AVX-512), for measuring one against the other.
+pub(crate) fn gemm_disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var_os("VLM_NO_GEMM").is_some())
+}
+
+/// Whether quantized products run on the int8 GEMM (AVX-512 VNNI, and not [`gemm_disabled`]):
+/// weights are repacked for it at load only then.
+pub(crate) fn qgemm_available() -> bool {
+    qgemm_supported() && !gemm_disabled()
+}
+
+/// Whether the CPU runs the int8 GEMM.
+pub(crate) fn qgemm_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return qgemm::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `[m, n]` products of packed weights with activation rows quantized for them.
+///
+/// # Panics
+/// Where [`qgemm_available`] is false (nothing is packed there).
+pub(crate) fn qgemm(w: &Packed, a: &QActs) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    return qgemm::gemm(w, a);
+    #[cfg(not(target_arch = "x86_64"))]
+    panic!(
+        "packed weights without the int8 GEMM: {} x {}",
+        w.n,
+        a.rows()
+    )
+}
+
 /// Output elements per rayon task: large enough that scheduling costs nothing next to the
 /// `ROWS_PER_TASK × k` weights each task streams, small enough to balance two to a few dozen cores.
 pub(crate) const ROWS_PER_TASK: usize = 64;

@@ -8,6 +8,8 @@
 //! Nothing here knows about networking.
 
 pub mod anyres;
+#[doc(hidden)]
+pub mod bench;
 pub mod cancel;
 pub mod chat_template;
 pub mod checkpoint;

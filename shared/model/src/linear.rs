@@ -9,14 +9,18 @@
 //! sits in registers, so a batch of up to [`MAX_FAST_ROWS`] sequences costs one pass over the
 //! weights (the kernels are in `kernels`). Every output element is the same chain whatever the
 //! number of rows, so a sequence decoded in a batch gets bit-identical results to the same sequence
-//! decoded alone. Every other input (more rows, other dtypes or devices, non-contiguous weights)
-//! takes candle's path unchanged. f32 CPU weights are copied to cache-line-aligned storage at load.
+//! decoded alone. More rows (a prefill chunk), and every product of the vision tower and the
+//! projector, run on the f32 GEMM (`kernels::sgemm`, where the CPU has AVX-512: register-blocked
+//! and cache-tiled, over the weights as stored), whose elements are each one chain whatever the
+//! number of rows too. Every other input (other dtypes or devices, non-contiguous weights, CPUs
+//! without AVX-512) takes candle's path unchanged. f32 CPU weights are copied to
+//! cache-line-aligned storage at load.
 
 use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use crate::kernels::{isa, task_products, ROWS_PER_TASK};
+use crate::kernels::{isa, sgemm, task_products, ROWS_PER_TASK};
 use crate::qweight::QWeight;
 
 /// `y = x Wᵀ + b`, a drop-in for [`candle_nn::Linear`]; the weight dense or quantized
@@ -27,9 +31,9 @@ pub struct Linear {
     /// The quantized weight, when there is one: `inner` then holds an empty placeholder weight
     /// and only its bias is used.
     quantized: Option<QWeight>,
-    /// Whether few-row products take the multi-threaded path (decoder layers) or always
-    /// candle's matmul (vision and projector: their results stay what they were, row for row,
-    /// however the rows are chunked).
+    /// Whether few-row products take the multi-threaded path (decoder layers) or the GEMM
+    /// whatever the rows (vision and projector: on the GEMM a row's result never depends on how
+    /// the rows are chunked).
     fast: bool,
 }
 
@@ -40,7 +44,7 @@ thread_local! {
 }
 
 /// Input rows up to which a product reads the weight once and reuses it from cache; beyond this a
-/// prefill chunk is compute-bound and candle's blocked matmul is the faster path.
+/// prefill chunk is compute-bound and the f32 GEMM is the faster path.
 pub const MAX_FAST_ROWS: usize = 32;
 
 impl Linear {
@@ -58,7 +62,8 @@ impl Linear {
         }
     }
 
-    /// A dense layer that always multiplies with candle's matmul.
+    /// A dense layer that multiplies every input with the f32 GEMM (candle's matmul where the
+    /// CPU lacks AVX-512).
     pub(crate) fn plain(weight: Tensor, bias: Option<Tensor>) -> Linear {
         Linear {
             inner: candle_nn::Linear::new(weight, bias),
@@ -171,15 +176,65 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// The product on the f32 GEMM ([`crate::kernels::sgemm`]) for f32 input and weights on
+    /// the CPU, where the CPU has AVX-512; `None` where candle's matmul applies.
+    fn gemm(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let w = self.inner.weight();
+        let Ok((n, k)) = w.dims2() else {
+            return Ok(None);
+        };
+        if !sgemm::available()
+            || crate::kernels::gemm_disabled()
+            || !matches!(x.device(), Device::Cpu)
+            || x.dtype() != DType::F32
+            || w.dtype() != DType::F32
+            || x.dims().last() != Some(&k)
+            || x.elem_count() == 0
+            || k == 0
+        {
+            return Ok(None);
+        }
+        let m = x.elem_count() / k;
+        let x = x.contiguous()?;
+        let out = {
+            let (ws, wl) = w.storage_and_layout();
+            let (xs, xl) = x.storage_and_layout();
+            let (
+                Storage::Cpu(CpuStorage::F32(wd)),
+                Some((w0, w1)),
+                Storage::Cpu(CpuStorage::F32(xd)),
+                Some((x0, x1)),
+            ) = (&*ws, wl.contiguous_offsets(), &*xs, xl.contiguous_offsets())
+            else {
+                return Ok(None);
+            };
+            sgemm::gemm(&wd[w0..w1], n, &xd[x0..x1], m, k)
+        };
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("x has k elements on its last axis") = n;
+        let y = Tensor::from_vec(out, dims, x.device())?;
+        match self.inner.bias() {
+            None => Ok(Some(y)),
+            Some(b) => Ok(Some(y.broadcast_add(b)?)),
+        }
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if let Some(w) = &self.quantized {
             return self.forward_quantized(w, x);
         }
-        if !self.fast {
-            return self.inner.forward(x);
+        // Few rows of a decoder layer: the kernels that read each weight once; more rows (and
+        // every product of the vision tower and projector, whatever the rows: a row's result
+        // never depends on the others) the f32 GEMM, else candle's matmul.
+        if self.fast {
+            if let Some(y) = self.matvec(x)? {
+                return Ok(y);
+            }
         }
-        match self.matvec(x)? {
+        match self.gemm(x)? {
             Some(y) => Ok(y),
             None => self.inner.forward(x),
         }
@@ -331,9 +386,53 @@ mod tests {
             let row = batched.narrow(0, r, 1)?;
             assert_eq!(alone.to_vec2::<f32>()?, row.to_vec2::<f32>()?, "row {r}");
         }
-        // More rows than the fast path takes go to candle.
+        // More rows than the fast path takes go to the f32 GEMM (candle's matmul without
+        // AVX-512).
         let x = Tensor::randn(0f32, 1.0, (1, MAX_FAST_ROWS + 1, k), &dev)?;
         assert!(Linear::new(w, None).matvec(&x)?.is_none());
+        Ok(())
+    }
+
+    /// Many rows, a decoder layer and a vision one: close to candle's matmul (the GEMM sums in
+    /// another order), and on the GEMM a vision layer's rows the same bits however they are
+    /// chunked (a projector multiplies rows as they arrive).
+    #[test]
+    fn many_rows_match_candles_matmul_and_chunking_never_changes_a_row() -> candle_core::Result<()>
+    {
+        let dev = Device::Cpu;
+        let (n, k) = (70, 301);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, n, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 50, k), &dev)?;
+        let theirs = candle_nn::Linear::new(w.clone(), Some(b.clone())).forward(&x)?;
+        for layer in [
+            Linear::new(w.clone(), Some(b.clone())),
+            Linear::plain(w.clone(), Some(b.clone())),
+        ] {
+            let ours = layer.forward(&x)?;
+            assert_eq!(ours.dims(), theirs.dims());
+            let diff = (&ours - &theirs)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-3, "fast {}: max |diff| {diff}", layer.fast);
+        }
+        let plain = Linear::plain(w, Some(b));
+        let rows = x.reshape((100, k))?;
+        let whole = plain.forward(&rows)?.to_vec2::<f32>()?;
+        let mut chunked = Vec::new();
+        for (start, len) in [(0, 1), (1, 64), (65, 3), (68, 32)] {
+            chunked.extend(
+                plain
+                    .forward(&rows.narrow(0, start, len)?)?
+                    .to_vec2::<f32>()?,
+            );
+        }
+        // candle's matmul (CPUs without AVX-512, or `VLM_NO_GEMM`) does not promise it.
+        if sgemm::available() && !crate::kernels::gemm_disabled() {
+            assert_eq!(whole, chunked);
+        }
         Ok(())
     }
 }

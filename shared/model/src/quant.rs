@@ -12,9 +12,12 @@
 //!
 //! Products with quantized weights (`QWeight`) read each weight once per step and compute
 //! every output element with one fixed chain whatever the number of rows, so a sequence decodes
-//! the same in a batch as alone: q8_0 with our own kernel (int8 widened to f32 in registers, f32
-//! inputs), q4_K / q6_K with candle's k-quant dot products (inputs rounded to 8 bits per block
-//! of 256, as llama.cpp does), both split over output columns on the rayon pool.
+//! the same in a batch as alone. Where the CPU has AVX-512 VNNI, q8_0 and q4_K matrices are
+//! repacked at load for an int8 GEMM (inputs rounded to 8 bits per block, as llama.cpp does:
+//! the prefill's products run on integer multiply-adds); elsewhere q8_0 uses our own kernel
+//! (int8 widened to f32 in registers, f32 inputs) and q4_K / q6_K candle's k-quant dot
+//! products (inputs rounded to 8 bits per block of 256), all split over output columns on the
+//! rayon pool.
 
 use std::sync::{Arc, Mutex};
 
@@ -181,8 +184,8 @@ impl QuantPlan {
         self.linear_as(Role::Layer, in_dim, out_dim, bias, vb)
     }
 
-    /// [`Self::linear`] for the vision tower and projector: dense layers stay candle's plain
-    /// `Linear` (the same numbers as before quantization existed, whatever the chunking).
+    /// [`Self::linear`] for the vision tower and projector: dense layers multiply every input on
+    /// the f32 GEMM (the same numbers for a row whatever the chunking; see `Linear::plain`).
     pub fn linear_plain(
         &self,
         in_dim: usize,

@@ -1,17 +1,25 @@
-//! A quantized weight matrix `[n, k]` (GGML blocks, row-major) and its products.
+//! A quantized weight matrix `[n, k]` and its products.
 //!
-//! The blocks are candle's (`k_quants`), and so are the dot-product kernels (`vec_dot`, AVX2
-//! when the CPU has it): each input row is quantized to the kernels' 8-bit activation blocks,
-//! then every output is one integer dot product of blocks. The products are split over output
-//! columns on the rayon pool, the pool of our own f32 kernels, not through candle's `QMatMul`,
-//! for two reasons measured on 2 cores: candle runs its quantized products on a second thread
-//! pool of its own whose workers spin between jobs, so a decode step that alternates between
-//! the two pools (attention and f32 work on rayon) lost half its speed to the spinning; and
-//! `QMatMul` keeps, beside the blocks, a repacked copy of every matrix for its AVX-512 VNNI
-//! kernels (and a third for AMX, of q4_K matrices multiplied by 32 rows or more), which doubles
-//! to triples a quantized model's memory: what quantizing is for. Every output element is
-//! computed by the same kernel call whatever the number of input rows, so a sequence gets the
-//! same numbers in a batch as alone.
+//! Where the CPU has AVX-512 VNNI, q8_0 and q4_K matrices are repacked at load into the int8
+//! GEMM's interleaved layout (`kernels::qpack`; the blocks are not kept beside it, so the
+//! memory stays that of the blocks, within a few percent) and every product, one row or a
+//! prefill of hundreds, quantizes its input rows once to 8 bits per block and runs the GEMM
+//! (`kernels::qgemm`): llama.cpp's repack and llamafile's sgemm, on this crate's rayon pool.
+//!
+//! Elsewhere (and for q6_K, the LM head under `q4_k`) the blocks are candle's (`k_quants`):
+//! q4_K / q6_K products use candle's dot-product kernels (`vec_dot`, AVX2 when the CPU has it),
+//! each input row quantized to the kernels' 8-bit activation blocks; q8_0 its own kernel with
+//! f32 inputs. The products are split over output columns on the rayon pool, the pool of our
+//! own f32 kernels, not through candle's `QMatMul`, for two reasons measured on 2 cores: candle
+//! runs its quantized products on a second thread pool of its own whose workers spin between
+//! jobs, so a decode step that alternates between the two pools (attention and f32 work on
+//! rayon) lost half its speed to the spinning; and `QMatMul` keeps, beside the blocks, a
+//! repacked copy of every matrix for its AVX-512 VNNI kernels (and a third for AMX, of q4_K
+//! matrices multiplied by 32 rows or more), which doubles to triples a quantized model's
+//! memory: what quantizing is for.
+//!
+//! On every path each output element is computed by one fixed chain whatever the number of
+//! input rows, so a sequence gets the same numbers in a batch as alone.
 
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, GgmlType};
 use candle_core::quantized::{GgmlDType, QTensor, QuantizedType};
@@ -19,6 +27,8 @@ use candle_core::quantized::{GgmlDType, QTensor, QuantizedType};
 use candle_core::{CpuStorage, Device, Module, Storage, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
+
+use crate::kernels::{self, Packed, QActs};
 
 /// Output columns per rayon task: each task's weight rows stay in cache while every input row
 /// is multiplied with them.
@@ -35,6 +45,8 @@ pub(crate) enum Blocks {
     Q8_0(Q8Rows),
     Q4K(Vec<BlockQ4K>),
     Q6K(Vec<BlockQ6K>),
+    /// q8_0 or q4_K repacked for the int8 GEMM (where the CPU has AVX-512 VNNI).
+    Packed(Packed),
 }
 
 impl std::fmt::Debug for QWeight {
@@ -58,6 +70,12 @@ macro_rules! into_blocks {
     )+};
 }
 into_blocks!(BlockQ4K => Q4K, BlockQ6K => Q6K);
+
+impl IntoBlocks for Blocks {
+    fn into_blocks(self) -> Blocks {
+        self
+    }
+}
 
 impl IntoBlocks for Q8Rows {
     fn into_blocks(self) -> Blocks {
@@ -85,6 +103,11 @@ impl Q8Rows {
 
     /// Appends `x` (whole blocks) quantized as GGML's q8_0: per block of 32, scale =
     /// max |x| / 127 (rounded to f16), values round(x / scale).
+    /// The values (row-major) and the scales (one per block of 32, row by row).
+    pub(crate) fn parts(&self) -> (&[i8], &[f32]) {
+        (&self.qs, &self.d)
+    }
+
     pub fn push(&mut self, x: &[f32]) {
         for b in x.chunks_exact(Q8_BLOCK) {
             let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -220,6 +243,46 @@ fn in_tasks(m: usize, n: usize, task: impl Fn(usize, usize, &mut [f32]) + Sync) 
     dst
 }
 
+/// A whole `[n, k]` tensor quantized to `format`'s blocks.
+pub(crate) fn quantize_blocks(w: &Tensor, format: GgmlDType) -> candle_core::Result<Blocks> {
+    let (n, k) = w.dims2()?;
+    Ok(match format {
+        GgmlDType::Q8_0 => {
+            let mut rows = Q8Rows::with_capacity(n * k);
+            rows.push(
+                &w.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?,
+            );
+            Blocks::Q8_0(rows)
+        }
+        GgmlDType::Q4K | GgmlDType::Q6K => {
+            let bytes = QTensor::quantize(w, format)?.data()?.into_owned();
+            match format {
+                GgmlDType::Q4K => Blocks::Q4K(blocks_from_bytes(&bytes)),
+                _ => Blocks::Q6K(blocks_from_bytes(&bytes)),
+            }
+        }
+        other => candle_core::bail!("no quantized products in {other:?}"),
+    })
+}
+
+/// GGML's bytes of each q4_K block (`repr(C)` plain data of exactly 144 bytes).
+pub(crate) fn block_bytes(blocks: &[BlockQ4K]) -> Vec<[u8; 144]> {
+    const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
+    let mut out = vec![[0u8; 144]; blocks.len()];
+    // SAFETY: `out` holds exactly `blocks.len()` × 144 bytes, does not overlap `blocks`, and
+    // `BlockQ4K` is 144 bytes of f16 and u8 fields without padding (candle asserts its size).
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            blocks.as_ptr() as *const u8,
+            out.as_mut_ptr() as *mut u8,
+            out.len() * 144,
+        )
+    };
+    out
+}
+
 /// Reinterprets GGML block bytes as blocks of `T` (copied: the bytes may not be aligned).
 fn blocks_from_bytes<T: GgmlType>(bytes: &[u8]) -> Vec<T> {
     let size = std::mem::size_of::<T>();
@@ -238,8 +301,19 @@ fn blocks_from_bytes<T: GgmlType>(bytes: &[u8]) -> Vec<T> {
 }
 
 impl QWeight {
-    /// `blocks` hold `[n, k]`.
-    pub fn new(blocks: impl IntoBlocks, (n, k): (usize, usize)) -> Self {
+    /// `blocks` hold `[n, k]`: q8_0 and q4_K repacked for the int8 GEMM where the CPU has
+    /// AVX-512 VNNI (the blocks as they are elsewhere, and for q6_K).
+    pub fn new(blocks: impl IntoBlocks, dims: (usize, usize)) -> Self {
+        let blocks = blocks.into_blocks();
+        if kernels::qgemm_available() {
+            Self::packed(blocks, dims)
+        } else {
+            Self::unpacked(blocks, dims)
+        }
+    }
+
+    /// `blocks` kept as they are: the portable products (the path of CPUs without VNNI).
+    pub(crate) fn unpacked(blocks: impl IntoBlocks, (n, k): (usize, usize)) -> Self {
         QWeight {
             blocks: Arc::new(blocks.into_blocks()),
             n,
@@ -247,25 +321,35 @@ impl QWeight {
         }
     }
 
+    /// q8_0 and q4_K `blocks` repacked for the int8 GEMM (other formats kept, and every format
+    /// where the CPU cannot run the GEMM).
+    pub(crate) fn packed(blocks: impl IntoBlocks, (n, k): (usize, usize)) -> Self {
+        if !kernels::qgemm_supported() {
+            return Self::unpacked(blocks, (n, k));
+        }
+        let blocks = match blocks.into_blocks() {
+            Blocks::Q8_0(rows) => {
+                let (qs, d) = rows.parts();
+                Blocks::Packed(Packed::q8_0(qs, d, (n, k)))
+            }
+            Blocks::Q4K(b) => Blocks::Packed(Packed::q4k(&block_bytes(&b), (n, k))),
+            other => other,
+        };
+        QWeight {
+            blocks: Arc::new(blocks),
+            n,
+            k,
+        }
+    }
+
+    /// Whether the products run on the int8 GEMM.
+    pub(crate) fn is_packed(&self) -> bool {
+        matches!(&*self.blocks, Blocks::Packed(_))
+    }
+
     /// Quantizes a whole `[n, k]` tensor (models built in memory; checkpoints stream instead).
     pub fn quantize(w: &Tensor, format: GgmlDType) -> candle_core::Result<Self> {
-        let dims = w.dims2()?;
-        let q = QTensor::quantize(w, format)?;
-        let bytes = q.data()?;
-        Ok(match format {
-            GgmlDType::Q8_0 => {
-                let mut rows = Q8Rows::with_capacity(dims.0 * dims.1);
-                rows.push(
-                    &w.to_dtype(candle_core::DType::F32)?
-                        .flatten_all()?
-                        .to_vec1()?,
-                );
-                Self::new(rows, dims)
-            }
-            GgmlDType::Q4K => Self::new(blocks_from_bytes::<BlockQ4K>(&bytes), dims),
-            GgmlDType::Q6K => Self::new(blocks_from_bytes::<BlockQ6K>(&bytes), dims),
-            other => candle_core::bail!("no quantized products in {other:?}"),
-        })
+        Ok(Self::new(quantize_blocks(w, format)?, w.dims2()?))
     }
 
     /// Rows `ids` of the matrix, dequantized: `[..ids, k]` (an embedding lookup).
@@ -293,6 +377,13 @@ impl QWeight {
             }
             Blocks::Q4K(b) => b.embedding(&flat, self.n, self.k)?,
             Blocks::Q6K(b) => b.embedding(&flat, self.n, self.k)?,
+            Blocks::Packed(p) => {
+                let mut v = vec![0f32; flat.len() * self.k];
+                for (&id, row) in flat.iter().zip(v.chunks_exact_mut(self.k)) {
+                    p.dequantize_row(id as usize, row);
+                }
+                CpuStorage::F32(v)
+            }
         };
         let CpuStorage::F32(v) = out else {
             candle_core::bail!("dequantized rows are not f32");
@@ -355,9 +446,79 @@ impl Module for QWeight {
                 Blocks::Q8_0(w) => products_q8(w, mkn, lhs),
                 Blocks::Q4K(w) => products(w, mkn, lhs),
                 Blocks::Q6K(w) => products(w, mkn, lhs),
+                Blocks::Packed(w) => kernels::qgemm(w, &QActs::quantize(w.format, lhs, self.k)),
             }
         };
         *dims.last_mut().expect("checked above") = self.n;
         Tensor::from_vec(dst, dims, &Device::Cpu)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A product's relative error against the dense one.
+    fn rel_err(ours: &Tensor, dense: &Tensor) -> f32 {
+        let num = (ours - dense).unwrap().sqr().unwrap().sum_all().unwrap();
+        let den = dense.sqr().unwrap().sum_all().unwrap();
+        (num.to_scalar::<f32>().unwrap() / den.to_scalar::<f32>().unwrap()).sqrt()
+    }
+
+    /// Both paths, packed for the int8 GEMM (where the CPU has it) and the portable blocks: close
+    /// to the dense product, with the same embedding rows, and each row of a batch what it is
+    /// alone. Odd shapes: `n` not a multiple of the 16-column group, one block of `k`, edge
+    /// inputs (a zero row, a row of one huge value, a constant row).
+    #[test]
+    fn packed_and_portable_products_are_close_and_rows_do_not_depend_on_the_batch() {
+        let dev = Device::Cpu;
+        for (format, k, tol) in [
+            (GgmlDType::Q8_0, 32, 0.02),
+            (GgmlDType::Q8_0, 160, 0.02),
+            (GgmlDType::Q4K, 256, 0.15),
+            (GgmlDType::Q4K, 512, 0.15),
+        ] {
+            let n = 37;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let mut x = Tensor::randn(0f32, 1.0, (7, k), &dev)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            x[1].fill(0.0);
+            x[2].fill(0.0);
+            x[2][k / 3] = 3.0e4;
+            x[3].fill(-0.75);
+            let x = Tensor::new(x, &dev).unwrap();
+            let dense = x.matmul(&w.t().unwrap()).unwrap();
+            let portable = QWeight::unpacked(quantize_blocks(&w, format).unwrap(), (n, k));
+            let packed = QWeight::packed(quantize_blocks(&w, format).unwrap(), (n, k));
+            assert!(!portable.is_packed());
+            assert_eq!(packed.is_packed(), kernels::qgemm_supported());
+            let ids = Tensor::new(&[0u32, 16, 36], &dev).unwrap();
+            assert_eq!(
+                packed.rows(&ids).unwrap().to_vec2::<f32>().unwrap(),
+                portable.rows(&ids).unwrap().to_vec2::<f32>().unwrap(),
+                "{format:?}: dequantized rows"
+            );
+            for q in [&portable, &packed] {
+                let ours = q.forward(&x).unwrap();
+                let rows = ours.to_vec2::<f32>().unwrap();
+                assert!(rows[1].iter().all(|&v| v == 0.0), "{format:?}: a zero row");
+                let e = rel_err(&ours, &dense);
+                assert!(
+                    e < tol,
+                    "{format:?} k {k} packed {}: relative error {e}",
+                    q.is_packed()
+                );
+                for (r, row) in rows.iter().enumerate() {
+                    let alone = q.forward(&x.narrow(0, r, 1).unwrap()).unwrap();
+                    assert_eq!(
+                        &alone.to_vec2::<f32>().unwrap()[0],
+                        row,
+                        "{format:?} row {r}"
+                    );
+                }
+            }
+        }
     }
 }
