@@ -148,6 +148,31 @@ Call with (list $ backend), backend "plaintext" or "tls". */}}
 {{- end }}
 {{- end }}
 
+{{/* What model.download fetches for a stage, as JSON {files, prefixes, exclude}: the files the
+stage reads by name, and the tensor name prefixes its loader accepts (shared/model/src/checkpoint.rs,
+PartKind::aliases: the Hub's, transformers 5's and GLM-4.1V's spellings; helm/tests checks that
+they match). Call with the stage's name. */}}
+{{- define "vlm-mesh.downloadPlan" -}}
+{{- if eq . "encoder" }}
+{{- dict
+  "files" (list "config.json" "preprocessor_config.json" "processor_config.json")
+  "prefixes" (list "vision_tower." "model.vision_tower." "visual." "model.visual.")
+  "exclude" (list "visual.merger." "model.visual.merger.") | toJson }}
+{{- else if eq . "projector" }}
+{{- dict
+  "files" (list "config.json")
+  "prefixes" (list "multi_modal_projector." "model.multi_modal_projector." "image_newline" "model.image_newline" "visual.merger." "model.visual.merger.")
+  "exclude" (list) | toJson }}
+{{- else if eq . "decoder" }}
+{{- dict
+  "files" (list "config.json" "generation_config.json" "tokenizer.json" "tokenizer_config.json" "chat_template.jinja" "chat_template.json")
+  "prefixes" (list "language_model." "model.language_model." "lm_head.")
+  "exclude" (list) | toJson }}
+{{- else }}
+{{- fail (printf "no download plan for %s" .) }}
+{{- end }}
+{{- end }}
+
 {{/* Combinations the schema cannot express; fails the render with the reason. */}}
 {{- define "vlm-mesh.checkValues" -}}
 {{- $ports := dict }}
@@ -196,6 +221,22 @@ Call with (list $ backend), backend "plaintext" or "tls". */}}
 {{- end }}
 {{- if and (eq (index $what 2) "tls") (not $.Values.gateway.openai.enabled) }}
 {{- fail (printf "%s.backend tls needs gateway.openai.enabled" (index $what 0)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- with .Values.model.download }}
+{{- if .enabled }}
+{{- if not .image }}
+{{- fail "model.download.enabled needs model.download.image: an image with Python 3 and huggingface_hub (docs/kubernetes.md, \"Downloading the weights\")" }}
+{{- end }}
+{{- if not .repo }}
+{{- fail "model.download.enabled needs model.download.repo (e.g. llava-hf/llava-1.5-7b-hf)" }}
+{{- end }}
+{{- if not (hasPrefix (printf "%s/" (trimSuffix "/" $.Values.model.mountPath)) $.Values.model.dir) }}
+{{- fail (printf "model.download writes to model.dir (%s), which must be under model.mountPath (%s)" $.Values.model.dir $.Values.model.mountPath) }}
+{{- end }}
+{{- if not (or (hasKey $.Values.model.volume "emptyDir") (hasKey $.Values.model.volume "ephemeral")) }}
+{{- fail "model.download needs a model.volume of the pod's own (emptyDir or ephemeral): each stage downloads only its part and rewrites the checkpoint index for it, so pods must not share the directory (a shared PVC: fill it once with the whole checkpoint and leave model.download off)" }}
 {{- end }}
 {{- end }}
 {{- end }}
