@@ -126,6 +126,53 @@ dns://{{ include "vlm-mesh.componentName" . }}:{{ .root.Values.ports.grpc }}
 {{- if contains ":" . }}[{{ . }}]{{ else }}{{ . }}{{ end }}
 {{- end }}
 
+{{/* The Secret with the certificate of the gateway's public ports, or empty (the mesh one). */}}
+{{- define "vlm-mesh.publicTlsSecret" -}}
+{{- $p := .Values.gateway.publicTls }}
+{{- if $p.secretName }}
+{{- $p.secretName }}
+{{- else if $p.certificate.enabled }}
+{{- include "vlm-mesh.fullname" . }}-gateway-public-tls
+{{- end }}
+{{- end }}
+
+{{/* Where an Ingress or HTTPRoute sends the OpenAI API: (dict "name" Service "port" port-name).
+Call with (list $ backend), backend "plaintext" or "tls". */}}
+{{- define "vlm-mesh.httpBackend" -}}
+{{- $root := index . 0 }}
+{{- $gw := include "vlm-mesh.componentName" (dict "root" $root "component" "gateway") }}
+{{- if eq (index . 1) "plaintext" }}
+{{- dict "name" (printf "%s-http" $gw) "port" (int $root.Values.gateway.httpPlaintext.port) | toJson }}
+{{- else }}
+{{- dict "name" $gw "port" (int $root.Values.gateway.openai.servicePort) | toJson }}
+{{- end }}
+{{- end }}
+
+{{/* What model.download fetches for a stage, as JSON {files, prefixes, exclude}: the files the
+stage reads by name, and the tensor name prefixes its loader accepts (shared/model/src/checkpoint.rs,
+PartKind::aliases: the Hub's, transformers 5's and GLM-4.1V's spellings; helm/tests checks that
+they match). Call with the stage's name. */}}
+{{- define "vlm-mesh.downloadPlan" -}}
+{{- if eq . "encoder" }}
+{{- dict
+  "files" (list "config.json" "preprocessor_config.json" "processor_config.json")
+  "prefixes" (list "vision_tower." "model.vision_tower." "visual." "model.visual.")
+  "exclude" (list "visual.merger." "model.visual.merger.") | toJson }}
+{{- else if eq . "projector" }}
+{{- dict
+  "files" (list "config.json")
+  "prefixes" (list "multi_modal_projector." "model.multi_modal_projector." "image_newline" "model.image_newline" "visual.merger." "model.visual.merger.")
+  "exclude" (list) | toJson }}
+{{- else if eq . "decoder" }}
+{{- dict
+  "files" (list "config.json" "generation_config.json" "tokenizer.json" "tokenizer_config.json" "chat_template.jinja" "chat_template.json")
+  "prefixes" (list "language_model." "model.language_model." "lm_head.")
+  "exclude" (list) | toJson }}
+{{- else }}
+{{- fail (printf "no download plan for %s" .) }}
+{{- end }}
+{{- end }}
+
 {{/* Combinations the schema cannot express; fails the render with the reason. */}}
 {{- define "vlm-mesh.checkValues" -}}
 {{- $ports := dict }}
@@ -135,6 +182,9 @@ dns://{{ include "vlm-mesh.componentName" . }}:{{ .root.Values.ports.grpc }}
 {{- end }}
 {{- if .Values.gateway.openai.enabled }}
 {{- $named = append $named (list "gateway.openai.port" .Values.gateway.openai.port) }}
+{{- end }}
+{{- if .Values.gateway.httpPlaintext.enabled }}
+{{- $named = append $named (list "gateway.httpPlaintext.port" .Values.gateway.httpPlaintext.port) }}
 {{- end }}
 {{- range $named }}
 {{- $key := toString (int (index . 1)) }}
@@ -151,5 +201,46 @@ dns://{{ include "vlm-mesh.componentName" . }}:{{ .root.Values.ports.grpc }}
 {{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" }}
+{{- end }}
+{{- $pub := .Values.gateway.publicTls }}
+{{- if and (include "vlm-mesh.publicTlsSecret" .) .Values.gateway.plaintext }}
+{{- fail "gateway.publicTls needs TLS on the public ports: gateway.plaintext is true" }}
+{{- end }}
+{{- if $pub.certificate.enabled }}
+{{- if not ($pub.certificate.issuerRef).name }}
+{{- fail "gateway.publicTls.certificate.enabled needs gateway.publicTls.certificate.issuerRef.name (e.g. an ACME ClusterIssuer)" }}
+{{- end }}
+{{- if not $pub.certificate.dnsNames }}
+{{- fail "gateway.publicTls.certificate.enabled needs gateway.publicTls.certificate.dnsNames (the gateway's public names)" }}
+{{- end }}
+{{- end }}
+{{- range $what := list (list "ingress" .Values.ingress.enabled .Values.ingress.backend) (list "gatewayApi.httpRoute" .Values.gatewayApi.httpRoute.enabled .Values.gatewayApi.httpRoute.backend) }}
+{{- if index $what 1 }}
+{{- if and (eq (index $what 2) "plaintext") (not $.Values.gateway.httpPlaintext.enabled) }}
+{{- fail (printf "%s.backend plaintext needs gateway.httpPlaintext.enabled" (index $what 0)) }}
+{{- end }}
+{{- if and (eq (index $what 2) "tls") (not $.Values.gateway.openai.enabled) }}
+{{- fail (printf "%s.backend tls needs gateway.openai.enabled" (index $what 0)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- with .Values.model.download }}
+{{- if .enabled }}
+{{- if not .image }}
+{{- fail "model.download.enabled needs model.download.image: an image with Python 3 and huggingface_hub (docs/kubernetes.md, \"Downloading the weights\")" }}
+{{- end }}
+{{- if not .repo }}
+{{- fail "model.download.enabled needs model.download.repo (e.g. llava-hf/llava-1.5-7b-hf)" }}
+{{- end }}
+{{- if not (hasPrefix (printf "%s/" (trimSuffix "/" $.Values.model.mountPath)) $.Values.model.dir) }}
+{{- fail (printf "model.download writes to model.dir (%s), which must be under model.mountPath (%s)" $.Values.model.dir $.Values.model.mountPath) }}
+{{- end }}
+{{- if not (or (hasKey $.Values.model.volume "emptyDir") (hasKey $.Values.model.volume "ephemeral")) }}
+{{- fail "model.download needs a model.volume of the pod's own (emptyDir or ephemeral): each stage downloads only its part and rewrites the checkpoint index for it, so pods must not share the directory (a shared PVC: fill it once with the whole checkpoint and leave model.download off)" }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and (or .Values.gatewayApi.httpRoute.enabled .Values.gatewayApi.grpcRoute.enabled) (not .Values.gatewayApi.parentRefs) }}
+{{- fail "gatewayApi routes need gatewayApi.parentRefs (the Gateway they attach to)" }}
 {{- end }}
 {{- end }}
