@@ -6,9 +6,10 @@
 # files; names the repository lacks are skipped). Which safetensors shards hold a stage's tensors
 # cannot be known before the checkpoint's index is read, so the index comes first and then only
 # the shards holding a tensor whose name starts with one of VLM_DOWNLOAD_PREFIXES (and with none
-# of VLM_DOWNLOAD_EXCLUDE). The services refuse an index that names a shard which is not there
-# ("shard ... is missing"), so the index is then rewritten to list only the shards present. A
-# checkpoint in one model.safetensors holds every stage's tensors: it is downloaded whole.
+# of VLM_DOWNLOAD_EXCLUDE). The index is kept as it is: the services map only the shards of their
+# own part and refuse a missing one only when it holds one of their tensors ("shard ... (it holds
+# ... tensors) is missing"). A checkpoint in one model.safetensors holds every stage's tensors: it
+# is downloaded whole.
 import json
 import os
 import sys
@@ -58,11 +59,5 @@ fetch(shards)
 missing = [s for s in shards if not os.path.exists(os.path.join(dest, s))]
 if missing:
     sys.exit(f"{stage}: shards not downloaded: {' '.join(missing)}")
-present = {shard for shard in set(weight_map.values()) if os.path.exists(os.path.join(dest, shard))}
-index["weight_map"] = {name: shard for name, shard in weight_map.items() if shard in present}
-tmp = index_path + ".tmp"
-with open(tmp, "w") as f:
-    json.dump(index, f, indent=2, sort_keys=True)
-os.replace(tmp, index_path)
 total = len(set(weight_map.values()))
-print(f"{stage}: {len(present)} of {total} shards ({' '.join(sorted(present))}); {INDEX} lists only those", flush=True)
+print(f"{stage}: {len(shards)} of {total} shards ({' '.join(shards)})", flush=True)

@@ -236,7 +236,7 @@ they match). Call with the stage's name. */}}
 {{- fail (printf "model.download writes to model.dir (%s), which must be under model.mountPath (%s)" $.Values.model.dir $.Values.model.mountPath) }}
 {{- end }}
 {{- if not (or (hasKey $.Values.model.volume "emptyDir") (hasKey $.Values.model.volume "ephemeral")) }}
-{{- fail "model.download needs a model.volume of the pod's own (emptyDir or ephemeral): each stage downloads only its part and rewrites the checkpoint index for it, so pods must not share the directory (a shared PVC: fill it once with the whole checkpoint and leave model.download off)" }}
+{{- fail "model.download needs a model.volume of the pod's own (emptyDir or ephemeral): every pod's init container writes into it, so pods must not share the directory (a shared PVC: fill it once with the whole checkpoint and leave model.download off)" }}
 {{- end }}
 {{- end }}
 {{- end }}

@@ -143,14 +143,10 @@ impl Checkpoint {
                 let file = file.as_str().ok_or_else(|| {
                     ModelError::checkpoint(&index, format!("weight_map[{name}] is not a file name"))
                 })?;
-                let path = dir.join(file);
-                if !path.exists() {
-                    return Err(ModelError::checkpoint(
-                        &index,
-                        format!("shard {file} is missing"),
-                    ));
-                }
-                weight_map.insert(name.clone(), path);
+                // A shard may be absent: a stage's pod may hold only the shards of its own
+                // tensors (the chart's per-stage download); `part` refuses a missing shard that
+                // holds tensors it needs.
+                weight_map.insert(name.clone(), dir.join(file));
             }
         } else if single.exists() {
             // SAFETY: the file is opened read-only; like every mmap-based loader we rely on nobody
@@ -222,6 +218,16 @@ impl Checkpoint {
             }
         }
         let files: Vec<PathBuf> = files.into_iter().collect();
+        if let Some(missing) = files.iter().find(|f| !f.exists()) {
+            return Err(ModelError::checkpoint(
+                &self.dir,
+                format!(
+                    "shard {} (it holds {} tensors) is missing",
+                    missing.file_name().unwrap_or_default().to_string_lossy(),
+                    kind.name()
+                ),
+            ));
+        }
         // SAFETY: see `open`.
         let st = unsafe { MmapedSafetensors::multi(&files) }
             .map_err(|e| ModelError::checkpoint(&self.dir, e.to_string()))?;
