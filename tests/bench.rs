@@ -130,6 +130,10 @@ fn check_cache(c: &Value) {
     // Every counted miss ran the encoder.
     assert!(num(&c["encode_ms"]["min"], "encode_ms.min") > 0.0, "{c}");
     let fetch = c["redis_fetch"].as_array().expect("redis_fetch");
+    if c["redis"] == "in-memory" {
+        assert!(fetch.is_empty(), "Redis fetch rows without Redis: {c}");
+        return;
+    }
     let sizes: Vec<(u64, u64, &str)> = fetch
         .iter()
         .map(|f| {
@@ -371,6 +375,16 @@ fn bench_quick_reports_every_section_well_formed() {
             String::from_utf8_lossy(&out.stdout)
         )
     });
+    // Progress on stderr, one line per section as it starts, in order.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let starts: Vec<usize> = (1..=6)
+        .map(|i| {
+            stderr
+                .find(&format!("bench: [{i}/6] "))
+                .unwrap_or_else(|| panic!("no progress line {i}: {stderr}"))
+        })
+        .collect();
+    assert!(starts.is_sorted(), "progress out of order: {stderr}");
     assert_eq!(report["bench"], "all", "{report}");
     assert_eq!(report["quick"], true, "{report}");
     assert_eq!(report["model"], model.to_str().unwrap(), "{report}");
@@ -537,4 +551,33 @@ fn bench_scale_quick_reports_routing_and_signals() {
     assert!(s("image-heavy", "decoder_max") < 0.7, "{r}");
     assert!(s("long-generation", "decoder_max") > 0.7, "{r}");
     assert!(s("long-generation", "encoder_max") < 0.7, "{r}");
+}
+
+/// An installed binary, run anywhere: `bench cache --quick` with no flags serves the bundled model
+/// and image, uses the gateway's in-memory cache (no Redis needed, nothing written to one) and
+/// still measures misses against hits.
+#[test]
+fn bench_cache_quick_runs_from_anywhere_on_the_bundled_inputs_without_redis() {
+    let cwd = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vlm-mesh"))
+        .args(["bench", "cache", "--quick", "--json"])
+        .current_dir(cwd.path())
+        .env_remove("VLM_REDIS")
+        .env_remove("VLM_MODEL")
+        .env("VLM_CACHE_DIR", cache_dir.path())
+        .output_within(std::time::Duration::from_secs(600));
+    assert!(
+        out.status.success(),
+        "bench cache --quick failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(c["redis"], "in-memory", "{c}");
+    let model = c["model"].as_str().unwrap();
+    assert!(
+        std::path::Path::new(model).starts_with(cache_dir.path()),
+        "not the bundled model unpacked into VLM_CACHE_DIR: {model}"
+    );
+    check_cache(&c);
 }

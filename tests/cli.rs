@@ -153,3 +153,172 @@ fn plaintext_up_answers_and_finish_reasons_are_spelled_one_way() {
         }
     }
 }
+
+/// `ask` and `wait` against a state directory whose `up` is starting (a live process named in
+/// `starting.json`: here a `sleep` standing in for an `up` still loading weights), that then
+/// becomes ready (its `mesh.json` names a real running mesh), and whose launcher then dies
+/// (the files a killed `up` leaves): `ask` says it waits and then answers, `wait` prints the
+/// gateway URL, and afterwards the stale `mesh.json` is reported as such, not dialled.
+#[test]
+fn ask_and_wait_wait_for_a_starting_mesh_and_a_dead_ups_files_are_stale() {
+    let mesh = MeshProc::start_with(&shapes(), &[], &[]);
+    let state = tempfile::tempdir().unwrap();
+    copy_dir(&mesh.certs(), &state.path().join("certs"));
+    let mut launcher = Command::new("sleep").arg("600").spawn().unwrap();
+    let starting = serde_json::json!({
+        "launcher_pid": launcher.id(),
+        "gateway_listen": "127.0.0.1:0",
+    });
+    let write = |name: &str, v: &serde_json::Value| {
+        let tmp = state.path().join(format!("{name}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(v).unwrap()).unwrap();
+        std::fs::rename(&tmp, state.path().join(name)).unwrap();
+    };
+    write("starting.json", &starting);
+    let dir = state.path().to_str().unwrap().to_string();
+    let image = demo_image();
+    let mut ask = Command::new(EXE)
+        .args([
+            "ask",
+            "--state-dir",
+            &dir,
+            "--question",
+            "Describe the image.",
+            "--timeout",
+            "120",
+        ])
+        .arg("--image")
+        .arg(&image)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait (bounded) until `ask` says it is waiting for the starting mesh.
+    let ask_err = ask.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(ask_err)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let said = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("ask said nothing while the mesh was starting");
+    assert!(
+        said.contains("the mesh is starting") && said.contains(&format!("pid {}", launcher.id())),
+        "{said}"
+    );
+    let wait = Command::new(EXE)
+        .args(["wait", "--state-dir", &dir, "--timeout", "120"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The mesh becomes ready: its description names the running gateway and the live launcher.
+    let mut info = mesh.mesh_json();
+    info["launcher_pid"] = launcher.id().into();
+    write("mesh.json", &info);
+    std::fs::remove_file(state.path().join("starting.json")).unwrap();
+    let answer = finish_within(ask, Duration::from_secs(120));
+    assert!(answer.status.success(), "ask failed: {:?}", answer);
+    assert!(
+        String::from_utf8_lossy(&answer.stdout).contains(DEMO_ANSWER),
+        "{:?}",
+        String::from_utf8_lossy(&answer.stdout)
+    );
+    let waited = finish_within(wait, Duration::from_secs(120));
+    assert!(waited.status.success(), "wait failed: {waited:?}");
+    assert_eq!(String::from_utf8_lossy(&waited.stdout).trim(), mesh.gateway);
+
+    // The launcher dies: its mesh.json is stale, whatever still answers at that address.
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    let out = vlm(&[
+        "ask",
+        "--state-dir",
+        &dir,
+        "--image",
+        image.to_str().unwrap(),
+        "--question",
+        "Describe the image.",
+    ]);
+    assert!(!out.status.success(), "ask used a dead up's mesh.json");
+    let msg = stderr(&out);
+    assert!(
+        msg.contains("is no longer running") && msg.contains("mesh.json"),
+        "{msg}"
+    );
+    // `wait` takes it for an `up` about to replace it, and gives up at its limit.
+    let out = vlm(&["wait", "--state-dir", &dir, "--timeout", "1"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("was not ready within 1 s"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// A second `up` on a state directory a running `up` uses is refused, naming it; listen
+/// addresses take `localhost:PORT`, and other host names are refused with examples.
+#[test]
+fn a_state_dir_in_use_is_refused_and_listen_takes_localhost() {
+    let mesh = MeshProc::start_with(&shapes(), &[], &[]);
+    let dir = mesh.state.path().to_str().unwrap();
+    let out = vlm(&["up", "--state-dir", dir, "--listen", "localhost:0"]);
+    assert!(!out.status.success());
+    let msg = stderr(&out);
+    assert!(
+        msg.contains(&format!("another `vlm-mesh up` (pid {})", mesh.pid()))
+            && msg.contains("--state-dir"),
+        "{msg}"
+    );
+    assert!(mesh.state.path().join("mesh.json").exists());
+    let out = vlm(&["up", "--listen", "example.com:50051"]);
+    assert!(!out.status.success());
+    let msg = stderr(&out);
+    assert!(
+        msg.contains("is not IP:PORT") && msg.contains("localhost:50051"),
+        "{msg}"
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// A spawned child's exit and remaining output, killing it and failing the test after `limit`.
+fn finish_within(mut child: std::process::Child, limit: Duration) -> Output {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("still running after {limit:?} (killed)");
+        }
+        std::thread::sleep(Duration::from_millis(20)); // polling process exit, bounded
+    };
+    let read = |r: Option<&mut dyn Read>| {
+        let mut buf = Vec::new();
+        if let Some(r) = r {
+            r.read_to_end(&mut buf).unwrap();
+        }
+        buf
+    };
+    let stdout = read(child.stdout.as_mut().map(|r| r as &mut dyn Read));
+    let stderr = read(child.stderr.as_mut().map(|r| r as &mut dyn Read));
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}

@@ -102,7 +102,7 @@ async fn every_documented_refusal_gets_its_code_and_a_message_naming_stage_and_p
             "a 0-byte image",
             ask(vec![Vec::new()], PROMPT, tokens(4)),
             Code::InvalidArgument,
-            vec!["gateway: image 1", "empty"],
+            vec!["gateway: image 0 is empty", "count from 0"],
         ),
         (
             "negative temperature",

@@ -164,7 +164,7 @@ async fn slots_without_a_matching_token_grid_are_refused() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-        assert!(err.message().contains("image slot 1"), "{err:?}");
+        assert!(err.message().contains("image slot 0"), "{err:?}");
         assert!(err.message().contains(needle), "{needle}: {err:?}");
     }
 }

@@ -216,7 +216,7 @@ fn slot_groups(slots: &[vlm_proto::ImageSlot]) -> Result<Vec<std::ops::Range<usi
             (true, Some(g)) => g.end = i + 1,
             (true, None) => {
                 return Err(Status::invalid_argument(
-                    "image slot 1 is a region, but a region must follow the slot of its image",
+                    "image slot 0 is a region, but a region must follow the slot of its image",
                 ))
             }
         }
@@ -237,8 +237,7 @@ async fn receive_images(
         while !collector.is_complete() {
             let msg = input.message().await?.ok_or_else(|| {
                 Status::invalid_argument(format!(
-                    "request stream ended during image {} of {}",
-                    i + 1,
+                    "request stream ended during image {i} (of {}, counting from 0)",
                     rows.len()
                 ))
             })?;
@@ -257,8 +256,7 @@ async fn receive_images(
         if t.shape != [want_rows, hidden] {
             return Err(Status::invalid_argument(format!(
                 "image {} embeddings are {:?}, expected [{want_rows}, {hidden}]",
-                i + 1,
-                t.shape
+                i, t.shape
             )));
         }
         images.push(to_model_tensor(t, &Device::Cpu)?);
@@ -282,17 +280,17 @@ fn token_grids(
         .enumerate()
         .map(|(i, (s, &rows))| {
             let g = vlm_serving::token_grid_from_proto(s.token_rows, s.token_cols)
-                .map_err(|e| Status::invalid_argument(format!("image slot {}: {}", i + 1, e.message())))?
+                .map_err(|e| Status::invalid_argument(format!("image slot {i}: {}", e.message())))?
                 .ok_or_else(|| {
                     Status::invalid_argument(format!(
                         "image slot {}: this model gives image rows 3-D positions, so the slot must give its token grid (token_rows x token_cols)",
-                        i + 1
+                        i
                     ))
                 })?;
             if (g.rows * g.cols) as usize != rows {
                 return Err(Status::invalid_argument(format!(
                     "image slot {}: a {}x{} token grid is not its {rows} rows",
-                    i + 1,
+                    i,
                     g.rows,
                     g.cols
                 )));
@@ -340,7 +338,7 @@ impl Decoder for DecoderService {
             .map(|(i, s)| match (s.rows, model.image_tokens) {
                 (0, 0) => Err(Status::invalid_argument(format!(
                     "image slot {}: this model's image rows depend on the image's size, so the slot must give them",
-                    i + 1
+                    i
                 ))),
                 (0, fixed) => Ok(fixed),
                 (r, _) => Ok(r as usize),

@@ -152,14 +152,13 @@ impl Generator {
         for (i, img) in images.enumerate() {
             if img.is_empty() {
                 return Err(Status::invalid_argument(format!(
-                    "gateway: image {} is empty (0 bytes)",
-                    i + 1
+                    "gateway: image {i} is empty (0 bytes; images count from 0)"
                 )));
             }
             if img.len() > c.max_image_bytes {
                 return Err(Status::resource_exhausted(format!(
                     "gateway: image {} is {} bytes, over the limit of {} bytes",
-                    i + 1,
+                    i,
                     img.len(),
                     c.max_image_bytes
                 )));

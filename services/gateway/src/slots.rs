@@ -46,7 +46,7 @@ pub(crate) fn slots(
         if regions.len() > max_regions {
             return Err(Status::invalid_argument(format!(
                 "gateway: image {} has {} regions; at most {max_regions} per image (--max-regions)",
-                i + 1,
+                i,
                 regions.len()
             )));
         }
@@ -59,12 +59,7 @@ pub(crate) fn slots(
             check_box(r).map_err(|why| {
                 Status::invalid_argument(format!(
                     "gateway: image {} region {} ({},{},{},{}) {why}",
-                    i + 1,
-                    j + 1,
-                    r.x0,
-                    r.y0,
-                    r.x1,
-                    r.y1
+                    i, j, r.x0, r.y0, r.x1, r.y1
                 ))
             })?;
             out.push(Slot {
@@ -119,7 +114,8 @@ mod tests {
         let e = slots(&req(vec![r(10, 0, 10, 5)]), 4, 4).unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(
-            e.message().contains("region 1 (10,0,10,5) is empty"),
+            e.message()
+                .contains("image 0 region 0 (10,0,10,5) is empty"),
             "{}",
             e.message()
         );

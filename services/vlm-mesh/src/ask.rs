@@ -13,7 +13,8 @@ use vlm_proto::generate_response::Kind;
 use vlm_proto::GenerateRequest;
 
 use crate::generate::SamplingArgs;
-use crate::mesh::{certs_dir, default_state_dir, mesh_file, MeshInfo};
+use crate::mesh::state::{read_state, wait_ready, MeshState};
+use crate::mesh::{certs_dir, default_state_dir};
 
 /// Where the gateway is and how to trust it (shared by `ask` and `watch`).
 #[derive(Args, Debug, Clone)]
@@ -120,14 +121,36 @@ struct JsonOutput {
     trace_id: String,
 }
 
-/// The gateway URL and TLS settings `ask` uses.
-pub async fn connect(args: &GatewayConn) -> anyhow::Result<(String, Channel)> {
+/// The gateway of the mesh `up` runs with `state_dir`: at once when it is ready; after waiting
+/// (at most `wait`, saying so on stderr) when it is starting; the default address when the state
+/// directory describes no mesh; an error when it describes one whose `up` has exited.
+async fn local_gateway(state_dir: &std::path::Path, wait: Duration) -> anyhow::Result<String> {
+    match read_state(state_dir)? {
+        MeshState::Ready(info) => Ok(info.gateway_url),
+        MeshState::Starting(s) => {
+            eprintln!(
+                "ask: the mesh is starting (`vlm-mesh up`, pid {}, gateway on {}); waiting up to {} s for it to be ready",
+                s.launcher_pid,
+                s.gateway_listen,
+                wait.as_secs()
+            );
+            Ok(wait_ready(state_dir, wait, false).await?.gateway_url)
+        }
+        MeshState::Stale { file, pid } => anyhow::bail!(
+            "{} describes a mesh whose `vlm-mesh up` (pid {pid}) is no longer running: start one \
+             with `vlm-mesh up`, or pass --gateway URL",
+            file.display()
+        ),
+        MeshState::Absent => Ok("https://127.0.0.1:50051".to_string()),
+    }
+}
+
+/// The gateway URL and TLS settings `ask` uses; a local mesh that is starting is waited for, at
+/// most `wait`.
+pub async fn connect(args: &GatewayConn, wait: Duration) -> anyhow::Result<(String, Channel)> {
     let url = match &args.gateway {
         Some(u) => u.clone(),
-        None => match std::fs::read(mesh_file(&args.state_dir)) {
-            Ok(bytes) => serde_json::from_slice::<MeshInfo>(&bytes)?.gateway_url,
-            Err(_) => "https://127.0.0.1:50051".to_string(),
-        },
+        None => local_gateway(&args.state_dir, wait).await?,
     };
     if !url.contains("://") {
         anyhow::bail!(
@@ -230,7 +253,7 @@ pub async fn ask(args: AskArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<tonic::codegen::Bytes>>>()?;
     let regions = crate::region_arg::per_image(&args.region, images.len())?;
-    let (url, channel) = connect(&args.conn).await?;
+    let (url, channel) = connect(&args.conn, Duration::from_secs(args.timeout)).await?;
     let mut client = GatewayClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(256 << 20);

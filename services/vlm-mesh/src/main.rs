@@ -13,6 +13,7 @@ mod certs;
 mod chat;
 mod eval;
 mod generate;
+mod listen_arg;
 mod mesh;
 mod region_arg;
 mod serve;
@@ -40,6 +41,10 @@ enum Command {
     Up(UpArgs),
     /// Ask a running gateway about image(s); streams the answer.
     Ask(ask::AskArgs),
+    /// Wait until the mesh `up` starts with this state directory is ready (for scripts: `up &`
+    /// then `wait`), and print its gateway URL. Files a killed `up` left are not taken for a
+    /// running mesh.
+    Wait(WaitArgs),
     /// Feed a frame sequence (a folder of images, or a pattern) to a running gateway as a live
     /// stream and ask about it as it goes; prints the answers (and, with --json, every frame's
     /// fate).
@@ -60,6 +65,24 @@ enum Command {
 }
 
 #[derive(Args, Debug)]
+struct WaitArgs {
+    /// The state directory `up` was given.
+    #[arg(long, env = "VLM_STATE_DIR", default_value_os_t = mesh::default_state_dir())]
+    state_dir: PathBuf,
+    /// Give up after this many seconds (a large checkpoint takes a while to load).
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+}
+
+/// `vlm-mesh wait`: see [`Command::Wait`].
+async fn wait(a: WaitArgs) -> anyhow::Result<()> {
+    let limit = std::time::Duration::from_secs(a.timeout);
+    let info = mesh::state::wait_ready(&a.state_dir, limit, true).await?;
+    println!("{}", info.gateway_url);
+    Ok(())
+}
+
+#[derive(Args, Debug)]
 struct UpArgs {
     /// Checkpoint directory in the Hugging Face llava-hf layout; `bundled:shapes-llava` is the
     /// demo model compiled into this binary (unpacked once into ~/.cache/vlm-mesh, or $VLM_CACHE_DIR).
@@ -69,7 +92,7 @@ struct UpArgs {
     #[arg(long, env = "VLM_STATE_DIR", default_value_os_t = mesh::default_state_dir())]
     state_dir: PathBuf,
     /// Public gateway address.
-    #[arg(long, env = "VLM_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(long, env = "VLM_LISTEN", default_value = "127.0.0.1:50051", value_parser = listen_arg::listen_addr)]
     listen: SocketAddr,
     /// Compute dtype: f32 or f16. This build computes on the CPU only, where bf16 has no matmul;
     /// `bf16` is refused at start-up with that reason.
@@ -266,6 +289,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo(args),
         Command::Up(args) => up(args),
         Command::Ask(args) => runtime().and_then(|rt| rt.block_on(ask::ask(args))),
+        Command::Wait(args) => runtime().and_then(|rt| rt.block_on(wait(args))),
         Command::Watch(args) => runtime().and_then(|rt| rt.block_on(watch::watch(args))),
         Command::Generate(args) => generate::run(args),
         Command::Serve(role) => serve::run(role),

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 mod startup;
+pub mod state;
 use serde::Serialize;
 pub use startup::StoppedDuringStartup;
 use startup::{ended_during_startup, gateway_plaintext};
@@ -248,6 +249,7 @@ impl Mesh {
     pub async fn start(opts: &MeshOptions) -> anyhow::Result<Mesh> {
         std::fs::create_dir_all(&opts.state_dir)
             .with_context(|| format!("cannot create state dir {}", opts.state_dir.display()))?;
+        state::claim(&opts.state_dir, &opts.listen.to_string())?;
         let certs = certs_dir(&opts.state_dir);
         vlm_net::certs::ensure_dev_certs(&certs, &[])?;
         let (exit_tx, exits) = mpsc::unbounded_channel();
@@ -320,15 +322,16 @@ impl Mesh {
             }
         }
         mesh.write_mesh_file()?;
+        let _ = std::fs::remove_file(state::starting_file(&opts.state_dir));
         Ok(mesh)
     }
 
+    /// `mesh.json`, written atomically: a reader sees the old file or the new one.
     fn write_mesh_file(&self) -> anyhow::Result<()> {
-        std::fs::write(
-            mesh_file(&self.state_dir),
-            serde_json::to_vec_pretty(&self.info)?,
-        )?;
-        Ok(())
+        state::write_atomic(
+            &mesh_file(&self.state_dir),
+            &serde_json::to_vec_pretty(&self.info)?,
+        )
     }
 
     /// Starts the service `label` (`encoder`, `decoder#1`…) that exited again, on the address it
@@ -481,6 +484,7 @@ impl Mesh {
             tracing::debug!(role = %r.info.role, "stopped");
         }
         let _ = std::fs::remove_file(mesh_file(&self.state_dir));
+        let _ = std::fs::remove_file(state::starting_file(&self.state_dir));
     }
 }
 

@@ -79,7 +79,7 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
         "--frames {}: no frames found",
         args.frames
     );
-    let (url, channel) = connect(&args.conn).await?;
+    let (url, channel) = connect(&args.conn, Duration::from_secs(args.timeout)).await?;
     let mut client = GatewayClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(256 << 20);

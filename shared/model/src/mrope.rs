@@ -40,17 +40,14 @@ impl RopePositions {
             while left > 0 {
                 let g = grids.next().ok_or_else(|| {
                     ModelError::InvalidInput(format!(
-                        "image {} has {len} rows but no token grid covers them",
-                        i + 1
+                        "image {i} has {len} rows but no token grid covers them"
                     ))
                 })?;
                 let n = (g.rows * g.cols) as usize;
                 if n == 0 || n > left {
                     return Err(ModelError::InvalidInput(format!(
                         "a {}x{} token grid does not fit the {left} rows left of image {}",
-                        g.rows,
-                        g.cols,
-                        i + 1
+                        g.rows, g.cols, i
                     )));
                 }
                 for r in 0..g.rows {

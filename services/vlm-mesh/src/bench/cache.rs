@@ -15,14 +15,18 @@ use super::{print_ratio, print_rows, BenchMesh, Input, Spread};
 
 #[derive(Args, Debug)]
 pub struct CacheBenchArgs {
-    /// Redis to use (the benchmark writes keys under vlm:feat:v1: and vlm:bench:).
-    #[arg(long, env = "VLM_REDIS", default_value = "redis://127.0.0.1:6379")]
-    pub redis: String,
+    /// Redis for the mesh's feature cache (the benchmark writes keys under vlm:feat:v1: and
+    /// vlm:bench:); without it the gateway's in-memory cache, and no Redis fetch times.
+    #[arg(long, env = "VLM_REDIS")]
+    pub redis: Option<String>,
     #[command(flatten)]
     pub input: Input,
     /// Miss/hit pairs to measure.
     #[arg(long, default_value_t = 30)]
     pub rounds: usize,
+    /// Smoke run: 3 rounds (its times mean little).
+    #[arg(long)]
+    pub quick: bool,
     /// Print one JSON object (the report) instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -32,6 +36,7 @@ pub struct CacheBenchArgs {
 pub struct CacheReport {
     bench: &'static str,
     model: String,
+    /// The Redis the mesh's cache was on, or "in-memory".
     redis: String,
     /// Rounds whose two requests reported exactly miss, then hit (only those count).
     rounds: usize,
@@ -57,6 +62,15 @@ struct FetchRow {
 }
 
 impl CacheReport {
+    /// Where a hit's features come from.
+    fn source(&self) -> &str {
+        if self.redis == "in-memory" {
+            "the gateway's memory"
+        } else {
+            "Redis"
+        }
+    }
+
     pub fn print(&self) {
         println!(
             "model: {}  redis: {}  rounds: {} (interleaved miss/hit pairs)",
@@ -68,7 +82,7 @@ impl CacheReport {
                 self.ttft_miss_ms,
             ),
             (
-                "TTFT, cache hit (features from Redis)".to_string(),
+                format!("TTFT, cache hit (features from {})", self.source()),
                 self.ttft_hit_ms,
             ),
             (
@@ -170,20 +184,26 @@ async fn redis_fetch(
 
 pub async fn run(args: &CacheBenchArgs) -> anyhow::Result<CacheReport> {
     anyhow::ensure!(args.rounds > 0, "--rounds must be at least 1");
-    let cache = RedisCache::new(&args.redis, Default::default())?;
-    cache
-        .get("vlm:bench:ping")
-        .await
-        .with_context(|| format!("cannot reach Redis at {}", args.redis))?;
+    let cache = match &args.redis {
+        Some(url) => {
+            let cache = RedisCache::new(url, Default::default())?;
+            cache
+                .get("vlm:bench:ping")
+                .await
+                .with_context(|| format!("cannot reach Redis at {url}"))?;
+            Some(cache)
+        }
+        None => None,
+    };
     let base = image::open(&args.input.image)
         .with_context(|| format!("cannot read {}", args.input.image.display()))?
         .to_rgb8();
 
-    let bench_mesh = BenchMesh::start(
-        &args.input.model,
-        vec!["--redis".into(), args.redis.clone()],
-    )
-    .await?;
+    let gateway_args = match &args.redis {
+        Some(url) => vec!["--redis".into(), url.clone()],
+        None => vec![],
+    };
+    let bench_mesh = BenchMesh::start(&args.input.model, gateway_args).await?;
     let result = async {
         let mut client = bench_mesh.gateway.clone();
         // Warm-up: connections, allocator, encoder info.
@@ -212,12 +232,14 @@ pub async fn run(args: &CacheBenchArgs) -> anyhow::Result<CacheReport> {
             (576, 1024, WireDType::F16),
             (576, 1024, WireDType::F32),
         ] {
-            redis_fetch_rows.push(redis_fetch(&cache, rows, dim, dtype).await?);
+            if let Some(cache) = &cache {
+                redis_fetch_rows.push(redis_fetch(cache, rows, dim, dtype).await?);
+            }
         }
         Ok(CacheReport {
             bench: "cache",
             model: args.input.model.display().to_string(),
-            redis: args.redis.clone(),
+            redis: args.redis.clone().unwrap_or_else(|| "in-memory".into()),
             rounds,
             hit_over_miss_p50: ttft_hit_ms.p50 / ttft_miss_ms.p50,
             ttft_miss_ms,

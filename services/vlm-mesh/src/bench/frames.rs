@@ -21,14 +21,14 @@ use vlm_proto::{
     WatchRequest, WatchResponse,
 };
 
-use super::{bundled, print_ratio, print_rows, BenchMesh, Spread};
+use super::{print_ratio, print_rows, BenchMesh, Spread};
 
 const PROMPT: &str = "USER: <image>\nWhere is the circle? ASSISTANT:";
 
 #[derive(Args, Debug, Clone)]
 pub struct FramesBenchArgs {
     /// Checkpoint to serve (the demo model knows where the clip's circle is).
-    #[arg(long, default_value_os_t = bundled("shapes-llava"))]
+    #[arg(long, env = "VLM_MODEL", default_value = crate::bundled::BUNDLED_MODEL)]
     pub model: std::path::PathBuf,
     /// Frames of the clip.
     #[arg(long, default_value_t = 300)]

@@ -20,23 +20,32 @@ use vlm_proto::gateway_client::GatewayClient;
 
 use crate::mesh::{certs_dir, Mesh, MeshOptions};
 
-/// A path under the repository's `models/` folder.
-fn bundled(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models")
-        .join(rel)
-}
-
 /// The checkpoint and image a section runs.
 #[derive(Args, Debug, Clone)]
 pub struct Input {
-    /// Checkpoint to serve (and run in process).
-    #[arg(long, env = "VLM_MODEL", default_value_os_t = bundled("tiny-llava"))]
+    /// Checkpoint to serve (and run in process); `bundled:shapes-llava` is the demo model
+    /// compiled into this binary.
+    #[arg(long, env = "VLM_MODEL", default_value = crate::bundled::BUNDLED_MODEL)]
     pub model: PathBuf,
     /// Image to ask about (the cache section sends variants of it, one pixel changed per round,
-    /// so each round starts cold).
-    #[arg(long, default_value_os_t = bundled("images/shapes-48x48.png"))]
+    /// so each round starts cold); `bundled:demo.png` is the demo model's sample image.
+    #[arg(long, default_value = crate::bundled::BUNDLED_DEMO_IMAGE)]
     pub image: PathBuf,
+}
+
+impl Input {
+    /// The bundled names replaced by the files they unpack to.
+    fn resolved(mut self) -> anyhow::Result<Input> {
+        self.model = crate::bundled::model_dir(&self.model)?;
+        self.image = crate::bundled::image_path(&self.image)?;
+        Ok(self)
+    }
+}
+
+/// Progress of `vlm-mesh bench` (every section): one line on stderr per section as it starts,
+/// since the whole run takes minutes and prints its report at the end.
+fn progress(step: usize, name: &str) {
+    eprintln!("bench: [{step}/6] {name} …");
 }
 
 #[derive(Args, Debug)]
@@ -82,9 +91,11 @@ pub enum BenchCommand {
 pub struct AllArgs {
     #[command(flatten)]
     pub input: Input,
-    /// Redis for the cache section (keys under vlm:feat:v1: and vlm:bench:).
-    #[arg(long, env = "VLM_REDIS", default_value = "redis://127.0.0.1:6379")]
-    pub redis: String,
+    /// Redis for the mesh's feature cache in the cache and concurrency sections (keys under
+    /// vlm:feat:v1: and vlm:bench:); without it the gateway's in-memory cache, and the cache
+    /// section's Redis fetch times are left out.
+    #[arg(long, env = "VLM_REDIS")]
+    pub redis: Option<String>,
     /// Python with torch and transformers: also compare with Hugging Face transformers on CPU
     /// (scripts/bench_transformers.py). Without it that section is reported as skipped.
     #[arg(long, env = "VLM_BENCH_PYTHON")]
@@ -132,29 +143,37 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match args.cmd {
-        Some(BenchCommand::Cache(a)) => rt.block_on(async {
+        Some(BenchCommand::Cache(mut a)) => rt.block_on(async {
+            a.input = a.input.resolved()?;
+            if a.quick {
+                a.rounds = 3;
+            }
             let report = cache::run(&a).await?;
             emit(&report, a.json, cache::CacheReport::print)
         }),
         Some(BenchCommand::Concurrency(mut a)) => rt.block_on(async {
+            a.input = a.input.resolved()?;
             if a.quick {
                 a.apply_quick();
             }
             let report = concurrency::run(&a).await?;
             emit(&report, a.json, concurrency::ConcurrencyReport::print)
         }),
-        Some(BenchCommand::Frames(a)) => rt.block_on(async {
+        Some(BenchCommand::Frames(mut a)) => rt.block_on(async {
+            a.model = crate::bundled::model_dir(&a.model)?;
             let report = frames::run(&a).await?;
             emit(&report, a.json, frames::FramesReport::print)
         }),
         Some(BenchCommand::Mesh(mut a)) => rt.block_on(async {
+            a.input = a.input.resolved()?;
             if a.quick {
                 (a.rounds, a.encoder_rounds, a.max_tokens) = (3, 1, 4);
             }
             let report = mesh::run(&a).await?;
             emit(&report, a.json, mesh::MeshReport::print)
         }),
-        Some(BenchCommand::Quantized(a)) => rt.block_on(async {
+        Some(BenchCommand::Quantized(mut a)) => rt.block_on(async {
+            a.input = a.input.resolved()?;
             let report = quantized::run(&a).await?;
             emit(&report, a.json, quantized::QuantizedReport::print)
         }),
@@ -165,7 +184,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let report = stream::run(&a).await?;
             emit(&report, a.json, stream::StreamReport::print)
         }),
-        Some(BenchCommand::Scale(a)) => rt.block_on(async {
+        Some(BenchCommand::Scale(mut a)) => rt.block_on(async {
+            a.input = a.input.resolved()?;
             scale::run(&a).await?;
             Ok(())
         }),
@@ -200,12 +220,14 @@ struct AllReport {
 }
 
 async fn all(mut a: AllArgs) -> anyhow::Result<()> {
+    a.input = a.input.resolved()?;
     if a.quick {
         (a.rounds, a.encoder_rounds, a.stream_rounds, a.max_tokens) = (3, 1, 3, 4);
     }
     let started_unix_s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
+    progress(1, "mesh vs in process");
     let mesh = mesh::run(&mesh::MeshBenchArgs {
         input: a.input.clone(),
         rounds: a.rounds,
@@ -215,10 +237,12 @@ async fn all(mut a: AllArgs) -> anyhow::Result<()> {
         json: a.json,
     })
     .await?;
+    progress(2, "feature cache");
     let cache = cache::run(&cache::CacheBenchArgs {
         redis: a.redis.clone(),
         input: a.input.clone(),
         rounds: a.rounds,
+        quick: a.quick,
         json: a.json,
     })
     .await?;
@@ -237,15 +261,18 @@ async fn all(mut a: AllArgs) -> anyhow::Result<()> {
     if a.quick {
         concurrency_args.apply_quick();
     }
+    progress(3, "concurrency and prefix reuse");
     let concurrency = concurrency::run(&concurrency_args).await?;
+    progress(4, "tensor-chunk streams");
     let stream = stream::run(&stream::StreamBenchArgs {
         rounds: a.stream_rounds,
         quick: a.quick,
         json: a.json,
     })
     .await?;
+    progress(5, "frame streams");
     let frames = frames::run(&frames::FramesBenchArgs {
-        model: bundled("shapes-llava"),
+        model: crate::bundled::model_dir(std::path::Path::new(crate::bundled::BUNDLED_MODEL))?,
         frames: 300,
         still: 48,
         moving: 8,
@@ -255,6 +282,7 @@ async fn all(mut a: AllArgs) -> anyhow::Result<()> {
         json: a.json,
     })
     .await?;
+    progress(6, "vs Hugging Face transformers");
     let transformers = transformers::run(
         a.python.as_deref(),
         &a.input.model,

@@ -14,7 +14,7 @@ use vlm_net::TlsFiles;
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
-    #[arg(long, env = "VLM_LISTEN")]
+    #[arg(long, env = "VLM_LISTEN", value_parser = crate::listen_arg::listen_addr)]
     pub listen: SocketAddr,
     /// Checkpoint directory in the Hugging Face llava-hf layout; `bundled:shapes-llava` is the
     /// demo model compiled into this binary (unpacked once into ~/.cache/vlm-mesh, or $VLM_CACHE_DIR).
@@ -51,10 +51,10 @@ pub struct CommonArgs {
     pub max_bytes_in_flight: u64,
     /// Also serve grpc.health.v1 (and nothing else) without TLS on this address, for probes
     /// that cannot present a client certificate, such as Kubernetes gRPC probes.
-    #[arg(long, env = "VLM_HEALTH_LISTEN")]
+    #[arg(long, env = "VLM_HEALTH_LISTEN", value_parser = crate::listen_arg::listen_addr)]
     pub health_listen: Option<SocketAddr>,
     /// Serve Prometheus metrics (text format, any path) over plain HTTP on this address.
-    #[arg(long, env = "VLM_METRICS_LISTEN")]
+    #[arg(long, env = "VLM_METRICS_LISTEN", value_parser = crate::listen_arg::listen_addr)]
     pub metrics_listen: Option<SocketAddr>,
     /// Log line format on stderr: text or json.
     #[arg(long, env = "VLM_LOG_FORMAT", default_value = "text")]
@@ -371,7 +371,7 @@ impl WatchArgs {
 pub struct HttpArgs {
     /// Also serve the OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) over
     /// HTTP/1.1 on this address, with the same TLS as the gRPC port (port 0 picks a free port).
-    #[arg(long, env = "VLM_HTTP_LISTEN")]
+    #[arg(long, env = "VLM_HTTP_LISTEN", value_parser = crate::listen_arg::listen_addr)]
     pub http_listen: Option<SocketAddr>,
     /// Let the OpenAI endpoint fetch http(s):// image URLs (otherwise they get a 400; only
     /// inline data: URLs are accepted).

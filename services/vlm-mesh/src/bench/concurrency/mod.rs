@@ -58,9 +58,9 @@ pub struct ConcurrencyBenchArgs {
     #[command(flatten)]
     pub input: Input,
     /// Redis for the mesh's feature cache (the image's features are cached once, so the encoder
-    /// stays out of the measurement).
-    #[arg(long, env = "VLM_REDIS", default_value = "redis://127.0.0.1:6379")]
-    pub redis: String,
+    /// stays out of the measurement); without it the gateway's in-memory cache does the same.
+    #[arg(long, env = "VLM_REDIS")]
+    pub redis: Option<String>,
     /// Requests in flight to measure, comma separated.
     #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_LEVELS)]
     pub levels: Vec<usize>,
@@ -400,11 +400,11 @@ pub async fn run(args: &ConcurrencyBenchArgs) -> anyhow::Result<ConcurrencyRepor
     let image = std::fs::read(&args.input.image)
         .with_context(|| format!("cannot read {}", args.input.image.display()))?;
 
-    let bench_mesh = BenchMesh::start(
-        &args.input.model,
-        vec!["--redis".into(), args.redis.clone()],
-    )
-    .await?;
+    let gateway_args = match &args.redis {
+        Some(url) => vec!["--redis".into(), url.clone()],
+        None => vec![],
+    };
+    let bench_mesh = BenchMesh::start(&args.input.model, gateway_args).await?;
     let result = async {
         let client = bench_mesh.gateway.clone();
         // Warm-up: connections, allocator, and the image's features into the cache.
@@ -418,7 +418,10 @@ pub async fn run(args: &ConcurrencyBenchArgs) -> anyhow::Result<ConcurrencyRepor
             Expect::Any,
         )
         .await
-        .with_context(|| format!("warm-up request (feature cache on Redis at {})", args.redis))?;
+        .with_context(|| match &args.redis {
+            Some(url) => format!("warm-up request (feature cache on Redis at {url})"),
+            None => "warm-up request (the gateway's in-memory feature cache)".to_string(),
+        })?;
         let rows = throughput(&client, &image, &levels, args).await?;
         let prefix = prefix_bench(&client, &image, args).await?;
         Ok::<_, anyhow::Error>((rows, prefix))
