@@ -59,6 +59,8 @@ pub struct TlsState {
     servers: [Arc<ServerConfig>; 4],
     /// This identity as a client of other mesh services (h2), trusting the CA bundle.
     client: Arc<ClientConfig>,
+    /// What it was made from: the watcher compares the files with it.
+    pems: TlsPems,
 }
 
 impl std::fmt::Debug for TlsState {
@@ -146,6 +148,7 @@ impl TlsState {
             serial,
             servers: servers.try_into().expect("four server configs"),
             client: Arc::new(client),
+            pems: pems.clone(),
         })
     }
 }
@@ -331,8 +334,10 @@ impl TlsSource {
             return;
         }
         let weak = Arc::downgrade(self);
+        // From what is in use, not from a first read: a change made between the load and the
+        // watcher's first look is a change.
+        let mut seen = Some(self.current().pems.clone());
         tokio::spawn(async move {
-            let mut seen = read_all(&files).await.ok();
             loop {
                 tokio::time::sleep(every).await;
                 let Some(source) = weak.upgrade() else { return };
