@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod attack;
+pub mod tls;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -72,7 +73,16 @@ impl MeshProc {
 
     /// `up` with another model and extra flags (e.g. `--redis URL`).
     pub fn start_with(model: &Path, args: &[&str], envs: &[(&str, &str)]) -> MeshProc {
-        let state = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), model, args, envs)
+    }
+
+    /// `up` with `state` as its state directory (prepared by the test, e.g. its `certs/`).
+    pub fn start_in(
+        state: tempfile::TempDir,
+        model: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> MeshProc {
         let mut cmd = Command::new(EXE);
         cmd.args(["up", "--listen", "127.0.0.1:0", "--model"])
             .arg(model)

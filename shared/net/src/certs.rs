@@ -24,6 +24,13 @@ pub const ROLES: [&str; 5] = ["gateway", "encoder", "projector", "decoder", "cli
 const CA_CERT: &str = "ca.pem";
 const CA_KEY: &str = "ca.key";
 
+/// Days a leaf is valid by default (`vlm-mesh certs --days`), as cert-manager's default duration.
+pub const DEFAULT_LEAF_DAYS: u32 = 90;
+/// Days the development CA is valid: ten years, so leaves can be reissued from it many times.
+pub const CA_DAYS: u32 = 3650;
+/// `ensure_dev_certs` reissues a leaf that expires within this many days.
+const REISSUE_WITHIN_DAYS: i64 = 7;
+
 /// A generated PKI, in memory.
 #[derive(Clone)]
 pub struct DevPki {
@@ -78,16 +85,26 @@ impl DevPki {
     }
 }
 
-/// Generates a fresh CA and a leaf for every role in [`ROLES`], in memory.
-/// Leaf SANs: localhost, 127.0.0.1, ::1, the role name, and `extra_hosts`
-/// (DNS names or IP addresses, e.g. Kubernetes Service names), plus the role
-/// URI `spiffe://vlm-mesh/<role>`.
+/// Generates a fresh CA and a leaf for every role in [`ROLES`], in memory, leaves valid for
+/// [`DEFAULT_LEAF_DAYS`]. See [`generate_dev_pki_for`].
 pub fn generate_dev_pki(extra_hosts: &[String]) -> Result<DevPki, NetError> {
+    generate_dev_pki_for(extra_hosts, DEFAULT_LEAF_DAYS)
+}
+
+/// Generates a fresh CA (valid [`CA_DAYS`]) and a leaf for every role in [`ROLES`] (valid
+/// `leaf_days`), in memory. Leaf SANs: localhost, 127.0.0.1, ::1, the role name, the role URI
+/// `spiffe://vlm-mesh/<role>`, and the `extra_hosts` for that role: an entry `NAME` (a DNS name
+/// or IP address) goes into every leaf, `ROLE=NAME` only into that role's (e.g.
+/// `encoder=vlm-mesh-encoder.ml.svc`), so a leaf names only its own service.
+pub fn generate_dev_pki_for(extra_hosts: &[String], leaf_days: u32) -> Result<DevPki, NetError> {
+    let hosts = parse_hosts(extra_hosts)?;
     let ca_key = KeyPair::generate().map_err(|source| NetError::CertGen {
         what: "CA key".into(),
         source,
     })?;
-    let ca_cert = ca_params(&ca_key)
+    let mut ca = ca_params(&ca_key);
+    set_validity(&mut ca, CA_DAYS);
+    let ca_cert = ca
         .self_signed(&ca_key)
         .map_err(|source| NetError::CertGen {
             what: "CA certificate".into(),
@@ -96,7 +113,7 @@ pub fn generate_dev_pki(extra_hosts: &[String]) -> Result<DevPki, NetError> {
     let issuer = Issuer::new(ca_params(&ca_key), &ca_key);
     let leaves = ROLES
         .iter()
-        .map(|role| issue_leaf(role, extra_hosts, &issuer))
+        .map(|role| issue_leaf(role, &hosts.of(role), leaf_days, &issuer))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(DevPki {
         ca_cert_pem: ca_cert.pem(),
@@ -111,6 +128,81 @@ pub fn generate_dev_certs(
     extra_hosts: &[String],
 ) -> Result<(), NetError> {
     generate_dev_pki(extra_hosts)?.write_to(out_dir.as_ref())
+}
+
+/// `--hosts` entries, split into names for every leaf and names for one role's.
+#[derive(Debug, Default)]
+struct Hosts {
+    every: Vec<String>,
+    by_role: Vec<(String, String)>,
+}
+
+impl Hosts {
+    fn of(&self, role: &str) -> Vec<String> {
+        let own = self.by_role.iter().filter(|(r, _)| r == role);
+        self.every
+            .iter()
+            .cloned()
+            .chain(own.map(|(_, h)| h.clone()))
+            .collect()
+    }
+}
+
+fn parse_hosts(entries: &[String]) -> Result<Hosts, NetError> {
+    let mut hosts = Hosts::default();
+    for entry in entries {
+        let (role, name) = match entry.split_once('=') {
+            Some((role, name)) => (Some(role.trim()), name.trim()),
+            None => (None, entry.trim()),
+        };
+        // rcgen accepts any ASCII; check with the same parser clients use to verify names, so
+        // every SAN written is one a client can ask for.
+        rustls_pki_types::ServerName::try_from(name).map_err(|e| NetError::InvalidHost {
+            host: entry.clone(),
+            reason: e.to_string(),
+        })?;
+        match role {
+            None => hosts.every.push(name.to_string()),
+            Some(r) if ROLES.contains(&r) => hosts.by_role.push((r.into(), name.into())),
+            Some(r) => {
+                return Err(NetError::InvalidHost {
+                    host: entry.clone(),
+                    reason: format!("{r:?} is not a role (one of {})", ROLES.join(", ")),
+                })
+            }
+        }
+    }
+    Ok(hosts)
+}
+
+/// Valid from an hour ago (clocks of peers differ a little) for `days`.
+fn set_validity(params: &mut CertificateParams, days: u32) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(i64::from(days));
+}
+
+/// The DNS names and IP addresses a certificate (DER) is valid for, as strings.
+pub fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let Some(san) = cert.subject_alternative_name().map_err(|e| e.to_string())? else {
+        return Ok(Vec::new());
+    };
+    Ok(san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(d.to_string()),
+            GeneralName::IPAddress(ip) => match ip.len() {
+                4 => Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).ok()?).to_string()),
+                16 => Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).ok()?).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect())
 }
 
 /// Makes sure `dir` holds a complete dev PKI; returns whether anything was
@@ -147,7 +239,20 @@ pub fn ensure_dev_certs(dir: impl AsRef<Path>, extra_hosts: &[String]) -> Result
             "reissuing dev certificates made before roles (no spiffe://vlm-mesh/<role> URI SAN) from the existing CA"
         );
     }
-    let missing: Vec<&str> = missing.into_iter().chain(without_role).collect();
+    let expiring: Vec<&str> = ROLES
+        .iter()
+        .copied()
+        .filter(|r| !missing.contains(r) && !without_role.contains(r) && leaf_expiring(dir, r))
+        .collect();
+    if !expiring.is_empty() {
+        tracing::warn!(dir = %dir.display(), roles = ?expiring,
+            "reissuing dev certificates that expire within {REISSUE_WITHIN_DAYS} days from the existing CA");
+    }
+    let missing: Vec<&str> = missing
+        .into_iter()
+        .chain(without_role)
+        .chain(expiring)
+        .collect();
     if missing.is_empty() {
         return Ok(false);
     }
@@ -181,8 +286,12 @@ pub fn ensure_dev_certs(dir: impl AsRef<Path>, extra_hosts: &[String]) -> Result
         )));
     }
     let issuer = Issuer::new(ca_params(&ca_key), &ca_key);
+    let hosts = parse_hosts(extra_hosts)?;
     for role in missing {
-        write_leaf(dir, &issue_leaf(role, extra_hosts, &issuer)?)?;
+        write_leaf(
+            dir,
+            &issue_leaf(role, &hosts.of(role), DEFAULT_LEAF_DAYS, &issuer)?,
+        )?;
     }
     Ok(true)
 }
@@ -214,21 +323,18 @@ fn ca_params(ca_key: &KeyPair) -> CertificateParams {
     p
 }
 
+/// A leaf for `role` valid for `days`, named `hosts` (checked by [`parse_hosts`]) besides the
+/// loopback names and the role.
 fn issue_leaf(
     role: &str,
-    extra_hosts: &[String],
+    hosts: &[String],
+    days: u32,
     issuer: &Issuer<'_, &KeyPair>,
 ) -> Result<LeafPems, NetError> {
     let mut sans: Vec<String> = ["localhost", "127.0.0.1", "::1", role]
         .map(String::from)
         .to_vec();
-    for h in extra_hosts {
-        // rcgen accepts any ASCII; check with the same parser clients use to
-        // verify names, so every SAN written is one a client can ask for.
-        rustls_pki_types::ServerName::try_from(h.as_str()).map_err(|e| NetError::InvalidHost {
-            host: h.clone(),
-            reason: e.to_string(),
-        })?;
+    for h in hosts {
         if !sans.contains(h) {
             sans.push(h.clone());
         }
@@ -250,6 +356,7 @@ fn issue_leaf(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
+    set_validity(&mut params, days);
     let key = KeyPair::generate().map_err(gen_err)?;
     let cert = params.signed_by(&key, issuer).map_err(gen_err)?;
     Ok(LeafPems {
@@ -278,6 +385,20 @@ fn leaf_lacks_role(dir: &Path, role: &str) -> bool {
         Ok(found) => found.as_deref() != Some(role),
         Err(_) => false,
     }
+}
+
+/// Whether `role`'s leaf in `dir` expires within [`REISSUE_WITHIN_DAYS`] (or has expired).
+fn leaf_expiring(dir: &Path, role: &str) -> bool {
+    use rustls_pki_types::pem::PemObject;
+    let [cert, _] = leaf_paths(dir, role);
+    let Ok(der) = rustls_pki_types::CertificateDer::from_pem_file(&cert) else {
+        return false;
+    };
+    let Ok((not_after, _)) = crate::tls_source::leaf_facts(&der) else {
+        return false;
+    };
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    not_after < now + REISSUE_WITHIN_DAYS * 86_400
 }
 
 fn write_leaf(dir: &Path, leaf: &LeafPems) -> Result<(), NetError> {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Server, ServerTlsConfig};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Server};
 
 use crate::{error_chain, NetError};
 
@@ -95,11 +95,13 @@ pub fn connect_lazy(url: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, 
     Ok(endpoint(url, tls, &ChannelOptions::default())?.connect_lazy())
 }
 
-/// A server builder with the mesh's HTTP/2 settings, and TLS if given.
 /// Concurrent calls (HTTP/2 streams) one client connection may have open on a mesh server.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 
-pub fn server_builder(tls: Option<ServerTlsConfig>) -> Result<Server, NetError> {
+/// A server builder with the mesh's HTTP/2 settings, and tonic's own (fixed) TLS if given; the
+/// mesh's servers do TLS in their incoming stream instead ([`crate::tls_incoming`]), so that it
+/// can be reloaded.
+pub fn server_builder(tls: Option<tonic::transport::ServerTlsConfig>) -> Result<Server, NetError> {
     let opts = ChannelOptions::default();
     let builder = Server::builder()
         .tcp_nodelay(true)

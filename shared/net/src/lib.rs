@@ -25,6 +25,9 @@ mod serve;
 mod shutdown;
 mod status_hygiene;
 mod tls;
+mod tls_accept;
+mod tls_connect;
+pub mod tls_source;
 mod util;
 
 pub use adaptive::{AdaptiveTimeout, AdaptiveTimeoutOptions, PeerPace};
@@ -55,6 +58,9 @@ pub use tls::{
     client_tls, client_tls_without_identity, server_tls, server_tls_client_auth_optional,
     ClientAuth, TlsFiles, TlsPems,
 };
+pub use tls_accept::{tls_incoming, ServerTls, HANDSHAKE_TIMEOUT};
+pub use tls_connect::{lazy_channel, ClientTls};
+pub use tls_source::{Alpn, TlsKind, TlsLabel, TlsSource, TlsState};
 pub use util::{
     fingerprint_of, new_request_id, parse_grpc_timeout, request_deadline, url_host, with_deadline,
     with_fingerprint, FINGERPRINT_HEADER,

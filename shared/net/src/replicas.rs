@@ -16,21 +16,21 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tonic::transport::{Channel, ClientTlsConfig};
+use tonic::transport::Channel;
 use tonic::Status;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::{endpoint, url_host, ChannelOptions, NetError};
+use crate::{lazy_channel, url_host, ChannelOptions, ClientTls, NetError};
 use vlm_telemetry::GrpcClientTrace;
 
 /// A mesh channel with trace-context propagation (see [`vlm_telemetry::grpc`]).
 pub type TracedChannel = GrpcClientTrace<Channel>;
 
-/// Makes the client TLS config for a server name (None = plaintext, for tests without TLS).
+/// Makes the client TLS for a server name (None = plaintext, for tests without TLS).
 pub type TlsForHost =
-    Arc<dyn Fn(&str) -> Result<Option<ClientTlsConfig>, NetError> + Send + Sync + 'static>;
+    Arc<dyn Fn(&str) -> Result<Option<ClientTls>, NetError> + Send + Sync + 'static>;
 
 /// How a [`ReplicaSet`] finds and watches its replicas.
 #[derive(Debug, Clone)]
@@ -345,11 +345,12 @@ impl ReplicaSet {
     }
 
     fn add(&self, url: &str, tls_host: &str) -> Result<Arc<Replica>, NetError> {
-        let ep = endpoint(url, (self.tls)(tls_host)?, &ChannelOptions::default())?;
+        // Each new connection of the channel (first use, reconnects) gets the TLS of its moment.
+        let channel = lazy_channel(url, (self.tls)(tls_host)?, &ChannelOptions::default())?;
         let replica = Arc::new(Replica {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             url: url.to_string(),
-            channel: ep.connect_lazy(),
+            channel,
             // Optimistic until the first health check says otherwise: a fresh gateway can take
             // traffic at once, and a wrong guess costs one failed, retried call.
             healthy: AtomicBool::new(true),

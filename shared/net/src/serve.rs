@@ -13,16 +13,15 @@ use tonic::codegen::http::{Request, Response};
 use tonic::codegen::Service;
 use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::ServerTlsConfig;
 use tonic_health::ServingStatus;
 use tower::layer::util::{Identity, Stack};
 use tower::{Layer, ServiceBuilder};
 use vlm_telemetry::GrpcServerTraceLayer;
 
 use crate::{
-    error_chain, health_and_reflection, reflection_v1alpha, server_builder, AdmissionGate,
-    AdmissionLayer, AllowedCallers, CallerRoleLayer, ChannelOptions, DeadlineLayer, NetError,
-    StatusHygieneLayer,
+    error_chain, health_and_reflection, reflection_v1alpha, server_builder, tls_incoming,
+    AdmissionGate, AdmissionLayer, AllowedCallers, CallerRoleLayer, ChannelOptions, DeadlineLayer,
+    NetError, ServerTls, StatusHygieneLayer,
 };
 
 /// [`server_layers`]' stack.
@@ -63,12 +62,13 @@ pub fn server_layers(gate: AdmissionGate, callers: AllowedCallers) -> ServerLaye
 ///
 /// Binding first (port 0 is fine) lets the caller learn the address and
 /// announce it before serving; connections that arrive in between queue in
-/// the listener. Health reports `S::NAME` and "" as SERVING from the start —
+/// the listener. Each connection handshakes with `tls`'s material of the moment, so a reloaded
+/// certificate serves new connections while open ones carry on. Health reports `S::NAME` and "" as SERVING from the start —
 /// call this only once the service is ready — and NOT_SERVING as soon as
 /// shutdown begins, so balancers stop routing new calls during the drain.
 pub async fn serve_grpc<S, F>(
     listener: TcpListener,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<ServerTls>,
     service: S,
     shutdown: F,
 ) -> Result<(), NetError>
@@ -97,7 +97,7 @@ where
 pub async fn serve_grpc_with_health_port<S, F>(
     listener: TcpListener,
     health_listener: Option<TcpListener>,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<ServerTls>,
     service: S,
     callers: AllowedCallers,
     shutdown: F,
@@ -142,17 +142,23 @@ where
         None => None,
     };
     tracing::info!(service = S::NAME, %addr, tls = tls.is_some(), "serving");
-    let served = server_builder(tls)?
+    let router = server_builder(None)?
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, drain)
-        .await
-        .map_err(|e| NetError::Serve {
-            addr,
-            reason: error_chain(&e),
-        });
+        .add_service(service);
+    let served = match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls_incoming(incoming, tls), drain)
+                .await
+        }
+        None => router.serve_with_incoming_shutdown(incoming, drain).await,
+    }
+    .map_err(|e| NetError::Serve {
+        addr,
+        reason: error_chain(&e),
+    });
     if let Some((stop, task)) = health_port {
         let _ = stop.send(());
         let _ = task.await;

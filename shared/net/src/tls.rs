@@ -4,17 +4,12 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
-use crate::NetError;
-
-/// Bounds how long a peer may take to finish a handshake, so half-open
-/// connections cannot pile up on a server.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::{NetError, ServerTls, HANDSHAKE_TIMEOUT};
 
 /// Where a process finds its TLS material.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,12 +84,10 @@ impl TlsPems {
         check_key(&self.key, "(in memory)")
     }
 
-    pub fn server_config(&self, client_auth: ClientAuth) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert, &self.key))
-            .client_ca_root(Certificate::from_pem(&self.ca))
-            .client_auth_optional(client_auth == ClientAuth::Optional)
-            .timeout(HANDSHAKE_TIMEOUT)
+    /// A server's TLS from these PEMs (never reloaded); fails on an unusable certificate, key or
+    /// CA, or a key that does not match the certificate.
+    pub fn server_config(&self, client_auth: ClientAuth) -> Result<ServerTls, NetError> {
+        ServerTls::from_pems(self, client_auth)
     }
 
     /// Trusts only the mesh CA (no system roots), checks that the server's
@@ -112,15 +105,16 @@ fn client_config_base(ca: &[u8], server_name: &str) -> ClientTlsConfig {
         .timeout(HANDSHAKE_TIMEOUT)
 }
 
-/// Server config for internal services: client certificate required.
-pub fn server_tls(files: &TlsFiles) -> Result<ServerTlsConfig, NetError> {
-    Ok(files.load()?.server_config(ClientAuth::Required))
+/// Server TLS for internal services, loaded once: client certificate required. (`serve`
+/// watches its files instead: [`crate::TlsSource::watch`].)
+pub fn server_tls(files: &TlsFiles) -> Result<ServerTls, NetError> {
+    ServerTls::from_files(files, ClientAuth::Required)
 }
 
-/// Server config for the public gateway port: TLS always, client certificate
+/// Server TLS for the public gateway port, loaded once: TLS always, client certificate
 /// optional (but verified against the CA when presented).
-pub fn server_tls_client_auth_optional(files: &TlsFiles) -> Result<ServerTlsConfig, NetError> {
-    Ok(files.load()?.server_config(ClientAuth::Optional))
+pub fn server_tls_client_auth_optional(files: &TlsFiles) -> Result<ServerTls, NetError> {
+    ServerTls::from_files(files, ClientAuth::Optional)
 }
 
 /// Client config for internal hops: verifies `server_name` against the mesh CA

@@ -89,7 +89,6 @@ fn ensure_is_idempotent_and_reissues_only_missing_leaves() {
 
 #[tokio::test]
 async fn reissued_leaf_chains_to_the_existing_ca() {
-    use tokio_stream::wrappers::TcpListenerStream;
     let d = tempfile::tempdir().unwrap();
     ensure_dev_certs(d.path(), &[]).unwrap();
     std::fs::remove_file(d.path().join("projector.pem")).unwrap();
@@ -99,10 +98,10 @@ async fn reissued_leaf_chains_to_the_existing_ca() {
     let addr = listener.local_addr().unwrap();
     let (_reporter, health, _) = vlm_net::health_and_reflection("vlm.v1.Encoder").unwrap();
     let tls = vlm_net::server_tls(&TlsFiles::for_role(d.path(), "projector")).unwrap();
-    let router = vlm_net::server_builder(Some(tls))
-        .unwrap()
-        .add_service(health);
-    tokio::spawn(router.serve_with_incoming(TcpListenerStream::new(listener)));
+    let router = vlm_net::server_builder(None).unwrap().add_service(health);
+    let incoming =
+        vlm_net::tls_incoming(tonic::transport::server::TcpIncoming::from(listener), tls);
+    tokio::spawn(router.serve_with_incoming(incoming));
 
     let client = vlm_net::client_tls(&TlsFiles::for_role(d.path(), "client"), "projector").unwrap();
     let ch = vlm_net::connect(&format!("https://{addr}"), Some(client))

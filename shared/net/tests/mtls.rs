@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::time::Instant;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, ClientTlsConfig};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -33,20 +33,20 @@ fn mesh() -> Mesh {
 
 /// Starts a server with health + reflection as `role`, returning its address
 /// once the listener is bound (connections queue from then on, so no sleep).
-async fn start(
-    tls: tonic::transport::ServerTlsConfig,
-) -> (SocketAddr, tonic_health::server::HealthReporter) {
+async fn start(tls: vlm_net::ServerTls) -> (SocketAddr, tonic_health::server::HealthReporter) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (reporter, health, reflection) = vlm_net::health_and_reflection(SERVICE).unwrap();
     reporter
         .set_service_status(SERVICE, tonic_health::ServingStatus::Serving)
         .await;
-    let router = vlm_net::server_builder(Some(tls))
+    let router = vlm_net::server_builder(None)
         .unwrap()
         .add_service(health)
         .add_service(reflection);
-    tokio::spawn(router.serve_with_incoming(TcpListenerStream::new(listener)));
+    // The servers' own TLS path: each connection handshakes with the source's current config.
+    let incoming = vlm_net::tls_incoming(TcpIncoming::from(listener), tls);
+    tokio::spawn(router.serve_with_incoming(incoming));
     (addr, reporter)
 }
 
@@ -211,7 +211,7 @@ async fn in_memory_pki_serves_with_required_client_auth() {
     let pki = generate_dev_pki(&["encoder.vlm.svc".to_string()]).unwrap();
     let server = pki.tls_pems("encoder").unwrap();
     server.validate().unwrap();
-    let (addr, _r) = start(server.server_config(ClientAuth::Required)).await;
+    let (addr, _r) = start(server.server_config(ClientAuth::Required).unwrap()).await;
     let client = pki.tls_pems("client").unwrap();
     // The extra host is in the SANs.
     assert_eq!(

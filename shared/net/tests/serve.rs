@@ -104,22 +104,22 @@ async fn serve_grpc_serves_health_and_the_service_then_drains() {
     res.unwrap().unwrap();
 }
 
-#[tokio::test]
-async fn serve_grpc_reports_a_bad_tls_config() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    // An identity-less config cannot serve TLS; this must be an error, not a panic.
+#[test]
+fn a_bad_tls_config_is_refused_before_serving() {
+    // A key that is not a key, and a key that is not the certificate's: errors, not panics.
     let pki = vlm_net::certs::generate_dev_pki(&[]).unwrap();
     let mut pems = pki.tls_pems("encoder").unwrap();
     pems.key = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".to_vec();
-    let res = vlm_net::serve_grpc(
-        listener,
-        Some(pems.server_config(vlm_net::ClientAuth::Required)),
-        EncoderServer::new(StubEncoder),
-        async {},
-    )
-    .await;
-    let err = res.expect_err("a broken key must not serve");
-    assert!(matches!(err, vlm_net::NetError::TlsConfig(_)), "{err}");
+    let err = pems
+        .server_config(vlm_net::ClientAuth::Required)
+        .expect_err("a broken key must not serve");
+    assert!(err.to_string().contains("private key"), "{err}");
+    let mut pems = pki.tls_pems("encoder").unwrap();
+    pems.key = pki.tls_pems("decoder").unwrap().key;
+    let err = pems
+        .server_config(vlm_net::ClientAuth::Required)
+        .expect_err("another certificate's key must not serve");
+    assert!(err.to_string().contains("does not go with"), "{err}");
 }
 
 #[test]

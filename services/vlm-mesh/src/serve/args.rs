@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::builder::TypedValueParser;
@@ -65,6 +66,11 @@ pub struct CommonArgs {
     /// and decoder; `any` for the gateway.
     #[arg(long, env = "VLM_ALLOWED_CALLERS")]
     pub allowed_callers: Option<vlm_net::AllowedCallers>,
+    /// Seconds between checks of the certificate, key and CA files: changed files are loaded
+    /// for new connections (calls in flight carry on); unusable ones are refused with a
+    /// warning and the previous ones kept. 0 reads them once, at start-up.
+    #[arg(long, env = "VLM_TLS_RELOAD_INTERVAL_SECS", default_value_t = 10)]
+    pub tls_reload_interval_secs: u64,
 }
 
 impl CommonArgs {
@@ -85,6 +91,30 @@ impl CommonArgs {
             )?,
             key: pick(&self.key, from_dir.as_ref().map(|f| f.key.clone()), "key")?,
         })
+    }
+
+    /// `role`'s mesh identity, its expiry exported and its files watched
+    /// (`--tls-reload-interval-secs`).
+    pub(super) fn mesh_tls(&self, role: &str) -> anyhow::Result<Arc<vlm_net::TlsSource>> {
+        self.watched_tls(&self.tls_files(role)?, role, vlm_net::TlsKind::Mesh)
+    }
+
+    /// `files` as `role`'s `kind` identity, exported and watched.
+    pub(super) fn watched_tls(
+        &self,
+        files: &TlsFiles,
+        role: &str,
+        kind: vlm_net::TlsKind,
+    ) -> anyhow::Result<Arc<vlm_net::TlsSource>> {
+        let label = vlm_net::TlsLabel {
+            service: role.to_string(),
+            kind,
+        };
+        let source = vlm_net::TlsSource::load(files, Some(label))?;
+        source.watch(std::time::Duration::from_secs(
+            self.tls_reload_interval_secs,
+        ));
+        Ok(source)
     }
 
     pub(super) fn dtype(&self) -> anyhow::Result<vlm_model::DType> {
@@ -279,6 +309,14 @@ pub struct GatewayArgs {
     /// Serve the public port without TLS (internal hops stay mTLS). For local debugging only.
     #[arg(long, env = "VLM_PLAINTEXT")]
     pub plaintext: bool,
+    /// Certificate chain for the public ports (gRPC and --http-listen) instead of the mesh
+    /// certificate; with --public-key. Reloaded like the mesh certificate. Client certificates
+    /// offered there are still checked against the mesh CA.
+    #[arg(long, env = "VLM_PUBLIC_CERT", requires = "public_key")]
+    pub public_cert: Option<PathBuf>,
+    /// Private key of --public-cert.
+    #[arg(long, env = "VLM_PUBLIC_KEY", requires = "public_cert")]
+    pub public_key: Option<PathBuf>,
     /// Most of each shared limit one peer may hold, as a fraction (0 < share ≤ 1): of the calls
     /// still sending their request, of the slots and queue places (--max-in-flight +
     /// --max-queue), and of the Watch streams. A peer is a connection, and a client certificate
@@ -373,6 +411,11 @@ pub struct HttpArgs {
     /// HTTP/1.1 on this address, with the same TLS as the gRPC port (port 0 picks a free port).
     #[arg(long, env = "VLM_HTTP_LISTEN", value_parser = crate::listen_arg::listen_addr)]
     pub http_listen: Option<SocketAddr>,
+    /// Also serve the OpenAI-compatible API over plain HTTP (no TLS) on this address, for a
+    /// TLS-terminating ingress in front. It has no client certificates: a peer is its source
+    /// address (the ingress's), for per-peer shares. Same admission and limits as --http-listen.
+    #[arg(long, env = "VLM_HTTP_PLAINTEXT_LISTEN")]
+    pub http_plaintext_listen: Option<SocketAddr>,
     /// Let the OpenAI endpoint fetch http(s):// image URLs (otherwise they get a 400; only
     /// inline data: URLs are accepted).
     #[arg(long, env = "VLM_ALLOW_IMAGE_URLS")]
@@ -404,6 +447,9 @@ impl HttpArgs {
         let mut args = vec![];
         if let Some(addr) = self.http_listen {
             args.extend(["--http-listen".to_string(), addr.to_string()]);
+        }
+        if let Some(addr) = self.http_plaintext_listen {
+            args.extend(["--http-plaintext-listen".to_string(), addr.to_string()]);
         }
         if self.allow_image_urls {
             args.push("--allow-image-urls".into());

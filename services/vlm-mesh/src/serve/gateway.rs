@@ -13,6 +13,10 @@ use super::{serve_stage, GatewayArgs, Stage, MAX_MESSAGE_BYTES};
 
 pub(super) async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     let files = a.common.tls_files("gateway")?;
+    let mesh_tls = a.common.mesh_tls("gateway")?;
+    // The public ports' TLS (gRPC and OpenAI HTTP): their own certificate, or the mesh one.
+    let public_tls = public_tls(&a, &files, &mesh_tls)?
+        .map(|source| vlm_net::ServerTls::new(source, vlm_net::ClientAuth::Optional));
     // One admission for both front doors: gRPC calls and chat completions share slots, queue
     // and memory budget.
     anyhow::ensure!(
@@ -26,20 +30,26 @@ pub(super) async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     );
     a.cache.check_redis().await?;
     let svc = Arc::new(vlm_gateway::GatewayService::new(config(
-        &a, &files, &admission,
+        &a, &mesh_tls, &admission,
     )?)?);
-    let tls = if a.plaintext {
-        None
-    } else {
-        Some(vlm_net::server_tls_client_auth_optional(&files)?)
-    };
-    let http = match a.http.http_listen {
-        None => None,
-        Some(addr) => Some(openai_port(&a, &files, svc.clone(), admission.clone(), addr).await?),
-    };
+    let mut http = Vec::new();
+    if let Some(addr) = a.http.http_listen {
+        let tls = public_tls
+            .clone()
+            .map(vlm_net::HttpTlsAcceptor::from_server_tls);
+        let port = (addr, "http", "--http-listen");
+        http.push(openai_port(&a, svc.clone(), admission.clone(), port, tls).await?);
+    }
+    if let Some(addr) = a.http.http_plaintext_listen {
+        tracing::warn!(%addr, "serving the OpenAI-compatible endpoint over plain HTTP (--http-plaintext-listen): \
+            no TLS and no client certificates there, so each peer is its source address (a TLS-terminating \
+            ingress's own); keep the port reachable only from the ingress");
+        let port = (addr, "http-plaintext", "--http-plaintext-listen");
+        http.push(openai_port(&a, svc.clone(), admission.clone(), port, None).await?);
+    }
     let stage = Stage {
         server: vlm_proto::gateway_server::GatewayServer::from_arc(svc),
-        tls,
+        tls: public_tls,
         max_message_bytes: MAX_MESSAGE_BYTES,
         http,
         admission,
@@ -47,16 +57,50 @@ pub(super) async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     serve_stage(&a.common, stage).await
 }
 
+/// The public ports' TLS source: `--public-cert`/`--public-key` (trusting the mesh CA for the
+/// optional client certificates), else the mesh identity; `None` with `--plaintext`.
+fn public_tls(
+    a: &GatewayArgs,
+    mesh_files: &TlsFiles,
+    mesh: &Arc<vlm_net::TlsSource>,
+) -> anyhow::Result<Option<Arc<vlm_net::TlsSource>>> {
+    match (&a.public_cert, &a.public_key) {
+        (None, None) => Ok((!a.plaintext).then(|| mesh.clone())),
+        (Some(cert), Some(key)) => {
+            anyhow::ensure!(
+                !a.plaintext,
+                "--public-cert has no use with --plaintext (the public ports serve no TLS)"
+            );
+            let files = TlsFiles {
+                ca: mesh_files.ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            let source = a
+                .common
+                .watched_tls(&files, "gateway", vlm_net::TlsKind::Public)
+                .context("--public-cert/--public-key")?;
+            Ok(Some(source))
+        }
+        _ => anyhow::bail!("--public-cert and --public-key go together: pass both or neither"),
+    }
+}
+
 fn config(
     a: &GatewayArgs,
-    files: &TlsFiles,
+    mesh_tls: &Arc<vlm_net::TlsSource>,
     admission: &vlm_net::AdmissionGate,
 ) -> anyhow::Result<vlm_gateway::GatewayConfig> {
     let r = &a.resilience;
-    // Internal hops: the gateway presents its certificate and checks each stage's name.
-    let tls_files = files.clone();
-    let tls: vlm_net::TlsForHost =
-        Arc::new(move |host: &str| Ok(Some(vlm_net::client_tls(&tls_files, host)?)));
+    // Internal hops: the gateway presents its certificate and checks each stage's name; every
+    // new connection takes the mesh identity of its moment.
+    let source = mesh_tls.clone();
+    let tls: vlm_net::TlsForHost = Arc::new(move |host: &str| {
+        Ok(Some(vlm_net::ClientTls::Reloading {
+            source: source.clone(),
+            server_name: host.to_string(),
+        }))
+    });
     let replica_opts = vlm_net::ReplicaOptions {
         health_interval: Duration::from_millis(r.health_interval_ms.max(10)),
         dns_refresh: Duration::from_secs(r.dns_refresh_secs.max(1)),
@@ -134,13 +178,14 @@ fn model_id(dir: &std::path::Path) -> String {
         .unwrap_or_default()
 }
 
-/// The OpenAI endpoint on `addr`; it shares the gateway (its cache, limits and stage channels).
+/// The OpenAI endpoint on `port` (address, label on the `listening` line, flag), with `http_tls`
+/// or without TLS; it shares the gateway (its cache, limits and stage channels).
 async fn openai_port(
     a: &GatewayArgs,
-    files: &TlsFiles,
     svc: Arc<vlm_gateway::GatewayService>,
     admission: vlm_net::AdmissionGate,
-    addr: SocketAddr,
+    (addr, label, flag): (SocketAddr, &'static str, &str),
+    http_tls: Option<vlm_net::HttpTlsAcceptor>,
 ) -> anyhow::Result<HttpPort> {
     // `--served-model-name`: the first names the model in responses, all are accepted.
     let mut names = a.http.served_model_name.clone();
@@ -165,16 +210,9 @@ async fn openai_port(
             admission,
         },
     )?;
-    let http_tls = if a.plaintext {
-        None
-    } else {
-        Some(vlm_net::HttpTlsAcceptor::new(
-            files,
-            vlm_net::ClientAuth::Optional,
-        )?)
-    };
-    let listener = bind(addr, "--http-listen").await?;
+    let listener = bind(addr, flag).await?;
     Ok(HttpPort {
+        label,
         addr: listener.local_addr()?,
         served: Box::pin(Arc::new(endpoint).serve(listener, http_tls, vlm_net::shutdown_signal())),
     })

@@ -2,7 +2,8 @@
 //!
 //! Contract with launchers (`up`, tests): after binding, the process prints exactly one line
 //! `listening <addr>` on stdout, so `--listen 127.0.0.1:0` can be used and the real port learned.
-//! A gateway with `--http-listen` appends ` http=<addr>` (its OpenAI-compatible port) to that line;
+//! A gateway with `--http-listen` appends ` http=<addr>` (its OpenAI-compatible port) to that line,
+//! and ` http-plaintext=<addr>` with `--http-plaintext-listen`;
 //! `--metrics-listen` appends ` metrics=<addr>` (Prometheus text over HTTP).
 //! With `--health-listen`, a second line `health-listening <addr>` follows it.
 //!
@@ -67,7 +68,7 @@ pub fn run(mut role: ServeRole) -> anyhow::Result<()> {
 }
 
 async fn encoder(a: EncoderArgs) -> anyhow::Result<()> {
-    let tls = vlm_net::server_tls(&a.common.tls_files("encoder")?)?;
+    let tls = vlm_net::ServerTls::new(a.common.mesh_tls("encoder")?, vlm_net::ClientAuth::Required);
     let cfg = vlm_encoder::EncoderConfig {
         model: a.common.model.clone(),
         dtype: a.common.dtype()?,
@@ -94,7 +95,7 @@ async fn encoder(a: EncoderArgs) -> anyhow::Result<()> {
             .max_image_bytes
             .saturating_add(1 << 20)
             .min(MAX_MESSAGE_BYTES),
-        http: None,
+        http: Vec::new(),
     };
     serve_stage(&a.common, stage).await
 }
@@ -104,7 +105,10 @@ async fn encoder(a: EncoderArgs) -> anyhow::Result<()> {
 const SATURATION_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 async fn projector(a: ProjectorArgs) -> anyhow::Result<()> {
-    let tls = vlm_net::server_tls(&a.common.tls_files("projector")?)?;
+    let tls = vlm_net::ServerTls::new(
+        a.common.mesh_tls("projector")?,
+        vlm_net::ClientAuth::Required,
+    );
     let cfg = vlm_projector::ProjectorConfig {
         model: a.common.model.clone(),
         dtype: a.common.dtype()?,
@@ -123,13 +127,13 @@ async fn projector(a: ProjectorArgs) -> anyhow::Result<()> {
         server: svc.into_server(),
         tls: Some(tls),
         max_message_bytes: DEFAULT_MESSAGE_BYTES,
-        http: None,
+        http: Vec::new(),
     };
     serve_stage(&a.common, stage).await
 }
 
 async fn decoder(a: DecoderArgs) -> anyhow::Result<()> {
-    let tls = vlm_net::server_tls(&a.common.tls_files("decoder")?)?;
+    let tls = vlm_net::ServerTls::new(a.common.mesh_tls("decoder")?, vlm_net::ClientAuth::Required);
     let admission = a
         .common
         .admission(vlm_proto::decoder_server::SERVICE_NAME, None);
@@ -152,7 +156,7 @@ async fn decoder(a: DecoderArgs) -> anyhow::Result<()> {
         server: svc.into_server(),
         tls: Some(tls),
         max_message_bytes: DEFAULT_MESSAGE_BYTES,
-        http: None,
+        http: Vec::new(),
     };
     serve_stage(&a.common, stage).await
 }

@@ -16,7 +16,6 @@ use tonic::body::Body;
 use tonic::codegen::http::{Request, Response};
 use tonic::codegen::Service;
 use tonic::server::NamedService;
-use tonic::transport::ServerTlsConfig;
 use vlm_decoder::DecoderService;
 use vlm_encoder::EncoderService;
 use vlm_gateway::GatewayService;
@@ -65,9 +64,11 @@ grpc_servers!(
     GatewayServer<GatewayService>,
 );
 
-/// A second port served beside the gRPC one (the gateway's OpenAI endpoint), announced as
-/// ` http=<addr>` and stopped by the same signals.
+/// A port served beside the gRPC one (the gateway's OpenAI endpoint), announced as
+/// ` <label>=<addr>` and stopped by the same signals.
 pub(super) struct HttpPort {
+    /// `http` (the TLS port) or `http-plaintext`.
+    pub label: &'static str,
     pub addr: SocketAddr,
     pub served: Pin<Box<dyn Future<Output = anyhow::Result<()>>>>,
 }
@@ -76,10 +77,10 @@ pub(super) struct HttpPort {
 pub(super) struct Stage<S> {
     pub server: S,
     /// `None` only for the gateway's `--plaintext` debugging mode.
-    pub tls: Option<ServerTlsConfig>,
+    pub tls: Option<vlm_net::ServerTls>,
     /// Largest message accepted from a caller.
     pub max_message_bytes: usize,
-    pub http: Option<HttpPort>,
+    pub http: Vec<HttpPort>,
     /// Slots, queue and memory budget (shared with the service, which reserves what it buffers).
     pub admission: vlm_net::AdmissionGate,
 }
@@ -94,21 +95,18 @@ where
     let listener = bind(common.listen, "--listen").await?;
     // Before `listening` is printed: a supervisor may signal us the moment it reads that line.
     let shutdown = vlm_net::shutdown_signal();
-    announce(&listener, stage.http.as_ref().map(|h| h.addr))?;
+    let ports: Vec<(&str, SocketAddr)> = stage.http.iter().map(|h| (h.label, h.addr)).collect();
+    announce(&listener, &ports)?;
     let health = bind_health(common.health_listen).await?;
     let service = vlm_net::server_layers(stage.admission, callers.clone())
         .service(stage.server.with_message_limit(stage.max_message_bytes));
     let grpc = vlm_net::serve_grpc_with_health_port(
         listener, health, stage.tls, service, callers, shutdown,
     );
-    match stage.http {
-        None => grpc.await?,
-        Some(http) => {
-            let (g, h) = tokio::join!(grpc, http.served);
-            g?;
-            h?;
-        }
-    }
+    let http = futures::future::try_join_all(stage.http.into_iter().map(|h| h.served));
+    let (g, h) = tokio::join!(grpc, http);
+    g?;
+    h?;
     Ok(())
 }
 
@@ -150,12 +148,12 @@ pub(super) async fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints the `listening <addr> [http=<addr>] [metrics=<addr>]` line.
-fn announce(grpc: &TcpListener, http: Option<SocketAddr>) -> anyhow::Result<()> {
+/// Prints the `listening <addr> [http=<addr>] [http-plaintext=<addr>] [metrics=<addr>]` line.
+fn announce(grpc: &TcpListener, http: &[(&str, SocketAddr)]) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     write!(out, "listening {}", grpc.local_addr()?)?;
-    if let Some(h) = http {
-        write!(out, " http={h}")?;
+    for (label, addr) in http {
+        write!(out, " {label}={addr}")?;
     }
     if let Some(m) = METRICS_ADDR.get() {
         write!(out, " metrics={m}")?;

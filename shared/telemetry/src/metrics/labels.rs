@@ -224,3 +224,42 @@ pub struct AbandonLabels {
     pub stage: &'static str,
     pub reason: AbandonReason,
 }
+
+/// Which certificate of a service: its mesh identity, or the gateway's public one.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum TlsKind {
+    mesh,
+    public,
+}
+
+impl TlsKind {
+    pub fn parse(s: &str) -> Option<TlsKind> {
+        Some(match s {
+            "mesh" => TlsKind::mesh,
+            "public" => TlsKind::public,
+            _ => return None,
+        })
+    }
+}
+
+/// `{service,kind}` of a certificate a service presents (`gateway`, `mesh`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsLabels {
+    pub service: String,
+    pub kind: TlsKind,
+}
+
+/// Outcome of a change of TLS files.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum TlsReload {
+    loaded,
+    refused,
+}
+
+/// `{service,kind,result}` of a TLS reload.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsReloadLabels {
+    #[prometheus(flatten)]
+    pub tls: TlsLabels,
+    pub result: TlsReload,
+}

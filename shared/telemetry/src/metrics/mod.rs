@@ -62,6 +62,8 @@ pub struct MeshMetrics {
     pub memory_budget_refused: Family<ServiceLabels, Counter>,
     pub memory_budget_waiting: Family<ServiceLabels, Gauge>,
     pub stage_duration: Histograms<StageLabels>,
+    pub tls_certificate_expiry: Family<TlsLabels, Gauge>,
+    pub tls_reloads: Family<TlsReloadLabels, Counter>,
     // The gateway.
     pub cache_lookups: Family<CacheLookupLabels, Counter>,
     pub cache_stores: Family<CacheStoreLabels, Counter>,
@@ -131,6 +133,12 @@ impl MeshMetrics {
                 Family::default()),
             stage_duration: registered(r, "vlm_stage_duration_seconds",
                 "Time spent in one pipeline stage", latency()),
+            tls_certificate_expiry: registered(r, "vlm_tls_certificate_expiry_seconds",
+                "The notAfter of the certificate a service presents, in unix seconds (kind=mesh: its mesh identity; kind=public: the gateway's --public-cert), updated when the files are reloaded",
+                Family::default()),
+            tls_reloads: registered(r, "vlm_tls_reloads",
+                "Changes of a service's certificate, key or CA files, by result: loaded (new connections use them) or refused (unusable; the previous ones stay in use)",
+                Family::default()),
             cache_lookups: registered(r, "vlm_cache_lookups",
                 "Feature-cache lookups, by result (hit, miss, error)", Family::default()),
             cache_stores: registered(r, "vlm_cache_stores",
@@ -254,6 +262,49 @@ pub fn token_streamed(ttft: Option<Duration>, itl: Option<Duration>) {
             .get_or_create(&NoLabels)
             .observe(d.as_secs_f64());
     }
+}
+
+/// The certificate `service` presents as `kind` (`mesh` or `public`) expires at `not_after`
+/// (unix seconds).
+pub fn tls_certificate(service: &str, kind: &str, not_after: i64) {
+    let Some(kind) = TlsKind::parse(kind) else {
+        return unknown("vlm_tls_certificate_expiry_seconds", kind);
+    };
+    let m = MeshMetrics::global();
+    let labels = TlsLabels {
+        service: service.to_string(),
+        kind,
+    };
+    m.tls_certificate_expiry
+        .get_or_create(&labels)
+        .set(not_after);
+    for result in [TlsReload::loaded, TlsReload::refused] {
+        let _ = m.tls_reloads.get_or_create(&TlsReloadLabels {
+            tls: labels.clone(),
+            result,
+        });
+    }
+}
+
+/// A change of `service`'s `kind` TLS files was loaded (`ok`) or refused.
+pub fn tls_reload(service: &str, kind: &str, ok: bool) {
+    let Some(kind) = TlsKind::parse(kind) else {
+        return unknown("vlm_tls_reloads_total", kind);
+    };
+    MeshMetrics::global()
+        .tls_reloads
+        .get_or_create(&TlsReloadLabels {
+            tls: TlsLabels {
+                service: service.to_string(),
+                kind,
+            },
+            result: if ok {
+                TlsReload::loaded
+            } else {
+                TlsReload::refused
+            },
+        })
+        .inc();
 }
 
 /// Creates, at zero, every series `role` (`gateway`, `encoder`, `projector`, `decoder`) records
