@@ -7,8 +7,11 @@
 //! sensitive tensor). Norms, biases, RoPE tables, the vision patch convolution and the position
 //! and class embeddings stay in the compute dtype: they are a fraction of a percent of the bytes
 //! and precision-critical. A matrix whose rows (its last dimension) are not a multiple of the
-//! block size (32 for q8_0, 256 for q4_k / q6_K) cannot be cut into blocks and stays as it is;
-//! the part logs every such tensor in one line ([`QuantPlan::report`]).
+//! block size (32 for q8_0, 256 for q4_k / q6_K) cannot be cut into those blocks: under `q4_k`
+//! it falls back to q8_0 where its rows are a multiple of 32 (as llama.cpp falls back from its
+//! k-quants: GLM-4.1V-9B's MLP down projection, 13,696 wide, would otherwise stay f32 and make the
+//! q4_k decoder larger than the q8_0 one), and stays as it is otherwise. The part logs every such
+//! tensor in one line ([`QuantPlan::report`]).
 //!
 //! Products with quantized weights (`QWeight`) read each weight once per step and compute
 //! every output element with one fixed chain whatever the number of rows, so a sequence decodes
@@ -61,10 +64,12 @@ impl Quantization {
     /// What a stage adds to its fingerprint's config string: nothing when unquantized, the mode
     /// otherwise.
     pub fn fingerprint_suffix(self) -> String {
-        if self.is_none() {
-            String::new()
-        } else {
-            format!("|quantize={self}")
+        match self {
+            Quantization::None => String::new(),
+            // Rows a k-quant block cannot cut are q8_0 (they were f32 before): features cached
+            // by an older build must not be served as this one's.
+            Quantization::Q4K => format!("|quantize={self}|fallback=q8_0"),
+            Quantization::Q8_0 => format!("|quantize={self}"),
         }
     }
 
@@ -130,6 +135,8 @@ pub struct QuantPlan {
     mode: Quantization,
     source: Option<Arc<dyn QuantSource>>,
     kept: Mutex<Vec<String>>,
+    /// Matrices a k-quant block cannot cut, quantized to q8_0 instead.
+    fallback: Mutex<Vec<String>>,
 }
 
 impl QuantPlan {
@@ -144,6 +151,7 @@ impl QuantPlan {
             mode,
             source: None,
             kept: Mutex::new(Vec::new()),
+            fallback: Mutex::new(Vec::new()),
         }
     }
 
@@ -152,6 +160,7 @@ impl QuantPlan {
             mode,
             source: Some(source),
             kept: Mutex::new(Vec::new()),
+            fallback: Mutex::new(Vec::new()),
         }
     }
 
@@ -264,13 +273,19 @@ impl QuantPlan {
         dims: (usize, usize),
         vb: &VarBuilder,
     ) -> candle_core::Result<Option<QWeight>> {
-        let Some(format) = self.mode.format(role) else {
+        let Some(mut format) = self.mode.format(role) else {
             return Ok(None);
         };
         if !dims.1.is_multiple_of(format.block_size()) {
-            let mut kept = self.kept.lock().expect("quant plan lock");
-            kept.push(format!("{} [{}, {}]", vb.prefix(), dims.0, dims.1));
-            return Ok(None);
+            let name = format!("{} [{}, {}]", vb.prefix(), dims.0, dims.1);
+            let q8 = GgmlDType::Q8_0;
+            if format != q8 && dims.1.is_multiple_of(q8.block_size()) {
+                self.fallback.lock().expect("quant plan lock").push(name);
+                format = q8;
+            } else {
+                self.kept.lock().expect("quant plan lock").push(name);
+                return Ok(None);
+            }
         }
         let q = match &self.source {
             Some(src) => src.quantized(&format!("{}.weight", vb.prefix()), dims, format)?,
@@ -283,6 +298,16 @@ impl QuantPlan {
     pub fn report(&self, part: &str) {
         if self.mode.is_none() {
             return;
+        }
+        let fallback = self.fallback.lock().expect("quant plan lock");
+        if !fallback.is_empty() {
+            tracing::info!(
+                part,
+                quantization = %self.mode,
+                count = fallback.len(),
+                "quantized to q8_0 instead (last dimension a multiple of 32, not of 256): {}",
+                fallback.join(", ")
+            );
         }
         let kept = self.kept.lock().expect("quant plan lock");
         if kept.is_empty() {
@@ -301,6 +326,11 @@ impl QuantPlan {
     /// The matrices left unquantized so far (`name [rows, cols]`).
     pub fn kept(&self) -> Vec<String> {
         self.kept.lock().expect("quant plan lock").clone()
+    }
+
+    /// The matrices quantized to q8_0 because a k-quant block cannot cut them (`name [rows, cols]`).
+    pub fn fallback(&self) -> Vec<String> {
+        self.fallback.lock().expect("quant plan lock").clone()
     }
 }
 
@@ -360,9 +390,11 @@ mod tests {
         let (n, k) = (96, 256);
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
         let small = Tensor::randn(0f32, 1.0, (8, 64), &dev)?;
+        let odd = Tensor::randn(0f32, 1.0, (8, 48), &dev)?;
         let tensors = [
             ("l.weight".to_string(), w.clone()),
             ("s.weight".into(), small),
+            ("u.weight".into(), odd),
         ];
         let vb = VarBuilder::from_tensors(tensors.into_iter().collect(), DType::F32, &dev);
         for (mode, tol) in [(Quantization::Q8_0, 0.02f32), (Quantization::Q4K, 0.15)] {
@@ -385,13 +417,23 @@ mod tests {
                 );
             }
         }
-        // 64 columns: a q8_0 block fits, a q4_k super-block does not, so it stays dense.
+        // 64 columns: a q8_0 block fits, a q4_k super-block does not, so q4_k falls back to
+        // q8_0 (the layer then gives q8_0's numbers); 48 columns fit neither and stay dense.
         let plan = QuantPlan::new(Quantization::Q4K);
-        assert!(!plan.linear(64, 8, false, vb.pp("s"))?.is_quantized());
-        assert_eq!(plan.kept(), vec!["s [8, 64]".to_string()]);
+        let fell_back = plan.linear(64, 8, false, vb.pp("s"))?;
+        assert!(fell_back.is_quantized());
+        assert_eq!(plan.fallback(), vec!["s [8, 64]".to_string()]);
+        assert!(!plan.linear(48, 8, false, vb.pp("u"))?.is_quantized());
+        assert_eq!(plan.kept(), vec!["u [8, 48]".to_string()]);
         let plan = QuantPlan::new(Quantization::Q8_0);
-        assert!(plan.linear(64, 8, false, vb.pp("s"))?.is_quantized());
-        assert!(plan.kept().is_empty());
+        let q8 = plan.linear(64, 8, false, vb.pp("s"))?;
+        assert!(q8.is_quantized());
+        assert!(plan.kept().is_empty() && plan.fallback().is_empty());
+        let x = Tensor::randn(0f32, 1.0, (3, 64), &Device::Cpu)?;
+        assert_eq!(
+            fell_back.forward(&x)?.to_vec2::<f32>()?,
+            q8.forward(&x)?.to_vec2::<f32>()?
+        );
         Ok(())
     }
 }
