@@ -222,14 +222,14 @@ fn ask_and_wait_wait_for_a_starting_mesh_and_a_dead_ups_files_are_stale() {
     info["launcher_pid"] = launcher.id().into();
     write("mesh.json", &info);
     std::fs::remove_file(state.path().join("starting.json")).unwrap();
-    let answer = finish_within(ask, Duration::from_secs(120));
+    let answer = common::wait_output_within(ask, "ask", Duration::from_secs(120));
     assert!(answer.status.success(), "ask failed: {:?}", answer);
     assert!(
         String::from_utf8_lossy(&answer.stdout).contains(DEMO_ANSWER),
         "{:?}",
         String::from_utf8_lossy(&answer.stdout)
     );
-    let waited = finish_within(wait, Duration::from_secs(120));
+    let waited = common::wait_output_within(wait, "wait", Duration::from_secs(120));
     assert!(waited.status.success(), "wait failed: {waited:?}");
     assert_eq!(String::from_utf8_lossy(&waited.stdout).trim(), mesh.gateway);
 
@@ -290,35 +290,5 @@ fn copy_dir(from: &Path, to: &Path) {
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
-/// A spawned child's exit and remaining output, killing it and failing the test after `limit`.
-fn finish_within(mut child: std::process::Child, limit: Duration) -> Output {
-    use std::io::Read;
-    let deadline = std::time::Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            panic!("still running after {limit:?} (killed)");
-        }
-        std::thread::sleep(Duration::from_millis(20)); // polling process exit, bounded
-    };
-    let read = |r: Option<&mut dyn Read>| {
-        let mut buf = Vec::new();
-        if let Some(r) = r {
-            r.read_to_end(&mut buf).unwrap();
-        }
-        buf
-    };
-    let stdout = read(child.stdout.as_mut().map(|r| r as &mut dyn Read));
-    let stderr = read(child.stderr.as_mut().map(|r| r as &mut dyn Read));
-    Output {
-        status,
-        stdout,
-        stderr,
     }
 }

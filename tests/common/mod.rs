@@ -297,18 +297,29 @@ pub fn ask_json(state: &Path, image: &Path, prompt: &str, extra: &[&str]) -> ser
 /// GET `/metrics` over plain HTTP/1.1; the body.
 /// `cmd.output()`, killing the process and failing the test if it runs longer than `limit`.
 pub fn output_within(cmd: &mut Command, what: &str, limit: Duration) -> std::process::Output {
-    use std::io::Read;
-    let mut child = cmd
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    wait_output_within(child, what, limit)
+}
+
+/// A spawned child's exit status and what is left on its piped stdout and stderr (read as it
+/// comes, so a full pipe never stalls it), killing it and failing the test after `limit`.
+pub fn wait_output_within(
+    mut child: std::process::Child,
+    what: &str,
+    limit: Duration,
+) -> std::process::Output {
+    use std::io::Read;
     let pipe = |r: Option<Box<dyn Read + Send>>| {
-        let mut r = r.expect("piped");
         std::thread::spawn(move || {
             let mut buf = Vec::new();
-            let _ = r.read_to_end(&mut buf);
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
             buf
         })
     };

@@ -166,8 +166,11 @@ const PROMPT: &str = "USER: <image>\nWhat is shown in this image? ASSISTANT:";
 fn memory(mesh: &BenchMesh) -> anyhow::Result<BTreeMap<String, (f64, f64)>> {
     let mut out = BTreeMap::new();
     for s in &mesh.mesh.info.services {
+        // The resident set first: the high-water mark read after it is at least that, however
+        // the process grows between the two reads.
+        let rss = super::mesh::status_mib(s.pid, "VmRSS")?;
         let hwm = super::mesh::status_mib(s.pid, "VmHWM")?;
-        out.insert(s.label(), (hwm, super::mesh::status_mib(s.pid, "VmRSS")?));
+        out.insert(s.label(), (hwm, rss));
     }
     Ok(out)
 }

@@ -414,7 +414,7 @@ pub struct HttpArgs {
     /// Also serve the OpenAI-compatible API over plain HTTP (no TLS) on this address, for a
     /// TLS-terminating ingress in front. It has no client certificates: a peer is its source
     /// address (the ingress's), for per-peer shares. Same admission and limits as --http-listen.
-    #[arg(long, env = "VLM_HTTP_PLAINTEXT_LISTEN")]
+    #[arg(long, env = "VLM_HTTP_PLAINTEXT_LISTEN", value_parser = crate::listen_arg::listen_addr)]
     pub http_plaintext_listen: Option<SocketAddr>,
     /// Let the OpenAI endpoint fetch http(s):// image URLs (otherwise they get a 400; only
     /// inline data: URLs are accepted).

@@ -126,12 +126,21 @@ impl CacheArgs {
             Err(e) => {
                 let why = e.to_string();
                 let lower = why.to_ascii_lowercase();
-                if ["certificate", "tls", "handshake", "unknownissuer"]
-                    .iter()
-                    .any(|w| lower.contains(w))
+                // Under TLS 1.3 a Redis that wants a client certificate refuses after the
+                // handshake: the client reads its alert, or (when the close wins the race) its
+                // first write fails with a broken pipe or a reset. A Redis that is down refuses
+                // the connection instead.
+                let closed_after_handshake = url.starts_with("rediss://")
+                    && ["broken pipe", "connection reset"]
+                        .iter()
+                        .any(|w| lower.contains(w));
+                if closed_after_handshake
+                    || ["certificate", "tls", "handshake", "unknownissuer"]
+                        .iter()
+                        .any(|w| lower.contains(w))
                 {
                     anyhow::bail!(
-                        "--redis {url}: the TLS connection failed: {why}. Check --redis-ca (the                          CA that signed Redis's certificate; without it, the system's roots)                          and, if Redis asks for client certificates, --redis-cert/--redis-key"
+                        "--redis {url}: the TLS connection failed: {why}. Check --redis-ca (the CA that signed Redis's certificate; without it, the system's roots) and, if Redis asks for client certificates, --redis-cert/--redis-key"
                     );
                 }
                 tracing::warn!(
