@@ -178,20 +178,34 @@ impl Relay {
         prefill: Option<(Instant, f64)>,
         last_token: Option<Instant>,
     ) -> (Instant, Duration) {
-        let s = &self.stages;
         match (last_token, prefill) {
             (Some(t), _) => {
-                let l = self.calls.limit(&a.lease, &s.decoder.timeout, 1.0);
+                let (timeout, units) = self.step_budget(a);
+                let l = self.calls.limit(&a.lease, timeout, units);
                 (t + l, l)
             }
             (None, Some((t, units))) => {
-                let l = self.calls.limit(&a.lease, &s.prefill, units);
+                let l = self
+                    .calls
+                    .limit(&a.lease, &self.stages.prefill, queued(a, units));
                 (t + l, l)
             }
             (None, None) => {
-                let l = self.calls.max_limit(&a.lease, &s.prefill);
+                let l = self.calls.max_limit(&a.lease, &self.stages.prefill);
                 (started + l, l)
             }
+        }
+    }
+
+    /// What the next token may take on `a`'s replica: one decode step, or, while calls this
+    /// gateway sent there are prefilling, their positions at the prefill's pace (the decoder runs
+    /// a prefill chunk beside the decode rows of each step, so a token waits behind it; without
+    /// this, the stream that shares a replica with a long prompt's prefill looked stuck and was
+    /// moved, its own prefill redone elsewhere: the amplification routing avoids).
+    fn step_budget(&self, a: &DecoderAttempt) -> (&vlm_net::AdaptiveTimeout, f64) {
+        match a.lease.replica().prefilling() {
+            0 => (&self.stages.decoder.timeout, 1.0),
+            pending => (&*self.stages.prefill, pending as f64),
         }
     }
 
@@ -204,10 +218,17 @@ impl Relay {
         prefill: Option<(Instant, f64)>,
         last_token: Option<Instant>,
     ) -> Option<AbandonReason> {
-        let s = &self.stages;
         let (timeout, since, units, reason) = match (last_token, prefill) {
-            (Some(t), _) => (&s.decoder.timeout, t, 1.0, AbandonReason::slow_token),
-            (None, Some((t, units))) => (&*s.prefill, t, units, AbandonReason::slow),
+            (Some(t), _) => {
+                let (timeout, units) = self.step_budget(a);
+                (timeout, t, units, AbandonReason::slow_token)
+            }
+            (None, Some((t, units))) => (
+                &*self.stages.prefill,
+                t,
+                queued(a, units),
+                AbandonReason::slow,
+            ),
             (None, None) => return Some(AbandonReason::slow),
         };
         self.calls
@@ -226,6 +247,8 @@ impl Relay {
         let mut last_token: Option<Instant> = None;
         // Set while waiting past a limit because every replica is as slow (see below).
         let mut patience: Option<Instant> = None;
+        // This call's prefill, counted on its replica from `started` to its first token.
+        let mut prefilling: Option<vlm_net::PrefillGuard> = None;
         loop {
             let (due, limit) = self.next_due(a, started, prefill, last_token);
             let due = patience.map_or(due, |p| p.max(due));
@@ -264,12 +287,15 @@ impl Relay {
                     // The positions it computes: those its prefix cache did not hold.
                     let computed = s.prefill_tokens.saturating_sub(s.cached_tokens).max(1);
                     prefill = Some((Instant::now(), f64::from(computed)));
+                    let guard = a.lease.replica().begin_prefill(u64::from(computed));
+                    drop(prefilling.replace(guard)); // a second `started` replaces the first
                     if s.resolved_params.is_some() {
                         // A replacement decoder resumes with exactly these (seed included).
                         self.setup.params = s.resolved_params;
                     }
                 }
                 Some(EventKind::Token(t)) => {
+                    drop(prefilling.take()); // prefilled: no longer delays its peers
                     let now = Instant::now();
                     self.observe_token(a, started, prefill, last_token, now);
                     last_token = Some(now);
@@ -364,4 +390,10 @@ impl Relay {
             }))
             .await;
     }
+}
+
+/// The positions a call's first token waits for on its replica: its own prefill's, or all this
+/// gateway's calls still prefilling there when more (a decoder prefills the oldest first).
+fn queued(a: &DecoderAttempt, own: f64) -> f64 {
+    own.max(a.lease.replica().prefilling() as f64)
 }

@@ -47,7 +47,9 @@ pub use health::{
 pub use http_tls::HttpTlsAcceptor;
 pub use metered::{MessageLedger, Metered, MeteredMessages};
 pub use peers::{Peer, PeerIdentity, PeerPermit, PeerShare};
-pub use replicas::{Lease, Replica, ReplicaOptions, ReplicaSet, TlsForHost, TracedChannel};
+pub use replicas::{
+    Lease, PrefillGuard, Replica, ReplicaOptions, ReplicaSet, TlsForHost, TracedChannel,
+};
 pub use resolver::Resolver;
 pub use retry::{is_retryable, RetryOptions, RetryPolicy};
 pub use roles::{AllowedCallers, CallerRole, CallerRoleLayer};

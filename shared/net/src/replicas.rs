@@ -69,6 +69,9 @@ pub struct Replica {
     load: Mutex<PeakEwma>,
     /// Calls picked onto this replica since start (tests and logs read it).
     pub calls: AtomicU64,
+    /// Prompt positions this caller's calls on the replica still have to prefill (see
+    /// [`Replica::begin_prefill`]).
+    prefilling: AtomicU64,
 }
 
 impl Replica {
@@ -83,6 +86,36 @@ impl Replica {
     /// Calls this caller has in flight on the replica now.
     pub fn in_flight(&self) -> usize {
         self.load.lock().expect("load lock").pending.len()
+    }
+
+    /// Prompt positions this caller's calls on the replica still have to prefill: work that
+    /// delays every other call's next step there (a decoder runs one prefill chunk per step).
+    pub fn prefilling(&self) -> u64 {
+        self.prefilling.load(Ordering::Relaxed)
+    }
+
+    /// Counts `positions` in [`Self::prefilling`] until the guard is dropped (the call's first
+    /// token, or its end).
+    pub fn begin_prefill(self: &Arc<Self>, positions: u64) -> PrefillGuard {
+        self.prefilling.fetch_add(positions, Ordering::Relaxed);
+        PrefillGuard {
+            replica: self.clone(),
+            positions,
+        }
+    }
+}
+
+/// A call's prefill counted on its replica; see [`Replica::begin_prefill`].
+pub struct PrefillGuard {
+    replica: Arc<Replica>,
+    positions: u64,
+}
+
+impl Drop for PrefillGuard {
+    fn drop(&mut self) {
+        self.replica
+            .prefilling
+            .fetch_sub(self.positions, Ordering::Relaxed);
     }
 }
 
@@ -356,6 +389,7 @@ impl ReplicaSet {
             healthy: AtomicBool::new(true),
             load: Mutex::new(PeakEwma::new(self.opts.default_rtt, self.opts.ewma_decay)),
             calls: AtomicU64::new(0),
+            prefilling: AtomicU64::new(0),
         });
         self.replicas
             .write()

@@ -42,3 +42,26 @@ fn two_distinct_is_distinct() {
         assert!(a < 2 && b < 2);
     }
 }
+
+/// A call's prefill counts on its replica from `begin_prefill` until its guard drops, whatever
+/// else is counted there (the gateway's step budget reads the sum).
+#[tokio::test]
+async fn prefill_guards_count_positions_until_dropped() {
+    let tls: TlsForHost = Arc::new(|_host: &str| Ok(None));
+    let set = ReplicaSet::new(
+        "decoder",
+        "http://127.0.0.1:1",
+        tls,
+        ReplicaOptions::default(),
+    )
+    .unwrap();
+    let r = set.replicas().pop().unwrap();
+    assert_eq!(r.prefilling(), 0);
+    let a = r.begin_prefill(300);
+    let b = r.begin_prefill(20);
+    assert_eq!(r.prefilling(), 320);
+    drop(a);
+    assert_eq!(r.prefilling(), 20);
+    drop(b);
+    assert_eq!(r.prefilling(), 0);
+}
