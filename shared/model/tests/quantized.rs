@@ -91,6 +91,13 @@ fn q8_0_logits_stay_within_tolerance_of_transformers_and_greedy_ids_agree() {
     }
 }
 
+/// The trained demo model's directory and its transformers reference (`reference/greedy.json`).
+fn demo_reference() -> (std::path::PathBuf, serde_json::Value) {
+    let dir = models().join("shapes-llava");
+    let text = std::fs::read_to_string(dir.join("reference/greedy.json")).unwrap();
+    (dir, serde_json::from_str(&text).unwrap())
+}
+
 /// q4_k against transformers: the trained demo model (models/shapes-llava), whose decoder
 /// `down_proj` rows hold 256 values (one q4_k super-block) and whose vision tower's are quantized
 /// too, answers every held-out question of its reference (`reference/greedy.json`, written by
@@ -98,10 +105,7 @@ fn q8_0_logits_stay_within_tolerance_of_transformers_and_greedy_ids_agree() {
 /// unquantized model's, so 4-bit weights were in effect.
 #[test]
 fn q4_k_greedy_answers_equal_transformers_on_the_trained_model() {
-    let dir = models().join("shapes-llava");
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference/greedy.json")).unwrap())
-            .unwrap();
+    let (dir, reference) = demo_reference();
     let q4 = pipeline("shapes-llava", Quantization::Q4K);
     assert_eq!(q4.decoder.quantization(), Quantization::Q4K);
     let f32 = pipeline("shapes-llava", Quantization::None);
@@ -161,10 +165,7 @@ fn q4_k_greedy_answers_equal_transformers_on_the_trained_model() {
 /// the inputs of every product are rounded to 8 bits too).
 #[test]
 fn q8_0_greedy_answers_equal_transformers_on_the_trained_model() {
-    let dir = models().join("shapes-llava");
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference/greedy.json")).unwrap())
-            .unwrap();
+    let (dir, reference) = demo_reference();
     let q8 = pipeline("shapes-llava", Quantization::Q8_0);
     let params = SamplingParams {
         max_tokens: reference["max_new_tokens"].as_u64().unwrap() as u32,
