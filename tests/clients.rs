@@ -448,9 +448,11 @@ fn open_autoglm_phone_agent_client_drives_glm4v_through_the_openai_endpoint() {
         repo().join("models/images/glm4v_wide_90x50.png"),
     ];
     let mut agent = python("tests/support/autoglm_client.py");
+    // As the README's Open-AutoGLM command runs it: the SDK trusts the dev CA through
+    // SSL_CERT_FILE, and the client's code says nothing about certificates.
     agent
-        .args(["--base-url", &base_url, "--ca"])
-        .arg(mesh.certs().join("ca.pem"))
+        .env("SSL_CERT_FILE", mesh.certs().join("ca.pem"))
+        .args(["--base-url", &base_url])
         .args(["--api-key", KEY, "--task", TASK, "--max-tokens", MAX_TOKENS])
         .args(["--beyond-context", BEYOND_CONTEXT])
         .arg("--large-screenshot")

@@ -113,7 +113,7 @@ def error_of(e):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base-url", required=True)
-    ap.add_argument("--ca", required=True)
+
     ap.add_argument("--api-key", required=True)
     ap.add_argument("--task", required=True)
     ap.add_argument("--screenshot", action="append", required=True,
@@ -132,10 +132,10 @@ def main():
             f.write(png(1440, 3200, seed=7))
 
     def client(key):
-        # Open-AutoGLM: OpenAI(base_url=…, api_key=…). The CA is the mesh's; no retries, so that
-        # every failure shows.
-        return openai.OpenAI(base_url=args.base_url, api_key=key, max_retries=0,
-                             http_client=openai.DefaultHttpxClient(verify=args.ca))
+        # Open-AutoGLM: OpenAI(base_url=…, api_key=…), nothing about certificates: the mesh's CA
+        # is trusted only through SSL_CERT_FILE, as the README's command sets it. No retries, so
+        # that every failure shows.
+        return openai.OpenAI(base_url=args.base_url, api_key=key, max_retries=0)
 
     sdk = client(args.api_key)
     out = {}
