@@ -7,7 +7,7 @@
 //! steps ≥ 2, each replica's share of requests, calls abandoned for slowness; then on the first
 //! N again with busy threads saturating every core, the gateway's outlier rule against
 //! abandonment turned off (steps per second, abandoned calls).
-//! (b) **Image-heavy** (a different image per request, 2-token answers) and (c) **long
+//! (b) **Image-heavy** (a different screenshot-sized image per request, 2-token answers) and (c) **long
 //! generation** (one image, long answers), on one replica per stage: the largest and mean
 //! `vlm_saturation` of the encoder and the decoder while it runs, and which crosses the 0.7 an
 //! autoscaler aims at.
@@ -22,6 +22,12 @@ use super::{emit, greedy_request, BenchMesh, Input, Spread};
 
 /// What autoscalers aim `vlm_saturation` at (docs/kubernetes.md).
 const TARGET: f64 = 0.7;
+
+/// Long side of workload (b)'s images: a phone screenshot's order of size. Every request then
+/// costs the encoder a screenshot's decode and resize, while the decoder's share (the model's
+/// image rows and 2 tokens) stays what it is for any image: the encoder is the bottleneck by
+/// construction, on a fast machine or a slow one, in a long run or a short one.
+const HEAVY_SIDE: u32 = 1280;
 
 #[derive(Args, Debug, Clone)]
 pub struct ScaleBenchArgs {
@@ -378,6 +384,32 @@ async fn signals(
             "image-heavy" => (8, 2),
             _ => (16, a.long_tokens),
         };
+        let heavy =
+            (workload == "image-heavy").then(|| std::sync::Arc::new(screenshot_sized(base)));
+        // The first two rounds of images are ready before the clock starts, so the run opens
+        // with every client's image at the encoder at once; later ones are made off the async
+        // threads (the clients share one task).
+        let ready: Vec<Vec<u8>> = match &heavy {
+            Some(big) => {
+                let made = (0..2 * clients).map(|i| {
+                    let big = big.clone();
+                    tokio::task::spawn_blocking(move || fast_png_variant(&big, i + 1))
+                });
+                futures::future::try_join_all(made)
+                    .await?
+                    .into_iter()
+                    .collect::<anyhow::Result<_>>()?
+            }
+            None => {
+                // One image for every request: put in the cache first, so that the run's
+                // requests never encode it (sixteen first misses at once would be an image
+                // burst, not a long-generation load).
+                let prompt = "USER: <image>\nWhat is shown in this image? ASSISTANT:";
+                let warm = greedy_request(super::cache::variant(base, 0)?, prompt.into(), 1);
+                answer(&bm, warm).await?;
+                vec![]
+            }
+        };
         let next = std::sync::atomic::AtomicUsize::new(0);
         let done = std::sync::atomic::AtomicBool::new(false);
         let started = Instant::now();
@@ -389,13 +421,17 @@ async fn signals(
                     if Instant::now() >= until {
                         return Ok::<_, anyhow::Error>(());
                     }
-                    let variant = if workload == "image-heavy" { i + 1 } else { 0 };
+                    let image = match &heavy {
+                        Some(_) if i < ready.len() => ready[i].clone(),
+                        Some(big) => {
+                            let big = big.clone();
+                            tokio::task::spawn_blocking(move || fast_png_variant(&big, i + 1))
+                                .await??
+                        }
+                        None => super::cache::variant(base, 0)?,
+                    };
                     let prompt = "USER: <image>\nWhat is shown in this image? ASSISTANT:";
-                    let req = greedy_request(
-                        super::cache::variant(base, variant)?,
-                        prompt.into(),
-                        tokens,
-                    );
+                    let req = greedy_request(image, prompt.into(), tokens);
                     answer(&bm, req).await?;
                 }
             });
@@ -429,6 +465,35 @@ async fn signals(
     .await;
     bm.mesh.shutdown().await;
     result
+}
+
+/// `base` scaled to [`HEAVY_SIDE`] on its long side.
+fn screenshot_sized(base: &image::RgbImage) -> image::RgbImage {
+    let (w, h) = base.dimensions();
+    let scale = f64::from(HEAVY_SIDE) / f64::from(w.max(h).max(1));
+    let (w, h) = (
+        ((f64::from(w) * scale).round() as u32).max(1),
+        ((f64::from(h) * scale).round() as u32).max(1),
+    );
+    image::imageops::resize(base, w, h, image::imageops::FilterType::Triangle)
+}
+
+/// `img` with its first pixel marking `round` (a distinct image, so never a cache hit), as a PNG
+/// written with fast compression (the client's cost stays small next to the encoder's).
+fn fast_png_variant(img: &image::RgbImage, round: usize) -> anyhow::Result<Vec<u8>> {
+    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+    use image::ImageEncoder;
+    let mut img = img.clone();
+    img.get_pixel_mut(0, 0).0 = [(round % 256) as u8, (round / 256 % 256) as u8, 77];
+    let mut out = Vec::new();
+    PngEncoder::new_with_quality(&mut out, CompressionType::Fast, FilterType::NoFilter)
+        .write_image(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            image::ExtendedColorType::Rgb8,
+        )?;
+    Ok(out)
 }
 
 /// Finished `Generate` calls of each decoder replica.
