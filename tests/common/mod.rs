@@ -633,6 +633,7 @@ pub fn request(image: &[u8], p: &vlm_model::SamplingParams) -> vlm_proto::Genera
             stop: vec![],
             frequency_penalty: p.frequency_penalty,
             presence_penalty: p.presence_penalty,
+            ..Default::default()
         }),
         monitor_layers: false,
         question: String::new(),

@@ -191,6 +191,7 @@ pub(crate) fn finish_reason(r: FinishReason) -> vlm_proto::FinishReason {
         FinishReason::Eos => vlm_proto::FinishReason::Stop,
         FinishReason::Length => vlm_proto::FinishReason::Length,
         FinishReason::StopString => vlm_proto::FinishReason::StopString,
+        FinishReason::FormatComplete => vlm_proto::FinishReason::Stop,
     }
 }
 
@@ -357,10 +358,17 @@ impl Decoder for DecoderService {
             .collect();
         // Prompt and context errors surface now, before any embedding is sent. Tokenising is
         // CPU work: off the async threads, and only for prompts that can fit the context.
-        let prepared = {
+        // The output format is compiled there too (or taken from the cache of compiled ones), so
+        // a format that cannot be followed is refused before any embedding is sent.
+        let (prepared, constraint) = {
             let (model, prompt, rows) = (model.clone(), setup.prompt, placeholder_rows);
+            let format = params.format.clone();
             tokio::task::spawn_blocking(move || {
-                model.prompt.prepare_within(&prompt, &rows, context)
+                let prepared = model.prompt.prepare_within(&prompt, &rows, context)?;
+                let constraint = format
+                    .map(|f| model.prompt.grammars()?.compile(&f))
+                    .transpose()?;
+                Ok::<_, vlm_model::ModelError>((prepared, constraint))
             })
             .await
             .map_err(|e| Status::internal(format!("tokenizer task failed: {e}")))?
@@ -430,6 +438,7 @@ impl Decoder for DecoderService {
                     resume,
                     monitor,
                     rope,
+                    constraint,
                 })
             })
             .await;

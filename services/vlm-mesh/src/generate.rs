@@ -70,6 +70,7 @@ impl SamplingArgs {
             stop: self.stop.clone(),
             frequency_penalty: self.frequency_penalty,
             presence_penalty: self.presence_penalty,
+            ..Default::default()
         }
     }
 
@@ -86,6 +87,7 @@ impl SamplingArgs {
             stop: p.stop,
             frequency_penalty: p.frequency_penalty,
             presence_penalty: p.presence_penalty,
+            ..Default::default()
         }
     }
 }

@@ -157,6 +157,7 @@ impl<'a> Engine<'a> {
             &req.resume,
             t,
             self.decoder.max_positions(),
+            req.constraint.clone(),
         )?;
         if self.running.len() >= self.cfg.max_batch {
             return Ok(Admission::Wait(req));

@@ -47,6 +47,10 @@ pub enum ModelError {
     Unsupported(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// An output format (JSON schema, regex, grammar) that cannot be compiled or followed; the
+    /// message starts with the request field that carries it.
+    #[error("invalid format: {0}")]
+    InvalidFormat(String),
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -61,6 +65,7 @@ impl ModelError {
                 | ModelError::InvalidPrompt(_)
                 | ModelError::InvalidParams(_)
                 | ModelError::InvalidInput(_)
+                | ModelError::InvalidFormat(_)
         )
     }
 

@@ -4,6 +4,7 @@ use std::collections::VecDeque;
 
 use candle_core::Tensor;
 
+use crate::constraint::{Constraint, MaskAhead};
 use crate::decoder::Decoder;
 use crate::engine::{Admission, Engine, EngineConfig, SeqId, SeqRequest, StepEvent};
 use crate::error::{ModelError, Result};
@@ -21,6 +22,8 @@ pub enum FinishReason {
     Length,
     /// A stop string appeared in the text.
     StopString,
+    /// The output completed its format (nothing more could follow).
+    FormatComplete,
 }
 
 impl FinishReason {
@@ -28,7 +31,7 @@ impl FinishReason {
     /// token or a stop string, `length` for `max_tokens`.
     pub fn as_str(self) -> &'static str {
         match self {
-            FinishReason::Eos | FinishReason::StopString => "stop",
+            FinishReason::Eos | FinishReason::StopString | FinishReason::FormatComplete => "stop",
             FinishReason::Length => "length",
         }
     }
@@ -56,19 +59,29 @@ pub struct Completion<'a> {
     generated: Vec<u32>,
     max_tokens: usize,
     finished: Option<FinishReason>,
+    /// The format the output must match, its next mask computed ahead.
+    format: Option<MaskAhead>,
 }
 
 impl<'a> Completion<'a> {
     /// Checks `params` and `resume` (tokens an earlier replica already delivered, replayed as if
     /// sampled here) for a prompt of `prompt_tokens` positions on a model of `context` positions.
+    /// `constraint` is `params.format` compiled (compiled here when `None` and a format is set).
     pub fn new(
         prompt: &'a PromptBuilder,
         params: &SamplingParams,
         resume: &[u32],
         prompt_tokens: usize,
         context: usize,
+        constraint: Option<Constraint>,
     ) -> Result<Self> {
         params.validate()?;
+        let vocab = prompt.tokenizer().get_vocab_size(true);
+        if let Some((t, _)) = params.logit_bias.iter().find(|(t, _)| *t as usize >= vocab) {
+            return Err(ModelError::InvalidParams(format!(
+                "logit_bias: token {t} is not in the vocabulary of {vocab} tokens"
+            )));
+        }
         let max_tokens = params.max_tokens as usize;
         let needed = prompt_tokens + max_tokens;
         if needed > context {
@@ -87,6 +100,14 @@ impl<'a> Completion<'a> {
                 "resumed tokens contain end-of-sequence".into(),
             ));
         }
+        let constraint = match (constraint, &params.format) {
+            (Some(c), _) => Some(c),
+            (None, Some(f)) => Some(prompt.grammars()?.compile(f)?),
+            (None, None) => None,
+        };
+        let format = constraint
+            .map(|c| MaskAhead::start(c, resume))
+            .transpose()?;
         let mut streamer = TextStreamer::new(prompt, params.stop.clone());
         streamer.preload(resume)?;
         Ok(Completion {
@@ -96,6 +117,7 @@ impl<'a> Completion<'a> {
             generated: resume.to_vec(),
             max_tokens,
             finished: None,
+            format,
         })
     }
 
@@ -117,21 +139,41 @@ impl<'a> Completion<'a> {
     pub fn accept(&mut self, logits: &[f32]) -> Result<TokenEvent> {
         debug_assert!(self.finished.is_none(), "accept after the last token");
         let step = self.generated.len();
-        let id = self.sampler.sample(logits, step as u64, &self.generated);
+        let mask = self.format.as_mut().map(|f| f.take_mask()).transpose()?;
+        if let Some(m) = &mask {
+            if !(0..logits.len() as u32).any(|t| m.allows(t)) {
+                return Err(ModelError::InvalidFormat(
+                    "format: no token of the vocabulary can continue the output".into(),
+                ));
+            }
+        }
+        let id = self
+            .sampler
+            .sample_masked(logits, step as u64, &self.generated, mask.as_ref());
         self.generated.push(id);
         let mut finish = None;
         let mut text = String::new();
         if self.eos.contains(&id) {
             finish = Some(FinishReason::Eos);
         } else {
+            if let Some(f) = self.format.as_mut() {
+                if f.advance(id)? {
+                    finish = Some(FinishReason::FormatComplete);
+                }
+            }
             let s = self.streamer.push(id)?;
             text = s.delta;
-            if s.stopped {
+            if s.stopped && finish.is_none() {
                 finish = Some(FinishReason::StopString);
             }
         }
         if finish.is_none() && self.generated.len() >= self.max_tokens {
             finish = Some(FinishReason::Length);
+        }
+        if finish.is_none() {
+            if let Some(f) = self.format.as_mut() {
+                f.compute_next();
+            }
         }
         if let Some(reason) = finish {
             if reason != FinishReason::StopString {
@@ -200,6 +242,7 @@ impl<'a> Generation<'a> {
             resume: resume.to_vec(),
             monitor: monitor.is_some(),
             rope,
+            constraint: None,
         };
         match engine.try_admit(SEQ, req)? {
             Admission::Admitted { .. } => {}

@@ -14,6 +14,7 @@ pub mod cancel;
 pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
+pub mod constraint;
 pub mod decoder;
 pub mod engine;
 pub mod error;
@@ -52,6 +53,7 @@ pub use config::{
     Activation, Glm4vConfig, ImageProcessorConfig, LlavaConfig, SelectStrategy, TextConfig,
     VisionConfig,
 };
+pub use constraint::{Grammars, OutputFormat};
 pub use decoder::{BatchSeq, Decoder, KvCache};
 pub use engine::{Admission, Engine, EngineConfig, EngineUsage, SeqId, SeqRequest, StepEvent};
 pub use error::{ModelError, Result};

@@ -1,12 +1,14 @@
 //! Tokenizer, `<image>` expansion and incremental detokenisation.
 
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::anyres::TileGrid;
 use crate::config::{read_json, token_id_list, LlavaConfig};
+use crate::constraint::Grammars;
 use crate::decoder::Decoder;
 use crate::error::{ModelError, Result};
 use crate::kv::PosKey;
@@ -21,6 +23,9 @@ pub struct PromptBuilder {
     /// Bytes of the longest vocabulary entry (added tokens included): no token covers more of
     /// the prompt, so a prompt of `n` bytes has at least `n / longest_token_bytes` tokens.
     longest_token_bytes: usize,
+    /// Compiler of output formats over this vocabulary, built on first use (the token trie
+    /// costs tens of milliseconds and memory that a model never asked for a format needn't pay).
+    grammars: Arc<OnceLock<std::result::Result<Arc<Grammars>, String>>>,
 }
 
 /// A tokenised prompt whose `<image>` tokens are expanded to one id per image feature row.
@@ -90,7 +95,20 @@ impl PromptBuilder {
             image_token,
             eos_ids,
             longest_token_bytes,
+            grammars: Arc::default(),
         })
+    }
+
+    /// The output-format compiler for this tokenizer ([`crate::constraint`]).
+    pub fn grammars(&self) -> Result<Arc<Grammars>> {
+        self.grammars
+            .get_or_init(|| {
+                Grammars::new(&self.tokenizer, &self.eos_ids)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(ModelError::Tokenizer)
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {

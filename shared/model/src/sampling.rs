@@ -10,11 +10,14 @@ use std::collections::BTreeMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::constraint::{OutputFormat, TokenMask};
 use crate::error::{ModelError, Result};
 
 /// Largest number of stop strings and their length, bounding the per-token stop scan.
 pub const MAX_STOP_STRINGS: usize = 16;
 pub const MAX_STOP_LEN: usize = 256;
+/// Most `logit_bias` entries (OpenAI accepts 300; vLLM any number): each costs a write per step.
+pub const MAX_LOGIT_BIAS: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -35,6 +38,11 @@ pub struct SamplingParams {
     /// OpenAI/vLLM presence penalty: a token's logit is lowered by this once it has been
     /// generated. In [-2, 2].
     pub presence_penalty: f32,
+    /// OpenAI's logit bias: (token id, value added to its logit) before the format's mask,
+    /// penalties and sampling, greedy too. Values in [-100, 100]; ids in the vocabulary.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Constrained decoding: the output must match this format ([`crate::constraint`]).
+    pub format: Option<OutputFormat>,
 }
 
 impl Default for SamplingParams {
@@ -48,6 +56,8 @@ impl Default for SamplingParams {
             stop: vec![],
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            logit_bias: vec![],
+            format: None,
         }
     }
 }
@@ -86,6 +96,24 @@ impl SamplingParams {
                 self.stop.len()
             ));
         }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return bad(format!(
+                "logit_bias: at most {MAX_LOGIT_BIAS} entries, got {}",
+                self.logit_bias.len()
+            ));
+        }
+        if let Some((t, v)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, v)| !(-100.0..=100.0).contains(v))
+        {
+            return bad(format!(
+                "logit_bias values must be in [-100, 100]; token {t} has {v}"
+            ));
+        }
+        if let Some(f) = &self.format {
+            f.validate()?;
+        }
         // The message names the string by index and length, never echoes it: it is input of
         // any size.
         if let Some((i, s)) = self
@@ -122,7 +150,20 @@ impl Sampler {
     /// when greedy, otherwise the inverse CDF of [`Sampler::distribution`] at the step's uniform
     /// draw. A pure function of (seed, step, logits, generated), so a resumed stream is the same.
     pub fn sample(&self, logits: &[f32], step: u64, generated: &[u32]) -> u32 {
-        let logits = self.penalized(logits, generated);
+        self.sample_masked(logits, step, generated, None)
+    }
+
+    /// [`Self::sample`] after the logit bias and, when the sequence has a format, its mask for
+    /// this step (disallowed tokens get −∞ and are never drawn).
+    pub fn sample_masked(
+        &self,
+        logits: &[f32],
+        step: u64,
+        generated: &[u32],
+        mask: Option<&TokenMask>,
+    ) -> u32 {
+        let logits = self.biased(logits, mask);
+        let logits = self.penalized(&logits, generated);
         if self.params.is_greedy() {
             return argmax(&logits);
         }
@@ -141,6 +182,23 @@ impl Sampler {
             }
         }
         last
+    }
+
+    /// `logits` with the logit bias added and the mask applied; borrowed when there is neither.
+    pub fn biased<'a>(&self, logits: &'a [f32], mask: Option<&TokenMask>) -> Cow<'a, [f32]> {
+        if self.params.logit_bias.is_empty() && mask.is_none() {
+            return Cow::Borrowed(logits);
+        }
+        let mut out = logits.to_vec();
+        for &(t, v) in &self.params.logit_bias {
+            if let Some(l) = out.get_mut(t as usize) {
+                *l += v;
+            }
+        }
+        if let Some(m) = mask {
+            m.apply(&mut out);
+        }
+        Cow::Owned(out)
     }
 
     /// `logits` with the frequency and presence penalties of the tokens `generated` so far, as
@@ -176,8 +234,12 @@ impl Sampler {
         if t <= 0.0 {
             return Vec::new();
         }
+        // NaN and −∞ (masked) logits are never candidates.
         let mut idx: Vec<u32> = (0..logits.len() as u32)
-            .filter(|&i| !logits[i as usize].is_nan())
+            .filter(|&i| {
+                let l = logits[i as usize];
+                !l.is_nan() && l != f32::NEG_INFINITY
+            })
             .collect();
         if idx.is_empty() {
             return Vec::new();

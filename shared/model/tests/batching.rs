@@ -61,6 +61,7 @@ fn request(p: &Pipeline, prompt: &str, img: &str, params: SamplingParams) -> Seq
         resume: Vec::new(),
         monitor: false,
         rope: None,
+        constraint: None,
     }
 }
 

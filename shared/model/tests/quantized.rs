@@ -254,6 +254,7 @@ fn quantized_batched_decoding_equals_decoding_alone() {
                     resume: Vec::new(),
                     monitor: false,
                     rope: None,
+                    constraint: None,
                 }
             })
             .collect();

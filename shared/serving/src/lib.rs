@@ -166,6 +166,14 @@ pub fn params_from_proto(
         stop: p.stop.clone(),
         frequency_penalty: p.frequency_penalty,
         presence_penalty: p.presence_penalty,
+        logit_bias: {
+            // Sorted, so that the parameters (and what they print) do not depend on the map's
+            // order.
+            let mut b: Vec<(u32, f32)> = p.logit_bias.iter().map(|(&t, &v)| (t, v)).collect();
+            b.sort_by_key(|&(t, _)| t);
+            b
+        },
+        format: p.format.as_ref().map(format_from_proto).transpose()?,
     };
     params.validate().map_err(model_status)?;
     Ok(params)
@@ -183,7 +191,39 @@ pub fn params_to_proto(p: &vlm_model::SamplingParams) -> vlm_proto::SamplingPara
         stop: p.stop.clone(),
         frequency_penalty: p.frequency_penalty,
         presence_penalty: p.presence_penalty,
+        logit_bias: p.logit_bias.iter().copied().collect(),
+        format: p.format.as_ref().map(format_to_proto),
     }
+}
+
+/// The wire's output format as the model's; an empty one is refused naming the field.
+pub fn format_from_proto(f: &vlm_proto::OutputFormat) -> Result<vlm_model::OutputFormat, Status> {
+    use vlm_model::OutputFormat as M;
+    use vlm_proto::output_format::Kind;
+    match &f.kind {
+        Some(Kind::JsonSchema(s)) => Ok(M::JsonSchema(s.clone())),
+        Some(Kind::JsonObject(true)) => Ok(M::JsonObject),
+        Some(Kind::JsonObject(false)) => Err(Status::invalid_argument(
+            "format.json_object must be true when set",
+        )),
+        Some(Kind::Regex(s)) => Ok(M::Regex(s.clone())),
+        Some(Kind::Lark(s)) => Ok(M::Lark(s.clone())),
+        None => Err(Status::invalid_argument(
+            "format is set but names no kind (json_schema, json_object, regex or lark)",
+        )),
+    }
+}
+
+pub fn format_to_proto(f: &vlm_model::OutputFormat) -> vlm_proto::OutputFormat {
+    use vlm_model::OutputFormat as M;
+    use vlm_proto::output_format::Kind;
+    let kind = match f {
+        M::JsonSchema(s) => Kind::JsonSchema(s.clone()),
+        M::JsonObject => Kind::JsonObject(true),
+        M::Regex(s) => Kind::Regex(s.clone()),
+        M::Lark(s) => Kind::Lark(s.clone()),
+    };
+    vlm_proto::OutputFormat { kind: Some(kind) }
 }
 
 /// A seed for requests that did not bring one.

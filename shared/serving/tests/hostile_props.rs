@@ -193,7 +193,13 @@ proptest! {
         stop in prop::collection::vec(prop_oneof![Just(0usize), 1usize..300, Just(100_000)], 0..20),
         frequency_penalty in prop_oneof![any::<f32>(), Just(f32::NAN), -3f32..3.0],
         presence_penalty in prop_oneof![any::<f32>(), Just(f32::INFINITY), -3f32..3.0],
+        bias in prop::collection::hash_map(any::<u32>(), prop_oneof![-150f32..150.0, Just(f32::NAN), Just(f32::NEG_INFINITY)], 0..4),
+        many_biases in any::<bool>(),
     ) {
+        let mut logit_bias = bias.clone();
+        if many_biases {
+            logit_bias.extend((0..1025u32).map(|t| (t, 1.0)));
+        }
         let p = vlm_proto::SamplingParams {
             max_tokens,
             temperature,
@@ -203,6 +209,8 @@ proptest! {
             stop: stop.iter().map(|&n| "x".repeat(n)).collect(),
             frequency_penalty,
             presence_penalty,
+            logit_bias,
+            format: None,
         };
         // The documented rules (README, "Sampling"), spelled out here rather than taken from
         // the code under test: 0 top_p is proto3's "unset".
@@ -213,7 +221,9 @@ proptest! {
             && (-2.0..=2.0).contains(&frequency_penalty)
             && (-2.0..=2.0).contains(&presence_penalty)
             && p.stop.len() <= 16
-            && p.stop.iter().all(|s| (1..=256).contains(&s.len()));
+            && p.stop.iter().all(|s| (1..=256).contains(&s.len()))
+            && p.logit_bias.len() <= 1024
+            && p.logit_bias.values().all(|v| (-100.0..=100.0).contains(v));
         match params_from_proto(Some(&p), 64) {
             Ok(_) => prop_assert!(valid, "accepted {:?}", p),
             Err(s) => {

@@ -94,6 +94,7 @@ impl ChatRequest {
             // OpenAI's default 0; the decoder checks the range.
             frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
             presence_penalty: req.presence_penalty.unwrap_or(0.0),
+            ..Default::default()
         };
         Ok(ChatRequest {
             messages,

@@ -3,6 +3,7 @@
 
 use candle_core::Tensor;
 
+use crate::constraint::Constraint;
 use crate::decoder::Decoder;
 use crate::error::ModelError;
 use crate::generate::TokenEvent;
@@ -79,9 +80,14 @@ pub struct SeqRequest {
     /// ([`crate::mrope`]), one per prompt row. `None`: position = index (text only, and every
     /// other model).
     pub rope: Option<RopePositions>,
+    /// `params.format` compiled (off the engine's thread, by the caller); compiled at admission
+    /// when `None` and a format is set.
+    pub constraint: Option<Constraint>,
 }
 
-/// Outcome of [`super::Engine::try_admit`].
+/// Outcome of [`super::Engine::try_admit`]. (A request handed back is moved once per admission
+/// attempt; boxing it would save a copy of a few hundred bytes per attempt, nothing per step.)
+#[allow(clippy::large_enum_variant)]
 pub enum Admission {
     /// Running from the next step; this many prompt positions came from the prefix cache.
     Admitted { cached_tokens: usize },
