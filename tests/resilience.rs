@@ -27,7 +27,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn decoder_killed_mid_stream_all_forty_requests_complete_identically() {
+async fn decoder_killed_mid_stream_all_forty_requests_complete_identically_formats_included() {
     let _serial = SERIAL.lock().await;
     // The decode delay makes each stream last long enough that a kill lands mid-stream.
     let mesh = MeshProc::start_with(
@@ -44,13 +44,22 @@ async fn decoder_killed_mid_stream_all_forty_requests_complete_identically() {
     assert_eq!(decoders.len(), 2, "{decoders:?}");
     let image = std::fs::read(image_path()).unwrap();
     let pipeline = pipeline();
-    // Greedy and seeded sampling, mixed.
+    // Greedy and seeded sampling, mixed; every third held to an output format (a resumed
+    // stream's format state is replayed from the tokens already sent).
+    let formats = [
+        None,
+        Some(vlm_model::OutputFormat::Regex("[a-z ]{12,40}\\.".into())),
+        Some(vlm_model::OutputFormat::JsonSchema(
+            r#"{"type":"object","properties":{"n":{"type":"integer"},"s":{"enum":["a","b"]}},"required":["n","s"]}"#.into(),
+        )),
+    ];
     let params: Vec<SamplingParams> = (0..40u64)
         .map(|i| SamplingParams {
             max_tokens: 16 + (i as u32 % 5),
             temperature: if i % 2 == 0 { 0.0 } else { 0.8 },
             top_k: if i % 4 == 1 { 20 } else { 0 },
             seed: 7000 + i,
+            format: formats[i as usize % 3].clone(),
             ..Default::default()
         })
         .collect();

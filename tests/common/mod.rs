@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod attack;
+pub mod clients;
 pub mod tls;
 
 use std::io::{BufRead, BufReader};
@@ -633,7 +634,18 @@ pub fn request(image: &[u8], p: &vlm_model::SamplingParams) -> vlm_proto::Genera
             stop: vec![],
             frequency_penalty: p.frequency_penalty,
             presence_penalty: p.presence_penalty,
-            ..Default::default()
+            logit_bias: p.logit_bias.iter().copied().collect(),
+            format: p.format.as_ref().map(|f| {
+                use vlm_model::OutputFormat as M;
+                use vlm_proto::output_format::Kind;
+                let kind = match f {
+                    M::JsonSchema(s) => Kind::JsonSchema(s.clone()),
+                    M::JsonObject => Kind::JsonObject(true),
+                    M::Regex(s) => Kind::Regex(s.clone()),
+                    M::Lark(s) => Kind::Lark(s.clone()),
+                };
+                vlm_proto::OutputFormat { kind: Some(kind) }
+            }),
         }),
         monitor_layers: false,
         question: String::new(),

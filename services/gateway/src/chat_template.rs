@@ -28,10 +28,17 @@ pub enum TemplatePart {
     Image,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct TemplateMessage {
     pub role: String,
     pub content: Vec<TemplatePart>,
+    /// An assistant message's calls, in the shape Hugging Face templates take
+    /// (`{"type": "function", "function": {"name", "arguments": {…}}}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A tool message's call id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 /// A compiled chat template plus the special tokens it may refer to.
@@ -39,6 +46,10 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     /// Text-only messages reach the template as a string (see [`Self::new`]).
     text_as_string: bool,
+    /// See [`Self::takes_tools`].
+    takes_tools: bool,
+    /// See [`Self::has_system_turns`].
+    system_turns: bool,
     /// Where the template came from (for logs and errors).
     pub source: String,
     /// The model's image placeholder (`<image>` for llava-hf checkpoints).
@@ -101,11 +112,15 @@ impl ChatTemplate {
         // content as it is; such messages get their text as a string, as vLLM's content-format
         // detection gives them. Other templates always see the list of parts.
         let text_as_string = template.contains("is string");
+        let takes_tools = template.contains("tools");
+        let system_turns = template.contains("system");
         env.add_template_owned("chat", template)
             .map_err(|e| anyhow::anyhow!("chat template from {source} does not compile: {e}"))?;
         Ok(ChatTemplate {
             env,
             text_as_string,
+            takes_tools,
+            system_turns,
             source,
             image_token,
             bos_token,
@@ -131,6 +146,27 @@ impl ChatTemplate {
 
     /// The prompt for `messages`, ending with the assistant's turn being opened.
     pub fn render(&self, messages: &[TemplateMessage]) -> Result<String, String> {
+        self.render_with_tools(messages, None)
+    }
+
+    /// Whether the template has a tool section (reads `tools`): tool definitions, calls and
+    /// results are then given to it as Hugging Face templates take them; otherwise the OpenAI
+    /// endpoint writes them into the messages' text (README, "Tool calls").
+    pub fn takes_tools(&self) -> bool {
+        self.takes_tools
+    }
+
+    /// Whether the template renders system messages (mentions them at all).
+    pub fn has_system_turns(&self) -> bool {
+        self.system_turns
+    }
+
+    /// [`Self::render`] with `tools` (OpenAI's shape) in the template's context.
+    pub fn render_with_tools(
+        &self,
+        messages: &[TemplateMessage],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String, String> {
         let tmpl = self
             .env
             .get_template("chat")
@@ -138,12 +174,18 @@ impl ChatTemplate {
         let messages: Vec<Value> = messages
             .iter()
             .map(|m| match self.string_content(m) {
-                Some(text) => minijinja::context! { role => m.role.clone(), content => text },
+                Some(text) => minijinja::context! {
+                    role => m.role.clone(),
+                    content => text,
+                    tool_calls => m.tool_calls.clone(),
+                    tool_call_id => m.tool_call_id.clone(),
+                },
                 None => Value::from_serialize(m),
             })
             .collect();
         tmpl.render(minijinja::context! {
             messages => messages,
+            tools => tools.map(Value::from_serialize),
             add_generation_prompt => true,
             image_token => self.image_token.clone(),
             bos_token => self.bos_token.clone(),
@@ -191,6 +233,7 @@ impl ChatTemplate {
             TemplateMessage {
                 role: "assistant".into(),
                 content: vec![TemplatePart::Text { text: REPLY.into() }],
+                ..Default::default()
             },
             question_message(0, NEXT),
         ];
@@ -225,6 +268,7 @@ fn question_message(images: usize, text: &str) -> TemplateMessage {
     TemplateMessage {
         role: "user".into(),
         content,
+        ..Default::default()
     }
 }
 

@@ -21,6 +21,7 @@ fn user(parts: Vec<TemplatePart>) -> TemplateMessage {
     TemplateMessage {
         role: "user".into(),
         content: parts,
+        ..Default::default()
     }
 }
 
@@ -48,11 +49,13 @@ fn multi_turn_keeps_roles_images_and_order() {
             TemplateMessage {
                 role: "system".into(),
                 content: vec![text("Be brief.")],
+                ..Default::default()
             },
             user(vec![TemplatePart::Image, text("Colour?")]),
             TemplateMessage {
                 role: "assistant".into(),
                 content: vec![text("Red.")],
+                ..Default::default()
             },
             user(vec![TemplatePart::Image, text("And this one?")]),
         ])
@@ -85,6 +88,7 @@ fn checkpoint_templates_get_pycompat_methods_and_raise_exception() {
         .render(&[TemplateMessage {
             role: "tool".into(),
             content: vec![],
+            ..Default::default()
         }])
         .unwrap_err();
     assert_eq!(err, "no tools");
@@ -142,6 +146,7 @@ fn glm4v_template_renders_as_transformers_does() {
         .map(|m| TemplateMessage {
             role: m["role"].as_str().unwrap().into(),
             content: parts(&m["content"]),
+            ..Default::default()
         })
         .collect();
     assert_eq!(
@@ -158,6 +163,7 @@ fn glm4v_template_renders_as_transformers_does() {
         TemplateMessage {
             role: "system".into(),
             content: vec![text("You are a phone agent.")],
+            ..Default::default()
         },
         user(vec![
             TemplatePart::Image,

@@ -7,7 +7,7 @@ const PNG_B64: &str = "iVBORw0KGgo=";
 
 fn parse(v: Value) -> Result<ChatRequest, ApiError> {
     let req = parse_request(v.to_string().as_bytes())?;
-    ChatRequest::check(req, &["tiny-llava"], "<image>")
+    ChatRequest::check(req, &["tiny-llava"], "<image>", false)
 }
 
 fn user_with_image(url: &str) -> Value {
@@ -117,7 +117,7 @@ fn bad_requests_name_the_parameter() {
         (
             json!({"model": "tiny-llava", "messages": msgs, "tools": [{}]}),
             400,
-            "tools",
+            "tools[0].type",
         ),
         (
             json!({"model": "tiny-llava", "messages": []}),
@@ -186,9 +186,14 @@ fn bad_requests_name_the_parameter() {
             "messages[0].content",
         ),
         (
-            json!({"model": "tiny-llava", "messages": [{"role": "tool", "content": "x"}]}),
+            json!({"model": "tiny-llava", "messages": [{"role": "function", "content": "x"}]}),
             400,
             "messages[0].role",
+        ),
+        (
+            json!({"model": "tiny-llava", "messages": [{"role": "tool", "content": "x"}]}),
+            400,
+            "messages[0].tool_call_id",
         ),
         (
             json!({"model": "tiny-llava", "messages": msgs, "temperature": "hot"}),

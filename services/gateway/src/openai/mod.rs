@@ -14,10 +14,12 @@
 mod auth;
 mod convert;
 mod error;
+mod fields;
 mod limits;
 mod stream;
 #[cfg(test)]
 mod tests;
+mod tools;
 mod types;
 
 use std::future::Future;
@@ -29,6 +31,7 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
+use futures::StreamExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -72,6 +75,9 @@ pub struct OpenAiConfig {
     /// The gateway's compiled chat template ([`GatewayService::templates`]), shared with its
     /// `Generate` and `Watch`.
     pub templates: Arc<TemplateCache>,
+    /// Refuse requests with fields this server does not know (else they are logged once per
+    /// name and accepted, as vLLM does).
+    pub strict_openai: bool,
     /// The gateway's admission (slots, queue, memory budget), shared with its gRPC port: a chat
     /// completion takes a slot once its body has been read (a streamed one holds it until its
     /// last chunk), and its body's memory is reserved before reading. Refusals are 503 with
@@ -250,7 +256,12 @@ impl<G: Gateway> OpenAiEndpoint<G> {
     async fn complete(&self, body: types::ChatCompletionRequest) -> Result<Response, ApiError> {
         let names: Vec<&str> = self.names().collect();
         let template = self.template().await?;
-        let chat = convert::ChatRequest::check(body, &names, &template.image_token)?;
+        let chat = convert::ChatRequest::check(
+            body,
+            &names,
+            &template.image_token,
+            self.cfg.strict_openai,
+        )?;
         let policy = convert::FetchPolicy {
             allow_urls: self.cfg.allow_image_urls,
             allow_internal: self.cfg.allow_private_image_urls,
@@ -260,9 +271,18 @@ impl<G: Gateway> OpenAiEndpoint<G> {
             max_total_bytes: self.cfg.max_body_bytes,
         };
         let images = convert::load_images(chat.images, policy).await?;
-        let prompt = template
-            .render(&chat.messages)
-            .map_err(|e| ApiError::invalid("messages", e))?;
+        let prompt = if template.takes_tools() {
+            let tools = chat.tools.as_ref().map(tools::Tools::template_value);
+            template.render_with_tools(&chat.messages, tools.as_ref())
+        } else {
+            let messages = tools::written_into_text(
+                chat.messages,
+                chat.tools.as_ref(),
+                template.has_system_turns(),
+            );
+            template.render(&messages)
+        }
+        .map_err(|e| ApiError::invalid("messages", e))?;
         // Regions need `image_inputs`; without any, images go as plain `images`.
         let (images, image_inputs) = if chat.regions.iter().all(Vec::is_empty) {
             (images, vec![])
@@ -290,17 +310,58 @@ impl<G: Gateway> OpenAiEndpoint<G> {
                 .expect("hex digits are valid metadata");
             request.metadata_mut().insert("session-id", value);
         }
+        let field = chat.format_field;
         let grpc = Gateway::generate(self.gateway.as_ref(), request)
             .await
-            .map_err(|s| ApiError::from_status(&s))?
+            .map_err(|s| format_error(ApiError::from_status(&s), field))?
             .into_inner();
-        let pieces = stream::pieces(grpc);
+        let pieces = stream::pieces(grpc).map(move |p| p.map_err(|e| format_error(e, field)));
         let created = unix_now();
+        let answer = stream::Answer {
+            model: self.model_id.clone(),
+            created,
+            tools: chat.tools.filter(tools::Tools::active),
+        };
         Ok(if chat.stream {
-            stream::sse(pieces, &self.model_id, created, chat.include_usage).into_response()
+            // With an output format, the first piece comes before the response starts, so a
+            // format the decoder cannot compile is a 400 naming its field, not an error event
+            // after a 200 (the headers wait for the first token; without a format they go out
+            // at once).
+            let mut pieces = Box::pin(pieces);
+            let first = match field {
+                Some(_) => Some(
+                    pieces
+                        .next()
+                        .await
+                        .unwrap_or_else(|| Err(ApiError::no_final()))?,
+                ),
+                None => None,
+            };
+            let pieces = futures::stream::iter(first.map(Ok)).chain(pieces);
+            stream::sse(pieces, answer, chat.include_usage).into_response()
         } else {
-            Json(stream::completion(pieces, &self.model_id, created).await?).into_response()
+            Json(stream::completion(pieces, answer).await?).into_response()
         })
+    }
+}
+
+/// A decoder's refusal of the output format names the request field it came from
+/// (`format.json_schema` → `response_format.json_schema.schema`, `tools`…).
+fn format_error(e: ApiError, field: Option<&'static str>) -> ApiError {
+    let Some(field) = field else { return e };
+    let wire = [
+        "format.json_schema",
+        "format.json_object",
+        "format.regex",
+        "format.lark",
+    ];
+    match wire.iter().find(|w| e.message.contains(*w)) {
+        Some(w) => {
+            let mut e = e;
+            e.message = e.message.replace(w, field);
+            e.param(field)
+        }
+        None => e,
     }
 }
 

@@ -1,8 +1,8 @@
 //! OpenAI's chat-completion request and response bodies as serde types.
 //!
-//! Requests are read tolerantly, as this endpoint always did: unknown fields are ignored at every
-//! level (SDKs send `detail`, `response_format` and the like, which this server has no use
-//! for), and `null` is the same as an absent field. What is required or supported is checked
+//! Every top-level field of OpenAI's request is read, and the rest are collected by name
+//! ([`super::fields`] decides what happens to each); inside nested objects unknown keys are
+//! ignored (SDKs send `detail` and the like), and `null` is the same as an absent field. What is required or supported is checked
 //! in [`super::convert`], with messages that name the field; a wrong JSON type is refused here, and
 //! [`ApiError::from_json`] names the field's path. Objects must be JSON objects (serde's derived
 //! structs would also take an array of their fields in order, see [`Obj`]).
@@ -13,6 +13,7 @@ use std::marker::PhantomData;
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::error::ApiError;
 
@@ -44,15 +45,28 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
     }
 }
 
-/// `POST /v1/chat/completions`: the fields this server reads.
+/// `POST /v1/chat/completions`: every field of OpenAI's request, and the extensions this server
+/// reads. What happens to each is in [`super::fields`] and the README's table.
 #[derive(Debug, Deserialize)]
 pub struct ChatCompletionRequest {
     pub model: Option<String>,
     pub messages: Option<Vec<Obj<Message>>>,
     pub n: Option<u64>,
     pub logprobs: Option<bool>,
-    /// Only an empty list is accepted (the elements are not read).
-    pub tools: Option<Vec<IgnoredAny>>,
+    pub top_logprobs: Option<Value>,
+    pub tools: Option<Vec<Obj<ToolDef>>>,
+    pub tool_choice: Option<ToolChoice>,
+    pub parallel_tool_calls: Option<bool>,
+    pub response_format: Option<Obj<ResponseFormat>>,
+    /// vLLM's structured outputs: one of json, regex, grammar (Lark) or choice.
+    pub structured_outputs: Option<Obj<StructuredOutputs>>,
+    /// vLLM's older names of the same.
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_grammar: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    /// Token id (as a string, OpenAI's shape) → bias in [-100, 100].
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
     /// Wins over the older `max_tokens`.
     pub max_completion_tokens: Option<u32>,
     pub max_tokens: Option<u32>,
@@ -71,12 +85,146 @@ pub struct ChatCompletionRequest {
     /// prefix); `user` when it is absent.
     pub prompt_cache_key: Option<String>,
     pub user: Option<String>,
+    // Fields that only label a request: accepted, not acted on (declared so that they are not
+    // taken for unknown fields).
+    #[allow(dead_code)]
+    pub metadata: Option<Value>,
+    #[allow(dead_code)]
+    pub store: Option<Value>,
+    #[allow(dead_code)]
+    pub service_tier: Option<Value>,
+    #[allow(dead_code)]
+    pub safety_identifier: Option<Value>,
+    #[allow(dead_code)]
+    pub prompt_cache_retention: Option<Value>,
+    // Fields that would change the answer in a way this server cannot: refused when set.
+    pub audio: Option<Value>,
+    pub modalities: Option<Value>,
+    pub prediction: Option<Value>,
+    pub reasoning_effort: Option<Value>,
+    pub verbosity: Option<Value>,
+    pub web_search_options: Option<Value>,
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
+    /// Every other field, by name (logged once per name, or refused under `--strict-openai`).
+    #[serde(flatten)]
+    pub unknown: std::collections::BTreeMap<String, IgnoredAny>,
+}
+
+/// One entry of `tools`.
+#[derive(Debug, Deserialize)]
+pub struct ToolDef {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub function: Option<Obj<FunctionDef>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct FunctionDef {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub parameters: Option<Value>,
+    /// Calls are always held to the parameters' schema; `strict` changes nothing.
+    #[allow(dead_code)]
+    pub strict: Option<bool>,
+}
+
+/// `tool_choice`: `"none" | "auto" | "required"` or `{"type": "function", "function": {"name"}}`.
+#[derive(Debug)]
+pub enum ToolChoice {
+    Mode(String),
+    Function(String),
+}
+
+/// `response_format`.
+#[derive(Debug, Deserialize)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub json_schema: Option<Obj<JsonSchemaFormat>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[allow(dead_code)] // name, description and strict label the schema; the output always follows it
+pub struct JsonSchemaFormat {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub schema: Option<Value>,
+    /// The output is always held to the schema; `strict` changes nothing.
+    pub strict: Option<bool>,
+}
+
+/// vLLM's `structured_outputs`.
+#[derive(Debug, Deserialize)]
+pub struct StructuredOutputs {
+    pub json: Option<Value>,
+    pub regex: Option<String>,
+    pub grammar: Option<String>,
+    pub choice: Option<Vec<String>>,
+}
+
+/// One call in an assistant message of the history.
+#[derive(Debug, Deserialize)]
+pub struct ToolCallIn {
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub function: Option<Obj<CalledFunction>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CalledFunction {
+    pub name: Option<String>,
+    /// JSON text, as OpenAI sends it.
+    pub arguments: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for ToolChoice {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Named {
+            #[serde(rename = "type")]
+            kind: Option<String>,
+            function: Option<Obj<NamedFn>>,
+        }
+        #[derive(Deserialize)]
+        struct NamedFn {
+            name: Option<String>,
+        }
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ToolChoice;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": …}}")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<ToolChoice, E> {
+                Ok(ToolChoice::Mode(s.to_owned()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ToolChoice, A::Error> {
+                let n = Named::deserialize(MapAccessDeserializer::new(map))?;
+                match (n.kind.as_deref(), n.function.and_then(|f| f.0.name)) {
+                    (Some("function"), Some(name)) => Ok(ToolChoice::Function(name)),
+                    _ => Err(de::Error::custom(
+                        "an object tool_choice must be {\"type\": \"function\", \"function\": {\"name\": …}}",
+                    )),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Deserialize)]
 pub struct Message {
     pub role: Option<String>,
     pub content: Option<Content>,
+    /// An assistant message's calls.
+    pub tool_calls: Option<Vec<Obj<ToolCallIn>>>,
+    /// A tool message's answer to this call.
+    pub tool_call_id: Option<String>,
+    /// A participant's name: a label, not rendered.
+    #[allow(dead_code)]
+    pub name: Option<String>,
 }
 
 /// A message's content: a string, or a list of parts.
@@ -238,8 +386,30 @@ pub struct Choice {
 #[derive(Debug, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the answer is tool calls.
+    pub content: Option<String>,
     pub refusal: Null,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// One call of an answer (`message.tool_calls[i]`, and in a chunk's `delta.tool_calls` with its
+/// `index`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionOut,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionOut {
+    pub name: String,
+    /// JSON text, as OpenAI sends it.
+    pub arguments: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -277,6 +447,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
 }
 
 /// `GET /v1/models/{id}`, and each entry of `GET /v1/models`.

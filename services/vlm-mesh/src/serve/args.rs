@@ -439,6 +439,11 @@ pub struct HttpArgs {
     /// other users can read in the process list.
     #[arg(long, env = "VLM_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Refuse OpenAI requests that carry a field this server does not know (400 naming it).
+    /// Without it such fields are logged once per name and ignored, as vLLM does (README,
+    /// "OpenAI request fields").
+    #[arg(long, env = "VLM_STRICT_OPENAI")]
+    pub strict_openai: bool,
 }
 
 impl HttpArgs {
@@ -456,6 +461,9 @@ impl HttpArgs {
         }
         if self.allow_private_image_urls {
             args.push("--allow-private-image-urls".into());
+        }
+        if self.strict_openai {
+            args.push("--strict-openai".into());
         }
         if !self.served_model_name.is_empty() {
             args.extend([

@@ -208,6 +208,7 @@ async fn openai_port(
             max_body_bytes: MAX_MESSAGE_BYTES,
             max_image_bytes: a.max_image_bytes,
             admission,
+            strict_openai: a.http.strict_openai,
         },
     )?;
     let listener = bind(addr, flag).await?;

@@ -120,6 +120,7 @@ impl Harness {
             max_image_bytes: 1 << 20,
             templates: Default::default(),
             admission: gate.clone(),
+            strict_openai: false,
         };
         let mut endpoint = OpenAiEndpoint::new(Arc::new(FakeGateway { calls: tx }), cfg).unwrap();
         tweak(&mut endpoint);
@@ -240,3 +241,4 @@ async fn cancelled(call: &Call) {
 mod answers;
 mod auth;
 mod limits;
+mod structured;
