@@ -99,6 +99,9 @@ fn openai_sdk_gets_valid_structured_output_and_tool_calls() {
     for id in gen["eos_token_id"].as_array().unwrap() {
         checks.args(["--eos", &id.to_string()]);
     }
+    checks
+        .arg("--agent-grammar")
+        .arg(repo().join("examples/grammars/autoglm_actions.lark"));
     let out = client_json(&mut checks, "structured_checks.py");
     eprintln!("{out}");
     assert_eq!(out["free_text_valid"], false, "{out}");
@@ -128,6 +131,13 @@ fn openai_sdk_gets_valid_structured_output_and_tool_calls() {
         long >= short + 40,
         "the tool result reaches the prompt: {out}"
     );
+    // Open-AutoGLM's answers under the example grammar: 8 sampled answers, each parsed by the
+    // agent's own parsers (the script asserts that), of more than one kind.
+    let actions = out["agent_actions"].as_array().unwrap();
+    assert_eq!(actions.len(), 8, "{out}");
+    let kinds: std::collections::BTreeSet<&str> =
+        actions.iter().map(|a| a.as_str().unwrap()).collect();
+    assert!(kinds.len() > 1, "{out}");
     let errors = &out["errors"];
     for (case, param) in [
         ("bad_schema", "response_format.json_schema.schema"),

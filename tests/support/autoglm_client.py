@@ -83,6 +83,27 @@ def parse_response(content):
     return "", content
 
 
+def parse_action(response):
+    """Open-AutoGLM's actions.handler.parse_action: the answer's action as a dict."""
+    import ast
+
+    response = response.strip()
+    if response.startswith('do(action="Type"') or response.startswith('do(action="Type_Name"'):
+        text = response.split("text=", 1)[1][1:-2]
+        return {"_metadata": "do", "action": "Type", "text": text}
+    if response.startswith("do"):
+        call = ast.parse(response, mode="eval").body
+        if not isinstance(call, ast.Call) or getattr(call.func, "id", None) != "do" or call.args:
+            raise ValueError(f"not an action call: {response!r}")
+        action = {"_metadata": "do"}
+        for kw in call.keywords:
+            action[kw.arg] = ast.literal_eval(kw.value)
+        return action
+    if response.startswith("finish"):
+        return {"_metadata": "finish", "message": response.replace("finish(message=", "")[1:-2]}
+    raise ValueError(f"Failed to parse action: {response}")
+
+
 def user_message(text, image_b64):
     """Open-AutoGLM's MessageBuilder.create_user_message: the image first, then the text."""
     return {"role": "user", "content": [

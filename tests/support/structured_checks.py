@@ -13,6 +13,9 @@ import sys
 
 import openai
 
+sys.path.insert(0, __import__("os").path.dirname(__file__))
+from autoglm_client import parse_action, parse_response  # noqa: E402  (the client's parsers)
+
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -92,6 +95,7 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--image", required=True)
     ap.add_argument("--eos", type=int, action="append", default=[], help="end-of-sequence ids")
+    ap.add_argument("--agent-grammar", help="examples/grammars/autoglm_actions.lark")
     a = ap.parse_args()
     client = openai.OpenAI(base_url=a.base_url, api_key="unused", max_retries=0)
     with open(a.image, "rb") as f:
@@ -213,6 +217,24 @@ def main() -> None:
     p_short = chat(messages=short, tools=TOOLS, max_tokens=2).usage.prompt_tokens
     p_long = chat(messages=long, tools=TOOLS, max_tokens=2).usage.prompt_tokens
     out["tool_result_prompt_tokens"] = [p_short, p_long]
+
+    # The phone agent's action grammar: every answer parses with the agent's own parsers.
+    if a.agent_grammar:
+        with open(a.agent_grammar) as f:
+            grammar = f.read()
+        actions = []
+        for seed in range(8):
+            r = client.chat.completions.create(
+                model=a.model, max_tokens=600, temperature=1.0, seed=seed, messages=ask,
+                extra_body={"structured_outputs": {"grammar": grammar}},
+            )
+            content = r.choices[0].message.content
+            assert r.choices[0].finish_reason == "stop", (seed, content)
+            thinking, action = parse_response(content)
+            parsed = parse_action(action)
+            assert parsed["_metadata"] in ("do", "finish"), parsed
+            actions.append(parsed.get("action", "finish"))
+        out["agent_actions"] = actions
 
     # Errors name the field.
     errors = {}
