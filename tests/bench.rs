@@ -581,3 +581,29 @@ fn bench_cache_quick_runs_from_anywhere_on_the_bundled_inputs_without_redis() {
     );
     check_cache(&c);
 }
+
+/// `bench structured --quick`: both batches decode (tokens/s positive, the ratio their quotient)
+/// and the 20-tool agent's schemas compile, the second time from the cache.
+#[test]
+fn bench_structured_quick_reports_the_constrained_batch_and_compile_times() {
+    let r = common::run_json(&["bench", "structured", "--quick", "--json"]);
+    assert_eq!(r["bench"], "structured", "{r}");
+    assert_eq!(r["batch"], 8, "{r}");
+    let free = num(&r["unconstrained_tok_s"]["p50"], "unconstrained");
+    let held = num(&r["constrained_tok_s"]["p50"], "constrained");
+    assert!(free > 0.0 && held > 0.0, "{r}");
+    assert_ratio(
+        &r["constrained_vs_unconstrained"],
+        held,
+        free,
+        "constrained_vs_unconstrained",
+    );
+    assert_eq!(r["tools"], 20, "{r}");
+    let compile = num(&r["compile_ms"]["p50"], "compile_ms");
+    let cached = num(&r["cached_compile_ms"]["p50"], "cached_compile_ms");
+    assert!(compile > 0.0 && cached > 0.0, "{r}");
+    assert!(
+        cached < compile,
+        "the second compile comes from the cache: {r}"
+    );
+}

@@ -70,6 +70,43 @@ async fn grpc_format_equals_in_process_and_bad_formats_name_the_field() {
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
         assert!(err.message().contains(field), "{err:?}");
     }
+    // Hostile formats within the size limit: compiled or refused within the compile bound, and
+    // the mesh goes on, every service the same live process with bounded memory.
+    let before = common::attack::services(&mesh);
+    let deep = (0..70).fold(r#"{"type":"integer"}"#.to_string(), |s, _| {
+        format!(r#"{{"type":"array","items":{s}}}"#)
+    });
+    let big_enum = format!(
+        r#"{{"enum":[{}]}}"#,
+        (0..20_000)
+            .map(|i| format!("\"v{i}\""))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    for format in [
+        OutputFormat::JsonSchema(deep),
+        OutputFormat::JsonSchema(big_enum),
+        OutputFormat::Regex("((a{1,100}){1,100}){1,100}".into()),
+        OutputFormat::Lark("start: x\nx: x x | x x x | \"a\" | \"\"".into()),
+        OutputFormat::Regex("a".repeat(300 << 10)),
+    ] {
+        let p = SamplingParams {
+            max_tokens: 4,
+            format: Some(format),
+            ..Default::default()
+        };
+        let t = std::time::Instant::now();
+        match generate(&mut client, request(&image, &p), None, || {}).await {
+            Ok(_) => {}
+            Err(e) => assert_eq!(e.code(), Code::InvalidArgument, "{e:?}"),
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+    common::attack::assert_all_alive_and_bounded(&mesh, &before);
     // An empty format message is refused too.
     let mut req = request(&image, &SamplingParams::default());
     req.params.as_mut().unwrap().format = Some(vlm_proto::OutputFormat { kind: None });

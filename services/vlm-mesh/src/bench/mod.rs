@@ -10,6 +10,7 @@ mod plot;
 mod quantized;
 mod scale;
 mod stream;
+mod structured;
 mod transformers;
 
 use std::path::{Path, PathBuf};
@@ -84,6 +85,10 @@ pub enum BenchCommand {
     /// (cached prefix tokens, TTFT, each replica's share, abandoned calls), and which stage's
     /// vlm_saturation an image-heavy and a long-generation load push over the autoscaling target.
     Scale(scale::ScaleBenchArgs),
+    /// Structured output: decode tokens/s of a batch every sequence of which is held to a JSON
+    /// schema vs none (in process, on the decoder's step engine), and the compile time of a
+    /// 20-tool agent's function-calling schemas, uncached and cached.
+    Structured(structured::StructuredBenchArgs),
 }
 
 /// Every section in one run (`vlm-mesh bench`).
@@ -189,6 +194,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             scale::run(&a).await?;
             Ok(())
         }),
+        Some(BenchCommand::Structured(a)) => structured::run_and_emit(&a),
         None => rt.block_on(all(args.all)),
     }
 }
