@@ -635,17 +635,7 @@ pub fn request(image: &[u8], p: &vlm_model::SamplingParams) -> vlm_proto::Genera
             frequency_penalty: p.frequency_penalty,
             presence_penalty: p.presence_penalty,
             logit_bias: p.logit_bias.iter().copied().collect(),
-            format: p.format.as_ref().map(|f| {
-                use vlm_model::OutputFormat as M;
-                use vlm_proto::output_format::Kind;
-                let kind = match f {
-                    M::JsonSchema(s) => Kind::JsonSchema(s.clone()),
-                    M::JsonObject => Kind::JsonObject(true),
-                    M::Regex(s) => Kind::Regex(s.clone()),
-                    M::Lark(s) => Kind::Lark(s.clone()),
-                };
-                vlm_proto::OutputFormat { kind: Some(kind) }
-            }),
+            format: p.format.as_ref().map(vlm_serving::format_to_proto),
         }),
         monitor_layers: false,
         question: String::new(),
