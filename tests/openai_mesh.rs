@@ -270,17 +270,20 @@ async fn a_stream_is_json_chunks_then_exactly_one_done() {
     assert!(chunks.len() >= 4, "{chunks:?}");
 }
 
-/// `logprobs` and `tools` are refused with 400 in OpenAI's error shape naming the parameter;
+/// `logprobs` and `prediction` (fields this server cannot honour) are refused with 400 in
+/// OpenAI's error shape naming the parameter;
 /// `/v1/models` lists the served id, `/v1/models/{id}` answers 200 for it and 404 (OpenAI's
 /// shape, `model_not_found`) for another; the endpoint serves normally after all of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn logprobs_and_tools_are_refused_and_models_are_listed() {
+async fn logprobs_and_prediction_are_refused_and_models_are_listed() {
     let mesh = start(&[], &[]);
     let api = OpenAi::new(&mesh);
-    let tool = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]);
     for (param, extra) in [
         ("logprobs", json!({"logprobs": true, "top_logprobs": 2})),
-        ("tools", json!({"tools": tool})),
+        (
+            "prediction",
+            json!({"prediction": {"type": "content", "content": "a star"}}),
+        ),
     ] {
         for stream in [false, true] {
             let (status, body) = json_of(

@@ -119,6 +119,10 @@ fn elements(file: &FileDescriptorProto) -> Vec<(Vec<i32>, String)> {
             out.push((p, format!("oneof {name}.{}", o.name())));
         }
         for (i, n) in m.nested_type.iter().enumerate() {
+            // A `map<K, V>` field's entry message is synthetic; the field comment documents it.
+            if n.options.as_ref().is_some_and(|o| o.map_entry()) {
+                continue;
+            }
             let mut p = path.clone();
             p.extend([3, i as i32]);
             message(out, p, n, &name);

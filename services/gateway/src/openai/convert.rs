@@ -55,12 +55,6 @@ impl ChatRequest {
                 format!("n = {n} is not supported: this server returns exactly one choice (n = 1)"),
             ));
         }
-        if req.logprobs == Some(true) {
-            return Err(ApiError::invalid(
-                "logprobs",
-                "logprobs are not supported by this server",
-            ));
-        }
         let tools = Tools::check(req.tools, req.tool_choice, req.parallel_tool_calls)?;
         let format = output_format(
             req.response_format.map(|o| o.0),

@@ -58,6 +58,9 @@ pub(super) fn check(req: &ChatCompletionRequest, strict: bool) -> Result<(), Api
             "deprecated and not supported; send tool_choice",
         );
     }
+    if req.logprobs == Some(true) {
+        return refuse("logprobs", "logprobs are not supported by this server");
+    }
     if let Some(t) = req.top_logprobs.as_ref().filter(|t| !t.is_null()) {
         if t.as_u64() != Some(0) {
             return refuse("top_logprobs", "logprobs are not supported by this server");
