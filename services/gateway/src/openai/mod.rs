@@ -15,6 +15,7 @@ mod auth;
 mod convert;
 mod error;
 mod fields;
+mod formats;
 mod limits;
 mod stream;
 #[cfg(test)]
