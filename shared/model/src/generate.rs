@@ -141,7 +141,7 @@ impl<'a> Completion<'a> {
         let step = self.generated.len();
         let mask = self.format.as_mut().map(|f| f.take_mask()).transpose()?;
         if let Some(m) = &mask {
-            if !(0..logits.len() as u32).any(|t| m.allows(t)) {
+            if !m.any() {
                 return Err(ModelError::InvalidFormat(
                     "format: no token of the vocabulary can continue the output".into(),
                 ));

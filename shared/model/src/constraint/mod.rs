@@ -284,14 +284,26 @@ impl Constraint {
     /// The tokens allowed next. End-of-sequence ids are allowed exactly where the format is
     /// complete.
     pub fn mask(&mut self) -> Result<TokenMask> {
-        let allowed = self
+        let mut allowed = self
             .matcher
             .compute_mask()
             .map_err(|e| self.failed(&e.to_string()))?;
         let eos_ok = self.matcher.is_accepting().unwrap_or(false);
+        // Normalised here, on the mask thread, so the step only reads bits: tokens the
+        // tokenizer does not know are never allowed, end-of-sequence ids exactly when complete.
+        if allowed.len() > self.vocab {
+            let known = allowed.len();
+            for t in self.vocab..known {
+                allowed.set(t, false);
+            }
+        }
+        for &e in self.eos.iter() {
+            if (e as usize) < allowed.len() {
+                allowed.set(e as usize, eos_ok);
+            }
+        }
         Ok(TokenMask {
             allowed,
-            vocab: self.vocab,
             eos: self.eos.clone(),
             eos_ok,
         })
@@ -318,28 +330,60 @@ impl Constraint {
     }
 }
 
-/// The tokens a format allows at one step.
+/// The tokens a format allows at one step (end-of-sequence ids included exactly when the format
+/// is complete; ids past the tokenizer's vocabulary never).
 pub struct TokenMask {
     allowed: SimpleVob,
-    vocab: usize,
+    /// End-of-sequence ids past the mask's own length (a model whose EOS id lies outside the
+    /// tokenizer's vocabulary).
     eos: Arc<[u32]>,
     eos_ok: bool,
 }
 
 impl TokenMask {
     pub fn allows(&self, token: u32) -> bool {
-        if self.eos.contains(&token) {
-            return self.eos_ok;
+        if (token as usize) < self.allowed.len() {
+            self.allowed.is_allowed(token)
+        } else {
+            self.eos_ok && self.eos.contains(&token)
         }
-        (token as usize) < self.vocab && self.allowed.is_allowed(token)
     }
 
-    /// Sets every disallowed logit to −∞.
+    /// Some token may follow (a word-wise scan, stopping at the first set bit).
+    pub fn any(&self) -> bool {
+        !self.allowed.is_zero()
+            || (self.eos_ok && self.eos.iter().any(|&e| e as usize >= self.allowed.len()))
+    }
+
+    /// Sets every disallowed logit to −∞ (word by word: a word of 32 allowed tokens costs one
+    /// comparison).
     pub fn apply(&self, logits: &mut [f32]) {
-        for (t, l) in logits.iter_mut().enumerate() {
-            if !self.allows(t as u32) {
-                *l = f32::NEG_INFINITY;
+        let len = self.allowed.len();
+        // End-of-sequence ids past the mask keep their score when the format is complete.
+        let kept: Vec<(usize, f32)> = if self.eos_ok {
+            self.eos
+                .iter()
+                .map(|&e| e as usize)
+                .filter(|&e| e >= len && e < logits.len())
+                .map(|e| (e, logits[e]))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let words = self.allowed.as_slice();
+        for (w, chunk) in logits.chunks_mut(32).enumerate() {
+            let bits = words.get(w).copied().unwrap_or(0);
+            if bits == u32::MAX {
+                continue;
             }
+            for (i, l) in chunk.iter_mut().enumerate() {
+                if bits & (1 << i) == 0 {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        for (e, v) in kept {
+            logits[e] = v;
         }
     }
 }
@@ -347,6 +391,37 @@ impl TokenMask {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mask(bits: &[usize], eos: &[u32], eos_ok: bool) -> TokenMask {
+        let mut allowed = SimpleVob::alloc(40);
+        for &b in bits {
+            allowed.set(b, true);
+        }
+        TokenMask {
+            allowed,
+            eos: eos.into(),
+            eos_ok,
+        }
+    }
+
+    fn finite(m: &TokenMask) -> Vec<usize> {
+        let mut logits = vec![0.5f32; 50];
+        m.apply(&mut logits);
+        (0..50).filter(|&t| logits[t].is_finite()).collect()
+    }
+
+    #[test]
+    fn mask_applies_word_by_word_and_keeps_eos_past_the_vocabulary() {
+        let m = mask(&[1, 2, 33], &[2, 45], true);
+        assert_eq!(finite(&m), vec![1, 2, 33, 45]);
+        assert!(m.allows(45) && m.allows(33) && !m.allows(34) && !m.allows(46));
+        let m = mask(&[1, 33], &[2, 45], false);
+        assert_eq!(finite(&m), vec![1, 33]);
+        assert!(!m.allows(45));
+        assert!(mask(&[], &[2, 45], true).any());
+        assert!(!mask(&[], &[2, 45], false).any());
+        assert!(mask(&[39], &[], false).any());
+    }
 
     #[test]
     fn depth_counts_brackets_outside_strings() {
