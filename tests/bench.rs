@@ -607,3 +607,144 @@ fn bench_structured_quick_reports_the_constrained_batch_and_compile_times() {
         "the second compile comes from the cache: {r}"
     );
 }
+
+/// Bytes one decode step of `models/shapes-llava` reads at `context` in `precision`, written out
+/// here from the block formats (q8_0: 34 bytes per 32 values; q4_K: 144 per 256, q6_K for the
+/// head: 210 per 256, q8_0 where 256 does not divide a row, as llama.cpp does), not by the bench.
+fn shapes_llava_decode_bytes(precision: &str, context: f64) -> f64 {
+    let (h, i, layers, vocab) = (128.0, 256.0, 3.0, 429.0);
+    let matrix = |rows: f64, cols: f64, head: bool| -> f64 {
+        let values = rows * cols;
+        match precision {
+            "none" => values * 4.0,
+            "q8_0" => values / 32.0 * 34.0,
+            _ if cols % 256.0 == 0.0 => values / 256.0 * if head { 210.0 } else { 144.0 },
+            _ => values / 32.0 * 34.0,
+        }
+    };
+    // q, k, v, o: [128, 128]; gate, up: [256, 128]; down: [128, 256]; head: [429, 128].
+    let layer = 4.0 * matrix(h, h, false) + 2.0 * matrix(i, h, false) + matrix(h, i, false);
+    let kv = 2.0 * layers * h * context * 4.0;
+    layers * layer + matrix(vocab, h, true) + kv
+}
+
+/// `bench realsize --quick` on the bundled model: every precision's prefill and decode rows are
+/// measured, decode is read against the measured bandwidth with the bytes a token reads (checked
+/// against the formats written out above), prefill against the measured peak, the machine's
+/// probe is reported; without llama.cpp its columns are empty, never invented.
+#[test]
+fn bench_realsize_quick_reports_every_precision_against_the_limits() {
+    let r = common::run_json(&["bench", "realsize", "--quick", "--json"]);
+    assert_eq!(r["bench"], "realsize", "{r}");
+    let m = &r["machine"];
+    let bw = num(&m["read_bandwidth_gb_s"], "read_bandwidth_gb_s");
+    let peak = num(&m["peak_gflop_s"], "peak_gflop_s");
+    assert!(bw > 0.1 && peak > 0.1, "{m}");
+    assert!(
+        m["load_before"].as_str().is_some_and(|s| !s.is_empty()),
+        "{m}"
+    );
+    assert!(m["idle"].is_boolean(), "{m}");
+    assert!(
+        r["llama_cpp"].as_str().unwrap().starts_with("not run"),
+        "{r}"
+    );
+    let rows = r["rows"].as_array().expect("rows");
+    let mut seen = vec![];
+    for row in rows {
+        let (p, kind, n) = (
+            row["precision"].as_str().unwrap(),
+            row["kind"].as_str().unwrap(),
+            row["tokens"].as_u64().unwrap(),
+        );
+        seen.push(format!("{p} {kind} {n}"));
+        let ours = num(&row["ours_tok_s"]["p50"], "ours_tok_s");
+        assert!(ours > 0.0, "{row}");
+        assert!(row["llama_cpp_tok_s"].is_null() && row["ours_over_llama_cpp"].is_null());
+        let work = num(&row["work"], "work");
+        let limit = row["limit"].as_str().unwrap();
+        match (kind, p) {
+            ("decode", _) => assert_eq!(limit, "bandwidth"),
+            (_, "none") => assert_eq!(limit, "f32 peak"),
+            _ => assert!(limit == "int8 peak" || limit == "f32 peak", "{row}"),
+        }
+        let of_limit = num(&row["of_limit"], "of_limit");
+        if kind == "decode" {
+            // The quick run decodes the last 4 tokens up to the context: KV at the mean, n - 2.
+            let want = shapes_llava_decode_bytes(p, n as f64 - 2.0);
+            assert!(
+                (work - want).abs() < 0.5,
+                "{p} at {n}: {work} bytes, want {want}"
+            );
+            let expect = ours * work / (bw * 1e9);
+            assert!((of_limit - expect).abs() <= 1e-9 * expect.max(1.0), "{row}");
+        } else {
+            assert!(work > 0.0, "{row}");
+            // Quantized prefill against the int8 (VNNI) peak where the machine has one.
+            let peak = match (p, m["peak_int8_gop_s"].as_f64()) {
+                ("none", _) | (_, None) => peak,
+                (_, Some(int8)) => int8,
+            };
+            let expect = ours / n as f64 * work / (peak * 1e9);
+            assert!((of_limit - expect).abs() <= 1e-9 * expect.max(1.0), "{row}");
+        }
+    }
+    let mut want = vec![];
+    for p in ["none", "q8_0", "q4_k"] {
+        for (kind, n) in [
+            ("prefill", 32),
+            ("prefill", 96),
+            ("decode", 64),
+            ("decode", 128),
+        ] {
+            want.push(format!("{p} {kind} {n}"));
+        }
+    }
+    assert_eq!(seen, want);
+    // Vision tower + projector at every precision (no transformers side without --python).
+    let vision = r["vision"]["Ok"].as_array().expect("vision rows");
+    let precisions: Vec<&str> = vision
+        .iter()
+        .map(|v| v["precision"].as_str().unwrap())
+        .collect();
+    assert_eq!(precisions, ["none", "q8_0", "q4_k"], "{r}");
+    for v in vision {
+        assert!(num(&v["ours_ms"]["p50"], "vision ours_ms") > 0.0, "{v}");
+        assert!(
+            v["features"].as_u64().unwrap() > 0 && v["transformers_ms"].is_null(),
+            "{v}"
+        );
+    }
+    // One request through `up --quantize q4_k`: TTFT split by stage, every service's peak RSS.
+    let mesh = &r["mesh"]["Ok"];
+    assert_eq!(mesh["quantize"], "q4_k", "{r}");
+    let ttft = num(&mesh["ttft_ms"], "ttft_ms");
+    for stage in ["encode_ms", "prefill_ms"] {
+        let ms = num(&mesh[stage], stage);
+        assert!(ms > 0.0 && ms < ttft, "{stage} {ms} vs TTFT {ttft}: {mesh}");
+    }
+    let prompt = mesh["prompt_tokens"].as_u64().unwrap();
+    let cached = mesh["cached_prompt_tokens"].as_u64().unwrap();
+    assert!(prompt > 0, "{mesh}");
+    assert!(
+        cached < 16,
+        "the measured request's image rows were cached: {mesh}"
+    );
+    let rss = mesh["peak_rss_mib"].as_object().expect("peak_rss_mib");
+    assert_eq!(rss.len(), 4, "encoder, projector, decoder, gateway: {mesh}");
+    assert!(rss.values().all(|v| v.as_f64().unwrap() > 1.0), "{mesh}");
+}
+
+/// A context past the model's own is refused before anything is measured, naming the flags.
+#[test]
+fn bench_realsize_refuses_a_context_past_the_model() {
+    let out = std::process::Command::new(common::EXE)
+        .args(["bench", "realsize", "--contexts", "100000", "--rounds", "1"])
+        .output_within(std::time::Duration::from_secs(60));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--prefill/--contexts need 100000 positions") && err.contains("256"),
+        "{err}"
+    );
+}

@@ -82,6 +82,31 @@ impl Quantization {
             (Quantization::Q4K, _) => Some(GgmlDType::Q4K),
         }
     }
+
+    /// The block format a `[rows, cols]` weight of `role` is stored in: `None` where it stays
+    /// dense (no quantization, or `cols` not a multiple of 32); a k-quant that 256 does not
+    /// divide falls back to q8_0 (llama.cpp's rule).
+    fn format_for(self, role: Role, cols: usize) -> Option<GgmlDType> {
+        let format = self.format(role)?;
+        if cols.is_multiple_of(format.block_size()) {
+            Some(format)
+        } else if cols.is_multiple_of(GgmlDType::Q8_0.block_size()) {
+            Some(GgmlDType::Q8_0)
+        } else {
+            None
+        }
+    }
+
+    /// Bytes a decoder's `[rows, cols]` linear layer (`head`: its LM head) occupies in this mode,
+    /// `dense_bytes` per value where it stays dense: what one decode step reads of it.
+    pub fn matrix_bytes(self, (rows, cols): (usize, usize), head: bool, dense_bytes: usize) -> u64 {
+        let role = if head { Role::Head } else { Role::Layer };
+        let values = (rows * cols) as u64;
+        match self.format_for(role, cols) {
+            Some(f) => values / f.block_size() as u64 * f.type_size() as u64,
+            None => values * dense_bytes as u64,
+        }
+    }
 }
 
 impl std::fmt::Display for Quantization {
@@ -273,20 +298,20 @@ impl QuantPlan {
         dims: (usize, usize),
         vb: &VarBuilder,
     ) -> candle_core::Result<Option<QWeight>> {
-        let Some(mut format) = self.mode.format(role) else {
+        let Some(wanted) = self.mode.format(role) else {
             return Ok(None);
         };
-        if !dims.1.is_multiple_of(format.block_size()) {
+        let format = self.mode.format_for(role, dims.1);
+        if format != Some(wanted) {
             let name = format!("{} [{}, {}]", vb.prefix(), dims.0, dims.1);
-            let q8 = GgmlDType::Q8_0;
-            if format != q8 && dims.1.is_multiple_of(q8.block_size()) {
-                self.fallback.lock().expect("quant plan lock").push(name);
-                format = q8;
-            } else {
-                self.kept.lock().expect("quant plan lock").push(name);
-                return Ok(None);
+            match format {
+                Some(_) => self.fallback.lock().expect("quant plan lock").push(name),
+                None => self.kept.lock().expect("quant plan lock").push(name),
             }
         }
+        let Some(format) = format else {
+            return Ok(None);
+        };
         let q = match &self.source {
             Some(src) => src.quantized(&format!("{}.weight", vb.prefix()), dims, format)?,
             None => QWeight::quantize(&vb.get(dims, "weight")?, format)?,
@@ -435,5 +460,35 @@ mod tests {
             q8.forward(&x)?.to_vec2::<f32>()?
         );
         Ok(())
+    }
+
+    #[test]
+    fn matrix_bytes_follow_the_block_formats_and_their_fallbacks() {
+        // q8_0: 34 bytes per 32 values; q4_K 144 per 256; q6_K (the head) 210 per 256.
+        assert_eq!(
+            Quantization::Q8_0.matrix_bytes((10, 64), false, 4),
+            10 * 2 * 34
+        );
+        assert_eq!(
+            Quantization::Q4K.matrix_bytes((10, 512), false, 4),
+            10 * 2 * 144
+        );
+        assert_eq!(
+            Quantization::Q4K.matrix_bytes((10, 512), true, 4),
+            10 * 2 * 210
+        );
+        // 96 values a row: no k-quant block fits, q8_0 does; 40: nothing does (dense).
+        assert_eq!(
+            Quantization::Q4K.matrix_bytes((10, 96), false, 4),
+            10 * 3 * 34
+        );
+        assert_eq!(
+            Quantization::Q4K.matrix_bytes((10, 40), false, 4),
+            10 * 40 * 4
+        );
+        assert_eq!(
+            Quantization::None.matrix_bytes((10, 64), false, 2),
+            10 * 64 * 2
+        );
     }
 }

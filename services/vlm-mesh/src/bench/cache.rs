@@ -104,10 +104,12 @@ impl CacheReport {
     }
 }
 
-/// `base` as a PNG with its first pixel set from `round`: another image per round.
+/// `base` as a PNG with its centre pixel set from `round`: another image per round (the centre
+/// survives a centre crop; a corner may not).
 pub(super) fn variant(base: &image::RgbImage, round: usize) -> anyhow::Result<Vec<u8>> {
     let mut img = base.clone();
-    let p = img.get_pixel_mut(0, 0);
+    let (w, h) = img.dimensions();
+    let p = img.get_pixel_mut(w / 2, h / 2);
     p.0 = [(round % 256) as u8, (round / 256 % 256) as u8, 77];
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png)?;

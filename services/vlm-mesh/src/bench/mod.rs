@@ -5,9 +5,11 @@
 mod cache;
 mod concurrency;
 mod frames;
+mod llama_cpp;
 mod mesh;
 mod plot;
 mod quantized;
+mod realsize;
 mod scale;
 mod stream;
 mod structured;
@@ -79,6 +81,10 @@ pub enum BenchCommand {
     /// service's RSS (loading peak, steady, peak) per mode; optionally llama.cpp on the same
     /// decoder (--llama-cpp-python, --gguf-dir).
     Quantized(quantized::QuantizedBenchArgs),
+    /// One pod's decoder vs llama.cpp at real shapes: prefill and decode tokens/s per precision
+    /// (ours in process on the step engine, llama.cpp on the same weights as GGUF), against the
+    /// machine's measured read bandwidth and peak multiply-add rate; checks the machine is idle.
+    Realsize(realsize::RealsizeBenchArgs),
     /// Tensor-chunk streams over mTLS gRPC vs a raw TLS byte stream on the same loopback.
     Stream(stream::StreamBenchArgs),
     /// Scale-out: agent sessions on 1 and N decoder replicas with prefix routing on and off
@@ -195,6 +201,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             Ok(())
         }),
         Some(BenchCommand::Structured(a)) => structured::run_and_emit(&a),
+        Some(BenchCommand::Realsize(a)) => {
+            let report = realsize::run(&a, &rt)?;
+            emit(&report, a.json, realsize::RealsizeReport::print)
+        }
         None => rt.block_on(all(args.all)),
     }
 }

@@ -6,9 +6,7 @@
 //! GGUF, interleaved with ours: same threads, prompt length and tokens generated.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -16,6 +14,7 @@ use clap::Args;
 use vlm_model::Quantization;
 use vlm_proto::generate_response::Kind;
 
+use super::llama_cpp::{gguf_name, LlamaCpp};
 use super::{cores, print_rows, BenchMesh, Input, Spread};
 use crate::serve::quantize_parser;
 
@@ -175,68 +174,6 @@ fn memory(mesh: &BenchMesh) -> anyhow::Result<BTreeMap<String, (f64, f64)>> {
     Ok(out)
 }
 
-/// `scripts/bench_llama_cpp.py --serve`: one generation per line asked for.
-struct LlamaCpp {
-    _child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl LlamaCpp {
-    fn start(
-        python: &PathBuf,
-        dir: &std::path::Path,
-        prompt: u64,
-        tokens: u32,
-    ) -> anyhow::Result<Self> {
-        let script =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_llama_cpp.py");
-        let mut child = Command::new(python)
-            .arg(script)
-            .arg("--gguf-dir")
-            .arg(dir)
-            .args([
-                "--threads",
-                &cores().to_string(),
-                "--prompt-tokens",
-                &prompt.to_string(),
-            ])
-            .args(["--max-tokens", &tokens.to_string(), "--serve"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("cannot start scripts/bench_llama_cpp.py")?;
-        let stdin = child.stdin.take().context("no stdin")?;
-        let stdout = BufReader::new(child.stdout.take().context("no stdout")?);
-        Ok(LlamaCpp {
-            _child: child,
-            stdin,
-            stdout,
-        })
-    }
-
-    /// Decode tokens/s of one generation with `gguf` (a file name in the GGUF directory).
-    fn run(&mut self, gguf: &str) -> anyhow::Result<f64> {
-        writeln!(self.stdin, "{gguf}")?;
-        self.stdin.flush()?;
-        let mut line = String::new();
-        self.stdout.read_line(&mut line)?;
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("bench_llama_cpp.py answered {line:?}"))?;
-        v["decode_tok_s"].as_f64().context("no decode_tok_s")
-    }
-}
-
-/// The llama.cpp model compared with our `mode` (q4_k: Q4_K_M, which also keeps its output
-/// projection in q6_K, as ours does).
-fn gguf_name(mode: Quantization) -> &'static str {
-    match mode {
-        Quantization::None => "lm-f32.gguf",
-        Quantization::Q8_0 => "lm-q8_0.gguf",
-        Quantization::Q4K => "lm-q4_k_m.gguf",
-    }
-}
-
 pub async fn run(args: &QuantizedBenchArgs) -> anyhow::Result<QuantizedReport> {
     let (rounds, max_tokens) = if args.quick {
         (2, 4)
@@ -279,7 +216,7 @@ async fn measure(
         prompt_tokens = prompt;
     }
     let mut llama = match (&args.llama_cpp_python, &args.gguf_dir) {
-        (Some(py), Some(dir)) => Some(LlamaCpp::start(py, dir, prompt_tokens, max_tokens)?),
+        (Some(py), Some(dir)) => Some(LlamaCpp::start(py, dir, prompt_tokens, max_tokens, 0)?),
         _ => None,
     };
     let n = meshes.len();
