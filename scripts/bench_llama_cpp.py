@@ -32,15 +32,22 @@ def extract(src, dst):
     json.dump(text, open(f"{dst}/config.json", "w"), indent=1)
     index = f"{src}/model.safetensors.index.json"
     files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
-    out = {}
-    for f in files:
+    # One output shard per input shard (a 7B checkpoint never whole in memory), with an index.
+    weight_map = {}
+    for n, f in enumerate(files):
+        out = {}
         for k, v in load_file(f"{src}/{f}").items():
             for old, new in (("language_model.model.", "model."), ("model.language_model.", "model."),
                              ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head.")):
                 if k.startswith(old):
                     out[new + k[len(old):]] = v.contiguous()
                     break
-    save_file(out, f"{dst}/model.safetensors")
+        if out:
+            name = f"model-{n + 1:05d}.safetensors"
+            save_file(out, f"{dst}/{name}", metadata={"format": "pt"})
+            weight_map.update({k: name for k in out})
+        del out
+    json.dump({"metadata": {}, "weight_map": weight_map}, open(f"{dst}/model.safetensors.index.json", "w"))
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if os.path.exists(f"{src}/{f}"):
             shutil.copy(f"{src}/{f}", dst)

@@ -6,7 +6,8 @@
 # 2. MODEL_DIR's language model (llava-hf layout) as a plain LlamaForCausalLM directory;
 # 3. converted to OUT_DIR/lm-f32.gguf by llama.cpp's own convert_hf_to_gguf.py (from the
 #    llama-cpp-python source archive), then quantized with llama.cpp's quantizer to
-#    lm-q8_0.gguf and lm-q4_k_m.gguf.
+#    lm-q8_0.gguf and lm-q4_k_m.gguf. LLAMA_OUTTYPE=f16 converts to lm-f16.gguf instead (a 7B
+#    decoder: 13.5 GB rather than 27); the extracted directory is removed once converted.
 # Needs a Python with torch, transformers and sentencepiece for the conversion (VLM_PYTHON, default
 # ~/vlm-venv/bin/python). Not part of the test command.
 set -euo pipefail
@@ -32,7 +33,8 @@ fi
 "$PY" "$(dirname "$0")/bench_llama_cpp.py" --extract "$MODEL" "$OUT/lm-hf"
 # The bench tokenizer is synthetic: convert_hf_to_gguf.py does not recognise its pre-tokenizer
 # by hash, and GPT-2's splits it the same way, so name that one.
-PYTHONPATH="$SRC/vendor/llama.cpp/gguf-py:$SRC/vendor/llama.cpp" "$PY" - "$OUT" <<'PY'
+OUTTYPE=${LLAMA_OUTTYPE:-f32}
+PYTHONPATH="$SRC/vendor/llama.cpp/gguf-py:$SRC/vendor/llama.cpp" "$PY" - "$OUT" "$OUTTYPE" <<'PY'
 import sys
 out = sys.argv[1]
 import importlib
@@ -43,10 +45,12 @@ for mod in [c] + [importlib.import_module(m) for m in ("conversion.base",) if im
     for cls in vars(mod).values():
         if isinstance(cls, type) and "get_vocab_base_pre" in vars(cls):
             cls.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
-sys.argv = ["convert_hf_to_gguf.py", f"{out}/lm-hf", "--outtype", "f32", "--outfile", f"{out}/lm-f32.gguf"]
+outtype = sys.argv[2]
+sys.argv = ["convert_hf_to_gguf.py", f"{out}/lm-hf", "--outtype", outtype, "--outfile", f"{out}/lm-{outtype}.gguf"]
 c.main()
 PY
-"$VENV/bin/python" - "$OUT" <<'PY'
+rm -rf "$OUT/lm-hf"
+"$VENV/bin/python" - "$OUT" "$OUTTYPE" <<'PY'
 import ctypes, sys
 import llama_cpp as l
 out = sys.argv[1]
@@ -54,7 +58,7 @@ for name, ftype in (("q8_0", l.LLAMA_FTYPE_MOSTLY_Q8_0), ("q4_k_m", l.LLAMA_FTYP
     p = l.llama_model_quantize_default_params()
     p.ftype = ftype
     p.nthread = 2
-    rc = l.llama_model_quantize(f"{out}/lm-f32.gguf".encode(), f"{out}/lm-{name}.gguf".encode(), ctypes.byref(p))
+    rc = l.llama_model_quantize(f"{out}/lm-{sys.argv[2]}.gguf".encode(), f"{out}/lm-{name}.gguf".encode(), ctypes.byref(p))
     assert rc == 0, f"quantizing to {name} failed: {rc}"
     print(f"wrote {out}/lm-{name}.gguf")
 PY
