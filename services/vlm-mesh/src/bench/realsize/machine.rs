@@ -18,7 +18,11 @@ pub struct Machine {
     pub busy_processes: Vec<String>,
     /// Load average (1 min) under 1.0 and no other process above 5 % before the run.
     pub idle: bool,
+    /// The higher of the read bandwidths measured before and after the run (a VM's bandwidth
+    /// moves with its neighbours; the limit is the best it showed).
     pub read_bandwidth_gb_s: f64,
+    /// Before and after the run.
+    pub read_bandwidth_samples_gb_s: Vec<f64>,
     pub peak_gflop_s: f64,
     pub peak_isa: &'static str,
     /// int8 multiply-adds (AVX-512 VNNI `vpdpbusd`, what the quantized GEMMs run), GOP/s.
@@ -133,6 +137,7 @@ pub fn probe(quick: bool) -> Machine {
             .collect(),
         idle,
         read_bandwidth_gb_s,
+        read_bandwidth_samples_gb_s: vec![read_bandwidth_gb_s],
         peak_gflop_s,
         peak_isa,
         peak_int8_gop_s,
@@ -140,6 +145,15 @@ pub fn probe(quick: bool) -> Machine {
 }
 
 impl Machine {
+    /// The end of the run: the load average and a second read-bandwidth measurement.
+    pub fn finish(&mut self, quick: bool) {
+        self.load_after = load_average();
+        let (bytes, rounds) = if quick { (64 << 20, 2) } else { (1 << 30, 5) };
+        let again = vlm_model::bench::read_bandwidth_gbs(bytes, self.cores, rounds);
+        self.read_bandwidth_samples_gb_s.push(again);
+        self.read_bandwidth_gb_s = self.read_bandwidth_gb_s.max(again);
+    }
+
     pub fn print(&self) {
         println!("machine: {} ({} cores)", self.cpu, self.cores);
         println!("flags: {}", self.flags.join(" "));
@@ -159,8 +173,9 @@ impl Machine {
             }
         );
         println!(
-            "read bandwidth: {:.1} GB/s   peak multiply-add: {:.0} GFLOP/s f32 ({}), {} ({} threads)",
+            "read bandwidth: {:.1} GB/s (before, after: {:.1?})   peak multiply-add: {:.0} GFLOP/s f32 ({}), {} ({} threads)",
             self.read_bandwidth_gb_s,
+            self.read_bandwidth_samples_gb_s,
             self.peak_gflop_s,
             self.peak_isa,
             self.peak_int8_gop_s

@@ -272,6 +272,8 @@ pub fn run(a: &RealsizeBenchArgs, rt: &tokio::runtime::Runtime) -> anyhow::Resul
         }
     }
     drop(llama);
+    // The second bandwidth sample before the limits are read.
+    machine.finish(a.quick);
     let rows = cells
         .into_iter()
         .map(|c| row(c, &ours, &machine, decode_tokens))
