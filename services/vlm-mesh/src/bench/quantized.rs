@@ -134,7 +134,9 @@ async fn once(
     max_tokens: u32,
 ) -> anyhow::Result<(f64, Vec<u32>, u64)> {
     let mut client = mesh.gateway.clone();
-    let req = super::greedy_request(image.to_vec(), PROMPT.into(), max_tokens);
+    // A question the checkpoint's chat template renders: any model family.
+    let mut req = super::greedy_request(image.to_vec(), String::new(), max_tokens);
+    req.question = QUESTION.into();
     let t = Instant::now();
     let mut stream = client.generate(req).await?.into_inner();
     let (mut first, mut last, mut ids, mut prompt) = (None, 0.0, Vec::new(), 0);
@@ -159,7 +161,7 @@ async fn once(
     Ok(((ids.len() - 1) as f64 / (last - first), ids, prompt))
 }
 
-const PROMPT: &str = "USER: <image>\nWhat is shown in this image? ASSISTANT:";
+const QUESTION: &str = "What is shown in this image?";
 
 /// VmHWM and VmRSS (MiB) of every service of a mesh, by label.
 fn memory(mesh: &BenchMesh) -> anyhow::Result<BTreeMap<String, (f64, f64)>> {
