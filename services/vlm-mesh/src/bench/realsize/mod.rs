@@ -199,6 +199,14 @@ pub fn run(a: &RealsizeBenchArgs, rt: &tokio::runtime::Runtime) -> anyhow::Resul
     };
     anyhow::ensure!(decode_tokens >= 2, "--decode-tokens must be at least 2");
     anyhow::ensure!(!a.quantize.is_empty(), "--quantize names no precision");
+    anyhow::ensure!(
+        !prefill.is_empty() && prefill.iter().all(|&p| p > 0),
+        "--prefill needs at least one prompt length above 0"
+    );
+    anyhow::ensure!(
+        !contexts.is_empty(),
+        "--contexts needs at least one context"
+    );
     let ckpt = Checkpoint::open(&model)?;
     let pb = PromptBuilder::from_dir(&model, ckpt.config())?;
     // A decode "at context C" decodes the last `decode_tokens` positions up to C.
@@ -235,42 +243,14 @@ pub fn run(a: &RealsizeBenchArgs, rt: &tokio::runtime::Runtime) -> anyhow::Resul
         ),
         _ => (None, "not run (no --llama-cpp-python/--gguf-dir)".into()),
     };
-    let mut cells: Vec<Cell> = vec![];
-    for o in &ours {
-        for &p in &prefill {
-            cells.push(cell(o.mode, "prefill", p));
-        }
-        for &c in &contexts {
-            cells.push(cell(o.mode, "decode", c));
-        }
-    }
-    // Warm-up: each side once on the smallest prompt.
-    for o in &ours {
-        ours_once(&o.decoder, &pb, prefill[0].min(contexts[0]), 2)?;
-        if let Some(l) = llama.as_mut() {
-            l.generate(gguf_name(o.mode), prefill[0].min(contexts[0]), 2)?;
-        }
-    }
-    for r in 0..rounds {
-        for (i, c) in cells.iter_mut().enumerate() {
-            let o = ours.iter().find(|o| o.mode == c.mode).expect("loaded");
-            let (prompt, tokens) = if c.kind == "prefill" {
-                (c.tokens, 1)
-            } else {
-                (c.tokens - decode_tokens, decode_tokens)
-            };
-            for side in if (r + i) % 2 == 0 { [0, 1] } else { [1, 0] } {
-                if side == 0 {
-                    let (ms, tok_s) = ours_once(&o.decoder, &pb, prompt, tokens)?;
-                    c.ours.push(rate(c.kind, prompt, ms, tok_s));
-                } else if let Some(l) = llama.as_mut() {
-                    let run = l.generate(gguf_name(c.mode), prompt, tokens)?;
-                    c.theirs
-                        .push(rate(c.kind, prompt, run.prefill_ms, run.decode_tok_s));
-                }
-            }
-        }
-    }
+    let cells = measure(
+        &ours,
+        &pb,
+        llama.as_mut(),
+        (&prefill, &contexts),
+        decode_tokens,
+        rounds,
+    )?;
     drop(llama);
     // The second bandwidth sample before the limits are read.
     machine.finish(a.quick);
@@ -297,6 +277,55 @@ pub fn run(a: &RealsizeBenchArgs, rt: &tokio::runtime::Runtime) -> anyhow::Resul
         vision,
         mesh,
     })
+}
+
+/// Every precision's prefill and decode cells, `rounds` interleaved rounds of ours and (with
+/// `llama`) llama.cpp's, the side that goes first alternating, after one warm-up each.
+fn measure(
+    ours: &[Ours],
+    pb: &PromptBuilder,
+    mut llama: Option<&mut LlamaCpp>,
+    (prefill, contexts): (&[usize], &[usize]),
+    decode_tokens: usize,
+    rounds: usize,
+) -> anyhow::Result<Vec<Cell>> {
+    let mut cells: Vec<Cell> = vec![];
+    for o in ours {
+        for &p in prefill {
+            cells.push(cell(o.mode, "prefill", p));
+        }
+        for &c in contexts {
+            cells.push(cell(o.mode, "decode", c));
+        }
+    }
+    let warm = prefill[0].min(contexts[0]);
+    for o in ours {
+        ours_once(&o.decoder, pb, warm, 2)?;
+        if let Some(l) = llama.as_deref_mut() {
+            l.generate(gguf_name(o.mode), warm, 2)?;
+        }
+    }
+    for r in 0..rounds {
+        for (i, c) in cells.iter_mut().enumerate() {
+            let o = ours.iter().find(|o| o.mode == c.mode).expect("loaded");
+            let (prompt, tokens) = if c.kind == "prefill" {
+                (c.tokens, 1)
+            } else {
+                (c.tokens - decode_tokens, decode_tokens)
+            };
+            for side in if (r + i) % 2 == 0 { [0, 1] } else { [1, 0] } {
+                if side == 0 {
+                    let (ms, tok_s) = ours_once(&o.decoder, pb, prompt, tokens)?;
+                    c.ours.push(rate(c.kind, prompt, ms, tok_s));
+                } else if let Some(l) = llama.as_deref_mut() {
+                    let run = l.generate(gguf_name(c.mode), prompt, tokens)?;
+                    c.theirs
+                        .push(rate(c.kind, prompt, run.prefill_ms, run.decode_tok_s));
+                }
+            }
+        }
+    }
+    Ok(cells)
 }
 
 fn cell(mode: Quantization, kind: &'static str, tokens: usize) -> Cell {
