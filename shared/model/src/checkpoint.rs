@@ -22,7 +22,7 @@ use candle_nn::VarBuilder;
 use crate::config::{read_json, LlavaConfig};
 use crate::error::{ModelError, Result};
 use crate::quant::{QuantPlan, QuantSource, Quantization};
-use crate::qweight::QWeight;
+use crate::qweight::{PackedRows, QWeight};
 
 /// Which stage's tensors a part holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -447,6 +447,12 @@ impl QuantSource for PartBackend {
             (None, _) => {
                 let t = view.load(&Device::Cpu)?.to_dtype(DType::F32)?;
                 (QWeight::quantize(&t, format)?, blake3::hash(data))
+            }
+            // Packed for the int8 GEMM a group of rows at a time: the matrix never twice.
+            (Some(src), GgmlDType::Q8_0 | GgmlDType::Q4K) if crate::kernels::qgemm_available() => {
+                let mut rows = PackedRows::new(format, (n, k))?;
+                let h = stream::stream_rows(data, src, k, |_, x| rows.push(x))?;
+                (rows.finish()?, h)
             }
             (Some(src), GgmlDType::Q8_0) => {
                 let (b, h) = stream::quantize_q8(data, src, (n, k))?;

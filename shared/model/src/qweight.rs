@@ -30,6 +30,9 @@ use std::sync::Arc;
 
 use crate::kernels::{self, Packed, QActs};
 
+mod packing;
+pub(crate) use packing::PackedRows;
+
 /// Output columns per rayon task: each task's weight rows stay in cache while every input row
 /// is multiplied with them.
 const COLS_PER_TASK: usize = 64;
