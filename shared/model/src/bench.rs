@@ -169,17 +169,14 @@ fn sum_portable(xs: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// The measured peak f32 multiply-add rate in GFLOP/s (2 per multiply-add) of `threads`
-/// threads, each running independent fused multiply-adds on registers (AVX-512 where the CPU
-/// has it, else AVX2/FMA, else scalar `mul_add`) for about `millis` ms. Returns the rate and
-/// the instruction set used.
-pub fn peak_fma_gflops(threads: usize, millis: u64) -> (f64, &'static str) {
-    let isa = fma::isa();
-    // Calibrate the iterations of one thread to ~millis.
-    let mut iters = 1 << 16;
+/// Iterations per second of `run(iters)` on `threads` threads at once, each running about
+/// `millis` ms (the iteration count calibrated on one thread first).
+fn iterations_per_s(threads: usize, millis: u64, run: impl Fn(usize) + Sync) -> f64 {
+    let threads = threads.max(1);
+    let mut iters = 1usize << 16;
     loop {
         let t = std::time::Instant::now();
-        std::hint::black_box(fma::run(isa, iters));
+        run(iters);
         let ms = t.elapsed().as_secs_f64() * 1e3;
         if ms > millis as f64 / 4.0 || iters > 1 << 34 {
             iters = ((iters as f64) * millis as f64 / ms.max(1e-3)) as usize;
@@ -189,13 +186,23 @@ pub fn peak_fma_gflops(threads: usize, millis: u64) -> (f64, &'static str) {
     }
     let t = std::time::Instant::now();
     std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| std::hint::black_box(fma::run(isa, iters)));
+        for _ in 0..threads {
+            s.spawn(|| run(iters));
         }
     });
-    let secs = t.elapsed().as_secs_f64();
-    let flops = (threads.max(1) * iters) as f64 * fma::flops_per_iter(isa);
-    (flops / secs / 1e9, isa.name())
+    (threads * iters) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// The measured peak f32 multiply-add rate in GFLOP/s (2 per multiply-add) of `threads`
+/// threads, each running independent fused multiply-adds on registers (AVX-512 where the CPU
+/// has it, else AVX2/FMA, else scalar `mul_add`) for about `millis` ms. Returns the rate and
+/// the instruction set used.
+pub fn peak_fma_gflops(threads: usize, millis: u64) -> (f64, &'static str) {
+    let isa = fma::isa();
+    let per_s = iterations_per_s(threads, millis, |iters| {
+        std::hint::black_box(fma::run(isa, iters));
+    });
+    (per_s * fma::flops_per_iter(isa) / 1e9, isa.name())
 }
 
 /// The measured peak int8 multiply-add rate in GOP/s (2 per multiply-add) of `threads` threads
@@ -207,29 +214,12 @@ pub fn peak_int8_gops(threads: usize, millis: u64) -> Option<f64> {
         if !is_x86_feature_detected!("avx512vnni") {
             return None;
         }
-        // SAFETY: the CPU has AVX-512 VNNI (checked above).
-        let run = |iters| unsafe { fma::x86::vnni(iters) };
-        let mut iters = 1 << 16;
-        loop {
-            let t = std::time::Instant::now();
-            std::hint::black_box(run(iters));
-            let ms = t.elapsed().as_secs_f64() * 1e3;
-            if ms > millis as f64 / 4.0 || iters > 1 << 34 {
-                iters = ((iters as f64) * millis as f64 / ms.max(1e-3)) as usize;
-                break;
-            }
-            iters *= 4;
-        }
-        let t = std::time::Instant::now();
-        std::thread::scope(|s| {
-            for _ in 0..threads.max(1) {
-                s.spawn(|| std::hint::black_box(run(iters)));
-            }
+        let per_s = iterations_per_s(threads, millis, |iters| {
+            // SAFETY: the CPU has AVX-512 VNNI (checked above).
+            std::hint::black_box(unsafe { fma::x86::vnni(iters) });
         });
-        let secs = t.elapsed().as_secs_f64();
         // Each vpdpbusd: 16 lanes × 4 products, each a multiply and an add.
-        let ops = (threads.max(1) * iters) as f64 * (fma::ACC * 16 * 4 * 2) as f64;
-        Some(ops / secs / 1e9)
+        Some(per_s * (fma::ACC * 16 * 4 * 2) as f64 / 1e9)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
