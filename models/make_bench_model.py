@@ -4,7 +4,7 @@
 Speed does not depend on weight values, so the weights are random; nothing this writes is
 committed (it is large). Run it in a virtualenv outside the repository:
 
-    python3 -m venv ~/vlm-venv && ~/vlm-venv/bin/pip install torch transformers tokenizers safetensors
+    python3 -m venv ~/vlm-venv && ~/vlm-venv/bin/pip install torch torchvision transformers tokenizers safetensors
     ~/vlm-venv/bin/python models/make_bench_model.py small target/bench-models/small
     ~/vlm-venv/bin/python models/make_bench_model.py llava-1.5-7b target/bench-models/llava-1.5-7b
 
