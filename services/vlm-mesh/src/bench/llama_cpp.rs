@@ -2,14 +2,14 @@
 //! llama-cpp-python (`scripts/setup_llama_cpp.sh`), one long-lived process, one generation per
 //! request line.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 
 use anyhow::Context;
 use vlm_model::Quantization;
 
 use super::cores;
+use super::driver::LineDriver;
 
 /// One generation's times, measured as ours are.
 #[derive(Debug, Clone, Copy)]
@@ -20,11 +20,7 @@ pub struct LlamaRun {
     pub decode_tok_s: f64,
 }
 
-pub struct LlamaCpp {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
+pub struct LlamaCpp(LineDriver);
 
 impl LlamaCpp {
     /// Starts the driver for the GGUF files in `dir`: `prompt` tokens and `tokens` generated
@@ -38,32 +34,22 @@ impl LlamaCpp {
     ) -> anyhow::Result<Self> {
         let script =
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_llama_cpp.py");
-        let mut child = Command::new(python)
-            .arg(script)
-            .arg("--gguf-dir")
-            .arg(dir)
-            .args([
-                "--threads",
-                &cores().to_string(),
-                "--prompt-tokens",
-                &prompt.to_string(),
-                "--max-tokens",
-                &tokens.to_string(),
-                "--n-ctx",
-                &n_ctx.to_string(),
-                "--serve",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("cannot start scripts/bench_llama_cpp.py")?;
-        let stdin = child.stdin.take().context("no stdin")?;
-        let stdout = BufReader::new(child.stdout.take().context("no stdout")?);
-        Ok(LlamaCpp {
-            child,
-            stdin,
-            stdout,
-        })
+        let mut cmd = Command::new(python);
+        cmd.arg(script).arg("--gguf-dir").arg(dir).args([
+            "--threads",
+            &cores().to_string(),
+            "--prompt-tokens",
+            &prompt.to_string(),
+            "--max-tokens",
+            &tokens.to_string(),
+            "--n-ctx",
+            &n_ctx.to_string(),
+            "--serve",
+        ]);
+        Ok(LlamaCpp(LineDriver::start(
+            cmd,
+            "scripts/bench_llama_cpp.py",
+        )?))
     }
 
     /// Decode tokens/s of one generation with `gguf` (a file name in the GGUF directory) at the
@@ -84,17 +70,7 @@ impl LlamaCpp {
     }
 
     fn ask(&mut self, line: &str) -> anyhow::Result<LlamaRun> {
-        writeln!(self.stdin, "{line}")?;
-        self.stdin.flush()?;
-        let mut answer = String::new();
-        self.stdout.read_line(&mut answer)?;
-        anyhow::ensure!(
-            !answer.is_empty(),
-            "scripts/bench_llama_cpp.py exited (status {:?}) on {line}",
-            self.child.try_wait().ok().flatten()
-        );
-        let v: serde_json::Value = serde_json::from_str(&answer)
-            .with_context(|| format!("bench_llama_cpp.py answered {answer:?}"))?;
+        let v = self.0.ask(line)?;
         if let Some(e) = v["error"].as_str() {
             anyhow::bail!("llama.cpp: {e}");
         }
@@ -102,13 +78,6 @@ impl LlamaCpp {
             prefill_ms: v["prefill_ms"].as_f64().context("no prefill_ms")?,
             decode_tok_s: v["decode_tok_s"].as_f64().context("no decode_tok_s")?,
         })
-    }
-}
-
-impl Drop for LlamaCpp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -10,7 +10,6 @@ use anyhow::Context;
 use clap::Args;
 use vlm_proto::encoder_client::EncoderClient;
 use vlm_proto::gateway_client::GatewayClient;
-use vlm_proto::generate_response::Kind;
 use vlm_proto::{CacheStatus, EncodeRequest};
 
 use super::{cores, print_ratio, print_rows, BenchMesh, Input, Spread};
@@ -194,31 +193,18 @@ async fn mesh_once(
     max_tokens: u32,
 ) -> anyhow::Result<(f64, f64, Vec<u32>)> {
     let req = super::greedy_request(image.to_vec(), PROMPT.into(), max_tokens);
-    let t = Instant::now();
-    let mut stream = client.generate(req).await?.into_inner();
-    let (mut first, mut last) = (None, 0.0);
-    let mut ids = Vec::new();
-    let mut cache = Vec::new();
-    while let Some(msg) = stream.message().await? {
-        match msg.kind {
-            Some(Kind::Delta(d)) if !d.token_ids.is_empty() => {
-                let now = t.elapsed().as_secs_f64() * 1e3;
-                first.get_or_insert(now);
-                last = now;
-                ids.extend(d.token_ids);
-            }
-            Some(Kind::Final(f)) => cache = f.timings.unwrap_or_default().cache().collect(),
-            _ => {}
-        }
-    }
+    let s = super::stream(client, req).await?;
+    let cache: Vec<CacheStatus> = s
+        .fin
+        .and_then(|f| f.timings)
+        .map_or(vec![], |t| t.cache().collect());
     // Every image must have gone through the encoder: a cached feature would flatter the mesh.
     anyhow::ensure!(
         !cache.is_empty() && cache.iter().all(|c| *c == CacheStatus::Off),
         "the mesh reported cache statuses {cache:?}; this benchmark needs the cache off"
     );
-    let first = first.context("no token")?;
-    let (ttft, itl) = timing(first, last, ids.len());
-    Ok((ttft, itl, ids))
+    let (ttft, itl) = timing(s.first_ms, s.last_ms, s.ids.len());
+    Ok((ttft, itl, s.ids))
 }
 
 const PROMPT: &str = "USER: <image>\nWhat is shown in this image? ASSISTANT:";

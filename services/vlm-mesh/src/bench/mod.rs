@@ -4,7 +4,9 @@
 
 mod cache;
 mod concurrency;
+mod driver;
 mod frames;
+mod launch;
 mod llama_cpp;
 mod mesh;
 mod plot;
@@ -15,13 +17,11 @@ mod stream;
 mod structured;
 mod transformers;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use tonic::transport::{Channel, ClientTlsConfig};
-use vlm_proto::gateway_client::GatewayClient;
 
-use crate::mesh::{certs_dir, Mesh, MeshOptions};
+use launch::{stream, BenchMesh};
 
 /// The checkpoint and image a section runs.
 #[derive(Args, Debug, Clone)]
@@ -334,100 +334,6 @@ async fn all(mut a: AllArgs) -> anyhow::Result<()> {
         println!("\n== vs Hugging Face transformers ==");
         r.transformers.print();
     })
-}
-
-/// A mesh started for a benchmark (`up` on loopback with dev mTLS, f32, one replica per stage,
-/// services logging warnings only) and a client of its gateway.
-struct BenchMesh {
-    mesh: Mesh,
-    /// Certificates and mesh.json; removed when this is dropped.
-    _state: tempfile::TempDir,
-    /// The gateway's identity, for calling a stage directly (stages accept only the gateway).
-    stage_tls: ClientTlsConfig,
-    gateway: GatewayClient<Channel>,
-}
-
-impl BenchMesh {
-    async fn start(model: &Path, gateway_args: Vec<String>) -> anyhow::Result<BenchMesh> {
-        Self::start_quantized(model, gateway_args, Default::default()).await
-    }
-
-    /// [`Self::start`] with each stage's `--quantize`.
-    async fn start_quantized(
-        model: &Path,
-        gateway_args: Vec<String>,
-        quantize: [vlm_model::Quantization; 3],
-    ) -> anyhow::Result<BenchMesh> {
-        Self::start_with(model, gateway_args, [1; 3], quantize).await
-    }
-
-    /// [`Self::start`] with `replicas` processes per stage (encoder, projector, decoder).
-    async fn start_replicas(
-        model: &Path,
-        gateway_args: Vec<String>,
-        replicas: [usize; 3],
-    ) -> anyhow::Result<BenchMesh> {
-        Self::start_with(model, gateway_args, replicas, Default::default()).await
-    }
-
-    async fn start_with(
-        model: &Path,
-        gateway_args: Vec<String>,
-        replicas: [usize; 3],
-        quantize: [vlm_model::Quantization; 3],
-    ) -> anyhow::Result<BenchMesh> {
-        let state = tempfile::tempdir()?;
-        let opts = MeshOptions {
-            model: model.to_path_buf(),
-            state_dir: state.path().to_path_buf(),
-            listen: "127.0.0.1:0".parse()?,
-            dtype: "f32".into(),
-            gateway_args,
-            service_log: Some("warn".into()),
-            replicas,
-            quantize,
-        };
-        let mesh = Mesh::start(&opts).await?;
-        let connected = async {
-            let tls = |role| {
-                let files = vlm_net::TlsFiles::for_role(certs_dir(state.path()), role);
-                vlm_net::client_tls(&files, "localhost")
-            };
-            let channel = vlm_net::connect(&mesh.info.gateway_url, Some(tls("client")?)).await?;
-            Ok::<_, anyhow::Error>((tls("gateway")?, GatewayClient::new(channel)))
-        }
-        .await;
-        match connected {
-            Ok((stage_tls, gateway)) => Ok(BenchMesh {
-                mesh,
-                _state: state,
-                stage_tls,
-                gateway,
-            }),
-            Err(e) => {
-                mesh.shutdown().await;
-                Err(e)
-            }
-        }
-    }
-}
-
-impl BenchMesh {
-    /// A client of the mesh's encoder, called as the gateway calls it (its certificate).
-    async fn encoder(&self) -> anyhow::Result<vlm_proto::encoder_client::EncoderClient<Channel>> {
-        let addr = self
-            .mesh
-            .info
-            .services
-            .iter()
-            .find(|s| s.role == "encoder")
-            .ok_or_else(|| anyhow::anyhow!("the mesh has no encoder"))?
-            .addr;
-        let url = format!("https://{addr}");
-        let channel = vlm_net::connect(&url, Some(self.stage_tls.clone())).await?;
-        Ok(vlm_proto::encoder_client::EncoderClient::new(channel)
-            .max_decoding_message_size(256 << 20))
-    }
 }
 
 pub(crate) fn cores() -> usize {

@@ -7,12 +7,10 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
 use vlm_model::Quantization;
-use vlm_proto::generate_response::Kind;
 
 use super::llama_cpp::{gguf_name, LlamaCpp};
 use super::{cores, print_rows, BenchMesh, Input, Spread};
@@ -137,28 +135,18 @@ async fn once(
     // A question the checkpoint's chat template renders: any model family.
     let mut req = super::greedy_request(image.to_vec(), String::new(), max_tokens);
     req.question = QUESTION.into();
-    let t = Instant::now();
-    let mut stream = client.generate(req).await?.into_inner();
-    let (mut first, mut last, mut ids, mut prompt) = (None, 0.0, Vec::new(), 0);
-    while let Some(msg) = stream.message().await? {
-        match msg.kind {
-            Some(Kind::Delta(d)) if !d.token_ids.is_empty() => {
-                let now = t.elapsed().as_secs_f64();
-                first.get_or_insert(now);
-                last = now;
-                ids.extend(d.token_ids);
-            }
-            Some(Kind::Final(f)) => prompt = f.usage.map_or(0, |u| u.prompt_tokens as u64),
-            _ => {}
-        }
-    }
-    let first = first.context("no token")?;
+    let s = super::stream(&mut client, req).await?;
+    let prompt = s
+        .fin
+        .and_then(|f| f.usage)
+        .map_or(0, |u| u.prompt_tokens as u64);
     anyhow::ensure!(
-        ids.len() > 1,
+        s.ids.len() > 1,
         "only {} token(s): cannot time decoding",
-        ids.len()
+        s.ids.len()
     );
-    Ok(((ids.len() - 1) as f64 / (last - first), ids, prompt))
+    let secs = (s.last_ms - s.first_ms) / 1e3;
+    Ok(((s.ids.len() - 1) as f64 / secs, s.ids, prompt))
 }
 
 const QUESTION: &str = "What is shown in this image?";

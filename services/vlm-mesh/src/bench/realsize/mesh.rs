@@ -3,15 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::Context;
 use serde::Serialize;
 use vlm_model::Quantization;
-use vlm_proto::generate_response::Kind;
 
 use super::super::cache::variant;
-use super::super::{greedy_request, BenchMesh};
+use super::super::{greedy_request, stream, BenchMesh};
 
 #[derive(Serialize, Debug)]
 pub struct MeshRun {
@@ -71,26 +69,12 @@ async fn once(
     let mut req = greedy_request(image.to_vec(), String::new(), tokens);
     req.question = "What is shown in this image?".into();
     let mut client = mesh.gateway.clone();
-    let t = Instant::now();
-    let mut stream = client.generate(req).await?.into_inner();
-    let (mut first, mut last, mut n, mut fin) = (None, 0.0, 0usize, None);
-    while let Some(msg) = stream.message().await? {
-        match msg.kind {
-            Some(Kind::Delta(d)) if !d.token_ids.is_empty() => {
-                let now = t.elapsed().as_secs_f64() * 1e3;
-                first.get_or_insert(now);
-                last = now;
-                n += d.token_ids.len();
-            }
-            Some(Kind::Final(f)) => fin = Some(f),
-            _ => {}
-        }
-    }
-    let first = first.context("no token")?;
+    let s = stream(&mut client, req).await?;
+    let n = s.ids.len();
     let itl = if n > 1 {
-        (last - first) / (n - 1) as f64
+        (s.last_ms - s.first_ms) / (n - 1) as f64
     } else {
         0.0
     };
-    Ok((first, itl, fin.context("no final message")?))
+    Ok((s.first_ms, itl, s.fin.context("no final message")?))
 }

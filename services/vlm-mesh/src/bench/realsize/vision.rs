@@ -2,15 +2,15 @@
 //! precision vs transformers' (f32, `scripts/bench_vision.py`) on the same threads and the same
 //! input size, interleaved. CLIP towers (LLaVA) only so far.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Context;
 use serde::Serialize;
 use vlm_model::{Checkpoint, DType, Device, Projector, Quantization, Tensor, VisionEncoder};
 
+use super::super::driver::LineDriver;
 use super::super::{cores, Spread};
 
 #[derive(Serialize, Debug)]
@@ -26,59 +26,26 @@ pub struct VisionRow {
 }
 
 /// transformers' vision tower and projector in a long-lived Python process.
-struct Theirs {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
+struct Theirs(LineDriver);
 
 impl Theirs {
     fn start(python: &PathBuf, model: &Path) -> anyhow::Result<Self> {
         let script =
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_vision.py");
-        let mut child = Command::new(python)
-            .arg(script)
-            .arg("--model")
-            .arg(model)
-            .args(["--threads", &cores().to_string(), "--serve"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("cannot start scripts/bench_vision.py")?;
-        let stdin = child.stdin.take().context("no stdin")?;
-        let stdout = BufReader::new(child.stdout.take().context("no stdout")?);
-        let mut me = Theirs {
-            child,
-            stdin,
-            stdout,
-        };
-        let ready = me.line()?;
+        let mut cmd = Command::new(python);
+        cmd.arg(script).arg("--model").arg(model).args([
+            "--threads",
+            &cores().to_string(),
+            "--serve",
+        ]);
+        let mut me = Theirs(LineDriver::start(cmd, "scripts/bench_vision.py")?);
+        let ready = me.0.read()?;
         anyhow::ensure!(ready["ready"] == true, "bench_vision.py: {ready}");
         Ok(me)
     }
 
-    fn line(&mut self) -> anyhow::Result<serde_json::Value> {
-        let mut s = String::new();
-        self.stdout.read_line(&mut s)?;
-        anyhow::ensure!(
-            !s.is_empty(),
-            "scripts/bench_vision.py exited (status {:?})",
-            self.child.try_wait().ok().flatten()
-        );
-        Ok(serde_json::from_str(&s)?)
-    }
-
     fn encode_ms(&mut self) -> anyhow::Result<f64> {
-        writeln!(self.stdin, "encode")?;
-        self.stdin.flush()?;
-        self.line()?["ms"].as_f64().context("no ms")
-    }
-}
-
-impl Drop for Theirs {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.ask("encode")?["ms"].as_f64().context("no ms")
     }
 }
 
